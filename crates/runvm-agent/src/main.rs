@@ -1,0 +1,120 @@
+//! runvm-agent: PID 1 of a runvm sandbox VM.
+//!
+//! As PID 1 it mounts the kernel file systems, loads the kernel modules listed in
+//! `/lib/modules/load-order`, reaps orphans, and serves the agent API (ttrpc) on vsock port
+//! 1024. A `Shutdown` request or SIGTERM makes it sync and power the VM off.
+//!
+//! For tests on the host it can run as an ordinary process serving a unix socket:
+//! `runvm-agent --listen unix:///tmp/agent.sock` (no mounts, no modules, exit instead of
+//! power-off).
+
+mod init;
+mod service;
+
+use std::sync::Arc;
+
+use runvm_protocol::agent_ttrpc::create_agent_service;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+
+use crate::service::{Agent, BootTimes};
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    let init_entered_us = init::boottime_us();
+    if pid1 {
+        init::mount_kernel_filesystems();
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+    let listen = match listen_address(pid1) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("runvm-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    if pid1 {
+        init::load_modules(std::path::Path::new(init::MODULE_ORDER_FILE));
+    }
+    let modules_loaded_us = init::boottime_us();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => init::fatal(pid1, &format!("cannot start the async runtime: {e}")),
+    };
+    let result = runtime.block_on(serve(
+        listen,
+        BootTimes {
+            init_entered_us,
+            modules_loaded_us,
+            agent_listening_us: 0,
+        },
+    ));
+    if let Err(e) = result {
+        init::fatal(pid1, &e);
+    }
+    drop(runtime);
+    if pid1 {
+        init::power_off();
+    }
+}
+
+/// Where to serve: vsock as PID 1, or `--listen ADDR` (unix:// for tests).
+fn listen_address(pid1: bool) -> Result<String, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] if pid1 => Ok(format!("vsock://-1:{}", runvm_protocol::AGENT_VSOCK_PORT)),
+        [flag, addr] if flag == "--listen" => Ok(addr.clone()),
+        [] => Err("not PID 1: pass --listen unix:///PATH to serve a unix socket".into()),
+        other => Err(format!(
+            "unexpected arguments {other:?}; usage: runvm-agent [--listen unix:///PATH]"
+        )),
+    }
+}
+
+async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
+    let shutdown = Arc::new(Notify::new());
+    tokio::spawn(init::reap_children());
+
+    boot.agent_listening_us = init::boottime_us();
+    let agent = Agent::new(boot, Arc::clone(&shutdown));
+    let mut server = bind_with_retry(&listen)
+        .await?
+        .register_service(create_agent_service(Arc::new(agent)));
+    server
+        .start()
+        .await
+        .map_err(|e| format!("cannot serve on {listen}: {e}"))?;
+    tracing::info!(address = %listen, version = env!("CARGO_PKG_VERSION"), "runvm-agent listening");
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    tokio::select! {
+        _ = shutdown.notified() => tracing::info!("shutdown requested"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+    // Let the Shutdown reply reach the host before the connection goes.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
+    Ok(())
+}
+
+/// Binds the listener; vsock may need a moment after the transport module loads.
+async fn bind_with_retry(listen: &str) -> Result<ttrpc::r#async::Server, String> {
+    let mut last = String::new();
+    for _ in 0..50 {
+        match ttrpc::r#async::Server::new().bind(listen) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Err(format!("cannot listen on {listen}: {last}"))
+}

@@ -1,0 +1,145 @@
+//! The agent API implementation. Methods not written here answer ttrpc `UNIMPLEMENTED` (the
+//! protocol crate makes that the generated default).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use runvm_protocol::agent::{self, check_response::ServingStatus};
+use runvm_protocol::agent_ttrpc;
+use tokio::sync::Notify;
+use ttrpc::r#async::TtrpcContext;
+
+/// Guest-side boot timeline, microseconds of CLOCK_BOOTTIME.
+#[derive(Debug, Clone, Copy)]
+pub struct BootTimes {
+    pub init_entered_us: u64,
+    pub modules_loaded_us: u64,
+    pub agent_listening_us: u64,
+}
+
+/// The agent's service state.
+#[derive(Debug)]
+pub struct Agent {
+    boot: BootTimes,
+    shutdown: Arc<Notify>,
+}
+
+impl Agent {
+    pub fn new(boot: BootTimes, shutdown: Arc<Notify>) -> Self {
+        Agent { boot, shutdown }
+    }
+}
+
+/// `uname -r`.
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// (MemTotal, MemAvailable) in bytes from a /proc/meminfo text.
+fn parse_meminfo(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib * 1024)
+            .unwrap_or(0)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// The sysfs memory block size (hex text), 0 if absent.
+fn parse_block_size(text: &str) -> u64 {
+    u64::from_str_radix(text.trim().trim_start_matches("0x"), 16).unwrap_or(0)
+}
+
+#[async_trait]
+impl agent_ttrpc::AgentService for Agent {
+    async fn check(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::CheckRequest,
+    ) -> ttrpc::Result<agent::CheckResponse> {
+        Ok(agent::CheckResponse {
+            status: ServingStatus::SERVING.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::VersionRequest,
+    ) -> ttrpc::Result<agent::VersionResponse> {
+        Ok(agent::VersionResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernel_release: kernel_release(),
+            api_version: runvm_protocol::API_VERSION,
+            ..Default::default()
+        })
+    }
+
+    async fn get_guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::GuestDetailsRequest,
+    ) -> ttrpc::Result<agent::GuestDetailsResponse> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let (total, available) = parse_meminfo(&meminfo);
+        let block = std::fs::read_to_string("/sys/devices/system/memory/block_size_bytes")
+            .map(|t| parse_block_size(&t))
+            .unwrap_or(0);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        Ok(agent::GuestDetailsResponse {
+            mem_block_size_bytes: block,
+            cpu_count: cpus,
+            mem_total_bytes: total,
+            mem_available_bytes: available,
+            boot_times: protobuf::MessageField::some(agent::BootTimes {
+                init_entered_us: self.boot.init_entered_us,
+                modules_loaded_us: self.boot.modules_loaded_us,
+                agent_listening_us: self.boot.agent_listening_us,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::ShutdownRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        tracing::info!("shutdown requested by the host");
+        // notify_one stores a permit, so the main task sees it even if not waiting yet.
+        self.shutdown.notify_one();
+        Ok(agent::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_fields_parse_to_bytes() {
+        let text = "MemTotal:         500000 kB\nMemFree: 1 kB\nMemAvailable:     400000 kB\n";
+        assert_eq!(parse_meminfo(text), (500_000 * 1024, 400_000 * 1024));
+        assert_eq!(parse_meminfo(""), (0, 0));
+    }
+
+    #[test]
+    fn block_size_is_hex() {
+        assert_eq!(parse_block_size("8000000\n"), 0x800_0000);
+        assert_eq!(parse_block_size("garbage"), 0);
+    }
+}

@@ -1,0 +1,84 @@
+use std::path::PathBuf;
+
+use crate::qmp::QmpError;
+
+/// Errors of the hypervisor layer. Messages name the value or program at fault and, where the
+/// cause is outside runvm, include what that program said.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// A VM config value is out of range or inconsistent.
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
+
+    /// A file the VM needs does not exist.
+    #[error("{what} {} does not exist; {hint}", path.display())]
+    MissingFile {
+        /// What the file is (e.g. "guest kernel").
+        what: &'static str,
+        /// The path looked at.
+        path: PathBuf,
+        /// What to do about it.
+        hint: String,
+    },
+
+    /// A program could not be found or started.
+    #[error("cannot start {program} ({})", path.display())]
+    Spawn {
+        /// The program's role (e.g. "qemu", "virtiofsd").
+        program: &'static str,
+        /// The binary that was run.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A helper exited or failed to come up while the VM was starting.
+    #[error("{program} failed at start ({status}): {stderr}")]
+    HelperFailed {
+        /// "virtiofsd" or "vhost-device-vsock".
+        program: &'static str,
+        /// Exit status, or "did not create its socket in time".
+        status: String,
+        /// The last lines it wrote to stderr.
+        stderr: String,
+    },
+
+    /// QEMU exited when it should be running.
+    #[error("qemu exited ({status}): {stderr}")]
+    QemuExited {
+        /// Its exit status.
+        status: String,
+        /// The last lines it wrote to stderr.
+        stderr: String,
+    },
+
+    /// The accelerator asked for cannot be used on this host.
+    #[error("{0}")]
+    AcceleratorUnavailable(String),
+
+    /// The operation is not legal in the VM's current state.
+    #[error("cannot {operation}: the VM is {state}")]
+    InvalidState {
+        /// What was asked.
+        operation: &'static str,
+        /// What the VM is.
+        state: &'static str,
+    },
+
+    /// The QEMU monitor failed.
+    #[error("QEMU monitor")]
+    Qmp(#[from] QmpError),
+
+    /// A file-system operation on the VM's run folder failed.
+    #[error("{action} {}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,85 @@
+//! The hypervisor seam of runvm.
+//!
+//! The sandbox library drives a VM only through the [`Hypervisor`] trait, written from its side:
+//! prepare, start, stop, pause, resume, where the agent is reached, which host processes make the
+//! VM up. Two implementations: [`qemu::Qemu`] (QEMU plus its helpers virtiofsd and
+//! vhost-device-vsock) and [`mock::MockHypervisor`] for unit tests.
+//!
+//! ```
+//! use runvm_hypervisor::{Accelerator, AccelMode, HostCpu};
+//! let host = HostCpu { kvm_device_opens: true, has_vmx_or_svm: false };
+//! assert_eq!(AccelMode::Auto.resolve(&host).unwrap(), Accelerator::Tcg);
+//! ```
+
+pub mod accel;
+mod error;
+pub mod mock;
+pub mod qemu;
+pub mod qmp;
+mod vm;
+
+pub use accel::{AccelMode, Accelerator, HostCpu};
+pub use error::HypervisorError;
+pub use vm::{AgentAddress, Capabilities, SharedDir, VmConfig, VmProcess, VsockBackend};
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// Result of hypervisor operations.
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// What the sandbox needs from a VM monitor. One value drives one VM for its whole life.
+///
+/// Lifecycle: `prepare` (checks, no process started) → `start` → (`pause` ⇄ `resume`) → `stop`.
+/// `stop` is also legal after a failed `start`, and must then clean up whatever was started.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + Debug {
+    /// Validates `config` and prepares the VM's run folder. Starts nothing.
+    async fn prepare(&mut self, config: VmConfig) -> Result<()>;
+
+    /// Starts the helpers and the VM; returns once the VM runs (its monitor answered).
+    /// On error, everything started so far has been stopped and removed.
+    async fn start(&mut self) -> Result<()>;
+
+    /// Stops the VM: gracefully first (the guest is asked to power off and given
+    /// `graceful_timeout`), then forcefully. Stops the helpers and removes every socket and file
+    /// the hypervisor made. Idempotent.
+    async fn stop(&mut self, graceful_timeout: Duration) -> Result<()>;
+
+    /// Pauses the VM's vCPUs.
+    async fn pause(&mut self) -> Result<()>;
+
+    /// Resumes the VM's vCPUs.
+    async fn resume(&mut self) -> Result<()>;
+
+    /// Reports an error if the VM or one of its helpers has exited since `start`.
+    async fn check(&mut self) -> Result<()>;
+
+    /// Where the host reaches the guest agent.
+    fn agent_address(&self) -> Result<AgentAddress>;
+
+    /// The host processes that make up the VM (QEMU and its helpers).
+    fn pids(&self) -> Vec<VmProcess>;
+
+    /// What this hypervisor can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The last `lines` lines the guest wrote to its serial console.
+    fn console_tail(&self, lines: usize) -> Vec<String>;
+}
+
+/// Waits in small steps until `cond` holds or `timeout` elapses; returns whether it held.
+pub(crate) async fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,230 @@
+//! A recording, scriptable hypervisor for unit tests of the layers above.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{AgentAddress, Capabilities, Hypervisor, HypervisorError, Result, VmConfig, VmProcess};
+
+/// The lifecycle state the mock tracks, to refuse calls out of order like a real backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MockState {
+    /// Nothing done yet.
+    New,
+    /// `prepare` succeeded.
+    Prepared,
+    /// `start` succeeded.
+    Running,
+    /// `pause` succeeded.
+    Paused,
+    /// `stop` ran.
+    Stopped,
+}
+
+impl MockState {
+    fn name(self) -> &'static str {
+        match self {
+            MockState::New => "not prepared",
+            MockState::Prepared => "prepared",
+            MockState::Running => "running",
+            MockState::Paused => "paused",
+            MockState::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the mock saw and what it is told to do. Shared, so a test keeps a handle after moving
+/// the mock into the code under test.
+#[derive(Debug, Default)]
+pub struct MockLog {
+    /// Calls in order: "prepare", "start", "stop", "pause", "resume", "check".
+    pub calls: Vec<String>,
+    /// The config given to `prepare`.
+    pub config: Option<VmConfig>,
+    /// When set, `start` fails with `QemuExited` carrying this stderr.
+    pub fail_start: Option<String>,
+    /// When set, `check` reports the VM exited with this stderr.
+    pub vm_died: Option<String>,
+}
+
+/// A hypervisor that starts nothing and records every call.
+#[derive(Debug)]
+pub struct MockHypervisor {
+    state: MockState,
+    log: Arc<Mutex<MockLog>>,
+    agent: AgentAddress,
+    console: Vec<String>,
+}
+
+impl MockHypervisor {
+    /// A mock whose agent address is a hybrid-vsock socket at `agent_socket`.
+    pub fn new(agent_socket: impl Into<PathBuf>) -> Self {
+        MockHypervisor {
+            state: MockState::New,
+            log: Arc::default(),
+            agent: AgentAddress::HybridVsock {
+                uds_path: agent_socket.into(),
+                port: 1024,
+            },
+            console: vec!["mock console".into()],
+        }
+    }
+
+    /// The shared log of calls and the knobs.
+    pub fn log(&self) -> Arc<Mutex<MockLog>> {
+        Arc::clone(&self.log)
+    }
+
+    /// The current state.
+    pub fn state(&self) -> MockState {
+        self.state
+    }
+
+    fn record(&self, call: &str) {
+        self.log
+            .lock()
+            .expect("mock log lock")
+            .calls
+            .push(call.to_string());
+    }
+
+    fn require(&self, operation: &'static str, ok: &[MockState]) -> Result<()> {
+        if ok.contains(&self.state) {
+            Ok(())
+        } else {
+            Err(HypervisorError::InvalidState {
+                operation,
+                state: self.state.name(),
+            })
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for MockHypervisor {
+    async fn prepare(&mut self, config: VmConfig) -> Result<()> {
+        self.record("prepare");
+        self.require("prepare", &[MockState::New])?;
+        self.log.lock().expect("mock log lock").config = Some(config);
+        self.state = MockState::Prepared;
+        Ok(())
+    }
+
+    async fn start(&mut self) -> Result<()> {
+        self.record("start");
+        self.require("start", &[MockState::Prepared])?;
+        if let Some(stderr) = self.log.lock().expect("mock log lock").fail_start.clone() {
+            self.state = MockState::Stopped;
+            return Err(HypervisorError::QemuExited {
+                status: "exit status: 1".into(),
+                stderr,
+            });
+        }
+        self.state = MockState::Running;
+        Ok(())
+    }
+
+    async fn stop(&mut self, _graceful_timeout: Duration) -> Result<()> {
+        self.record("stop");
+        self.state = MockState::Stopped;
+        Ok(())
+    }
+
+    async fn pause(&mut self) -> Result<()> {
+        self.record("pause");
+        self.require("pause", &[MockState::Running])?;
+        self.state = MockState::Paused;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        self.record("resume");
+        self.require("resume", &[MockState::Paused])?;
+        self.state = MockState::Running;
+        Ok(())
+    }
+
+    async fn check(&mut self) -> Result<()> {
+        self.record("check");
+        if let Some(stderr) = self.log.lock().expect("mock log lock").vm_died.clone() {
+            return Err(HypervisorError::QemuExited {
+                status: "signal: 9 (SIGKILL)".into(),
+                stderr,
+            });
+        }
+        Ok(())
+    }
+
+    fn agent_address(&self) -> Result<AgentAddress> {
+        Ok(self.agent.clone())
+    }
+
+    fn pids(&self) -> Vec<VmProcess> {
+        Vec::new()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            pause: true,
+            shared_fs: true,
+            block_hotplug: false,
+        }
+    }
+
+    fn console_tail(&self, lines: usize) -> Vec<String> {
+        let skip = self.console.len().saturating_sub(lines);
+        self.console[skip..].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Accelerator, VsockBackend};
+
+    fn config() -> VmConfig {
+        VmConfig {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            kernel_params: vec![],
+            accelerator: Accelerator::Tcg,
+            shared_dir: None,
+            vsock: VsockBackend::VhostUser,
+            run_dir: "/tmp/x".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn mock_refuses_out_of_order_calls_and_records_them() {
+        let mut hv = MockHypervisor::new("/tmp/agent.sock");
+        let err = hv.start().await.unwrap_err().to_string();
+        assert_eq!(err, "cannot start: the VM is not prepared");
+        hv.prepare(config()).await.unwrap();
+        hv.start().await.unwrap();
+        assert!(hv.resume().await.is_err());
+        hv.pause().await.unwrap();
+        hv.resume().await.unwrap();
+        hv.stop(Duration::from_secs(1)).await.unwrap();
+        let log = hv.log();
+        let log = log.lock().unwrap();
+        assert_eq!(
+            log.calls,
+            ["start", "prepare", "start", "resume", "pause", "resume", "stop"]
+        );
+        assert_eq!(log.config.as_ref().unwrap().memory_mib, 256);
+    }
+
+    #[tokio::test]
+    async fn mock_start_failure_is_scriptable() {
+        let mut hv = MockHypervisor::new("/tmp/agent.sock");
+        hv.log().lock().unwrap().fail_start = Some("bad option".into());
+        hv.prepare(config()).await.unwrap();
+        let err = hv.start().await.unwrap_err().to_string();
+        assert!(err.contains("bad option"), "{err}");
+        assert_eq!(hv.state(), MockState::Stopped);
+    }
+}

@@ -1,0 +1,319 @@
+//! The QEMU command line, built from a typed [`VmConfig`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::{Accelerator, HypervisorError, Result, VmConfig, VsockBackend};
+
+/// Kernel parameters runvm always passes, before the configured extra ones.
+///
+/// `panic=-1` makes a panicking guest reboot at once, and `-no-reboot` turns a reboot into QEMU
+/// exiting, so a dead guest is noticed instead of hanging.
+pub const BASE_KERNEL_PARAMS: &[&str] = &["console=ttyS0", "panic=-1", "quiet"];
+
+/// The files of a VM's run folder. Fixed names, so any process can find them again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDirLayout {
+    /// The folder itself.
+    pub dir: PathBuf,
+}
+
+impl RunDirLayout {
+    /// The layout of `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        RunDirLayout { dir: dir.into() }
+    }
+    /// QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    /// The guest's serial console.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// QEMU's stderr.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+    /// virtiofsd's vhost-user socket.
+    pub fn virtiofsd_socket(&self) -> PathBuf {
+        self.dir.join("fs.sock")
+    }
+    /// virtiofsd's stderr.
+    pub fn virtiofsd_log(&self) -> PathBuf {
+        self.dir.join("virtiofsd.log")
+    }
+    /// vhost-device-vsock's vhost-user socket.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    /// The hybrid-vsock socket the host connects to.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.hv")
+    }
+    /// vhost-device-vsock's stderr.
+    pub fn vsock_log(&self) -> PathBuf {
+        self.dir.join("vhost-device-vsock.log")
+    }
+}
+
+/// Checks a VM config for values QEMU would refuse or that cannot boot.
+pub fn validate(config: &VmConfig) -> Result<()> {
+    if !(1..=255).contains(&config.vcpus) {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "vcpus = {} is out of range; valid: 1 to 255",
+            config.vcpus
+        )));
+    }
+    if config.memory_mib < 64 {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "memory_mib = {} is too small; valid: 64 or more",
+            config.memory_mib
+        )));
+    }
+    if let VsockBackend::Vhost { guest_cid } = config.vsock {
+        if guest_cid < 3 {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "guest_cid = {guest_cid} is reserved; valid: 3 or more"
+            )));
+        }
+    }
+    if let Some(share) = &config.shared_dir {
+        if share.tag.is_empty() || share.tag.len() > 36 || share.tag.contains(',') {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "virtio-fs tag {:?} is invalid; valid: 1 to 36 characters, no comma",
+                share.tag
+            )));
+        }
+    }
+    for p in &config.kernel_params {
+        if p.contains('"') || p.contains('\n') {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "kernel parameter {p:?} holds a quote or newline"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    let s = p.to_str().ok_or_else(|| {
+        HypervisorError::InvalidConfig(format!("path {} is not valid UTF-8", p.display()))
+    })?;
+    if s.contains(',') {
+        // QEMU option values use ',' as separator; a path holding one would be misparsed.
+        return Err(HypervisorError::InvalidConfig(format!(
+            "path {s:?} holds a comma, which QEMU options cannot carry"
+        )));
+    }
+    Ok(s)
+}
+
+/// The full kernel command line for `config`.
+pub fn kernel_cmdline(config: &VmConfig) -> String {
+    BASE_KERNEL_PARAMS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(config.kernel_params.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// QEMU's arguments for `config`, its run folder laid out as `layout`.
+pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsString>> {
+    validate(config)?;
+    let mem = config.memory_mib;
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        "runvm".into(),
+        "-no-user-config".into(),
+        "-nodefaults".into(),
+        "-no-reboot".into(),
+        "-display".into(),
+        "none".into(),
+        "-machine".into(),
+        "q35,memory-backend=mem".into(),
+    ];
+    match config.accelerator {
+        Accelerator::Kvm => {
+            args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
+        }
+        Accelerator::Tcg => args.extend(["-accel".into(), "tcg".into()]),
+    }
+    args.extend([
+        "-smp".into(),
+        config.vcpus.to_string(),
+        "-m".into(),
+        format!("{mem}M"),
+        // vhost-user devices need guest RAM in a shared memfd.
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-chardev".into(),
+        format!("file,id=console,path={}", path_str(&layout.console_log())?),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-qmp".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            path_str(&layout.qmp_socket())?
+        ),
+    ]);
+    match config.vsock {
+        VsockBackend::Vhost { guest_cid } => args.extend([
+            "-device".into(),
+            format!("vhost-vsock-pci,id=vsock0,guest-cid={guest_cid}"),
+        ]),
+        VsockBackend::VhostUser => args.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=vsockchr,path={}",
+                path_str(&layout.vsock_socket())?
+            ),
+            "-device".into(),
+            "vhost-user-vsock-pci,id=vsock0,chardev=vsockchr".into(),
+        ]),
+    }
+    if let Some(share) = &config.shared_dir {
+        args.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=fschr,path={}",
+                path_str(&layout.virtiofsd_socket())?
+            ),
+            "-device".into(),
+            format!("vhost-user-fs-pci,id=fs0,chardev=fschr,tag={}", share.tag),
+        ]);
+    }
+    args.extend([
+        "-kernel".into(),
+        path_str(&config.kernel)?.to_string(),
+        "-initrd".into(),
+        path_str(&config.initrd)?.to_string(),
+        "-append".into(),
+        kernel_cmdline(config),
+    ]);
+    Ok(args.into_iter().map(OsString::from).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SharedDir;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/g/vmlinuz".into(),
+            initrd: "/g/initrd.img".into(),
+            kernel_params: vec!["loglevel=3".into()],
+            accelerator: Accelerator::Tcg,
+            shared_dir: Some(SharedDir {
+                path: "/r/shared".into(),
+                tag: "runvm".into(),
+            }),
+            vsock: VsockBackend::VhostUser,
+            run_dir: "/r".into(),
+        }
+    }
+
+    fn args(config: &VmConfig) -> Vec<String> {
+        qemu_args(config, &RunDirLayout::new(&config.run_dir))
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    /// The value following `flag`, for each occurrence.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_vm_has_cpus_memory_kernel_and_shared_memfd() {
+        let a = args(&config());
+        assert_eq!(values(&a, "-accel"), ["tcg"]);
+        assert!(values(&a, "-cpu").is_empty(), "no -cpu host under TCG");
+        assert_eq!(values(&a, "-smp"), ["2"]);
+        assert_eq!(values(&a, "-m"), ["512M"]);
+        assert_eq!(values(&a, "-kernel"), ["/g/vmlinuz"]);
+        assert_eq!(values(&a, "-initrd"), ["/g/initrd.img"]);
+        assert!(values(&a, "-object").contains(&"memory-backend-memfd,id=mem,size=512M,share=on"));
+        assert_eq!(values(&a, "-machine"), ["q35,memory-backend=mem"]);
+        assert!(a.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn kvm_vm_uses_host_cpu() {
+        let mut c = config();
+        c.accelerator = Accelerator::Kvm;
+        let a = args(&c);
+        assert_eq!(values(&a, "-accel"), ["kvm"]);
+        assert_eq!(values(&a, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn kernel_params_follow_base_params() {
+        let a = args(&config());
+        assert_eq!(
+            values(&a, "-append"),
+            ["console=ttyS0 panic=-1 quiet loglevel=3"]
+        );
+    }
+
+    #[test]
+    fn vhost_user_vsock_and_virtiofs_devices_point_into_run_dir() {
+        let a = args(&config());
+        let chardevs = values(&a, "-chardev");
+        assert!(chardevs.contains(&"socket,id=vsockchr,path=/r/vsock.sock"));
+        assert!(chardevs.contains(&"socket,id=fschr,path=/r/fs.sock"));
+        assert!(chardevs.contains(&"file,id=console,path=/r/console.log"));
+        let devices = values(&a, "-device");
+        assert!(devices.contains(&"vhost-user-vsock-pci,id=vsock0,chardev=vsockchr"));
+        assert!(devices.contains(&"vhost-user-fs-pci,id=fs0,chardev=fschr,tag=runvm"));
+        assert_eq!(values(&a, "-qmp"), ["unix:/r/qmp.sock,server=on,wait=off"]);
+    }
+
+    #[test]
+    fn kernel_vhost_vsock_uses_guest_cid_and_no_share_means_no_fs_device() {
+        let mut c = config();
+        c.vsock = VsockBackend::Vhost { guest_cid: 42 };
+        c.shared_dir = None;
+        let a = args(&c);
+        let devices = values(&a, "-device");
+        assert_eq!(devices, ["vhost-vsock-pci,id=vsock0,guest-cid=42"]);
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_with_the_value() {
+        let mut c = config();
+        c.vcpus = 0;
+        let e = qemu_args(&c, &RunDirLayout::new("/r"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vcpus = 0") && e.contains("1 to 255"), "{e}");
+        let mut c = config();
+        c.memory_mib = 16;
+        let e = qemu_args(&c, &RunDirLayout::new("/r"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory_mib = 16"), "{e}");
+        let mut c = config();
+        c.vsock = VsockBackend::Vhost { guest_cid: 2 };
+        assert!(qemu_args(&c, &RunDirLayout::new("/r")).is_err());
+    }
+
+    #[test]
+    fn comma_in_path_is_refused_not_misparsed() {
+        let mut c = config();
+        c.kernel = "/g/a,b".into();
+        let e = qemu_args(&c, &RunDirLayout::new("/r"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("comma"), "{e}");
+    }
+}

@@ -1,0 +1,437 @@
+//! The QEMU backend: QEMU plus its helpers (virtiofsd for the shared folder, vhost-device-vsock
+//! for the agent channel where the host has no `/dev/vhost-vsock`), driven over QMP.
+
+mod cmdline;
+mod process;
+
+pub use cmdline::{kernel_cmdline, qemu_args, validate, RunDirLayout, BASE_KERNEL_PARAMS};
+pub use process::tail;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::Signal;
+
+use crate::qmp::{QmpClient, VmRunState};
+use crate::{
+    poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, Result, VmConfig,
+    VmProcess, VsockBackend,
+};
+use process::ManagedChild;
+
+/// The vsock port of the agent.
+const AGENT_PORT: u32 = 1024;
+
+/// The programs the QEMU backend runs, and how long it gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuSettings {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// `virtiofsd`.
+    pub virtiofsd: PathBuf,
+    /// `vhost-device-vsock`.
+    pub vhost_device_vsock: PathBuf,
+    /// How long a helper or QEMU may take to create its socket.
+    pub start_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    New,
+    Prepared,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::New => "not prepared",
+            State::Prepared => "prepared",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// One QEMU VM and its helpers.
+#[derive(Debug)]
+pub struct Qemu {
+    settings: QemuSettings,
+    state: State,
+    config: Option<VmConfig>,
+    layout: Option<RunDirLayout>,
+    qemu: Option<ManagedChild>,
+    helpers: Vec<ManagedChild>,
+    qmp: Option<QmpClient>,
+}
+
+impl Qemu {
+    /// A backend that will run the programs in `settings`.
+    pub fn new(settings: QemuSettings) -> Self {
+        Qemu {
+            settings,
+            state: State::New,
+            config: None,
+            layout: None,
+            qemu: None,
+            helpers: Vec::new(),
+            qmp: None,
+        }
+    }
+
+    /// The run folder's layout, once prepared.
+    pub fn layout(&self) -> Option<&RunDirLayout> {
+        self.layout.as_ref()
+    }
+
+    fn require(&self, operation: &'static str, ok: &[State]) -> Result<()> {
+        if ok.contains(&self.state) {
+            Ok(())
+        } else {
+            Err(HypervisorError::InvalidState {
+                operation,
+                state: self.state.name(),
+            })
+        }
+    }
+
+    fn prepared(&self) -> Result<(&VmConfig, &RunDirLayout)> {
+        match (&self.config, &self.layout) {
+            (Some(c), Some(l)) => Ok((c, l)),
+            _ => Err(HypervisorError::InvalidState {
+                operation: "start",
+                state: self.state.name(),
+            }),
+        }
+    }
+
+    async fn start_helpers(&mut self) -> Result<()> {
+        let (config, layout) = self.prepared()?;
+        let mut wanted: Vec<(&'static str, PathBuf, Vec<OsString>, PathBuf, PathBuf)> = Vec::new();
+        if let Some(share) = &config.shared_dir {
+            wanted.push((
+                "virtiofsd",
+                self.settings.virtiofsd.clone(),
+                vec![
+                    "--shared-dir".into(),
+                    share.path.clone().into(),
+                    "--socket-path".into(),
+                    layout.virtiofsd_socket().into(),
+                    "--sandbox".into(),
+                    "none".into(),
+                    "--cache".into(),
+                    "never".into(),
+                ],
+                layout.virtiofsd_log(),
+                layout.virtiofsd_socket(),
+            ));
+        }
+        if config.vsock == VsockBackend::VhostUser {
+            wanted.push((
+                "vhost-device-vsock",
+                self.settings.vhost_device_vsock.clone(),
+                vec![
+                    "--guest-cid".into(),
+                    "3".into(),
+                    "--socket".into(),
+                    layout.vsock_socket().into(),
+                    "--uds-path".into(),
+                    layout.vsock_uds().into(),
+                ],
+                layout.vsock_log(),
+                layout.vsock_socket(),
+            ));
+        }
+        // Start all, then wait for all: the helpers come up in parallel.
+        let mut sockets = Vec::new();
+        for (name, program, args, log, socket) in wanted {
+            self.helpers
+                .push(ManagedChild::spawn(name, &program, &args, &log)?);
+            sockets.push(socket);
+        }
+        let timeout = self.settings.start_timeout;
+        for (helper, socket) in self.helpers.iter_mut().zip(sockets) {
+            let up = poll_until(timeout, || socket.exists() || helper.exited().is_some()).await;
+            if helper.exited().is_some() || !up {
+                let status = match helper.exited() {
+                    Some(s) => s.to_string(),
+                    None => format!(
+                        "did not create {} within {} ms",
+                        socket.display(),
+                        timeout.as_millis()
+                    ),
+                };
+                return Err(HypervisorError::HelperFailed {
+                    program: helper.name,
+                    status,
+                    stderr: helper.log_tail(5),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_qemu(&mut self) -> Result<()> {
+        let (config, layout) = self.prepared()?;
+        let args = qemu_args(config, layout)?;
+        let qmp_path = layout.qmp_socket();
+        let log = layout.qemu_log();
+        tracing::debug!(args = ?args, "qemu command line");
+        let mut qemu = ManagedChild::spawn("qemu", &self.settings.qemu, &args, &log)?;
+        let timeout = self.settings.start_timeout;
+        poll_until(timeout, || qmp_path.exists() || qemu.exited().is_some()).await;
+        let early_exit = |qemu: &mut ManagedChild| HypervisorError::QemuExited {
+            status: qemu.status_text(),
+            stderr: qemu.log_tail(10),
+        };
+        if qemu.exited().is_some() {
+            let err = early_exit(&mut qemu);
+            self.qemu = Some(qemu);
+            return Err(err);
+        }
+        self.qemu = Some(qemu);
+        let mut qmp = match QmpClient::connect(&qmp_path, timeout).await {
+            Ok(q) => q,
+            Err(e) => {
+                let qemu = self.qemu.as_mut().expect("set above");
+                // An exit explains the failure better than the socket error.
+                if qemu.wait_exit(Duration::from_millis(200)).await {
+                    return Err(early_exit(qemu));
+                }
+                return Err(e.into());
+            }
+        };
+        let status = qmp.query_status().await?;
+        if status != VmRunState::Running {
+            return Err(HypervisorError::QemuExited {
+                status: format!("VM is {status:?} instead of running"),
+                stderr: self
+                    .qemu
+                    .as_ref()
+                    .map(|q| q.log_tail(10))
+                    .unwrap_or_default(),
+            });
+        }
+        self.qmp = Some(qmp);
+        Ok(())
+    }
+
+    /// Stops every process and removes the run folder. Best effort, never fails.
+    async fn teardown(&mut self, graceful_timeout: Duration) {
+        if let Some(qemu) = self.qemu.as_mut() {
+            if qemu.exited().is_none() {
+                if let Some(qmp) = self.qmp.as_mut() {
+                    if self.state == State::Paused {
+                        let _ = qmp.cont().await;
+                    }
+                    // ACPI power button: a guest that handles it powers off cleanly.
+                    if qmp.system_powerdown().await.is_ok()
+                        && qemu.wait_exit(graceful_timeout).await
+                    {
+                        tracing::debug!("qemu exited after system_powerdown");
+                    } else if qmp.quit().await.is_ok() {
+                        qemu.wait_exit(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+            if qemu.exited().is_none() {
+                tracing::warn!(pid = qemu.pid(), "qemu did not quit; killing it");
+                qemu.signal(Signal::SIGKILL);
+                qemu.wait_exit(Duration::from_secs(5)).await;
+            }
+        }
+        self.qmp = None;
+        // virtiofsd exits once QEMU is gone; the vsock helper needs a signal.
+        for helper in &mut self.helpers {
+            helper.terminate(Duration::from_secs(1)).await;
+        }
+        self.helpers.clear();
+        self.qemu = None;
+        if let Some(layout) = &self.layout {
+            if let Err(e) = std::fs::remove_dir_all(&layout.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %layout.dir.display(), error = %e, "cannot remove run folder");
+                }
+            }
+        }
+        self.state = State::Stopped;
+    }
+
+    fn check_children(&mut self) -> Result<()> {
+        if let Some(qemu) = self.qemu.as_mut() {
+            if qemu.exited().is_some() {
+                return Err(HypervisorError::QemuExited {
+                    status: qemu.status_text(),
+                    stderr: qemu.log_tail(10),
+                });
+            }
+        }
+        for helper in &mut self.helpers {
+            if let Some(status) = helper.exited() {
+                return Err(HypervisorError::HelperFailed {
+                    program: helper.name,
+                    status: status.to_string(),
+                    stderr: helper.log_tail(5),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn qmp(&mut self) -> Result<&mut QmpClient> {
+        self.qmp.as_mut().ok_or(HypervisorError::InvalidState {
+            operation: "talk to QEMU",
+            state: "not started",
+        })
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    async fn prepare(&mut self, config: VmConfig) -> Result<()> {
+        self.require("prepare", &[State::New])?;
+        validate(&config)?;
+        for (what, path) in [
+            ("guest kernel", &config.kernel),
+            ("guest initramfs", &config.initrd),
+        ] {
+            if !path.is_file() {
+                return Err(HypervisorError::MissingFile {
+                    what,
+                    path: path.clone(),
+                    hint: "build the guest image with `cargo xtask guest` (or `make guest`)".into(),
+                });
+            }
+        }
+        if let Some(share) = &config.shared_dir {
+            if !share.path.is_dir() {
+                return Err(HypervisorError::MissingFile {
+                    what: "shared folder",
+                    path: share.path.clone(),
+                    hint: "the sandbox creates it before the VM starts".into(),
+                });
+            }
+        }
+        let layout = RunDirLayout::new(&config.run_dir);
+        if layout.dir.exists() {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "run folder {} exists already: is another VM using it?",
+                layout.dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&layout.dir).map_err(|source| HypervisorError::Io {
+            action: "create run folder",
+            path: layout.dir.clone(),
+            source,
+        })?;
+        self.layout = Some(layout);
+        self.config = Some(config);
+        self.state = State::Prepared;
+        Ok(())
+    }
+
+    async fn start(&mut self) -> Result<()> {
+        self.require("start", &[State::Prepared])?;
+        let started = async {
+            self.start_helpers().await?;
+            self.start_qemu().await
+        }
+        .await;
+        match started {
+            Ok(()) => {
+                self.state = State::Running;
+                Ok(())
+            }
+            Err(e) => {
+                self.teardown(Duration::ZERO).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn stop(&mut self, graceful_timeout: Duration) -> Result<()> {
+        if self.state != State::Stopped {
+            self.teardown(graceful_timeout).await;
+        }
+        Ok(())
+    }
+
+    async fn pause(&mut self) -> Result<()> {
+        self.require("pause", &[State::Running])?;
+        self.qmp()?.stop().await?;
+        self.state = State::Paused;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        self.require("resume", &[State::Paused])?;
+        self.qmp()?.cont().await?;
+        self.state = State::Running;
+        Ok(())
+    }
+
+    async fn check(&mut self) -> Result<()> {
+        self.require("check", &[State::Running, State::Paused])?;
+        self.check_children()
+    }
+
+    fn agent_address(&self) -> Result<AgentAddress> {
+        let (config, layout) = self.prepared()?;
+        Ok(match config.vsock {
+            VsockBackend::Vhost { guest_cid } => AgentAddress::Vsock {
+                cid: guest_cid,
+                port: AGENT_PORT,
+            },
+            VsockBackend::VhostUser => AgentAddress::HybridVsock {
+                uds_path: layout.vsock_uds(),
+                port: AGENT_PORT,
+            },
+        })
+    }
+
+    fn pids(&self) -> Vec<VmProcess> {
+        self.qemu
+            .iter()
+            .chain(self.helpers.iter())
+            .map(|c| VmProcess {
+                name: c.name.to_string(),
+                pid: c.pid(),
+            })
+            .collect()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            pause: true,
+            shared_fs: true,
+            block_hotplug: false,
+        }
+    }
+
+    fn console_tail(&self, lines: usize) -> Vec<String> {
+        self.layout
+            .as_ref()
+            .map(|l| tail(&l.console_log(), lines))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        // A caller that forgot `stop` (or panicked) must not leak a VM.
+        if !matches!(self.state, State::New | State::Stopped) {
+            tracing::warn!("Qemu dropped without stop; killing its processes");
+            for c in self.qemu.iter_mut().chain(self.helpers.iter_mut()) {
+                c.kill_now();
+            }
+            if let Some(layout) = &self.layout {
+                let _ = std::fs::remove_dir_all(&layout.dir);
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The VM as the sandbox describes it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Accelerator;
+
+/// Everything needed to boot one sandbox VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Number of virtual CPUs (1 to 255).
+    pub vcpus: u32,
+    /// Guest RAM in MiB (at least 64).
+    pub memory_mib: u32,
+    /// Guest kernel (bzImage).
+    pub kernel: PathBuf,
+    /// Guest initramfs with the agent as `/init`.
+    pub initrd: PathBuf,
+    /// Extra kernel command-line parameters, appended after runvm's own.
+    pub kernel_params: Vec<String>,
+    /// The accelerator, already resolved.
+    pub accelerator: Accelerator,
+    /// A host folder shared with the guest over virtio-fs.
+    pub shared_dir: Option<SharedDir>,
+    /// How the agent channel is provided.
+    pub vsock: VsockBackend,
+    /// The VM's private folder on the host: sockets, logs, pid files. Created by `prepare`,
+    /// removed by `stop`.
+    pub run_dir: PathBuf,
+}
+
+/// A host folder exported to the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedDir {
+    /// Host folder.
+    pub path: PathBuf,
+    /// The tag the guest mounts (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+}
+
+/// How the VM's vsock device is provided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VsockBackend {
+    /// The kernel's vhost-vsock (`/dev/vhost-vsock`); the host uses AF_VSOCK to this CID.
+    Vhost {
+        /// The guest's context id, unique on the host (3 or more).
+        guest_cid: u32,
+    },
+    /// A `vhost-device-vsock` process; the host reaches the guest through a unix socket
+    /// ("hybrid vsock": `CONNECT <port>\n`, answered `OK <port>\n`).
+    VhostUser,
+}
+
+/// Where the host reaches a port of the guest's vsock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentAddress {
+    /// AF_VSOCK to `cid:port`.
+    Vsock {
+        /// Guest context id.
+        cid: u32,
+        /// Guest port.
+        port: u32,
+    },
+    /// A unix socket speaking the hybrid-vsock handshake.
+    HybridVsock {
+        /// The unix socket.
+        uds_path: PathBuf,
+        /// Guest port.
+        port: u32,
+    },
+}
+
+/// A host process that is part of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProcess {
+    /// Its role: "qemu", "virtiofsd", "vhost-device-vsock".
+    pub name: String,
+    /// Its pid.
+    pub pid: u32,
+}
+
+/// What a hypervisor backend supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Pausing and resuming vCPUs.
+    pub pause: bool,
+    /// A virtio-fs shared folder.
+    pub shared_fs: bool,
+    /// Block device hotplug.
+    pub block_hotplug: bool,
+}

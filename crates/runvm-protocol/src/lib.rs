@@ -1,0 +1,31 @@
+//! The runvm agent protocol, shared by the host (async ttrpc client) and the guest agent
+//! (async ttrpc server).
+//!
+//! The service is defined in `protos/agent.proto`; this crate only re-exports what
+//! `ttrpc-codegen` generates from it, plus the constants both sides must agree on.
+//!
+//! ```
+//! use runvm_protocol::agent::VersionRequest;
+//! let req = VersionRequest::new();
+//! assert_eq!(req, VersionRequest::default());
+//! ```
+
+/// Protobuf messages of the agent API.
+#[allow(warnings, clippy::all, clippy::pedantic, missing_debug_implementations)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// The ttrpc client (`AgentServiceClient`) and server trait (`AgentService`).
+#[allow(warnings, clippy::all, clippy::pedantic, missing_debug_implementations)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub use ttrpc;
+
+/// The vsock port the agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Raised on an incompatible change of `agent.proto`; reported by `Version`.
+pub const API_VERSION: u32 = 1;

@@ -1,0 +1,327 @@
+//! The agent over ttrpc: vsock (AF_VSOCK) or hybrid vsock (a unix socket and a one-line
+//! handshake, as vhost-device-vsock and Firecracker/Cloud Hypervisor offer).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use runvm_hypervisor::AgentAddress;
+use runvm_protocol::agent;
+use runvm_protocol::agent_ttrpc::AgentServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ttrpc::r#async::transport::Socket;
+
+use super::{Agent, AgentConnector, AgentError, AgentVersion, GuestBootTimes, GuestDetails};
+
+/// Longest text field accepted from the agent (versions, names).
+const MAX_TEXT: usize = 256;
+/// Longest error message from the agent passed on.
+const MAX_MESSAGE: usize = 1024;
+
+/// Opens [`TtrpcAgent`]s.
+#[derive(Debug, Clone)]
+pub struct TtrpcConnector {
+    request_timeout: Duration,
+}
+
+impl TtrpcConnector {
+    /// Each request of the agents it opens may take up to `request_timeout`.
+    pub fn new(request_timeout: Duration) -> Self {
+        TtrpcConnector { request_timeout }
+    }
+}
+
+#[async_trait]
+impl AgentConnector for TtrpcConnector {
+    async fn connect(
+        &self,
+        address: &AgentAddress,
+        timeout: Duration,
+    ) -> Result<Box<dyn Agent>, AgentError> {
+        let agent = TtrpcAgent::connect(address, timeout, self.request_timeout).await?;
+        Ok(Box::new(agent))
+    }
+}
+
+/// A connected agent.
+pub struct TtrpcAgent {
+    client: AgentServiceClient,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for TtrpcAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TtrpcAgent")
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the byte stream to the agent's port.
+async fn open_stream(address: &AgentAddress) -> Result<Socket, String> {
+    match address {
+        AgentAddress::HybridVsock { uds_path, port } => {
+            let mut stream = tokio::net::UnixStream::connect(uds_path)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream
+                .write_all(format!("CONNECT {port}\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            // Read the answer byte by byte: what follows the newline is the agent's.
+            let mut line = Vec::with_capacity(16);
+            loop {
+                let mut byte = [0u8; 1];
+                let n = stream.read(&mut byte).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err(
+                        "closed during the vsock handshake (nothing listens on the port yet)"
+                            .into(),
+                    );
+                }
+                if byte[0] == b'\n' {
+                    break;
+                }
+                line.push(byte[0]);
+                if line.len() > 32 {
+                    return Err("vsock handshake answer is too long".into());
+                }
+            }
+            let line = String::from_utf8_lossy(&line);
+            if !line.starts_with("OK ") {
+                return Err(format!(
+                    "vsock handshake answered {line:?}, expected \"OK <port>\""
+                ));
+            }
+            Ok(Socket::new(stream))
+        }
+        AgentAddress::Vsock { cid, port } => {
+            let stream =
+                tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            Ok(Socket::new(stream))
+        }
+    }
+}
+
+fn describe(address: &AgentAddress) -> String {
+    match address {
+        AgentAddress::HybridVsock { uds_path, port } => {
+            format!("hybrid vsock {} port {port}", uds_path.display())
+        }
+        AgentAddress::Vsock { cid, port } => format!("vsock cid {cid} port {port}"),
+    }
+}
+
+fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// A text field from the guest: bounded and printable, or the reply is refused.
+fn checked_text(method: &'static str, field: &str, value: String) -> Result<String, AgentError> {
+    if value.len() > MAX_TEXT || value.chars().any(char::is_control) {
+        return Err(AgentError::InvalidReply {
+            method,
+            reason: format!(
+                "{field} is {} bytes or holds control characters (limit {MAX_TEXT} printable bytes)",
+                value.len()
+            ),
+        });
+    }
+    Ok(value)
+}
+
+impl TtrpcAgent {
+    /// Connects to `address` within `timeout`; each later request may take `request_timeout`.
+    pub async fn connect(
+        address: &AgentAddress,
+        timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<TtrpcAgent, AgentError> {
+        let socket = tokio::time::timeout(timeout, open_stream(address))
+            .await
+            .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))
+            .and_then(|r| r)
+            .map_err(|reason| AgentError::Connect {
+                address: describe(address),
+                reason,
+            })?;
+        let client = ttrpc::r#async::Client::new(socket);
+        Ok(TtrpcAgent {
+            client: AgentServiceClient::new(client),
+            request_timeout,
+        })
+    }
+
+    fn context(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(self.request_timeout.as_nanos() as i64)
+    }
+
+    async fn call<T, F>(&self, method: &'static str, fut: F) -> Result<T, AgentError>
+    where
+        F: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        // The client enforces the context's timeout too; this bounds the whole call regardless.
+        let result = tokio::time::timeout(self.request_timeout + Duration::from_millis(100), fut)
+            .await
+            .map_err(|_| AgentError::Timeout {
+                method,
+                timeout: self.request_timeout,
+            })?;
+        result.map_err(|e| map_error(method, self.request_timeout, e))
+    }
+}
+
+fn map_error(method: &'static str, timeout: Duration, e: ttrpc::Error) -> AgentError {
+    match e {
+        ttrpc::Error::RpcStatus(status) => {
+            let code = format!("{:?}", status.code());
+            if code == "DEADLINE_EXCEEDED" {
+                return AgentError::Timeout { method, timeout };
+            }
+            AgentError::Rpc {
+                method,
+                code,
+                message: bounded(status.message(), MAX_MESSAGE),
+            }
+        }
+        other => AgentError::Transport {
+            method,
+            reason: bounded(&other.to_string(), MAX_MESSAGE),
+        },
+    }
+}
+
+#[async_trait]
+impl Agent for TtrpcAgent {
+    async fn check(&self) -> Result<(), AgentError> {
+        let req = agent::CheckRequest::new();
+        let resp = self
+            .call("Check", self.client.check(self.context(), &req))
+            .await?;
+        match resp.status.enum_value() {
+            Ok(agent::check_response::ServingStatus::SERVING) => Ok(()),
+            other => Err(AgentError::InvalidReply {
+                method: "Check",
+                reason: format!("agent is not serving ({other:?})"),
+            }),
+        }
+    }
+
+    async fn version(&self) -> Result<AgentVersion, AgentError> {
+        let req = agent::VersionRequest::new();
+        let resp = self
+            .call("Version", self.client.version(self.context(), &req))
+            .await?;
+        Ok(AgentVersion {
+            agent_version: checked_text("Version", "agent_version", resp.agent_version)?,
+            kernel_release: checked_text("Version", "kernel_release", resp.kernel_release)?,
+            api_version: resp.api_version,
+        })
+    }
+
+    async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
+        let req = agent::GuestDetailsRequest::new();
+        let resp = self
+            .call(
+                "GetGuestDetails",
+                self.client.get_guest_details(self.context(), &req),
+            )
+            .await?;
+        let boot = resp.boot_times.into_option().unwrap_or_default();
+        Ok(GuestDetails {
+            mem_block_size_bytes: resp.mem_block_size_bytes,
+            cpu_count: resp.cpu_count,
+            mem_total_bytes: resp.mem_total_bytes,
+            mem_available_bytes: resp.mem_available_bytes,
+            boot_times: GuestBootTimes {
+                init_entered_us: boot.init_entered_us,
+                modules_loaded_us: boot.modules_loaded_us,
+                agent_listening_us: boot.agent_listening_us,
+            },
+        })
+    }
+
+    async fn shutdown(&self) -> Result<(), AgentError> {
+        let req = agent::ShutdownRequest::new();
+        self.call("Shutdown", self.client.shutdown(self.context(), &req))
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_or_control_text_from_guest_is_rejected() {
+        assert!(checked_text("Version", "v", "1.0".into()).is_ok());
+        let err = checked_text("Version", "kernel_release", "x".repeat(300)).unwrap_err();
+        assert!(
+            err.to_string().contains("kernel_release is 300 bytes"),
+            "{err}"
+        );
+        assert!(checked_text("Version", "v", "a\u{1b}[2J".into()).is_err());
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_char_boundary() {
+        let s = "é".repeat(1000);
+        let b = bounded(&s, 7);
+        assert!(b.ends_with('…') && b.len() <= 7 + '…'.len_utf8());
+    }
+
+    #[tokio::test]
+    async fn hybrid_handshake_refusal_is_a_connect_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.hv");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            // Like vhost-device-vsock when nothing listens in the guest: read, then close.
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+        });
+        let addr = AgentAddress::HybridVsock {
+            uds_path: path,
+            port: 1024,
+        };
+        let err = TtrpcAgent::connect(&addr, Duration::from_secs(2), Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("hybrid vsock") && err.contains("handshake"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn hybrid_handshake_answer_other_than_ok_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.hv");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"NOPE\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let addr = AgentAddress::HybridVsock {
+            uds_path: path,
+            port: 1024,
+        };
+        let err = TtrpcAgent::connect(&addr, Duration::from_secs(2), Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"NOPE\""), "{err}");
+    }
+}

@@ -1,0 +1,452 @@
+//! runvm's configuration: TOML, every key optional, unknown keys refused.
+//!
+//! Looked up in this order: the path given by the caller (`--config`), the `RUNVM_CONFIG`
+//! environment variable, `/etc/runvm/config.toml`. A path named by the first two must exist; the
+//! default may be absent, and then the built-in defaults apply (they work with no file).
+//! docs/configuration.md lists every key with its default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use runvm_hypervisor::AccelMode;
+use serde::{Deserialize, Serialize};
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/runvm/config.toml";
+/// The environment variable that names the configuration file.
+pub const CONFIG_ENV: &str = "RUNVM_CONFIG";
+/// Where `setup.sh` installs virtiofsd and vhost-device-vsock; searched before `$PATH`.
+pub const TOOLS_PREFIX: &str = "/opt/runvm/bin";
+/// Where `cargo xtask guest` writes the guest image.
+pub const DEFAULT_GUEST_DIR: &str = "/var/lib/runvm/guest";
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("config file {}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said, naming the key, line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config file {}: {key} = {value}: {valid}", path.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_else(|| "(built-in defaults)".into()))]
+    Invalid {
+        /// The file, if any.
+        path: Option<PathBuf>,
+        /// The key, as `section.key`.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What would be valid.
+        valid: &'static str,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where state lives.
+    pub runtime: RuntimeConfig,
+    /// The VM and its helpers.
+    pub hypervisor: HypervisorConfig,
+    /// The guest image.
+    pub guest: GuestConfig,
+    /// The agent channel.
+    pub agent: AgentConfig,
+    /// The file this was loaded from; `None` for built-in defaults.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Root of runvm's state: one folder per sandbox.
+    pub root: PathBuf,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            root: PathBuf::from("/run/runvm"),
+        }
+    }
+}
+
+/// How the VM gets its vsock device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VsockMode {
+    /// The kernel's vhost-vsock where `/dev/vhost-vsock` exists, vhost-device-vsock otherwise.
+    #[default]
+    Auto,
+    /// The kernel's vhost-vsock.
+    Vhost,
+    /// vhost-device-vsock (hybrid vsock over a unix socket).
+    VhostUser,
+}
+
+/// `[hypervisor]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorConfig {
+    /// QEMU binary: a path, or a name looked up in `/opt/runvm/bin` then `$PATH`.
+    pub qemu: String,
+    /// virtiofsd binary, looked up like `qemu`.
+    pub virtiofsd: String,
+    /// vhost-device-vsock binary, looked up like `qemu`.
+    pub vhost_device_vsock: String,
+    /// `auto`, `kvm` or `tcg`.
+    pub accelerator: AccelMode,
+    /// `auto`, `vhost` or `vhost-user`.
+    pub vsock: VsockMode,
+    /// vCPUs per sandbox VM.
+    pub vcpus: u32,
+    /// Guest RAM per sandbox VM, MiB.
+    pub memory_mib: u32,
+    /// Extra kernel parameters.
+    pub kernel_params: Vec<String>,
+    /// How long QEMU and each helper may take to come up, ms.
+    pub start_timeout_ms: u64,
+    /// How long a VM may take to power off before it is stopped by force, ms.
+    pub stop_timeout_ms: u64,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        HypervisorConfig {
+            qemu: "qemu-system-x86_64".into(),
+            virtiofsd: "virtiofsd".into(),
+            vhost_device_vsock: "vhost-device-vsock".into(),
+            accelerator: AccelMode::Auto,
+            vsock: VsockMode::Auto,
+            vcpus: 1,
+            memory_mib: 512,
+            kernel_params: Vec::new(),
+            start_timeout_ms: 10_000,
+            stop_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[guest]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestConfig {
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Guest initramfs (agent as /init).
+    pub initrd: PathBuf,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            kernel: Path::new(DEFAULT_GUEST_DIR).join("vmlinuz"),
+            initrd: Path::new(DEFAULT_GUEST_DIR).join("initrd.img"),
+        }
+    }
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// How long the agent may take to answer after QEMU started, ms.
+    pub boot_timeout_ms: u64,
+    /// Longest wait for one agent request, ms.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            boot_timeout_ms: 30_000,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// `boot_timeout_ms` as a duration.
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_millis(self.boot_timeout_ms)
+    }
+    /// `request_timeout_ms` as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Loads the configuration: `explicit` (a `--config` flag), else `$RUNVM_CONFIG`, else
+    /// `/etc/runvm/config.toml` if it exists, else the defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let env = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty());
+        match (explicit, env) {
+            (Some(p), _) => Config::from_file(p),
+            (None, Some(p)) => Config::from_file(Path::new(&p)),
+            (None, None) if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Config::from_file(Path::new(DEFAULT_CONFIG_PATH))
+            }
+            (None, None) => {
+                let c = Config::default();
+                c.validate()?;
+                Ok(c)
+            }
+        }
+    }
+
+    /// Loads and validates one file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        config.source = Some(path.to_path_buf());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no validation). The error text names the key and position.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+    }
+
+    /// The effective configuration as TOML (what `runvm env` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: String, valid| ConfigError::Invalid {
+            path: self.source.clone(),
+            key,
+            value,
+            valid,
+        };
+        let h = &self.hypervisor;
+        if !(1..=255).contains(&h.vcpus) {
+            return Err(invalid(
+                "hypervisor.vcpus",
+                h.vcpus.to_string(),
+                "valid: 1 to 255",
+            ));
+        }
+        if !(64..=1_048_576).contains(&h.memory_mib) {
+            return Err(invalid(
+                "hypervisor.memory_mib",
+                h.memory_mib.to_string(),
+                "valid: 64 to 1048576",
+            ));
+        }
+        for (key, value) in [
+            ("hypervisor.qemu", &h.qemu),
+            ("hypervisor.virtiofsd", &h.virtiofsd),
+            ("hypervisor.vhost_device_vsock", &h.vhost_device_vsock),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, "\"\"".into(), "valid: a program name or path"));
+            }
+        }
+        for (key, ms) in [
+            ("hypervisor.start_timeout_ms", h.start_timeout_ms),
+            ("agent.boot_timeout_ms", self.agent.boot_timeout_ms),
+            ("agent.request_timeout_ms", self.agent.request_timeout_ms),
+        ] {
+            if !(100..=600_000).contains(&ms) {
+                return Err(invalid(key, ms.to_string(), "valid: 100 to 600000 (ms)"));
+            }
+        }
+        if h.stop_timeout_ms > 600_000 {
+            return Err(invalid(
+                "hypervisor.stop_timeout_ms",
+                h.stop_timeout_ms.to_string(),
+                "valid: 0 to 600000 (ms)",
+            ));
+        }
+        if !self.runtime.root.is_absolute() {
+            return Err(invalid(
+                "runtime.root",
+                format!("{:?}", self.runtime.root),
+                "valid: an absolute path",
+            ));
+        }
+        for (key, p) in [
+            ("guest.kernel", &self.guest.kernel),
+            ("guest.initrd", &self.guest.initrd),
+        ] {
+            if !p.is_absolute() {
+                return Err(invalid(key, format!("{p:?}"), "valid: an absolute path"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds a program: a value holding `/` is a path; a bare name is looked up in
+/// `/opt/runvm/bin`, then in `$PATH`.
+pub fn resolve_program(name: &str) -> Option<PathBuf> {
+    resolve_program_in(
+        name,
+        Path::new(TOOLS_PREFIX),
+        std::env::var_os("PATH").as_deref(),
+    )
+}
+
+fn resolve_program_in(
+    name: &str,
+    prefix: &Path,
+    path_var: Option<&std::ffi::OsStr>,
+) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return executable(&p).then_some(p);
+    }
+    std::iter::once(prefix.to_path_buf())
+        .chain(path_var.map(std::env::split_paths).into_iter().flatten())
+        .map(|dir| dir.join(name))
+        .find(|p| executable(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_need_no_file() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.runtime.root, PathBuf::from("/run/runvm"));
+        assert_eq!(c.hypervisor.accelerator, AccelMode::Auto);
+        assert_eq!(
+            c.guest.kernel,
+            PathBuf::from("/var/lib/runvm/guest/vmlinuz")
+        );
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c =
+            Config::from_toml("[hypervisor]\nmemory_mib = 1024\naccelerator = \"tcg\"\n").unwrap();
+        assert_eq!(c.hypervisor.memory_mib, 1024);
+        assert_eq!(c.hypervisor.accelerator, AccelMode::Tcg);
+        assert_eq!(c.hypervisor.vcpus, 1);
+        assert_eq!(c.agent, AgentConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.toml");
+        std::fs::write(&p, "[hypervisor]\nmemory_mb = 1024\n").unwrap();
+        let err = Config::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("memory_mb"), "{err}");
+        assert!(err.contains(&p.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_refused() {
+        let err = Config::from_toml("[hypervsor]\nvcpus = 2\n").unwrap_err();
+        assert!(err.contains("hypervsor"), "{err}");
+    }
+
+    #[test]
+    fn mistyped_value_is_refused_with_key() {
+        let err = Config::from_toml("[hypervisor]\nvcpus = \"two\"\n").unwrap_err();
+        assert!(err.contains("vcpus"), "{err}");
+        let err = Config::from_toml("[hypervisor]\naccelerator = \"hvf\"\n").unwrap_err();
+        assert!(err.contains("hvf") || err.contains("accelerator"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_key_value_and_valid_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[hypervisor]\nvcpus = 0\n").unwrap();
+        let err = Config::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("hypervisor.vcpus = 0"), "{err}");
+        assert!(err.contains("1 to 255"), "{err}");
+        let mut c = Config::default();
+        c.runtime.root = "relative".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("runtime.root"));
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error_naming_it() {
+        let err = Config::load(Some(Path::new("/nonexistent/runvm.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/runvm.toml"), "{err}");
+    }
+
+    #[test]
+    fn rendered_config_parses_back_to_the_same() {
+        let mut c = Config::default();
+        c.hypervisor.kernel_params = vec!["loglevel=3".into()];
+        let back = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn programs_resolve_from_prefix_then_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("prefix");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&prefix).unwrap();
+        std::fs::create_dir_all(&bin).unwrap();
+        for p in [
+            prefix.join("a"),
+            bin.join("a"),
+            bin.join("b"),
+            bin.join("noexec"),
+        ] {
+            std::fs::write(&p, "").unwrap();
+            let mode = if p.ends_with("noexec") { 0o644 } else { 0o755 };
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let path_var = Some(bin.as_os_str());
+        assert_eq!(
+            resolve_program_in("a", &prefix, path_var),
+            Some(prefix.join("a"))
+        );
+        assert_eq!(
+            resolve_program_in("b", &prefix, path_var),
+            Some(bin.join("b"))
+        );
+        assert_eq!(resolve_program_in("noexec", &prefix, path_var), None);
+        assert_eq!(resolve_program_in("missing", &prefix, path_var), None);
+        let abs = bin.join("b").display().to_string();
+        assert_eq!(resolve_program_in(&abs, &prefix, None), Some(bin.join("b")));
+    }
+}

@@ -1,0 +1,21 @@
+//! The runvm sandbox library: configuration, the agent seam, and sandboxes (one VM each).
+//!
+//! The front ends (the `runvm` CLI, the containerd shim) are thin layers over this crate.
+//!
+//! ```
+//! use runvm_sandbox::{config::Config, SandboxId};
+//! let config = Config::default();
+//! assert!(config.validate().is_ok());
+//! assert!(SandboxId::parse("../etc").is_err());
+//! ```
+
+pub mod agent;
+pub mod check;
+pub mod config;
+mod error;
+mod id;
+pub mod sandbox;
+
+pub use error::SandboxError;
+pub use id::{InvalidId, SandboxId};
+pub use sandbox::{BootReport, BootTimings, Sandbox, SandboxSettings};

@@ -1,0 +1,116 @@
+//! The commands. Logic lives in runvm-sandbox; this file parses, calls and prints.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use runvm_sandbox::config::Config;
+use runvm_sandbox::{check, sandbox, SandboxId};
+
+use crate::{Cli, Command};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(root) = cli.root {
+        config.runtime.root = root;
+        config.validate()?;
+    }
+    match cli.command {
+        Command::Check => Ok(check(&config)),
+        Command::Env => {
+            match &config.source {
+                Some(p) => println!("# loaded from {}", p.display()),
+                None => println!("# built-in defaults (no configuration file)"),
+            }
+            print!("{}", config.to_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Boot { id } => boot(&config, id),
+    }
+}
+
+fn check(config: &Config) -> ExitCode {
+    let report = check::run(config);
+    let width = report.items.iter().map(|i| i.name.len()).max().unwrap_or(0);
+    for item in &report.items {
+        let mark = if item.ok { "✓" } else { "✗" };
+        println!("{mark} {:width$}  {}", item.name, item.detail);
+        if let Some(fix) = &item.fix {
+            let note = if item.required { "" } else { " (optional)" };
+            println!("  {:width$}  → {fix}{note}", "");
+        }
+    }
+    match &report.accelerator {
+        Ok(a) => println!("accelerator: {a}"),
+        Err(e) => println!("accelerator: none: {e}"),
+    }
+    if report.can_run() {
+        println!("sandboxes can run on this host");
+        ExitCode::SUCCESS
+    } else {
+        println!("sandboxes cannot run on this host: fix the required items marked ✗");
+        ExitCode::FAILURE
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn boot(config: &Config, id: Option<String>) -> Result<ExitCode> {
+    let id = SandboxId::parse(&id.unwrap_or_else(|| format!("boot-{}", std::process::id())))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut sb = sandbox::qemu_sandbox(config, id)?;
+        eprintln!("==> booting sandbox {} ...", sb.id());
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let report = tokio::select! {
+            r = sb.start() => r,
+            _ = interrupt.recv() => { sb.stop().await?; anyhow::bail!("interrupted; sandbox stopped") }
+            _ = terminate.recv() => { sb.stop().await?; anyhow::bail!("terminated; sandbox stopped") }
+        };
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => return Err(e.into()),
+        };
+        let g = &report.guest;
+        let b = &g.boot_times;
+        println!("accelerator:     {}", report.accelerator);
+        println!(
+            "agent:           runvm-agent {} (protocol {})",
+            report.agent.agent_version, report.agent.api_version
+        );
+        println!("guest kernel:    {}", report.agent.kernel_release);
+        println!(
+            "guest:           {} vCPU, {} MiB RAM ({} MiB available)",
+            g.cpu_count,
+            g.mem_total_bytes >> 20,
+            g.mem_available_bytes >> 20
+        );
+        println!("VM started in:   {}", secs(report.timings.vm_started));
+        println!(
+            "agent ready in:  {} after QEMU start ({} in all)",
+            secs(report.timings.agent_ready),
+            secs(report.timings.total)
+        );
+        println!(
+            "guest timeline:  init {:.2} s, modules loaded {:.2} s, agent listening {:.2} s (guest clock)",
+            b.init_entered_us as f64 / 1e6,
+            b.modules_loaded_us as f64 / 1e6,
+            b.agent_listening_us as f64 / 1e6
+        );
+        let processes: Vec<String> = sb.pids().iter().map(|p| format!("{} {}", p.name, p.pid)).collect();
+        println!("host processes:  {}", processes.join(", "));
+        eprintln!("==> shutting down sandbox {} ...", sb.id());
+        sb.stop().await?;
+        println!("sandbox stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}

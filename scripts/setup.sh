@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything runvm needs on a Debian 12 host, once. Safe to run again:
+# every step is skipped when its result is already present.
+#
+#   RUNVM_PREFIX   where virtiofsd and vhost-device-vsock are installed (default /opt/runvm)
+set -euo pipefail
+
+PREFIX="${RUNVM_PREFIX:-/opt/runvm}"
+step() { printf '\n==> %s\n' "$*"; }
+
+need_pkgs=()
+for p in qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev pkg-config cpio; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if ((${#need_pkgs[@]})); then
+    step "installing Debian packages: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+else
+    step "Debian packages present"
+fi
+# apt-get download of the guest kernel needs package lists.
+if [ -z "$(ls -A /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ]; then
+    step "refreshing apt package lists"
+    apt-get update -q
+fi
+
+mkdir -p "$PREFIX/bin"
+for spec in virtiofsd@1.14.0 vhost-device-vsock@0.3.0; do
+    tool="${spec%@*}"
+    if [ -x "$PREFIX/bin/$tool" ]; then
+        step "$tool present in $PREFIX/bin"
+    else
+        step "building $tool from crates.io into $PREFIX (takes a few minutes on 2 cores)"
+        cargo install --locked --root "$PREFIX" "$spec"
+    fi
+done
+step "host set-up complete"
