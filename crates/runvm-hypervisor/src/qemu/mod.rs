@@ -262,9 +262,13 @@ impl Qemu {
         self.state = State::Stopped;
     }
 
-    fn check_children(&mut self) -> Result<()> {
+    async fn check_children(&mut self) -> Result<()> {
+        let helper_died = self.helpers.iter_mut().any(|h| h.exited().is_some());
         if let Some(qemu) = self.qemu.as_mut() {
-            if qemu.exited().is_some() {
+            // virtiofsd exits when QEMU goes: when a helper is gone, give QEMU's exit a moment
+            // to show, so the report names the cause rather than the consequence.
+            let grace = if helper_died { Duration::from_millis(500) } else { Duration::ZERO };
+            if qemu.wait_exit(grace).await {
                 return Err(HypervisorError::QemuExited {
                     status: qemu.status_text(),
                     stderr: qemu.log_tail(10),
@@ -377,7 +381,7 @@ impl Hypervisor for Qemu {
 
     async fn check(&mut self) -> Result<()> {
         self.require("check", &[State::Running, State::Paused])?;
-        self.check_children()
+        self.check_children().await
     }
 
     fn agent_address(&self) -> Result<AgentAddress> {

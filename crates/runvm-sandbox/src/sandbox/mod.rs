@@ -18,7 +18,7 @@ use crate::id::SandboxId;
 /// The virtio-fs tag of the sandbox's shared folder.
 pub const SHARED_FS_TAG: &str = "runvm";
 /// Lines of guest console quoted in boot errors.
-const CONSOLE_LINES: usize = 15;
+const CONSOLE_LINES: usize = 20;
 
 /// Timing of one boot, measured on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

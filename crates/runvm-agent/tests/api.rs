@@ -1,0 +1,124 @@
+//! The agent's API served on a unix socket by the real binary (not PID 1: no mounts, no
+//! modules, exit instead of power-off).
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use runvm_protocol::agent;
+use runvm_protocol::agent_ttrpc::AgentServiceClient;
+
+struct AgentProcess {
+    child: Child,
+    _dir: tempfile::TempDir,
+    address: String,
+}
+
+impl AgentProcess {
+    fn start() -> AgentProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let address = format!("unix://{}", sock.display());
+        let child = Command::new(env!("CARGO_BIN_EXE_runvm-agent"))
+            .args(["--listen", &address])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "agent did not listen on {address}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        AgentProcess {
+            child,
+            _dir: dir,
+            address,
+        }
+    }
+
+    async fn client(&self) -> AgentServiceClient {
+        AgentServiceClient::new(ttrpc::r#async::Client::connect(&self.address).await.unwrap())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(5_000_000_000)
+}
+
+#[tokio::test]
+async fn health_version_and_details_answer() {
+    let agent = AgentProcess::start();
+    let c = agent.client().await;
+    let health = c.check(ctx(), &agent::CheckRequest::new()).await.unwrap();
+    assert_eq!(
+        health.status.enum_value().unwrap(),
+        agent::check_response::ServingStatus::SERVING
+    );
+    let v = c.version(ctx(), &agent::VersionRequest::new()).await.unwrap();
+    assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(v.api_version, runvm_protocol::API_VERSION);
+    let uname = Command::new("uname").arg("-r").output().unwrap();
+    assert_eq!(v.kernel_release, String::from_utf8_lossy(&uname.stdout).trim());
+    let d = c
+        .get_guest_details(ctx(), &agent::GuestDetailsRequest::new())
+        .await
+        .unwrap();
+    assert!(d.cpu_count >= 1);
+    assert!(d.mem_total_bytes > d.mem_available_bytes && d.mem_available_bytes > 0);
+    assert!(d.boot_times.agent_listening_us >= d.boot_times.init_entered_us);
+}
+
+#[tokio::test]
+async fn rpcs_not_yet_implemented_answer_unimplemented() {
+    let agent = AgentProcess::start();
+    let c = agent.client().await;
+    let req = agent::CreateContainerRequest {
+        container_id: "c1".into(),
+        ..Default::default()
+    };
+    let err = c.create_container(ctx(), &req).await.unwrap_err();
+    match err {
+        ttrpc::Error::RpcStatus(s) => {
+            assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{s:?}");
+            assert!(s.message().contains("CreateContainer"), "{s:?}");
+        }
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+    let err = c
+        .wait_process(ctx(), &agent::WaitProcessRequest::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::UNIMPLEMENTED),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_answers_then_the_agent_exits() {
+    let mut agent = AgentProcess::start();
+    let c = agent.client().await;
+    c.shutdown(ctx(), &agent::ShutdownRequest::new()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent still running after Shutdown");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn outside_pid1_without_listen_address_it_refuses_to_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_runvm-agent")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--listen unix:///PATH"), "{err}");
+}
