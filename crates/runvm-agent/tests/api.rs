@@ -24,7 +24,10 @@ impl AgentProcess {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
-            assert!(Instant::now() < deadline, "agent did not listen on {address}");
+            assert!(
+                Instant::now() < deadline,
+                "agent did not listen on {address}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         AgentProcess {
@@ -35,7 +38,11 @@ impl AgentProcess {
     }
 
     async fn client(&self) -> AgentServiceClient {
-        AgentServiceClient::new(ttrpc::r#async::Client::connect(&self.address).await.unwrap())
+        AgentServiceClient::new(
+            ttrpc::r#async::Client::connect(&self.address)
+                .await
+                .unwrap(),
+        )
     }
 }
 
@@ -59,11 +66,17 @@ async fn health_version_and_details_answer() {
         health.status.enum_value().unwrap(),
         agent::check_response::ServingStatus::SERVING
     );
-    let v = c.version(ctx(), &agent::VersionRequest::new()).await.unwrap();
+    let v = c
+        .version(ctx(), &agent::VersionRequest::new())
+        .await
+        .unwrap();
     assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(v.api_version, runvm_protocol::API_VERSION);
     let uname = Command::new("uname").arg("-r").output().unwrap();
-    assert_eq!(v.kernel_release, String::from_utf8_lossy(&uname.stdout).trim());
+    assert_eq!(
+        v.kernel_release,
+        String::from_utf8_lossy(&uname.stdout).trim()
+    );
     let d = c
         .get_guest_details(ctx(), &agent::GuestDetailsRequest::new())
         .await
@@ -103,21 +116,28 @@ async fn rpcs_not_yet_implemented_answer_unimplemented() {
 async fn shutdown_answers_then_the_agent_exits() {
     let mut agent = AgentProcess::start();
     let c = agent.client().await;
-    c.shutdown(ctx(), &agent::ShutdownRequest::new()).await.unwrap();
+    c.shutdown(ctx(), &agent::ShutdownRequest::new())
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if let Some(status) = agent.child.try_wait().unwrap() {
             assert!(status.success(), "{status}");
             break;
         }
-        assert!(Instant::now() < deadline, "agent still running after Shutdown");
+        assert!(
+            Instant::now() < deadline,
+            "agent still running after Shutdown"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn outside_pid1_without_listen_address_it_refuses_to_start() {
-    let out = Command::new(env!("CARGO_BIN_EXE_runvm-agent")).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runvm-agent"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--listen unix:///PATH"), "{err}");

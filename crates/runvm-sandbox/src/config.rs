@@ -228,7 +228,16 @@ impl Config {
 
     /// Parses TOML text (no validation). The error text names the key and position.
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let position = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                let source = text.lines().nth(line - 1).unwrap_or("").trim();
+                format!("line {line}, column {column} (`{source}`): ")
+            });
+            format!("{}{}", position.unwrap_or_default(), e.message().trim_end())
+        })
     }
 
     /// The effective configuration as TOML (what `runvm env` prints).

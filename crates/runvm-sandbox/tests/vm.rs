@@ -71,7 +71,11 @@ impl TestHost {
         let entries: Vec<PathBuf> = std::fs::read_dir(state)
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
-        assert!(entries.is_empty(), "files left in {}: {entries:?}", state.display());
+        assert!(
+            entries.is_empty(),
+            "files left in {}: {entries:?}",
+            state.display()
+        );
     }
 }
 
@@ -103,7 +107,10 @@ async fn vm_boots_agent_reports_its_version_and_stop_leaves_nothing() {
     assert_eq!(report.guest.cpu_count, host.config.hypervisor.vcpus);
     let mem = report.guest.mem_total_bytes >> 20;
     let configured = u64::from(host.config.hypervisor.memory_mib);
-    assert!(mem > configured / 2 && mem <= configured, "guest sees {mem} MiB");
+    assert!(
+        mem > configured / 2 && mem <= configured,
+        "guest sees {mem} MiB"
+    );
     let names: Vec<String> = sb.pids().into_iter().map(|p| p.name).collect();
     assert_eq!(names, ["qemu", "virtiofsd", "vhost-device-vsock"]);
     assert!(sb.dir().join("vm/console.log").exists());
@@ -117,8 +124,11 @@ async fn silent_agent_times_out_with_guest_console_and_leaves_nothing() {
     let mut host = TestHost::new();
     // Everything after "--" is init's argv: the agent serves a unix socket inside the guest,
     // so the host's vsock connection never finds it.
-    host.config.hypervisor.kernel_params =
-        vec!["--".into(), "--listen".into(), "unix:///run/elsewhere.sock".into()];
+    host.config.hypervisor.kernel_params = vec![
+        "--".into(),
+        "--listen".into(),
+        "unix:///run/elsewhere.sock".into(),
+    ];
     host.config.agent.boot_timeout_ms = 10_000;
     let mut sb = qemu_sandbox(&host.config, id("silent")).unwrap();
     let err = sb.start().await.unwrap_err();
@@ -141,19 +151,28 @@ async fn guest_without_init_is_reported_as_vm_exit_with_console() {
     let text = err.to_string();
     assert!(matches!(err, SandboxError::VmDied { .. }), "{text}");
     assert!(text.contains("qemu exited"), "{text}");
-    assert!(text.contains("Kernel panic"), "console tail missing from: {text}");
+    assert!(
+        text.contains("Kernel panic"),
+        "console tail missing from: {text}"
+    );
     host.assert_nothing_left();
 }
 
 #[tokio::test]
 async fn qemu_refusing_an_option_reports_its_own_stderr() {
     let mut host = TestHost::new();
-    host.config.hypervisor.qemu =
-        host.wrapper("qemu-bad", "qemu-system-x86_64", "-device no-such-device-model");
+    host.config.hypervisor.qemu = host.wrapper(
+        "qemu-bad",
+        "qemu-system-x86_64",
+        "-device no-such-device-model",
+    );
     let mut sb = qemu_sandbox(&host.config, id("badqemu")).unwrap();
     let text = sb.start().await.unwrap_err().to_string();
     assert!(text.contains("qemu exited"), "{text}");
-    assert!(text.contains("no-such-device-model"), "QEMU's stderr missing: {text}");
+    assert!(
+        text.contains("no-such-device-model"),
+        "QEMU's stderr missing: {text}"
+    );
     host.assert_nothing_left();
 }
 
@@ -161,8 +180,13 @@ async fn qemu_refusing_an_option_reports_its_own_stderr() {
 async fn missing_qemu_binary_is_named_with_how_to_install() {
     let mut host = TestHost::new();
     host.config.hypervisor.qemu = "/nonexistent/qemu-system-x86_64".into();
-    let text = qemu_sandbox(&host.config, id("noqemu")).unwrap_err().to_string();
-    assert!(text.contains("hypervisor.qemu") && text.contains("/nonexistent/qemu-system-x86_64"), "{text}");
+    let text = qemu_sandbox(&host.config, id("noqemu"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("hypervisor.qemu") && text.contains("/nonexistent/qemu-system-x86_64"),
+        "{text}"
+    );
     assert!(text.contains("apt-get install qemu-system-x86"), "{text}");
     host.assert_nothing_left();
 }
@@ -174,7 +198,10 @@ async fn virtiofsd_dying_at_start_is_named_with_its_reason() {
     let mut sb = qemu_sandbox(&host.config, id("badfs")).unwrap();
     let text = sb.start().await.unwrap_err().to_string();
     assert!(text.contains("virtiofsd failed at start"), "{text}");
-    assert!(text.contains("--no-such-flag"), "virtiofsd's stderr missing: {text}");
+    assert!(
+        text.contains("--no-such-flag"),
+        "virtiofsd's stderr missing: {text}"
+    );
     host.assert_nothing_left();
 }
 
@@ -186,7 +213,10 @@ async fn vsock_helper_dying_at_start_is_named_with_its_reason() {
         host.wrapper("vsock-bad", "vhost-device-vsock", "--guest-cid 1");
     let mut sb = qemu_sandbox(&host.config, id("badvsock")).unwrap();
     let text = sb.start().await.unwrap_err().to_string();
-    assert!(text.contains("vhost-device-vsock failed at start"), "{text}");
+    assert!(
+        text.contains("vhost-device-vsock failed at start"),
+        "{text}"
+    );
     host.assert_nothing_left();
 }
 

@@ -29,7 +29,10 @@ fn env_prints_the_effective_config_with_file_values() {
     let out = runvm(&["env"], Some(&cfg));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains(&format!("# loaded from {}", cfg.display())), "{stdout}");
+    assert!(
+        stdout.contains(&format!("# loaded from {}", cfg.display())),
+        "{stdout}"
+    );
     assert!(stdout.contains("memory_mib = 768"), "{stdout}");
     assert!(stdout.contains("accelerator = \"auto\""), "{stdout}");
     assert!(stdout.contains("root = \"/run/runvm\""), "{stdout}");
@@ -57,7 +60,10 @@ fn unknown_config_key_fails_naming_key_and_file() {
     let err = text(&out.stderr);
     assert!(err.contains("boot_timeout"), "{err}");
     assert!(err.contains(&cfg.display().to_string()), "{err}");
-    assert!(err.contains("boot_timeout_ms"), "expected keys listed: {err}");
+    assert!(
+        err.contains("boot_timeout_ms"),
+        "expected keys listed: {err}"
+    );
 }
 
 #[test]
@@ -71,11 +77,25 @@ fn missing_config_file_named_by_flag_is_an_error() {
 fn check_lists_requirements_and_the_accelerator() {
     let out = runvm(&["check"], None);
     let stdout = text(&out.stdout);
-    for name in ["QEMU", "guest kernel", "guest initramfs", "/dev/kvm", "vmx/svm", "virtiofsd", "cgroups"] {
+    for name in [
+        "QEMU",
+        "guest kernel",
+        "guest initramfs",
+        "/dev/kvm",
+        "vmx/svm",
+        "virtiofsd",
+        "cgroups",
+    ] {
         assert!(stdout.contains(name), "{name} missing from:\n{stdout}");
     }
-    assert!(stdout.contains("accelerator: kvm") || stdout.contains("accelerator: tcg"), "{stdout}");
-    assert!(out.status.success(), "this host is set up (make test runs setup):\n{stdout}");
+    assert!(
+        stdout.contains("accelerator: kvm") || stdout.contains("accelerator: tcg"),
+        "{stdout}"
+    );
+    assert!(
+        out.status.success(),
+        "this host is set up (make test runs setup):\n{stdout}"
+    );
 }
 
 #[test]
@@ -86,7 +106,10 @@ fn check_fails_and_says_what_to_do_when_qemu_is_missing() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("✗ QEMU"), "{stdout}");
-    assert!(stdout.contains("apt-get install qemu-system-x86"), "{stdout}");
+    assert!(
+        stdout.contains("apt-get install qemu-system-x86"),
+        "{stdout}"
+    );
     assert!(stdout.contains("cannot run"), "{stdout}");
 }
 
@@ -116,15 +139,26 @@ fn boot_prints_accelerator_agent_version_and_time_then_leaves_nothing() {
         .unwrap();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    let expected_accel = if runvm_hypervisor::HostCpu::detect().kvm_usable() { "kvm" } else { "tcg" };
-    assert!(stdout.contains(&format!("accelerator:     {expected_accel}")), "{stdout}");
+    let expected_accel = if runvm_hypervisor::HostCpu::detect().kvm_usable() {
+        "kvm"
+    } else {
+        "tcg"
+    };
+    assert!(
+        stdout.contains(&format!("accelerator:     {expected_accel}")),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(&format!("runvm-agent {}", env!("CARGO_PKG_VERSION"))),
         "{stdout}"
     );
     assert!(stdout.contains("agent ready in:"), "{stdout}");
     assert!(stdout.contains("sandbox stopped"), "{stdout}");
-    let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.path()).collect();
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 

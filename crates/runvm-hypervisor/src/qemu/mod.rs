@@ -267,7 +267,11 @@ impl Qemu {
         if let Some(qemu) = self.qemu.as_mut() {
             // virtiofsd exits when QEMU goes: when a helper is gone, give QEMU's exit a moment
             // to show, so the report names the cause rather than the consequence.
-            let grace = if helper_died { Duration::from_millis(500) } else { Duration::ZERO };
+            let grace = if helper_died {
+                Duration::from_millis(500)
+            } else {
+                Duration::ZERO
+            };
             if qemu.wait_exit(grace).await {
                 return Err(HypervisorError::QemuExited {
                     status: qemu.status_text(),

@@ -1,0 +1,46 @@
+# runvm: see README.md. Every target does the set-up it needs, once.
+PREFIX    ?= /opt/runvm
+GUEST_DIR ?= /var/lib/runvm/guest
+CARGO     ?= cargo
+RUNVM     := ./target/debug/runvm
+
+.PHONY: all setup build guest run test lint fmt clean
+
+all: build
+
+## Host packages (qemu-system-x86, ...) and the helpers virtiofsd and vhost-device-vsock.
+setup:
+	@RUNVM_PREFIX=$(PREFIX) bash scripts/setup.sh
+
+## The workspace (debug build).
+build: setup
+	@echo "==> building the workspace"
+	$(CARGO) build --workspace
+
+## The guest image: kernel, modules and the static agent in an initramfs, in $(GUEST_DIR).
+guest: setup
+	@echo "==> building the guest image in $(GUEST_DIR)"
+	$(CARGO) xtask guest --out $(GUEST_DIR)
+
+## runvm's main job: check the host, boot a sandbox, report, shut it down.
+run: build guest
+	@echo "==> runvm check"
+	$(RUNVM) check
+	@echo "==> runvm boot"
+	$(RUNVM) boot
+
+## Format, lint and all tests (unit and integration, real VMs included).
+test: build guest lint
+	@echo "==> running the tests"
+	$(CARGO) test --workspace
+
+lint:
+	@echo "==> checking format and lints"
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

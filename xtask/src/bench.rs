@@ -1,0 +1,200 @@
+//! `cargo xtask bench boot`: boots sandboxes one after another and prints how long the agent
+//! took to answer, and the host memory of the VM's processes at idle.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use runvm_sandbox::config::Config;
+use runvm_sandbox::sandbox::qemu_sandbox;
+use runvm_sandbox::SandboxId;
+use serde::Serialize;
+
+/// Options of `bench boot`.
+#[derive(Debug, clap::Args)]
+pub struct BootBenchArgs {
+    /// Number of boots.
+    #[arg(long, default_value_t = 5)]
+    count: u32,
+    /// runvm configuration file [default: as runvm finds it].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Seconds the last VM idles before its memory is read.
+    #[arg(long, default_value_t = 3)]
+    idle_secs: u64,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "target/bench/boot.json")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Boot {
+    /// From QEMU's start to the agent's first answer, ms.
+    qemu_to_agent_ms: f64,
+    /// From the start call (helpers included) to the agent's first answer, ms.
+    total_ms: f64,
+    /// Guest clock when init ran, ms.
+    guest_init_ms: f64,
+    /// Guest clock when the agent listened, ms.
+    guest_listening_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ProcessMemory {
+    name: String,
+    rss_kib: u64,
+    pss_kib: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    accelerator: String,
+    boots: Vec<Boot>,
+    median_qemu_to_agent_ms: f64,
+    median_total_ms: f64,
+    idle_memory: Vec<ProcessMemory>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// (Rss, Pss) in KiB from a `/proc/PID/smaps_rollup` text.
+fn parse_smaps_rollup(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+pub fn boot(args: &BootBenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.count >= 1,
+        "--count {} is invalid; valid: 1 or more",
+        args.count
+    );
+    let config = Config::load(args.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut boots = Vec::new();
+    let mut memory = Vec::new();
+    let mut accelerator = String::new();
+    for i in 0..args.count {
+        let id = SandboxId::parse(&format!("bench-{}-{i}", std::process::id()))?;
+        eprintln!("==> boot {}/{}", i + 1, args.count);
+        runtime.block_on(async {
+            let mut sb = qemu_sandbox(&config, id)?;
+            let report = sb.start().await?;
+            accelerator = report.accelerator.to_string();
+            let b = report.guest.boot_times;
+            boots.push(Boot {
+                qemu_to_agent_ms: report.timings.agent_ready.as_secs_f64() * 1e3,
+                total_ms: report.timings.total.as_secs_f64() * 1e3,
+                guest_init_ms: b.init_entered_us as f64 / 1e3,
+                guest_listening_ms: b.agent_listening_us as f64 / 1e3,
+            });
+            if i + 1 == args.count {
+                tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+                for p in sb.pids() {
+                    let path = format!("/proc/{}/smaps_rollup", p.pid);
+                    let text = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+                    let (rss_kib, pss_kib) = parse_smaps_rollup(&text);
+                    memory.push(ProcessMemory {
+                        name: p.name,
+                        rss_kib,
+                        pss_kib,
+                    });
+                }
+            }
+            sb.stop().await?;
+            anyhow::Ok(())
+        })?;
+    }
+    let results = Results {
+        accelerator,
+        median_qemu_to_agent_ms: median(boots.iter().map(|b| b.qemu_to_agent_ms).collect()),
+        median_total_ms: median(boots.iter().map(|b| b.total_ms).collect()),
+        boots,
+        idle_memory: memory,
+    };
+    print_table(&results);
+    write_json(&args.out, &results)
+}
+
+fn print_table(r: &Results) {
+    println!("boot benchmark (accelerator: {})", r.accelerator);
+    println!("| boot | QEMU start → agent answer | start → agent answer | guest init | guest agent listening |");
+    println!("|-----:|--------------------------:|---------------------:|-----------:|----------------------:|");
+    for (i, b) in r.boots.iter().enumerate() {
+        println!(
+            "| {:>4} | {:>22.0} ms | {:>17.0} ms | {:>7.0} ms | {:>18.0} ms |",
+            i + 1,
+            b.qemu_to_agent_ms,
+            b.total_ms,
+            b.guest_init_ms,
+            b.guest_listening_ms
+        );
+    }
+    println!(
+        "| median | {:>20.0} ms | {:>17.0} ms | | |",
+        r.median_qemu_to_agent_ms, r.median_total_ms
+    );
+    println!();
+    println!("host memory at idle (last boot)");
+    println!("| process | RSS MiB | PSS MiB |");
+    println!("|---------|--------:|--------:|");
+    let (mut rss, mut pss) = (0, 0);
+    for m in &r.idle_memory {
+        println!(
+            "| {} | {:.1} | {:.1} |",
+            m.name,
+            m.rss_kib as f64 / 1024.0,
+            m.pss_kib as f64 / 1024.0
+        );
+        rss += m.rss_kib;
+        pss += m.pss_kib;
+    }
+    println!(
+        "| total | {:.1} | {:.1} |",
+        rss as f64 / 1024.0,
+        pss as f64 / 1024.0
+    );
+}
+
+fn write_json(path: &Path, r: &Results) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(r)?)
+        .with_context(|| format!("write {}", path.display()))?;
+    eprintln!("==> results written to {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![5.0, 1.0, 3.0]), 3.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn smaps_rollup_rss_and_pss_parse() {
+        let text = "00400000-7ffd [rollup]\nRss:              123456 kB\nPss:               65432 kB\nPss_Anon: 1 kB\n";
+        assert_eq!(parse_smaps_rollup(text), (123_456, 65_432));
+    }
+}
