@@ -459,3 +459,32 @@ mod tests {
         assert_eq!(resolve_program_in(&abs, &prefix, None), Some(bin.join("b")));
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// docs/configuration.md shows every key with its default; keep it true.
+    #[test]
+    fn documented_defaults_are_the_built_in_defaults() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md"),
+        )
+        .unwrap();
+        let block = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block in docs/configuration.md");
+        assert_eq!(Config::from_toml(block).unwrap(), Config::default());
+        // Every key is written out, not left to defaults.
+        let rendered = Config::default().to_toml();
+        for line in rendered.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            assert!(
+                block.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                "key {key} is not documented"
+            );
+        }
+    }
+}
