@@ -142,3 +142,20 @@ fn outside_pid1_without_listen_address_it_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--listen unix:///PATH"), "{err}");
 }
+
+#[test]
+fn sigterm_stops_the_agent_cleanly() {
+    let mut agent = AgentProcess::start();
+    let pid = agent.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent still running after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
