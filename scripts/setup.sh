@@ -9,7 +9,7 @@ PREFIX="${RUNVM_PREFIX:-/opt/runvm}"
 step() { printf '\n==> %s\n' "$*"; }
 
 need_pkgs=()
-for p in qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev pkg-config cpio; do
+for p in qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev pkg-config cpio busybox-static; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

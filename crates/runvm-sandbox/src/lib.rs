@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod check;
 pub mod config;
+pub mod container;
 mod error;
 mod id;
 pub mod sandbox;

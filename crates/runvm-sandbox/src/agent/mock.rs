@@ -1,12 +1,48 @@
 //! A scriptable in-memory agent for unit tests.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use runvm_hypervisor::AgentAddress;
 
-use super::{Agent, AgentConnector, AgentError, AgentVersion, GuestDetails};
+use super::{
+    Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
+    GuestDetails, GuestProcess, OutputChunk, ProcessRef, StdioSpec,
+};
+
+/// A simulated guest process: its scripted output and exit, and what it was sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MockProcess {
+    /// Output `read_stdout` returns, then EOF.
+    pub stdout: Vec<u8>,
+    /// Output `read_stderr` returns, then EOF.
+    pub stderr: Vec<u8>,
+    /// The exit code `wait_process` reports (default 0).
+    pub exit_code: i32,
+    /// What was written to stdin.
+    pub stdin: Vec<u8>,
+    /// Whether stdin was closed.
+    pub stdin_closed: bool,
+    /// Signals received.
+    pub signals: Vec<i32>,
+    /// Window size set last.
+    pub tty_size: Option<(u32, u32)>,
+    /// Whether the process was started.
+    pub started: bool,
+}
+
+/// A simulated container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockContainer {
+    /// The create request.
+    pub request: CreateContainer,
+    /// Started.
+    pub started: bool,
+    /// Paused.
+    pub paused: bool,
+}
 
 /// What the mock agent saw and how it behaves; shared between the connector, its agents and
 /// the test.
@@ -22,6 +58,12 @@ pub struct MockAgentState {
     pub calls: Vec<String>,
     /// Connection attempts made.
     pub connects: u32,
+    /// Containers that exist in the simulated guest.
+    pub containers: BTreeMap<String, MockContainer>,
+    /// Processes, scripted in advance or created by start/exec.
+    pub processes: BTreeMap<ProcessRef, MockProcess>,
+    /// When set, the next `create_container` fails with this code and message.
+    pub fail_create: Option<(String, String)>,
 }
 
 impl Default for MockAgentState {
@@ -36,6 +78,9 @@ impl Default for MockAgentState {
             },
             calls: Vec::new(),
             connects: 0,
+            containers: BTreeMap::new(),
+            processes: BTreeMap::new(),
+            fail_create: None,
         }
     }
 }
@@ -85,6 +130,37 @@ pub struct MockAgent {
     state: Arc<Mutex<MockAgentState>>,
 }
 
+fn rpc(method: &'static str, code: &str, message: String) -> AgentError {
+    AgentError::Rpc {
+        method,
+        code: code.into(),
+        message,
+    }
+}
+
+impl MockAgentState {
+    fn container(
+        &mut self,
+        method: &'static str,
+        id: &str,
+    ) -> Result<&mut MockContainer, AgentError> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| rpc(method, "NOT_FOUND", format!("container {id:?} not found")))
+    }
+
+    fn process(
+        &mut self,
+        method: &'static str,
+        p: &ProcessRef,
+    ) -> Result<&mut MockProcess, AgentError> {
+        self.processes
+            .get_mut(p)
+            .filter(|proc| proc.started)
+            .ok_or_else(|| rpc(method, "NOT_FOUND", format!("process {p} not found")))
+    }
+}
+
 impl MockAgent {
     fn record(&self, call: &str) -> std::sync::MutexGuard<'_, MockAgentState> {
         let mut s = self.state.lock().expect("mock agent lock");
@@ -116,5 +192,228 @@ impl Agent for MockAgent {
     async fn shutdown(&self) -> Result<(), AgentError> {
         drop(self.record("shutdown"));
         Ok(())
+    }
+
+    async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError> {
+        let mut s = self.record("create_container");
+        if let Some((code, message)) = s.fail_create.take() {
+            return Err(AgentError::Rpc {
+                method: "CreateContainer",
+                code,
+                message,
+            });
+        }
+        if s.containers.contains_key(&request.container_id) {
+            return Err(rpc(
+                "CreateContainer",
+                "ALREADY_EXISTS",
+                format!("container {:?} exists", request.container_id),
+            ));
+        }
+        let init = ProcessRef::init(request.container_id.clone());
+        s.processes.entry(init).or_default();
+        s.containers.insert(
+            request.container_id.clone(),
+            MockContainer {
+                request,
+                started: false,
+                paused: false,
+            },
+        );
+        Ok(())
+    }
+
+    async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let mut s = self.record("start_container");
+        let c = s.container("StartContainer", container_id)?;
+        if c.started {
+            return Err(rpc(
+                "StartContainer",
+                "FAILED_PRECONDITION",
+                "already started".into(),
+            ));
+        }
+        c.started = true;
+        s.processes
+            .entry(ProcessRef::init(container_id))
+            .or_default()
+            .started = true;
+        Ok(())
+    }
+
+    async fn remove_container(&self, container_id: &str, _timeout: u32) -> Result<(), AgentError> {
+        let mut s = self.record("remove_container");
+        s.container("RemoveContainer", container_id)?;
+        s.containers.remove(container_id);
+        s.processes.retain(|p, _| p.container_id != container_id);
+        Ok(())
+    }
+
+    async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        self.record("pause_container")
+            .container("PauseContainer", container_id)?
+            .paused = true;
+        Ok(())
+    }
+
+    async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        self.record("resume_container")
+            .container("ResumeContainer", container_id)?
+            .paused = false;
+        Ok(())
+    }
+
+    async fn update_container(
+        &self,
+        container_id: &str,
+        _resources: &serde_json::Value,
+    ) -> Result<(), AgentError> {
+        self.record("update_container")
+            .container("UpdateContainer", container_id)?;
+        Ok(())
+    }
+
+    async fn stats_container(&self, container_id: &str) -> Result<ContainerStats, AgentError> {
+        self.record("stats_container")
+            .container("StatsContainer", container_id)?;
+        let mut stats = ContainerStats::default();
+        stats.cpu.usage_total_ns = 1_000_000;
+        stats.memory.usage_bytes = 1 << 20;
+        stats.pids_current = 1;
+        Ok(stats)
+    }
+
+    async fn list_processes(&self, container_id: &str) -> Result<Vec<GuestProcess>, AgentError> {
+        let mut s = self.record("list_processes");
+        s.container("ListProcesses", container_id)?;
+        Ok(s.processes
+            .iter()
+            .filter(|(p, proc)| p.container_id == container_id && proc.started)
+            .enumerate()
+            .map(|(i, (p, _))| GuestProcess {
+                pid: i as i32 + 1,
+                cmd: if p.exec_id.is_empty() {
+                    "init".into()
+                } else {
+                    p.exec_id.clone()
+                },
+            })
+            .collect())
+    }
+
+    async fn exec_process(
+        &self,
+        process: &ProcessRef,
+        _spec: &serde_json::Value,
+        _stdio: StdioSpec,
+    ) -> Result<(), AgentError> {
+        let mut s = self.record("exec_process");
+        if !s.container("ExecProcess", &process.container_id)?.started {
+            return Err(rpc(
+                "ExecProcess",
+                "FAILED_PRECONDITION",
+                format!("container {:?} is not running", process.container_id),
+            ));
+        }
+        if s.processes.get(process).is_some_and(|p| p.started) {
+            return Err(rpc(
+                "ExecProcess",
+                "ALREADY_EXISTS",
+                format!("{process} exists"),
+            ));
+        }
+        s.processes.entry(process.clone()).or_default().started = true;
+        Ok(())
+    }
+
+    async fn signal_process(
+        &self,
+        process: &ProcessRef,
+        signal: i32,
+        _all: bool,
+    ) -> Result<(), AgentError> {
+        self.record("signal_process")
+            .process("SignalProcess", process)?
+            .signals
+            .push(signal);
+        Ok(())
+    }
+
+    async fn wait_process(&self, process: &ProcessRef) -> Result<ExitStatus, AgentError> {
+        let mut s = self.record("wait_process");
+        let p = s.process("WaitProcess", process)?;
+        let code = match p.signals.last() {
+            Some(sig) => 128 + sig,
+            None => p.exit_code,
+        };
+        Ok(ExitStatus {
+            code,
+            exited_at_unix_ns: 1,
+        })
+    }
+
+    async fn write_stdin(&self, process: &ProcessRef, data: &[u8]) -> Result<usize, AgentError> {
+        let mut s = self.record("write_stdin");
+        let p = s.process("WriteStdin", process)?;
+        if p.stdin_closed {
+            return Err(rpc(
+                "WriteStdin",
+                "FAILED_PRECONDITION",
+                "stdin closed".into(),
+            ));
+        }
+        p.stdin.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    async fn read_stdout(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
+        let mut s = self.record("read_stdout");
+        let p = s.process("ReadStdout", process)?;
+        Ok(take_chunk(&mut p.stdout, max))
+    }
+
+    async fn read_stderr(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
+        let mut s = self.record("read_stderr");
+        let p = s.process("ReadStderr", process)?;
+        Ok(take_chunk(&mut p.stderr, max))
+    }
+
+    async fn close_stdin(&self, process: &ProcessRef) -> Result<(), AgentError> {
+        self.record("close_stdin")
+            .process("CloseStdin", process)?
+            .stdin_closed = true;
+        Ok(())
+    }
+
+    async fn resize_tty(
+        &self,
+        process: &ProcessRef,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
+        self.record("resize_tty")
+            .process("TtyWinResize", process)?
+            .tty_size = Some((rows, cols));
+        Ok(())
+    }
+
+    async fn oom_event(&self) -> Result<String, AgentError> {
+        drop(self.record("oom_event"));
+        // No OOM ever happens in the mock: wait forever, like an agent with no event.
+        std::future::pending().await
+    }
+}
+
+fn take_chunk(buf: &mut Vec<u8>, max: u32) -> OutputChunk {
+    if buf.is_empty() {
+        return OutputChunk {
+            data: Vec::new(),
+            eof: true,
+        };
+    }
+    let n = buf.len().min(max as usize);
+    OutputChunk {
+        data: buf.drain(..n).collect(),
+        eof: false,
     }
 }

@@ -4,11 +4,17 @@
 //! it in unit tests. Replies come from the guest, which is untrusted: the ttrpc implementation
 //! checks sizes and contents before anything reaches the caller.
 
+mod convert;
 mod mock;
 mod ttrpc_client;
+mod types;
 
-pub use mock::{MockAgent, MockAgentConnector, MockAgentState};
+pub use mock::{MockAgent, MockAgentConnector, MockAgentState, MockContainer, MockProcess};
 pub use ttrpc_client::{TtrpcAgent, TtrpcConnector};
+pub use types::{
+    ContainerStats, CpuStats, CreateContainer, ExitStatus, GuestProcess, MemoryStats, NetworkStats,
+    OutputChunk, ProcessRef, StdioSpec, Storage,
+};
 
 use std::fmt::Debug;
 use std::time::Duration;
@@ -103,11 +109,24 @@ pub enum AgentError {
 impl AgentError {
     /// The agent is reachable but does not implement the request.
     pub fn is_unimplemented(&self) -> bool {
-        matches!(self, AgentError::Rpc { code, .. } if code == "UNIMPLEMENTED")
+        self.rpc_code() == Some("UNIMPLEMENTED")
+    }
+
+    /// The ttrpc status code name when the agent answered with an error status
+    /// (`NOT_FOUND`, `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, ...).
+    pub fn rpc_code(&self) -> Option<&str> {
+        match self {
+            AgentError::Rpc { code, .. } => Some(code),
+            _ => None,
+        }
     }
 }
 
 /// What the sandbox asks of the guest agent.
+///
+/// Calls that wait for the guest to do something (`wait_process`, `read_stdout`,
+/// `read_stderr`, `oom_event`) block until it happens; drop the future to give up. All others
+/// are bounded by the agent's request timeout.
 #[async_trait]
 pub trait Agent: Send + Sync + Debug {
     /// Health check: Ok when the agent serves.
@@ -118,6 +137,65 @@ pub trait Agent: Send + Sync + Debug {
     async fn guest_details(&self) -> Result<GuestDetails, AgentError>;
     /// Asks the guest to sync and power off. The VM exits shortly after the reply.
     async fn shutdown(&self) -> Result<(), AgentError>;
+
+    /// Creates a container; its init process waits for `start_container`.
+    async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError>;
+    /// Starts a created container's init process.
+    async fn start_container(&self, container_id: &str) -> Result<(), AgentError>;
+    /// Kills what still runs in the container (SIGTERM, `timeout_secs`, SIGKILL) and removes it.
+    async fn remove_container(
+        &self,
+        container_id: &str,
+        timeout_secs: u32,
+    ) -> Result<(), AgentError>;
+    /// Freezes every process of the container.
+    async fn pause_container(&self, container_id: &str) -> Result<(), AgentError>;
+    /// Thaws the container.
+    async fn resume_container(&self, container_id: &str) -> Result<(), AgentError>;
+    /// Applies OCI `linux.resources` to the container.
+    async fn update_container(
+        &self,
+        container_id: &str,
+        resources: &serde_json::Value,
+    ) -> Result<(), AgentError>;
+    /// Resource usage of the container.
+    async fn stats_container(&self, container_id: &str) -> Result<ContainerStats, AgentError>;
+    /// The processes of the container.
+    async fn list_processes(&self, container_id: &str) -> Result<Vec<GuestProcess>, AgentError>;
+
+    /// Starts `process` (an OCI `process` object) in a running container as `exec_id`.
+    async fn exec_process(
+        &self,
+        process: &ProcessRef,
+        spec: &serde_json::Value,
+        stdio: StdioSpec,
+    ) -> Result<(), AgentError>;
+    /// Sends `signal` to the process, or with `all` to every process of its container.
+    async fn signal_process(
+        &self,
+        process: &ProcessRef,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), AgentError>;
+    /// Waits for the process to exit.
+    async fn wait_process(&self, process: &ProcessRef) -> Result<ExitStatus, AgentError>;
+    /// Writes to the process's stdin; returns how many bytes were taken.
+    async fn write_stdin(&self, process: &ProcessRef, data: &[u8]) -> Result<usize, AgentError>;
+    /// Reads up to `max` bytes of stdout (the terminal with a tty); waits for data or EOF.
+    async fn read_stdout(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError>;
+    /// Reads up to `max` bytes of stderr; waits for data or EOF.
+    async fn read_stderr(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError>;
+    /// Closes the process's stdin (it reads EOF).
+    async fn close_stdin(&self, process: &ProcessRef) -> Result<(), AgentError>;
+    /// Sets the window size of the process's terminal.
+    async fn resize_tty(
+        &self,
+        process: &ProcessRef,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError>;
+    /// Waits until a container is OOM-killed; returns its id.
+    async fn oom_event(&self) -> Result<String, AgentError>;
 }
 
 /// Opens agent connections; the sandbox retries it while the guest boots.

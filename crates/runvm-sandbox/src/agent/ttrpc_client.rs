@@ -10,7 +10,11 @@ use runvm_protocol::agent_ttrpc::AgentServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttrpc::r#async::transport::Socket;
 
-use super::{Agent, AgentConnector, AgentError, AgentVersion, GuestBootTimes, GuestDetails};
+use super::convert::{self, MAX_CHUNK};
+use super::{
+    Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
+    GuestBootTimes, GuestDetails, GuestProcess, OutputChunk, ProcessRef, StdioSpec,
+};
 
 /// Longest text field accepted from the agent (versions, names).
 const MAX_TEXT: usize = 256;
@@ -179,6 +183,35 @@ impl TtrpcAgent {
     }
 }
 
+impl TtrpcAgent {
+    /// A call that waits for the guest (wait, read, OOM): no request timeout.
+    async fn call_unbounded<T, F>(&self, method: &'static str, fut: F) -> Result<T, AgentError>
+    where
+        F: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        fut.await
+            .map_err(|e| map_error(method, self.request_timeout, e))
+    }
+
+    fn unbounded_context(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(0)
+    }
+}
+
+fn container_request(container_id: &str) -> agent::ContainerRequest {
+    agent::ContainerRequest {
+        container_id: container_id.to_string(),
+        ..Default::default()
+    }
+}
+
+fn encode(method: &'static str, value: &serde_json::Value) -> Result<Vec<u8>, AgentError> {
+    serde_json::to_vec(value).map_err(|e| AgentError::Transport {
+        method,
+        reason: format!("cannot encode JSON: {e}"),
+    })
+}
+
 fn map_error(method: &'static str, timeout: Duration, e: ttrpc::Error) -> AgentError {
     match e {
         ttrpc::Error::RpcStatus(status) => {
@@ -254,6 +287,276 @@ impl Agent for TtrpcAgent {
         self.call("Shutdown", self.client.shutdown(self.context(), &req))
             .await
             .map(|_| ())
+    }
+
+    async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError> {
+        let req = convert::create_request(&request)?;
+        self.call(
+            "CreateContainer",
+            self.client.create_container(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = agent::StartContainerRequest {
+            container_id: container_id.to_string(),
+            ..Default::default()
+        };
+        self.call(
+            "StartContainer",
+            self.client.start_container(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn remove_container(
+        &self,
+        container_id: &str,
+        timeout_secs: u32,
+    ) -> Result<(), AgentError> {
+        let req = agent::RemoveContainerRequest {
+            container_id: container_id.to_string(),
+            timeout_secs,
+            ..Default::default()
+        };
+        // Removal may wait `timeout_secs` for processes to exit: allow for it.
+        let ctx = ttrpc::context::with_timeout(
+            (self.request_timeout + Duration::from_secs(u64::from(timeout_secs))).as_nanos() as i64,
+        );
+        self.call_unbounded("RemoveContainer", self.client.remove_container(ctx, &req))
+            .await
+            .map(|_| ())
+    }
+
+    async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = container_request(container_id);
+        self.call(
+            "PauseContainer",
+            self.client.pause_container(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = container_request(container_id);
+        self.call(
+            "ResumeContainer",
+            self.client.resume_container(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn update_container(
+        &self,
+        container_id: &str,
+        resources: &serde_json::Value,
+    ) -> Result<(), AgentError> {
+        let req = agent::UpdateContainerRequest {
+            container_id: container_id.to_string(),
+            resources: protobuf::MessageField::some(agent::LinuxResources {
+                oci_resources_json: encode("UpdateContainer", resources)?,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.call(
+            "UpdateContainer",
+            self.client.update_container(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn stats_container(&self, container_id: &str) -> Result<ContainerStats, AgentError> {
+        let req = container_request(container_id);
+        let resp = self
+            .call(
+                "StatsContainer",
+                self.client.stats_container(self.context(), &req),
+            )
+            .await?;
+        convert::stats(resp)
+    }
+
+    async fn list_processes(&self, container_id: &str) -> Result<Vec<GuestProcess>, AgentError> {
+        let req = agent::ListProcessesRequest {
+            container_id: container_id.to_string(),
+            ..Default::default()
+        };
+        let resp = self
+            .call(
+                "ListProcesses",
+                self.client.list_processes(self.context(), &req),
+            )
+            .await?;
+        convert::processes(resp)
+    }
+
+    async fn exec_process(
+        &self,
+        process: &ProcessRef,
+        spec: &serde_json::Value,
+        stdio: StdioSpec,
+    ) -> Result<(), AgentError> {
+        let req = agent::ExecProcessRequest {
+            container_id: process.container_id.clone(),
+            exec_id: process.exec_id.clone(),
+            oci_process_json: encode("ExecProcess", spec)?,
+            stdio: convert::stdio(stdio),
+            ..Default::default()
+        };
+        self.call(
+            "ExecProcess",
+            self.client.exec_process(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn signal_process(
+        &self,
+        process: &ProcessRef,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let signal = u32::try_from(signal).map_err(|_| AgentError::Transport {
+            method: "SignalProcess",
+            reason: format!("signal {signal} is negative"),
+        })?;
+        let req = agent::SignalProcessRequest {
+            container_id: process.container_id.clone(),
+            exec_id: process.exec_id.clone(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.call(
+            "SignalProcess",
+            self.client.signal_process(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn wait_process(&self, process: &ProcessRef) -> Result<ExitStatus, AgentError> {
+        let req = agent::WaitProcessRequest {
+            container_id: process.container_id.clone(),
+            exec_id: process.exec_id.clone(),
+            ..Default::default()
+        };
+        let resp = self
+            .call_unbounded(
+                "WaitProcess",
+                self.client.wait_process(self.unbounded_context(), &req),
+            )
+            .await?;
+        convert::exit_status(resp)
+    }
+
+    async fn write_stdin(&self, process: &ProcessRef, data: &[u8]) -> Result<usize, AgentError> {
+        let data = &data[..data.len().min(MAX_CHUNK as usize)];
+        let req = agent::WriteStreamRequest {
+            container_id: process.container_id.clone(),
+            exec_id: process.exec_id.clone(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        // A full pipe makes the guest wait: back-pressure, not a timeout.
+        let resp = self
+            .call_unbounded(
+                "WriteStdin",
+                self.client.write_stdin(self.unbounded_context(), &req),
+            )
+            .await?;
+        let n = resp.len as usize;
+        if n > data.len() {
+            return Err(AgentError::InvalidReply {
+                method: "WriteStdin",
+                reason: format!("{n} bytes written of {} sent", data.len()),
+            });
+        }
+        Ok(n)
+    }
+
+    async fn read_stdout(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
+        let max = max.clamp(1, MAX_CHUNK);
+        let req = read_request(process, max);
+        let resp = self
+            .call_unbounded(
+                "ReadStdout",
+                self.client.read_stdout(self.unbounded_context(), &req),
+            )
+            .await?;
+        convert::output("ReadStdout", max, resp)
+    }
+
+    async fn read_stderr(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
+        let max = max.clamp(1, MAX_CHUNK);
+        let req = read_request(process, max);
+        let resp = self
+            .call_unbounded(
+                "ReadStderr",
+                self.client.read_stderr(self.unbounded_context(), &req),
+            )
+            .await?;
+        convert::output("ReadStderr", max, resp)
+    }
+
+    async fn close_stdin(&self, process: &ProcessRef) -> Result<(), AgentError> {
+        let req = agent::CloseStdinRequest {
+            container_id: process.container_id.clone(),
+            exec_id: process.exec_id.clone(),
+            ..Default::default()
+        };
+        self.call("CloseStdin", self.client.close_stdin(self.context(), &req))
+            .await
+            .map(|_| ())
+    }
+
+    async fn resize_tty(
+        &self,
+        process: &ProcessRef,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
+        let req = agent::TtyWinResizeRequest {
+            container_id: process.container_id.clone(),
+            exec_id: process.exec_id.clone(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.call(
+            "TtyWinResize",
+            self.client.tty_win_resize(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn oom_event(&self) -> Result<String, AgentError> {
+        let req = agent::GetOOMEventRequest::new();
+        let resp = self
+            .call_unbounded(
+                "GetOOMEvent",
+                self.client.get_oom_event(self.unbounded_context(), &req),
+            )
+            .await?;
+        convert::oom_container(resp)
+    }
+}
+
+fn read_request(process: &ProcessRef, max: u32) -> agent::ReadStreamRequest {
+    agent::ReadStreamRequest {
+        container_id: process.container_id.clone(),
+        exec_id: process.exec_id.clone(),
+        len: max,
+        ..Default::default()
     }
 }
 

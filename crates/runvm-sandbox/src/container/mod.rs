@@ -1,0 +1,4 @@
+//! Containers of a sandbox: the bundle on the host, its share into the guest, and its lifecycle.
+
+pub mod share;
+pub mod spec;

@@ -1,0 +1,166 @@
+//! Host paths bind-mounted into the sandbox's shared folder, where virtiofsd exports them.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use super::spec::ShareBind;
+
+/// A bind mount into the shared folder failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot share {} with the guest (bind mount on {}): {reason}", source_path.display(), target.display())]
+pub struct ShareError {
+    /// The host path.
+    pub source_path: PathBuf,
+    /// The mount point in the shared folder.
+    pub target: PathBuf,
+    /// Why.
+    pub reason: String,
+}
+
+fn mount_one(shared_dir: &Path, bind: &ShareBind) -> Result<PathBuf, ShareError> {
+    let target = shared_dir.join(&bind.target);
+    let fail = |reason: String| ShareError {
+        source_path: bind.source.clone(),
+        target: target.clone(),
+        reason,
+    };
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
+    }
+    if bind.source.is_dir() {
+        std::fs::create_dir_all(&target).map_err(|e| fail(e.to_string()))?;
+    } else {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&target)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    mount(
+        Some(&bind.source),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    if bind.readonly {
+        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        if let Err(e) = mount(None::<&str>, &target, None::<&str>, ro, None::<&str>) {
+            let _ = umount2(&target, MntFlags::MNT_DETACH);
+            return Err(fail(format!("read-only remount: {e}")));
+        }
+    }
+    Ok(target)
+}
+
+/// Bind-mounts each of `binds` under `shared_dir`, in order. Returns the mount points made. On
+/// error, what was mounted is unmounted again.
+pub fn mount_binds(shared_dir: &Path, binds: &[ShareBind]) -> Result<Vec<PathBuf>, ShareError> {
+    let mut done = Vec::new();
+    for bind in binds {
+        match mount_one(shared_dir, bind) {
+            Ok(target) => done.push(target),
+            Err(e) => {
+                unmount_all(&done);
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Unmounts `targets` (last first) and removes the mount points. Not-mounted and missing
+/// targets are fine; other failures are logged.
+pub fn unmount_all(targets: &[PathBuf]) {
+    for target in targets.iter().rev() {
+        match umount2(target, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => tracing::warn!(target = %target.display(), error = %e, "cannot unmount"),
+        }
+        let removed = if target.is_dir() {
+            std::fs::remove_dir(target)
+        } else {
+            std::fs::remove_file(target)
+        };
+        if let Err(e) = removed {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(target = %target.display(), error = %e, "cannot remove mount point");
+            }
+        }
+    }
+}
+
+/// Whether `path` is a mount point (listed in /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let wanted = path.display().to_string();
+    info.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .any(|mount_point| mount_point == wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("hello"), "hi").unwrap();
+        std::fs::write(dir.path().join("file"), "f").unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        (dir, src, shared)
+    }
+
+    #[test]
+    fn folders_and_files_are_shared_and_unshared() {
+        let (dir, src, shared) = setup();
+        let binds = vec![
+            ShareBind {
+                source: src.clone(),
+                target: "c1/rootfs".into(),
+                readonly: false,
+            },
+            ShareBind {
+                source: dir.path().join("file"),
+                target: "c1/mounts/0-file".into(),
+                readonly: true,
+            },
+        ];
+        let targets = mount_binds(&shared, &binds).unwrap();
+        assert_eq!(std::fs::read_to_string(shared.join("c1/rootfs/hello")).unwrap(), "hi");
+        assert_eq!(std::fs::read_to_string(shared.join("c1/mounts/0-file")).unwrap(), "f");
+        assert!(is_mounted(&shared.join("c1/rootfs")));
+        let ro = std::fs::write(shared.join("c1/mounts/0-file"), "x").unwrap_err();
+        assert_eq!(ro.raw_os_error(), Some(libc::EROFS), "{ro}");
+        unmount_all(&targets);
+        assert!(!is_mounted(&shared.join("c1/rootfs")));
+        assert!(!shared.join("c1/rootfs").exists());
+        assert!(src.join("hello").exists(), "the source is untouched");
+    }
+
+    #[test]
+    fn failure_midway_unmounts_what_was_mounted() {
+        let (_dir, src, shared) = setup();
+        let binds = vec![
+            ShareBind {
+                source: src,
+                target: "c1/rootfs".into(),
+                readonly: false,
+            },
+            ShareBind {
+                source: "/nonexistent/source".into(),
+                target: "c1/mounts/1-x".into(),
+                readonly: false,
+            },
+        ];
+        let err = mount_binds(&shared, &binds).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/source"), "{err}");
+        assert!(!is_mounted(&shared.join("c1/rootfs")));
+    }
+}

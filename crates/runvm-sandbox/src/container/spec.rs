@@ -1,0 +1,251 @@
+//! The OCI bundle on the host, turned into the spec the guest agent runs.
+//!
+//! The host validates `config.json` (with the JSON path of any problem), resolves the rootfs and
+//! the bind-mount sources, and rewrites every host path to where the guest sees it through the
+//! sandbox's virtio-fs share. What cannot cross the VM boundary (hooks, namespace paths of the
+//! host) is dropped, and said so in the log.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::Value;
+
+/// Where the guest mounts the sandbox's shared folder.
+pub const GUEST_SHARED_DIR: &str = "/run/runvm/shared";
+
+/// Errors in a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The bundle path is unusable.
+    #[error("bundle {}: {reason}", path.display())]
+    Bundle {
+        /// The bundle path given.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// config.json cannot be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// config.json is not valid JSON or not a valid OCI spec.
+    #[error("{}: {json_path}: {message}", file.display())]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// JSON path of the problem (`process.args`, `mounts[2].source`, `.` for the whole).
+        json_path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A host path the guest must see, bind-mounted into the shared folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareBind {
+    /// The host path.
+    pub source: PathBuf,
+    /// Where it goes, relative to the sandbox's shared folder.
+    pub target: PathBuf,
+    /// Mounted read-only on the host side too.
+    pub readonly: bool,
+}
+
+/// A bundle ready for the guest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedSpec {
+    /// The spec as the guest must see it.
+    pub guest_spec: Value,
+    /// The spec as given (stored with the container).
+    pub host_spec: Value,
+    /// The rootfs first, then each bind-mount source.
+    pub binds: Vec<ShareBind>,
+    /// Whether `process.terminal` is set.
+    pub terminal: bool,
+}
+
+fn invalid(file: &Path, json_path: &str, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        file: file.to_path_buf(),
+        json_path: json_path.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Reads and checks `BUNDLE/config.json`.
+pub fn load(bundle: &Path) -> Result<Value, SpecError> {
+    if !bundle.is_absolute() {
+        return Err(SpecError::Bundle {
+            path: bundle.to_path_buf(),
+            reason: "is not an absolute path".into(),
+        });
+    }
+    if !bundle.is_dir() {
+        return Err(SpecError::Bundle {
+            path: bundle.to_path_buf(),
+            reason: "does not exist or is not a folder".into(),
+        });
+    }
+    let file = bundle.join("config.json");
+    let text = std::fs::read_to_string(&file).map_err(|source| SpecError::Read {
+        path: file.clone(),
+        source,
+    })?;
+    parse(&file, &text)
+}
+
+/// Parses spec text, naming the JSON path of a problem.
+pub fn parse(file: &Path, text: &str) -> Result<Value, SpecError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        invalid(
+            file,
+            ".",
+            format!("not valid JSON (line {}, column {}): {e}", e.line(), e.column()),
+        )
+    })?;
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(&value, &mut track);
+    let typed: Result<oci_spec::runtime::Spec, _> = serde::Deserialize::deserialize(de);
+    if let Err(e) = typed {
+        return Err(invalid(file, &track.path().to_string(), e.to_string()));
+    }
+    Ok(value)
+}
+
+fn has_dotdot(p: &Path) -> bool {
+    p.components().any(|c| c == Component::ParentDir)
+}
+
+/// Checks `spec` of the bundle and rewrites it for container `container_id`.
+pub fn prepare(
+    bundle: &Path,
+    spec: &Value,
+    container_id: &str,
+) -> Result<PreparedSpec, SpecError> {
+    let file = bundle.join("config.json");
+    let mut guest = spec.clone();
+    let process = spec
+        .get("process")
+        .filter(|p| p.is_object())
+        .ok_or_else(|| invalid(&file, "process", "missing: a container needs a process to run"))?;
+    let args = process.get("args").and_then(Value::as_array);
+    if args.is_none_or(|a| a.is_empty()) {
+        return Err(invalid(&file, "process.args", "must name the program to run"));
+    }
+    if let Some(cwd) = process.get("cwd").and_then(Value::as_str) {
+        if !cwd.starts_with('/') {
+            return Err(invalid(&file, "process.cwd", format!("{cwd:?} is not an absolute path")));
+        }
+    }
+    let terminal = process.get("terminal").and_then(Value::as_bool).unwrap_or(false);
+
+    let root = spec
+        .pointer("/root/path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(&file, "root.path", "missing: the container needs a rootfs"))?;
+    let root_path = bundle.join(root);
+    if has_dotdot(Path::new(root)) {
+        return Err(invalid(&file, "root.path", format!("{root:?} holds \"..\"")));
+    }
+    if !root_path.is_dir() {
+        return Err(invalid(
+            &file,
+            "root.path",
+            format!("rootfs {} does not exist or is not a folder", root_path.display()),
+        ));
+    }
+    let readonly_root = spec
+        .pointer("/root/readonly")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let share = PathBuf::from(container_id);
+    let guest_share = Path::new(GUEST_SHARED_DIR).join(container_id);
+    let mut binds = vec![ShareBind {
+        source: root_path,
+        target: share.join("rootfs"),
+        readonly: readonly_root,
+    }];
+    guest["root"]["path"] = Value::from(guest_share.join("rootfs").display().to_string());
+
+    if let Some(mounts) = guest.get_mut("mounts").and_then(Value::as_array_mut) {
+        for (i, m) in mounts.iter_mut().enumerate() {
+            let options: Vec<&str> = m
+                .get("options")
+                .and_then(Value::as_array)
+                .map(|o| o.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
+                || options.iter().any(|o| *o == "bind" || *o == "rbind");
+            if !is_bind {
+                continue;
+            }
+            let readonly = options.contains(&"ro");
+            let source = m.get("source").and_then(Value::as_str).ok_or_else(|| {
+                invalid(&file, &format!("mounts[{i}].source"), "a bind mount needs a source")
+            })?;
+            let host_source = bundle.join(source);
+            if !host_source.exists() {
+                return Err(invalid(
+                    &file,
+                    &format!("mounts[{i}].source"),
+                    format!("bind-mount source {} does not exist", host_source.display()),
+                ));
+            }
+            let name = format!(
+                "{i}-{}",
+                host_source
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "root".into())
+            );
+            binds.push(ShareBind {
+                source: host_source,
+                target: share.join("mounts").join(&name),
+                readonly,
+            });
+            m["source"] = Value::from(guest_share.join("mounts").join(&name).display().to_string());
+        }
+    }
+
+    if let Some(linux) = guest.get_mut("linux").and_then(Value::as_object_mut) {
+        if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+            // A namespace path names a host namespace; the guest cannot join it. The network
+            // namespace entry goes entirely (the container shares the VM's network, which is
+            // the pod's); others become new namespaces.
+            namespaces.retain(|ns| {
+                !(ns.get("type").and_then(Value::as_str) == Some("network")
+                    && ns.get("path").is_some())
+            });
+            for ns in namespaces.iter_mut() {
+                if let Some(obj) = ns.as_object_mut() {
+                    if obj.remove("path").is_some() {
+                        tracing::debug!(namespace = ?obj.get("type"), "host namespace path dropped");
+                    }
+                }
+            }
+        }
+        linux.insert(
+            "cgroupsPath".into(),
+            Value::from(format!("/runvm/{container_id}")),
+        );
+    }
+    if let Some(obj) = guest.as_object_mut() {
+        if obj.remove("hooks").is_some() {
+            tracing::warn!(container = container_id, "OCI hooks are not run inside the VM; dropped");
+        }
+    }
+    Ok(PreparedSpec {
+        guest_spec: guest,
+        host_spec: spec.clone(),
+        binds,
+        terminal,
+    })
+}
+
+#[cfg(test)]
+#[path = "spec_tests.rs"]
+mod tests;
