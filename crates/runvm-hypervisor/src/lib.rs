@@ -20,7 +20,9 @@ mod vm;
 
 pub use accel::{AccelMode, Accelerator, HostCpu};
 pub use error::HypervisorError;
-pub use vm::{AgentAddress, Capabilities, SharedDir, VmConfig, VmProcess, VsockBackend};
+pub use vm::{
+    AgentAddress, Capabilities, SavedProcess, SharedDir, VmConfig, VmProcess, VmState, VsockBackend,
+};
 
 use std::fmt::Debug;
 use std::time::Duration;
@@ -56,6 +58,13 @@ pub trait Hypervisor: Send + Sync + Debug {
 
     /// Reports an error if the VM or one of its helpers has exited since `start`.
     async fn check(&mut self) -> Result<()>;
+
+    /// What another process needs to take over this running VM (see `Qemu::attach`).
+    fn save(&self) -> Result<VmState>;
+
+    /// Lets go of the VM without stopping it, so that another process can take it over; this
+    /// value then owns nothing (dropping it stops nothing).
+    fn detach(&mut self);
 
     /// Where the host reaches the guest agent.
     fn agent_address(&self) -> Result<AgentAddress>;

@@ -157,6 +157,29 @@ impl Hypervisor for MockHypervisor {
         Ok(())
     }
 
+    fn save(&self) -> Result<crate::VmState> {
+        let config = self
+            .log
+            .lock()
+            .expect("mock log lock")
+            .config
+            .clone()
+            .ok_or(HypervisorError::InvalidState {
+                operation: "save",
+                state: self.state.name(),
+            })?;
+        Ok(crate::VmState {
+            config,
+            processes: Vec::new(),
+            paused: self.state == MockState::Paused,
+        })
+    }
+
+    fn detach(&mut self) {
+        self.record("detach");
+        self.state = MockState::Stopped;
+    }
+
     fn agent_address(&self) -> Result<AgentAddress> {
         Ok(self.agent.clone())
     }

@@ -92,3 +92,26 @@ pub struct Capabilities {
     /// Block device hotplug.
     pub block_hotplug: bool,
 }
+
+/// A host process of a running VM, as saved for another process to take over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedProcess {
+    /// Its role: "qemu", "virtiofsd", "vhost-device-vsock".
+    pub name: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (clock ticks since boot), to tell it from a later process with the same
+    /// pid.
+    pub start_time: u64,
+}
+
+/// What another process needs to take over a running VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    /// The VM's config (run folder, vsock, ...).
+    pub config: VmConfig,
+    /// Its host processes.
+    pub processes: Vec<SavedProcess>,
+    /// Whether its vCPUs are paused.
+    pub paused: bool,
+}

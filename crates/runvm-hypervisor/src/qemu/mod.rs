@@ -5,7 +5,7 @@ mod cmdline;
 mod process;
 
 pub use cmdline::{kernel_cmdline, qemu_args, validate, RunDirLayout, BASE_KERNEL_PARAMS};
-pub use process::tail;
+pub use process::{proc_start_time, tail};
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -16,8 +16,8 @@ use nix::sys::signal::Signal;
 
 use crate::qmp::{QmpClient, VmRunState};
 use crate::{
-    poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, Result, VmConfig,
-    VmProcess, VsockBackend,
+    poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, Result, SavedProcess,
+    VmConfig, VmProcess, VmState, VsockBackend,
 };
 use process::ManagedChild;
 
@@ -223,6 +223,13 @@ impl Qemu {
 
     /// Stops every process and removes the run folder. Best effort, never fails.
     async fn teardown(&mut self, graceful_timeout: Duration) {
+        let alive = self.qemu.as_mut().is_some_and(|q| q.exited().is_none());
+        if alive && self.qmp.is_none() {
+            // An attached VM: connect now to stop it in order.
+            if let Err(e) = self.qmp().await {
+                tracing::warn!(error = %e, "cannot reach QEMU's monitor to stop it");
+            }
+        }
         if let Some(qemu) = self.qemu.as_mut() {
             if qemu.exited().is_none() {
                 if let Some(qmp) = self.qmp.as_mut() {
@@ -280,10 +287,10 @@ impl Qemu {
             }
         }
         for helper in &mut self.helpers {
-            if let Some(status) = helper.exited() {
+            if let Some(status) = helper.exited().map(str::to_string) {
                 return Err(HypervisorError::HelperFailed {
                     program: helper.name,
-                    status: status.to_string(),
+                    status,
                     stderr: helper.log_tail(5),
                 });
             }
@@ -291,10 +298,61 @@ impl Qemu {
         Ok(())
     }
 
-    fn qmp(&mut self) -> Result<&mut QmpClient> {
+    async fn qmp(&mut self) -> Result<&mut QmpClient> {
+        if self.qmp.is_none() {
+            let (_, layout) = self.prepared()?;
+            let path = layout.qmp_socket();
+            let client = QmpClient::connect(&path, self.settings.start_timeout).await?;
+            self.qmp = Some(client);
+        }
         self.qmp.as_mut().ok_or(HypervisorError::InvalidState {
             operation: "talk to QEMU",
             state: "not started",
+        })
+    }
+
+    /// Takes over a running VM another process started and saved with
+    /// [`Hypervisor::save`]. Nothing is started; QMP is connected when first needed.
+    pub fn attach(settings: QemuSettings, saved: VmState) -> Result<Qemu> {
+        let layout = RunDirLayout::new(&saved.config.run_dir);
+        let log_of = |name: &str| match name {
+            "qemu" => layout.qemu_log(),
+            "virtiofsd" => layout.virtiofsd_log(),
+            _ => layout.vsock_log(),
+        };
+        let mut qemu = None;
+        let mut helpers = Vec::new();
+        for p in &saved.processes {
+            let name: &'static str = match p.name.as_str() {
+                "qemu" => "qemu",
+                "virtiofsd" => "virtiofsd",
+                "vhost-device-vsock" => "vhost-device-vsock",
+                other => {
+                    return Err(HypervisorError::InvalidConfig(format!(
+                        "saved VM state names an unknown process {other:?}"
+                    )))
+                }
+            };
+            let child = ManagedChild::adopt(name, p.pid, p.start_time, &log_of(name));
+            if name == "qemu" {
+                qemu = Some(child);
+            } else {
+                helpers.push(child);
+            }
+        }
+        if qemu.is_none() {
+            return Err(HypervisorError::InvalidConfig(
+                "saved VM state has no qemu process".into(),
+            ));
+        }
+        Ok(Qemu {
+            settings,
+            state: if saved.paused { State::Paused } else { State::Running },
+            config: Some(saved.config),
+            layout: Some(layout),
+            qemu,
+            helpers,
+            qmp: None,
         })
     }
 }
@@ -371,14 +429,14 @@ impl Hypervisor for Qemu {
 
     async fn pause(&mut self) -> Result<()> {
         self.require("pause", &[State::Running])?;
-        self.qmp()?.stop().await?;
+        self.qmp().await?.stop().await?;
         self.state = State::Paused;
         Ok(())
     }
 
     async fn resume(&mut self) -> Result<()> {
         self.require("resume", &[State::Paused])?;
-        self.qmp()?.cont().await?;
+        self.qmp().await?.cont().await?;
         self.state = State::Running;
         Ok(())
     }
@@ -386,6 +444,33 @@ impl Hypervisor for Qemu {
     async fn check(&mut self) -> Result<()> {
         self.require("check", &[State::Running, State::Paused])?;
         self.check_children().await
+    }
+
+    fn save(&self) -> Result<VmState> {
+        let (config, _) = self.prepared()?;
+        self.require("save", &[State::Running, State::Paused])?;
+        Ok(VmState {
+            config: config.clone(),
+            processes: self
+                .qemu
+                .iter()
+                .chain(self.helpers.iter())
+                .map(|c| SavedProcess {
+                    name: c.name.to_string(),
+                    pid: c.pid(),
+                    start_time: c.start_time(),
+                })
+                .collect(),
+            paused: self.state == State::Paused,
+        })
+    }
+
+    fn detach(&mut self) {
+        // Forget the processes without stopping them: another process attaches later.
+        self.qmp = None;
+        self.qemu = None;
+        self.helpers.clear();
+        self.state = State::Stopped;
     }
 
     fn agent_address(&self) -> Result<AgentAddress> {

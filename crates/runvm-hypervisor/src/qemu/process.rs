@@ -12,15 +12,31 @@ use tokio::process::{Child, Command};
 
 use crate::{HypervisorError, Result};
 
-/// A process runvm started for a VM.
+/// A process of a VM: started by this process (a child, reaped here) or adopted from the state
+/// another runvm process saved (known by pid and start time, so a reused pid is not mistaken
+/// for it).
 #[derive(Debug)]
 pub struct ManagedChild {
     /// Its role, used in messages.
     pub name: &'static str,
-    child: Child,
+    child: Option<Child>,
     pid: u32,
+    start_time: u64,
     log: PathBuf,
-    exit: Option<std::process::ExitStatus>,
+    exit: Option<String>,
+}
+
+/// The start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22), and whether it
+/// is a zombie; `None` if there is no such process.
+pub fn proc_start_time(pid: u32) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); field 22 is at index 19.
+    let state = fields.first()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, *state == "Z"))
 }
 
 impl ManagedChild {
@@ -54,14 +70,28 @@ impl ManagedChild {
                 source,
             })?;
         let pid = child.id().unwrap_or_default();
+        let start_time = proc_start_time(pid).map(|(t, _)| t).unwrap_or_default();
         tracing::debug!(name, pid, program = %program.display(), "started");
         Ok(ManagedChild {
             name,
-            child,
+            child: Some(child),
             pid,
+            start_time,
             log: log.to_path_buf(),
             exit: None,
         })
+    }
+
+    /// A process started by another runvm process, known by `pid` and `start_time`.
+    pub fn adopt(name: &'static str, pid: u32, start_time: u64, log: &Path) -> ManagedChild {
+        ManagedChild {
+            name,
+            child: None,
+            pid,
+            start_time,
+            log: log.to_path_buf(),
+            exit: None,
+        }
     }
 
     /// The process id.
@@ -69,20 +99,30 @@ impl ManagedChild {
         self.pid
     }
 
-    /// Its exit status if it has exited (reaps it), `None` while it runs.
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    /// Its start time in clock ticks since boot.
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// How it ended if it has (reaping a child), `None` while it runs.
+    pub fn exited(&mut self) -> Option<&str> {
         if self.exit.is_none() {
-            self.exit = self.child.try_wait().ok().flatten();
+            self.exit = match self.child.as_mut() {
+                Some(child) => child.try_wait().ok().flatten().map(|s| s.to_string()),
+                None => match proc_start_time(self.pid) {
+                    Some((start, zombie)) if start == self.start_time => {
+                        zombie.then(|| "exited (zombie, not our child)".to_string())
+                    }
+                    _ => Some("exited (status unknown: not our child)".to_string()),
+                },
+            };
         }
-        self.exit
+        self.exit.as_deref()
     }
 
     /// Its exit status as text, or "still running".
     pub fn status_text(&mut self) -> String {
-        match self.exited() {
-            Some(s) => s.to_string(),
-            None => "still running".into(),
-        }
+        self.exited().unwrap_or("still running").to_string()
     }
 
     /// The last `lines` lines of its log, at most 4 KiB.
@@ -95,34 +135,40 @@ impl ManagedChild {
         if self.exited().is_some() {
             return true;
         }
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(Ok(status)) => {
-                self.exit = Some(status);
-                true
-            }
-            Ok(Err(_)) | Err(_) => false,
+        if let Some(child) = self.child.as_mut() {
+            return match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(Ok(status)) => {
+                    self.exit = Some(status.to_string());
+                    true
+                }
+                Ok(Err(_)) | Err(_) => false,
+            };
         }
+        let mut exited = false;
+        crate::poll_until(timeout, || {
+            exited = self.exited().is_some();
+            exited
+        })
+        .await;
+        exited
     }
 
     /// Sends `signal` if the process still runs.
     pub fn signal(&mut self, signal: Signal) {
         if self.exited().is_none() {
             if let Ok(pid) = i32::try_from(self.pid) {
-                // The child is not reaped yet (try_wait returned None), so the pid is still ours.
+                // Checked just above: the pid is still this process (a child not yet reaped,
+                // or an adopted one whose start time matches).
                 let _ = kill(Pid::from_raw(pid), signal);
             }
         }
     }
 
-    /// SIGTERM, up to `grace` to exit, then SIGKILL; always reaps.
+    /// SIGTERM, up to `grace` to exit, then SIGKILL; always reaps a child.
     pub async fn terminate(&mut self, grace: Duration) {
         self.signal(Signal::SIGTERM);
         if !self.wait_exit(grace).await {
-            tracing::warn!(
-                name = self.name,
-                pid = self.pid,
-                "did not exit on SIGTERM, killing"
-            );
+            tracing::warn!(name = self.name, pid = self.pid, "did not exit on SIGTERM, killing");
             self.signal(Signal::SIGKILL);
             self.wait_exit(Duration::from_secs(5)).await;
         }
@@ -131,9 +177,11 @@ impl ManagedChild {
     /// Kills without waiting (for `Drop` paths).
     pub fn kill_now(&mut self) {
         self.signal(Signal::SIGKILL);
-        let _ = self.child.start_kill();
-        // Reap if it is already gone; otherwise tokio reaps it in the background.
-        let _ = self.child.try_wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+            // Reap if it is already gone; otherwise tokio reaps it in the background.
+            let _ = child.try_wait();
+        }
     }
 }
 
@@ -224,8 +272,36 @@ mod tests {
             .await
         );
         assert!(c.exited().is_none());
+        let (start, zombie) = proc_start_time(c.pid()).unwrap();
+        assert_eq!((start, zombie), (c.start_time(), false));
         c.terminate(Duration::from_secs(2)).await;
         assert!(c.exited().is_some());
         assert_eq!(c.log_tail(1), "started");
+    }
+}
+
+#[cfg(test)]
+mod adopt_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn adopted_process_is_watched_by_pid_and_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let mut owner = ManagedChild::spawn(
+            "sleep",
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            &log,
+        )
+        .unwrap();
+        let mut adopted = ManagedChild::adopt("sleep", owner.pid(), owner.start_time(), &log);
+        assert!(adopted.exited().is_none());
+        // Same pid but another start time: a reused pid is not the process.
+        let mut impostor = ManagedChild::adopt("sleep", owner.pid(), owner.start_time() + 1, &log);
+        assert!(impostor.exited().is_some());
+        adopted.signal(Signal::SIGKILL);
+        assert!(owner.wait_exit(Duration::from_secs(5)).await);
+        assert!(adopted.wait_exit(Duration::from_secs(5)).await);
     }
 }
