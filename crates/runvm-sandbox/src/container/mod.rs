@@ -1,4 +1,5 @@
 //! Containers of a sandbox: the bundle on the host, its share into the guest, and its lifecycle.
 
+pub mod bundle;
 pub mod share;
 pub mod spec;
