@@ -1,0 +1,137 @@
+//! Relaying a guest process's stdio to and from host streams.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::agent::{Agent, AgentError, ProcessRef};
+
+/// Bytes asked for per read of the guest's output.
+const READ_CHUNK: u32 = 256 * 1024;
+/// Bytes sent per write to the guest's stdin.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// stdout (the terminal, with a tty).
+    Stdout,
+    /// stderr.
+    Stderr,
+}
+
+/// Errors relaying stdio.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    /// The agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The host side failed.
+    #[error("host stream: {0}")]
+    Host(#[from] std::io::Error),
+}
+
+/// Copies the process's `stream` to `out` until EOF; returns the bytes copied.
+pub async fn copy_output<W: AsyncWrite + Unpin>(
+    agent: &dyn Agent,
+    process: &ProcessRef,
+    stream: OutputStream,
+    out: &mut W,
+) -> Result<u64, IoError> {
+    let mut total = 0u64;
+    loop {
+        let chunk = match stream {
+            OutputStream::Stdout => agent.read_stdout(process, READ_CHUNK).await?,
+            OutputStream::Stderr => agent.read_stderr(process, READ_CHUNK).await?,
+        };
+        if chunk.eof {
+            out.flush().await?;
+            return Ok(total);
+        }
+        out.write_all(&chunk.data).await?;
+        out.flush().await?;
+        total += chunk.data.len() as u64;
+    }
+}
+
+/// Copies `input` to the process's stdin until `input` ends, then closes the stdin; returns the
+/// bytes copied.
+pub async fn copy_input<R: AsyncRead + Unpin>(
+    agent: &dyn Agent,
+    process: &ProcessRef,
+    input: &mut R,
+) -> Result<u64, IoError> {
+    let mut buf = vec![0u8; WRITE_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf).await?;
+        if n == 0 {
+            agent.close_stdin(process).await?;
+            return Ok(total);
+        }
+        let mut sent = 0;
+        while sent < n {
+            let taken = agent.write_stdin(process, &buf[sent..n]).await?;
+            if taken == 0 {
+                return Err(IoError::Agent(AgentError::InvalidReply {
+                    method: "WriteStdin",
+                    reason: "the agent took no bytes".into(),
+                }));
+            }
+            sent += taken;
+        }
+        total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::agent::{AgentConnector, CreateContainer, MockAgentConnector, StdioSpec};
+    use runvm_hypervisor::AgentAddress;
+
+    async fn started(connector: &MockAgentConnector) -> Box<dyn Agent> {
+        let addr = AgentAddress::Vsock { cid: 3, port: 1024 };
+        let agent = connector.connect(&addr, Duration::from_secs(1)).await.unwrap();
+        agent
+            .create_container(CreateContainer {
+                container_id: "c1".into(),
+                sandbox_id: "s".into(),
+                spec: serde_json::json!({}),
+                storages: vec![],
+                stdio: StdioSpec::default(),
+            })
+            .await
+            .unwrap();
+        agent.start_container("c1").await.unwrap();
+        agent
+    }
+
+    #[tokio::test]
+    async fn output_is_copied_until_eof() {
+        let connector = MockAgentConnector::new();
+        let agent = started(&connector).await;
+        let p = ProcessRef::init("c1");
+        let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        connector.state().lock().unwrap().processes.get_mut(&p).unwrap().stdout = big.clone();
+        let mut out = Vec::new();
+        let n = copy_output(&*agent, &p, OutputStream::Stdout, &mut out).await.unwrap();
+        assert_eq!(n, big.len() as u64);
+        assert_eq!(out, big);
+    }
+
+    #[tokio::test]
+    async fn input_is_sent_then_stdin_closed() {
+        let connector = MockAgentConnector::new();
+        let agent = started(&connector).await;
+        let p = ProcessRef::init("c1");
+        let data = vec![7u8; 600_000];
+        let n = copy_input(&*agent, &p, &mut &data[..]).await.unwrap();
+        assert_eq!(n, data.len() as u64);
+        let state = connector.state();
+        let s = state.lock().unwrap();
+        let proc_ = &s.processes[&p];
+        assert_eq!(proc_.stdin, data);
+        assert!(proc_.stdin_closed);
+    }
+}
