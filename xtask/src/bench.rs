@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use runvm_sandbox::config::Config;
-use runvm_sandbox::sandbox::qemu_sandbox;
+use runvm_sandbox::sandbox::create_qemu_sandbox;
 use runvm_sandbox::SandboxId;
 use serde::Serialize;
 
@@ -93,8 +93,7 @@ pub fn boot(args: &BootBenchArgs) -> Result<()> {
         let id = SandboxId::parse(&format!("bench-{}-{i}", std::process::id()))?;
         eprintln!("==> boot {}/{}", i + 1, args.count);
         runtime.block_on(async {
-            let mut sb = qemu_sandbox(&config, id)?;
-            let report = sb.start().await?;
+            let (mut sb, report) = create_qemu_sandbox(&config, id, Default::default()).await?;
             accelerator = report.accelerator.to_string();
             let b = report.guest.boot_times;
             boots.push(Boot {
@@ -117,6 +116,7 @@ pub fn boot(args: &BootBenchArgs) -> Result<()> {
                 }
             }
             sb.stop().await?;
+            sb.delete(false).await?;
             anyhow::Ok(())
         })?;
     }

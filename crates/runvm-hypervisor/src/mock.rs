@@ -72,6 +72,23 @@ impl MockHypervisor {
         }
     }
 
+    /// A mock standing for a VM that another process started (as `Qemu::attach` gives), sharing
+    /// `log` with the mock that "started" it.
+    pub fn attached(
+        agent_socket: impl Into<PathBuf>,
+        log: Arc<Mutex<MockLog>>,
+        paused: bool,
+    ) -> Self {
+        let mut hv = MockHypervisor::new(agent_socket);
+        hv.log = log;
+        hv.state = if paused {
+            MockState::Paused
+        } else {
+            MockState::Running
+        };
+        hv
+    }
+
     /// The shared log of calls and the knobs.
     pub fn log(&self) -> Arc<Mutex<MockLog>> {
         Arc::clone(&self.log)

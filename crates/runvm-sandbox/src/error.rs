@@ -5,7 +5,11 @@ use runvm_hypervisor::HypervisorError;
 
 use crate::agent::AgentError;
 use crate::config::ConfigError;
+use crate::container::share::ShareError;
+use crate::container::spec::SpecError;
 use crate::id::InvalidId;
+use crate::state::{InvalidTransition, State};
+use crate::store::StoreError;
 
 /// Errors of sandbox operations.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,58 @@ pub enum SandboxError {
     #[error(transparent)]
     Agent(#[from] AgentError),
 
+    /// The persisted state could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// The OCI bundle is unusable.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+
+    /// A host path could not be shared with the guest.
+    #[error(transparent)]
+    Share(#[from] ShareError),
+
+    /// A state change that the lifecycle does not allow.
+    #[error("{what}: {source}")]
+    Transition {
+        /// "sandbox ID" or "container ID".
+        what: String,
+        /// The refused change.
+        source: InvalidTransition,
+    },
+
+    /// The operation needs another state.
+    #[error("{what} is {state}: cannot {operation}{hint}")]
+    WrongState {
+        /// "sandbox ID" or "container ID".
+        what: String,
+        /// Its state.
+        state: State,
+        /// What was asked.
+        operation: &'static str,
+        /// What would make it possible.
+        hint: &'static str,
+    },
+
+    /// No such process.
+    #[error("container {container} has no process {exec_id:?}")]
+    ProcessNotFound {
+        /// The container.
+        container: String,
+        /// The exec id asked for.
+        exec_id: String,
+    },
+
+    /// A process with this exec id exists already.
+    #[error("container {container} has a process {exec_id:?} already")]
+    ProcessExists {
+        /// The container.
+        container: String,
+        /// The exec id.
+        exec_id: String,
+    },
+
     /// A file-system operation failed.
     #[error("cannot {action} {}", path.display())]
     Io {
@@ -77,4 +133,22 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<HypervisorError> for SandboxError {
+    fn from(e: HypervisorError) -> Self {
+        SandboxError::Hypervisor(e)
+    }
+}
+
+impl SandboxError {
+    /// The thing asked for does not exist (sandbox, container, process).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            SandboxError::Store(e) => e.is_not_found(),
+            SandboxError::ProcessNotFound { .. } => true,
+            SandboxError::Agent(e) => e.rpc_code() == Some("NOT_FOUND"),
+            _ => false,
+        }
+    }
 }

@@ -59,6 +59,48 @@ impl fmt::Display for SandboxId {
     }
 }
 
+/// A container id: the same rules as [`SandboxId`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerId(String);
+
+impl ContainerId {
+    /// Validates `value` (the rules of [`SandboxId::parse`]).
+    pub fn parse(value: &str) -> Result<ContainerId, InvalidId> {
+        SandboxId::parse(value).map(|id| ContainerId(id.0))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ContainerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Ids are stored as strings and validated again when read back: a state file is input too.
+macro_rules! serde_as_validated_string {
+    ($id:ident) => {
+        impl serde::Serialize for $id {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $id {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+                $id::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_as_validated_string!(SandboxId);
+serde_as_validated_string!(ContainerId);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +128,20 @@ mod tests {
             let err = SandboxId::parse(id).unwrap_err().to_string();
             assert!(err.contains(reason), "{id:?}: {err}");
         }
+    }
+
+    #[test]
+    fn container_ids_follow_the_same_rules() {
+        assert_eq!(ContainerId::parse("c-1").unwrap().as_str(), "c-1");
+        assert!(ContainerId::parse("../c").is_err());
+        assert!(ContainerId::parse("").is_err());
+    }
+
+    #[test]
+    fn ids_are_validated_when_deserialized() {
+        let id: SandboxId = serde_json::from_str("\"pod-1\"").unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"pod-1\"");
+        let err = serde_json::from_str::<ContainerId>("\"../etc\"").unwrap_err();
+        assert!(err.to_string().contains("\"..\""), "{err}");
     }
 }

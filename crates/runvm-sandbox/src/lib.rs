@@ -16,7 +16,9 @@ pub mod container;
 mod error;
 mod id;
 pub mod sandbox;
+pub mod state;
+pub mod store;
 
 pub use error::SandboxError;
-pub use id::{InvalidId, SandboxId};
-pub use sandbox::{BootReport, BootTimings, Sandbox, SandboxSettings};
+pub use id::{ContainerId, InvalidId, SandboxId};
+pub use sandbox::{BootReport, BootTimings, Sandbox, SandboxSettings, SandboxStatus};

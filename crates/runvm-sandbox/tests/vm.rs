@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use runvm_sandbox::config::{resolve_program, Config};
-use runvm_sandbox::sandbox::qemu_sandbox;
+use runvm_sandbox::sandbox::create_qemu_sandbox;
 use runvm_sandbox::{SandboxError, SandboxId};
 
 /// A private state root and configuration for one test.
@@ -93,10 +93,11 @@ fn manifest_field(config: &Config, key: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_boots_agent_reports_its_version_and_stop_leaves_nothing() {
     let host = TestHost::new();
-    let mut sb = qemu_sandbox(&host.config, id("boot1")).unwrap();
-    let report = sb.start().await.unwrap();
+    let (mut sb, report) = create_qemu_sandbox(&host.config, id("boot1"), Default::default())
+        .await
+        .unwrap();
 
-    let agent = sb.agent().expect("connected agent");
+    let agent = sb.agent().await.expect("connected agent");
     agent.check().await.expect("health check answers");
     assert_eq!(report.agent.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(
@@ -116,6 +117,7 @@ async fn vm_boots_agent_reports_its_version_and_stop_leaves_nothing() {
     assert!(sb.dir().join("vm/console.log").exists());
 
     sb.stop().await.unwrap();
+    sb.delete(false).await.unwrap();
     host.assert_nothing_left();
 }
 
@@ -130,8 +132,9 @@ async fn silent_agent_times_out_with_guest_console_and_leaves_nothing() {
         "unix:///run/elsewhere.sock".into(),
     ];
     host.config.agent.boot_timeout_ms = 10_000;
-    let mut sb = qemu_sandbox(&host.config, id("silent")).unwrap();
-    let err = sb.start().await.unwrap_err();
+    let err = create_qemu_sandbox(&host.config, id("silent"), Default::default())
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, SandboxError::AgentTimeout { .. }), "{text}");
     assert!(text.contains("within 10000 ms"), "{text}");
@@ -146,8 +149,9 @@ async fn silent_agent_times_out_with_guest_console_and_leaves_nothing() {
 async fn guest_without_init_is_reported_as_vm_exit_with_console() {
     let mut host = TestHost::new();
     host.config.hypervisor.kernel_params = vec!["rdinit=/no/such/init".into(), "init=/none".into()];
-    let mut sb = qemu_sandbox(&host.config, id("noinit")).unwrap();
-    let err = sb.start().await.unwrap_err();
+    let err = create_qemu_sandbox(&host.config, id("noinit"), Default::default())
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, SandboxError::VmDied { .. }), "{text}");
     assert!(text.contains("qemu exited"), "{text}");
@@ -166,8 +170,10 @@ async fn qemu_refusing_an_option_reports_its_own_stderr() {
         "qemu-system-x86_64",
         "-device no-such-device-model",
     );
-    let mut sb = qemu_sandbox(&host.config, id("badqemu")).unwrap();
-    let text = sb.start().await.unwrap_err().to_string();
+    let text = create_qemu_sandbox(&host.config, id("badqemu"), Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(text.contains("qemu exited"), "{text}");
     assert!(
         text.contains("no-such-device-model"),
@@ -180,7 +186,8 @@ async fn qemu_refusing_an_option_reports_its_own_stderr() {
 async fn missing_qemu_binary_is_named_with_how_to_install() {
     let mut host = TestHost::new();
     host.config.hypervisor.qemu = "/nonexistent/qemu-system-x86_64".into();
-    let text = qemu_sandbox(&host.config, id("noqemu"))
+    let text = create_qemu_sandbox(&host.config, id("noqemu"), Default::default())
+        .await
         .unwrap_err()
         .to_string();
     assert!(
@@ -195,8 +202,10 @@ async fn missing_qemu_binary_is_named_with_how_to_install() {
 async fn virtiofsd_dying_at_start_is_named_with_its_reason() {
     let mut host = TestHost::new();
     host.config.hypervisor.virtiofsd = host.wrapper("virtiofsd-bad", "virtiofsd", "--no-such-flag");
-    let mut sb = qemu_sandbox(&host.config, id("badfs")).unwrap();
-    let text = sb.start().await.unwrap_err().to_string();
+    let text = create_qemu_sandbox(&host.config, id("badfs"), Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(text.contains("virtiofsd failed at start"), "{text}");
     assert!(
         text.contains("--no-such-flag"),
@@ -211,8 +220,10 @@ async fn vsock_helper_dying_at_start_is_named_with_its_reason() {
     host.config.hypervisor.vsock = runvm_sandbox::config::VsockMode::VhostUser;
     host.config.hypervisor.vhost_device_vsock =
         host.wrapper("vsock-bad", "vhost-device-vsock", "--guest-cid 1");
-    let mut sb = qemu_sandbox(&host.config, id("badvsock")).unwrap();
-    let text = sb.start().await.unwrap_err().to_string();
+    let text = create_qemu_sandbox(&host.config, id("badvsock"), Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         text.contains("vhost-device-vsock failed at start"),
         "{text}"
@@ -229,8 +240,10 @@ async fn missing_guest_kernel_names_the_path_and_the_build_command() {
             "kernel" => host.config.guest.kernel = missing.clone(),
             _ => host.config.guest.initrd = missing.clone(),
         }
-        let mut sb = qemu_sandbox(&host.config, id("nokernel")).unwrap();
-        let text = sb.start().await.unwrap_err().to_string();
+        let text = create_qemu_sandbox(&host.config, id("nokernel"), Default::default())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(text.contains(&missing.display().to_string()), "{text}");
         assert!(text.contains("cargo xtask guest"), "{text}");
         host.assert_nothing_left();

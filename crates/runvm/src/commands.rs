@@ -65,21 +65,19 @@ fn boot(config: &Config, id: Option<String>) -> Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let mut sb = sandbox::qemu_sandbox(config, id)?;
-        eprintln!("==> booting sandbox {} ...", sb.id());
+        eprintln!("==> booting sandbox {id} ...");
         let mut interrupt =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let report = tokio::select! {
-            r = sb.start() => r,
-            _ = interrupt.recv() => { sb.stop().await?; anyhow::bail!("interrupted; sandbox stopped") }
-            _ = terminate.recv() => { sb.stop().await?; anyhow::bail!("terminated; sandbox stopped") }
+        // An interrupted boot drops the future: the half-made sandbox is undone by its guards
+        // (QEMU's processes are killed on drop), and the state folder is removed below.
+        let created = tokio::select! {
+            r = sandbox::create_qemu_sandbox(config, id.clone(), Default::default()) => r,
+            _ = interrupt.recv() => { cleanup_interrupted(config, &id); anyhow::bail!("interrupted; sandbox removed") }
+            _ = terminate.recv() => { cleanup_interrupted(config, &id); anyhow::bail!("terminated; sandbox removed") }
         };
-        let report = match report {
-            Ok(r) => r,
-            Err(e) => return Err(e.into()),
-        };
+        let (mut sb, report) = created?;
         let g = &report.guest;
         let b = &g.boot_times;
         println!("accelerator:     {}", report.accelerator);
@@ -110,7 +108,18 @@ fn boot(config: &Config, id: Option<String>) -> Result<ExitCode> {
         println!("host processes:  {}", processes.join(", "));
         eprintln!("==> shutting down sandbox {} ...", sb.id());
         sb.stop().await?;
+        sb.delete(false).await?;
         println!("sandbox stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Removes what an interrupted boot left in the state folder.
+fn cleanup_interrupted(config: &Config, id: &SandboxId) {
+    let dir = config.runtime.root.join(id.as_str());
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("runvm: cannot remove {}: {e}", dir.display());
+        }
+    }
 }

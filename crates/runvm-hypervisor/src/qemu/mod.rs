@@ -347,7 +347,11 @@ impl Qemu {
         }
         Ok(Qemu {
             settings,
-            state: if saved.paused { State::Paused } else { State::Running },
+            state: if saved.paused {
+                State::Paused
+            } else {
+                State::Running
+            },
             config: Some(saved.config),
             layout: Some(layout),
             qemu,

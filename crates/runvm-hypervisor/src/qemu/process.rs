@@ -168,7 +168,11 @@ impl ManagedChild {
     pub async fn terminate(&mut self, grace: Duration) {
         self.signal(Signal::SIGTERM);
         if !self.wait_exit(grace).await {
-            tracing::warn!(name = self.name, pid = self.pid, "did not exit on SIGTERM, killing");
+            tracing::warn!(
+                name = self.name,
+                pid = self.pid,
+                "did not exit on SIGTERM, killing"
+            );
             self.signal(Signal::SIGKILL);
             self.wait_exit(Duration::from_secs(5)).await;
         }
@@ -288,13 +292,8 @@ mod adopt_tests {
     async fn adopted_process_is_watched_by_pid_and_start_time() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        let mut owner = ManagedChild::spawn(
-            "sleep",
-            Path::new("/bin/sleep"),
-            &["30".into()],
-            &log,
-        )
-        .unwrap();
+        let mut owner =
+            ManagedChild::spawn("sleep", Path::new("/bin/sleep"), &["30".into()], &log).unwrap();
         let mut adopted = ManagedChild::adopt("sleep", owner.pid(), owner.start_time(), &log);
         assert!(adopted.exited().is_none());
         // Same pid but another start time: a reused pid is not the process.

@@ -86,10 +86,51 @@ pub enum BundleError {
 
 /// The applets linked in a busybox rootfs.
 const APPLETS: &[&str] = &[
-    "sh", "ash", "cat", "echo", "sleep", "ls", "ps", "true", "false", "stty", "env", "id",
-    "hostname", "head", "tail", "wc", "md5sum", "sha256sum", "dd", "mount", "grep", "sed", "kill",
-    "date", "uname", "mkdir", "rm", "touch", "seq", "tr", "yes", "wget", "httpd", "ip", "ifconfig",
-    "nc", "top", "free", "dmesg", "test", "[", "printf", "whoami", "readlink", "realpath",
+    "sh",
+    "ash",
+    "cat",
+    "echo",
+    "sleep",
+    "ls",
+    "ps",
+    "true",
+    "false",
+    "stty",
+    "env",
+    "id",
+    "hostname",
+    "head",
+    "tail",
+    "wc",
+    "md5sum",
+    "sha256sum",
+    "dd",
+    "mount",
+    "grep",
+    "sed",
+    "kill",
+    "date",
+    "uname",
+    "mkdir",
+    "rm",
+    "touch",
+    "seq",
+    "tr",
+    "yes",
+    "wget",
+    "httpd",
+    "ip",
+    "ifconfig",
+    "nc",
+    "top",
+    "free",
+    "dmesg",
+    "test",
+    "[",
+    "printf",
+    "whoami",
+    "readlink",
+    "realpath",
 ];
 
 /// Writes a busybox rootfs into `rootfs`: `/bin/busybox` from the host's busybox-static, links
@@ -105,7 +146,9 @@ pub fn busybox_rootfs(rootfs: &Path) -> Result<(), BundleError> {
         let path = path.to_path_buf();
         move |source| BundleError::Io { path, source }
     };
-    for dir in ["bin", "etc", "dev", "proc", "sys", "tmp", "root", "var", "run"] {
+    for dir in [
+        "bin", "etc", "dev", "proc", "sys", "tmp", "root", "var", "run",
+    ] {
         let d = rootfs.join(dir);
         std::fs::create_dir_all(&d).map_err(io(&d))?;
     }
@@ -120,7 +163,10 @@ pub fn busybox_rootfs(rootfs: &Path) -> Result<(), BundleError> {
         }
     }
     for (name, text) in [
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        ),
         ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
         ("etc/hostname", "runvm\n"),
     ] {
@@ -166,6 +212,9 @@ mod tests {
         assert!(dir.path().join("rootfs/bin/sh").symlink_metadata().is_ok());
         let loaded = super::super::spec::load(dir.path()).unwrap();
         let prepared = super::super::spec::prepare(dir.path(), &loaded, "c1").unwrap();
-        assert!(prepared.binds[0].readonly, "root.readonly makes the share read-only");
+        assert!(
+            prepared.binds[0].readonly,
+            "root.readonly makes the share read-only"
+        );
     }
 }

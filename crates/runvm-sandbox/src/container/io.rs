@@ -92,7 +92,10 @@ mod tests {
 
     async fn started(connector: &MockAgentConnector) -> Box<dyn Agent> {
         let addr = AgentAddress::Vsock { cid: 3, port: 1024 };
-        let agent = connector.connect(&addr, Duration::from_secs(1)).await.unwrap();
+        let agent = connector
+            .connect(&addr, Duration::from_secs(1))
+            .await
+            .unwrap();
         agent
             .create_container(CreateContainer {
                 container_id: "c1".into(),
@@ -113,9 +116,18 @@ mod tests {
         let agent = started(&connector).await;
         let p = ProcessRef::init("c1");
         let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
-        connector.state().lock().unwrap().processes.get_mut(&p).unwrap().stdout = big.clone();
+        connector
+            .state()
+            .lock()
+            .unwrap()
+            .processes
+            .get_mut(&p)
+            .unwrap()
+            .stdout = big.clone();
         let mut out = Vec::new();
-        let n = copy_output(&*agent, &p, OutputStream::Stdout, &mut out).await.unwrap();
+        let n = copy_output(&*agent, &p, OutputStream::Stdout, &mut out)
+            .await
+            .unwrap();
         assert_eq!(n, big.len() as u64);
         assert_eq!(out, big);
     }

@@ -133,8 +133,14 @@ mod tests {
             },
         ];
         let targets = mount_binds(&shared, &binds).unwrap();
-        assert_eq!(std::fs::read_to_string(shared.join("c1/rootfs/hello")).unwrap(), "hi");
-        assert_eq!(std::fs::read_to_string(shared.join("c1/mounts/0-file")).unwrap(), "f");
+        assert_eq!(
+            std::fs::read_to_string(shared.join("c1/rootfs/hello")).unwrap(),
+            "hi"
+        );
+        assert_eq!(
+            std::fs::read_to_string(shared.join("c1/mounts/0-file")).unwrap(),
+            "f"
+        );
         assert!(is_mounted(&shared.join("c1/rootfs")));
         let ro = std::fs::write(shared.join("c1/mounts/0-file"), "x").unwrap_err();
         assert_eq!(ro.raw_os_error(), Some(libc::EROFS), "{ro}");

@@ -104,7 +104,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Value, SpecError> {
         invalid(
             file,
             ".",
-            format!("not valid JSON (line {}, column {}): {e}", e.line(), e.column()),
+            format!(
+                "not valid JSON (line {}, column {}): {e}",
+                e.line(),
+                e.column()
+            ),
         )
     })?;
     let mut track = serde_path_to_error::Track::new();
@@ -121,27 +125,40 @@ fn has_dotdot(p: &Path) -> bool {
 }
 
 /// Checks `spec` of the bundle and rewrites it for container `container_id`.
-pub fn prepare(
-    bundle: &Path,
-    spec: &Value,
-    container_id: &str,
-) -> Result<PreparedSpec, SpecError> {
+pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<PreparedSpec, SpecError> {
     let file = bundle.join("config.json");
     let mut guest = spec.clone();
     let process = spec
         .get("process")
         .filter(|p| p.is_object())
-        .ok_or_else(|| invalid(&file, "process", "missing: a container needs a process to run"))?;
+        .ok_or_else(|| {
+            invalid(
+                &file,
+                "process",
+                "missing: a container needs a process to run",
+            )
+        })?;
     let args = process.get("args").and_then(Value::as_array);
     if args.is_none_or(|a| a.is_empty()) {
-        return Err(invalid(&file, "process.args", "must name the program to run"));
+        return Err(invalid(
+            &file,
+            "process.args",
+            "must name the program to run",
+        ));
     }
     if let Some(cwd) = process.get("cwd").and_then(Value::as_str) {
         if !cwd.starts_with('/') {
-            return Err(invalid(&file, "process.cwd", format!("{cwd:?} is not an absolute path")));
+            return Err(invalid(
+                &file,
+                "process.cwd",
+                format!("{cwd:?} is not an absolute path"),
+            ));
         }
     }
-    let terminal = process.get("terminal").and_then(Value::as_bool).unwrap_or(false);
+    let terminal = process
+        .get("terminal")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
 
     let root = spec
         .pointer("/root/path")
@@ -149,13 +166,20 @@ pub fn prepare(
         .ok_or_else(|| invalid(&file, "root.path", "missing: the container needs a rootfs"))?;
     let root_path = bundle.join(root);
     if has_dotdot(Path::new(root)) {
-        return Err(invalid(&file, "root.path", format!("{root:?} holds \"..\"")));
+        return Err(invalid(
+            &file,
+            "root.path",
+            format!("{root:?} holds \"..\""),
+        ));
     }
     if !root_path.is_dir() {
         return Err(invalid(
             &file,
             "root.path",
-            format!("rootfs {} does not exist or is not a folder", root_path.display()),
+            format!(
+                "rootfs {} does not exist or is not a folder",
+                root_path.display()
+            ),
         ));
     }
     let readonly_root = spec
@@ -185,7 +209,11 @@ pub fn prepare(
             }
             let readonly = options.contains(&"ro");
             let source = m.get("source").and_then(Value::as_str).ok_or_else(|| {
-                invalid(&file, &format!("mounts[{i}].source"), "a bind mount needs a source")
+                invalid(
+                    &file,
+                    &format!("mounts[{i}].source"),
+                    "a bind mount needs a source",
+                )
             })?;
             let host_source = bundle.join(source);
             if !host_source.exists() {
@@ -235,7 +263,10 @@ pub fn prepare(
     }
     if let Some(obj) = guest.as_object_mut() {
         if obj.remove("hooks").is_some() {
-            tracing::warn!(container = container_id, "OCI hooks are not run inside the VM; dropped");
+            tracing::warn!(
+                container = container_id,
+                "OCI hooks are not run inside the VM; dropped"
+            );
         }
     }
     Ok(PreparedSpec {

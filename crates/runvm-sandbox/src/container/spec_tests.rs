@@ -35,8 +35,14 @@ fn paths_are_rewritten_into_the_guest_share() {
     let b = bundle();
     let p = prepare(b.path(), &minimal(), "c1").unwrap();
     assert_eq!(p.guest_spec["root"]["path"], "/run/runvm/shared/c1/rootfs");
-    assert_eq!(p.guest_spec["mounts"][1]["source"], "/run/runvm/shared/c1/mounts/1-data");
-    assert_eq!(p.guest_spec["mounts"][0]["source"], "proc", "non-bind mounts untouched");
+    assert_eq!(
+        p.guest_spec["mounts"][1]["source"],
+        "/run/runvm/shared/c1/mounts/1-data"
+    );
+    assert_eq!(
+        p.guest_spec["mounts"][0]["source"], "proc",
+        "non-bind mounts untouched"
+    );
     assert_eq!(p.binds.len(), 2);
     assert_eq!(p.binds[0].source, b.path().join("rootfs"));
     assert_eq!(p.binds[0].target, PathBuf::from("c1/rootfs"));
@@ -51,7 +57,11 @@ fn host_namespaces_hooks_and_cgroup_path_do_not_cross_into_the_guest() {
     let b = bundle();
     let p = prepare(b.path(), &minimal(), "c1").unwrap();
     let ns = p.guest_spec["linux"]["namespaces"].as_array().unwrap();
-    assert_eq!(ns.len(), 2, "network namespace with a host path removed: {ns:?}");
+    assert_eq!(
+        ns.len(),
+        2,
+        "network namespace with a host path removed: {ns:?}"
+    );
     assert!(ns.iter().all(|n| n.get("path").is_none()));
     assert_eq!(p.guest_spec["linux"]["cgroupsPath"], "/runvm/c1");
     assert!(p.guest_spec.get("hooks").is_none());
@@ -85,7 +95,10 @@ fn missing_rootfs_is_named() {
     let mut s = minimal();
     s["root"]["path"] = json!("nope");
     let e = prepare(b.path(), &s, "c1").unwrap_err().to_string();
-    assert!(e.contains("root.path") && e.contains(&b.path().join("nope").display().to_string()), "{e}");
+    assert!(
+        e.contains("root.path") && e.contains(&b.path().join("nope").display().to_string()),
+        "{e}"
+    );
     s["root"]["path"] = json!("../rootfs");
     let e = prepare(b.path(), &s, "c1").unwrap_err().to_string();
     assert!(e.contains("\"..\""), "{e}");
@@ -106,15 +119,21 @@ fn bind_mount_with_missing_source_is_named_by_index() {
     let mut s = minimal();
     s["mounts"][1]["source"] = json!("/nonexistent/data");
     let e = prepare(b.path(), &s, "c1").unwrap_err().to_string();
-    assert!(e.contains("mounts[1].source") && e.contains("/nonexistent/data"), "{e}");
+    assert!(
+        e.contains("mounts[1].source") && e.contains("/nonexistent/data"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_types_are_reported_with_their_json_path() {
     let file = Path::new("/b/config.json");
-    let e = parse(file, r#"{"ociVersion":"1.0.2","process":{"args":"sh","cwd":"/"}}"#)
-        .unwrap_err()
-        .to_string();
+    let e = parse(
+        file,
+        r#"{"ociVersion":"1.0.2","process":{"args":"sh","cwd":"/"}}"#,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.starts_with("/b/config.json: process.args:"), "{e}");
     let e = parse(file, "{not json").unwrap_err().to_string();
     assert!(e.contains("not valid JSON (line 1"), "{e}");
@@ -124,8 +143,13 @@ fn wrong_types_are_reported_with_their_json_path() {
 fn bundle_must_be_an_existing_absolute_folder() {
     let e = load(Path::new("relative/bundle")).unwrap_err().to_string();
     assert!(e.contains("not an absolute path"), "{e}");
-    let e = load(Path::new("/nonexistent/bundle")).unwrap_err().to_string();
-    assert!(e.contains("/nonexistent/bundle") && e.contains("does not exist"), "{e}");
+    let e = load(Path::new("/nonexistent/bundle"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("/nonexistent/bundle") && e.contains("does not exist"),
+        "{e}"
+    );
     let b = bundle();
     let e = load(b.path()).unwrap_err().to_string();
     assert!(e.contains("config.json"), "{e}");

@@ -1,33 +1,48 @@
-//! A sandbox: one VM with the agent answering in it.
+//! A sandbox: one VM with the agent answering in it, holding containers.
 //!
-//! This is the boot and shutdown path; containers, persisted state and locks come on top of it.
+//! Every state change is persisted through the [`Store`] under the sandbox's exclusive lock, so
+//! any process can pick a sandbox up again with [`Sandbox::fetch`] and go on driving it: the
+//! VM is re-attached from its saved processes and the agent is reconnected on first use,
+//! without touching the guest.
 
+mod containers;
+mod factory;
+mod monitor;
+
+pub use containers::{ContainerStatus, ExecRequest, NewContainer};
+pub use factory::{
+    create_qemu_sandbox, open_sandbox, qemu_settings, resolve_vsock, sandbox_settings,
+    SHARED_FS_TAG,
+};
+pub use monitor::VmFailure;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runvm_hypervisor::qemu::{Qemu, QemuSettings};
-use runvm_hypervisor::{
-    Accelerator, HostCpu, Hypervisor, HypervisorError, SharedDir, VmConfig, VmProcess, VsockBackend,
-};
+use runvm_hypervisor::{Accelerator, Hypervisor, VmConfig, VmProcess};
 
 use crate::agent::{Agent, AgentConnector, AgentError, AgentVersion, GuestDetails};
-use crate::config::{resolve_program, Config, VsockMode};
+use crate::config::Config;
 use crate::error::SandboxError;
 use crate::id::SandboxId;
+use crate::state::{SandboxRecord, State};
+use crate::store::{SandboxLock, Store, StoreError};
 
-/// The virtio-fs tag of the sandbox's shared folder.
-pub const SHARED_FS_TAG: &str = "runvm";
 /// Lines of guest console quoted in boot errors.
 const CONSOLE_LINES: usize = 20;
+/// Longest wait for the sandbox's lock.
+pub(crate) const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Timing of one boot, measured on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootTimings {
-    /// From `start` until QEMU's monitor answered (helpers included).
+    /// From `create` until QEMU's monitor answered (helpers included).
     pub vm_started: Duration,
     /// From QEMU's start until the agent's first answer.
     pub agent_ready: Duration,
-    /// From `start` until the agent's first answer.
+    /// From `create` until the agent's first answer.
     pub total: Duration,
 }
 
@@ -55,102 +70,109 @@ pub struct SandboxSettings {
     pub stop_timeout: Duration,
 }
 
-/// One sandbox VM and the connection to its agent.
+/// The state of a sandbox and its containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxStatus {
+    /// The id.
+    pub id: SandboxId,
+    /// The lifecycle state.
+    pub state: State,
+    /// Annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// Containers in creation order.
+    pub containers: Vec<ContainerStatus>,
+    /// The VM's host processes.
+    pub processes: Vec<VmProcess>,
+}
+
+/// One sandbox VM, its persisted record and the connection to its agent.
 #[derive(Debug)]
 pub struct Sandbox {
-    id: SandboxId,
-    dir: PathBuf,
-    settings: SandboxSettings,
+    store: Store,
+    record: SandboxRecord,
+    boot_timeout: Duration,
+    stop_timeout: Duration,
     hypervisor: Box<dyn Hypervisor>,
-    connector: Box<dyn AgentConnector>,
-    agent: Option<Box<dyn Agent>>,
-    created_dir: bool,
+    connector: Arc<dyn AgentConnector>,
+    agent: Option<Arc<dyn Agent>>,
 }
 
 impl Sandbox {
-    /// A sandbox `id` with its folder `root/id`, not started. Nothing is created yet.
-    pub fn new(
+    /// Makes sandbox `id` and boots its VM: the record is stored first (so no other process can
+    /// take the id), then the VM starts and the agent is waited for. The sandbox is `ready`.
+    /// On error nothing is left: no process, no mount, no folder.
+    #[tracing::instrument(skip_all, fields(sandbox = %id))]
+    pub async fn create(
+        store: Store,
         id: SandboxId,
-        root: &Path,
+        config: &Config,
         settings: SandboxSettings,
+        annotations: BTreeMap<String, String>,
         hypervisor: Box<dyn Hypervisor>,
-        connector: Box<dyn AgentConnector>,
-    ) -> Sandbox {
-        Sandbox {
-            dir: root.join(id.as_str()),
-            id,
-            settings,
+        connector: Arc<dyn AgentConnector>,
+    ) -> Result<(Sandbox, BootReport), SandboxError> {
+        let mut record = SandboxRecord::new(id, settings.vm.clone(), config.clone());
+        record.annotations = annotations;
+        let lock = store.create_sandbox(&record).map_err(|e| match e {
+            StoreError::SandboxExists { id, path } => SandboxError::AlreadyExists {
+                id: id.to_string(),
+                path,
+            },
+            other => other.into(),
+        })?;
+        let mut sandbox = Sandbox {
+            store,
+            record,
+            boot_timeout: settings.boot_timeout,
+            stop_timeout: settings.stop_timeout,
             hypervisor,
             connector,
             agent: None,
-            created_dir: false,
-        }
-    }
-
-    /// The sandbox id.
-    pub fn id(&self) -> &SandboxId {
-        &self.id
-    }
-
-    /// The sandbox's folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The host processes of the VM.
-    pub fn pids(&self) -> Vec<VmProcess> {
-        self.hypervisor.pids()
-    }
-
-    /// The connected agent, once started.
-    pub fn agent(&self) -> Option<&dyn Agent> {
-        self.agent.as_deref()
-    }
-
-    /// Boots the VM and waits for the agent. On error nothing is left: no process, no folder.
-    #[tracing::instrument(skip(self), fields(sandbox = %self.id))]
-    pub async fn start(&mut self) -> Result<BootReport, SandboxError> {
-        if self.dir.exists() {
-            return Err(SandboxError::AlreadyExists {
-                id: self.id.to_string(),
-                path: self.dir.clone(),
-            });
-        }
-        let result = self.boot().await;
-        if result.is_err() {
-            self.cleanup(Duration::ZERO).await;
-        }
-        result
-    }
-
-    async fn boot(&mut self) -> Result<BootReport, SandboxError> {
-        let t0 = Instant::now();
-        let io = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SandboxError::Io {
-                action,
-                path,
-                source,
-            }
         };
-        std::fs::create_dir_all(&self.dir).map_err(io("create sandbox folder", &self.dir))?;
-        self.created_dir = true;
-        if let Some(share) = &self.settings.vm.shared_dir {
-            std::fs::create_dir_all(&share.path)
-                .map_err(io("create shared folder", &share.path))?;
+        match sandbox.boot(&lock).await {
+            Ok(report) => Ok((sandbox, report)),
+            Err(e) => {
+                sandbox.agent = None;
+                if let Err(stop) = sandbox.hypervisor.stop(Duration::ZERO).await {
+                    tracing::warn!(error = %stop, "stopping the VM after a failed boot");
+                }
+                if let Err(rm) = sandbox.store.remove_sandbox(lock) {
+                    tracing::warn!(error = %rm, "removing the sandbox after a failed boot");
+                }
+                Err(e)
+            }
         }
-        self.hypervisor.prepare(self.settings.vm.clone()).await?;
+    }
+
+    async fn boot(&mut self, lock: &SandboxLock) -> Result<BootReport, SandboxError> {
+        let t0 = Instant::now();
+        if let Some(share) = &self.record.vm.config.shared_dir {
+            std::fs::create_dir_all(&share.path).map_err(|source| SandboxError::Io {
+                action: "create shared folder",
+                path: share.path.clone(),
+                source,
+            })?;
+        }
+        self.hypervisor
+            .prepare(self.record.vm.config.clone())
+            .await?;
         self.hypervisor.start().await?;
         let vm_started = t0.elapsed();
+        self.record.mark("vm-started");
         tracing::info!(ms = vm_started.as_millis() as u64, "VM started");
         let agent = self.wait_for_agent().await?;
         let total = t0.elapsed();
+        self.record.mark("agent-ready");
         tracing::info!(ms = total.as_millis() as u64, "agent answered");
         let version = agent.version().await?;
         let guest = agent.guest_details().await?;
         self.agent = Some(agent);
+        self.record.vm = self.hypervisor.save()?;
+        self.record.agent_address = Some(self.hypervisor.agent_address()?);
+        self.record.memory_block_size = Some(guest.mem_block_size_bytes);
+        self.store.save_sandbox(lock, &self.record)?;
         Ok(BootReport {
-            accelerator: self.settings.vm.accelerator,
+            accelerator: self.record.vm.config.accelerator,
             agent: version,
             guest,
             timings: BootTimings {
@@ -163,9 +185,9 @@ impl Sandbox {
 
     /// Connects and health-checks the agent until it answers, the VM dies, or the boot timeout
     /// passes.
-    async fn wait_for_agent(&mut self) -> Result<Box<dyn Agent>, SandboxError> {
+    async fn wait_for_agent(&mut self) -> Result<Arc<dyn Agent>, SandboxError> {
         let address = self.hypervisor.agent_address()?;
-        let timeout = self.settings.boot_timeout;
+        let timeout = self.boot_timeout;
         let deadline = Instant::now() + timeout;
         let mut last_error: Option<AgentError> = None;
         loop {
@@ -186,7 +208,7 @@ impl Sandbox {
             let attempt = left.min(Duration::from_secs(1));
             match self.connector.connect(&address, attempt).await {
                 Ok(agent) => match tokio::time::timeout(attempt, agent.check()).await {
-                    Ok(Ok(())) => return Ok(agent),
+                    Ok(Ok(())) => return Ok(Arc::from(agent)),
                     Ok(Err(e)) => last_error = Some(e),
                     Err(_) => {}
                 },
@@ -196,141 +218,296 @@ impl Sandbox {
         }
     }
 
-    /// Stops the sandbox: the agent powers the guest off, the VM and helpers are stopped (by
-    /// force after the stop timeout), and the sandbox folder is removed.
-    #[tracing::instrument(skip(self), fields(sandbox = %self.id))]
+    /// Picks up sandbox `id` from the store: `hypervisor` builds the VM handle from the record
+    /// (attaching to the running VM); the agent is connected on first use. The guest is not
+    /// touched.
+    pub fn fetch(
+        store: Store,
+        id: &SandboxId,
+        hypervisor: impl FnOnce(&SandboxRecord) -> Result<Box<dyn Hypervisor>, SandboxError>,
+        connector: Arc<dyn AgentConnector>,
+    ) -> Result<Sandbox, SandboxError> {
+        let record = {
+            let _lock = store.lock_shared_timeout(id, LOCK_TIMEOUT)?;
+            store.load_sandbox(id)?
+        };
+        let hypervisor = hypervisor(&record)?;
+        Ok(Sandbox {
+            boot_timeout: record.config.agent.boot_timeout(),
+            stop_timeout: Duration::from_millis(record.config.hypervisor.stop_timeout_ms),
+            store,
+            record,
+            hypervisor,
+            connector,
+            agent: None,
+        })
+    }
+
+    /// Lets go of the sandbox without stopping it, for another process to [`fetch`] it.
+    ///
+    /// [`fetch`]: Sandbox::fetch
+    pub fn detach(mut self) {
+        self.agent = None;
+        self.hypervisor.detach();
+    }
+
+    /// The sandbox id.
+    pub fn id(&self) -> &SandboxId {
+        &self.record.id
+    }
+
+    /// The sandbox's folder.
+    pub fn dir(&self) -> PathBuf {
+        self.store.sandbox_dir(&self.record.id)
+    }
+
+    /// The persisted record as this process last saw it.
+    pub fn record(&self) -> &SandboxRecord {
+        &self.record
+    }
+
+    /// The current state (re-read from disk).
+    pub fn state(&mut self) -> Result<State, SandboxError> {
+        self.reload()?;
+        Ok(self.record.state)
+    }
+
+    /// The host processes of the VM.
+    pub fn pids(&self) -> Vec<VmProcess> {
+        self.hypervisor.pids()
+    }
+
+    /// The agent, connected on first use.
+    pub async fn agent(&mut self) -> Result<Arc<dyn Agent>, SandboxError> {
+        if let Some(agent) = &self.agent {
+            return Ok(Arc::clone(agent));
+        }
+        if !self.vm_up() {
+            return Err(self.wrong_state("talk to the agent", " (its VM is not running)"));
+        }
+        let address = match &self.record.agent_address {
+            Some(a) => a.clone(),
+            None => self.hypervisor.agent_address()?,
+        };
+        let agent: Arc<dyn Agent> =
+            Arc::from(self.connector.connect(&address, self.boot_timeout).await?);
+        self.agent = Some(Arc::clone(&agent));
+        Ok(agent)
+    }
+
+    fn vm_up(&self) -> bool {
+        !matches!(self.record.state, State::Stopped)
+    }
+
+    pub(crate) fn what(&self) -> String {
+        format!("sandbox {}", self.record.id)
+    }
+
+    pub(crate) fn wrong_state(&self, operation: &'static str, hint: &'static str) -> SandboxError {
+        SandboxError::WrongState {
+            what: self.what(),
+            state: self.record.state,
+            operation,
+            hint,
+        }
+    }
+
+    /// Re-reads the record (another process may have changed it).
+    pub(crate) fn reload(&mut self) -> Result<(), SandboxError> {
+        let _lock = self
+            .store
+            .lock_shared_timeout(&self.record.id, LOCK_TIMEOUT)?;
+        self.record = self.store.load_sandbox(&self.record.id)?;
+        Ok(())
+    }
+
+    /// Runs `change` on the freshest record under the exclusive lock and saves it.
+    pub(crate) fn update<T>(
+        &mut self,
+        change: impl FnOnce(&mut SandboxRecord) -> Result<T, SandboxError>,
+    ) -> Result<T, SandboxError> {
+        let lock = self
+            .store
+            .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
+        let mut record = self.store.load_sandbox(&self.record.id)?;
+        let out = change(&mut record)?;
+        self.store.save_sandbox(&lock, &record)?;
+        self.record = record;
+        Ok(out)
+    }
+
+    fn transition(&mut self, to: State) -> Result<(), SandboxError> {
+        let what = self.what();
+        self.update(|r| {
+            r.transition(to)
+                .map_err(|source| SandboxError::Transition { what, source })?;
+            r.mark(to.as_str());
+            Ok(())
+        })
+    }
+
+    /// Starts the sandbox: ready (or stopped with its VM up) to running, starting every
+    /// container that is ready.
+    pub async fn start(&mut self) -> Result<(), SandboxError> {
+        self.reload()?;
+        self.transition(State::Running)?;
+        for id in self.record.containers.clone() {
+            if self.container_status(&id)?.state == State::Ready {
+                self.start_container(&id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses the VM (QMP `stop`); its running containers are marked paused.
+    pub async fn pause(&mut self) -> Result<(), SandboxError> {
+        self.reload()?;
+        if self.record.state != State::Running {
+            return Err(self.wrong_state("pause", ""));
+        }
+        self.hypervisor.pause().await?;
+        let vm = self.hypervisor.save()?;
+        self.update(|r| {
+            r.vm = vm;
+            Ok(())
+        })?;
+        self.transition(State::Paused)?;
+        self.set_running_containers(State::Running, State::Paused)
+    }
+
+    /// Resumes the VM; its paused containers run again.
+    pub async fn resume(&mut self) -> Result<(), SandboxError> {
+        self.reload()?;
+        if self.record.state != State::Paused {
+            return Err(self.wrong_state("resume", " (only a paused sandbox resumes)"));
+        }
+        self.hypervisor.resume().await?;
+        let vm = self.hypervisor.save()?;
+        self.update(|r| {
+            r.vm = vm;
+            Ok(())
+        })?;
+        self.transition(State::Running)?;
+        self.set_running_containers(State::Paused, State::Running)
+    }
+
+    /// Stops the sandbox: every container is killed and marked stopped, the agent powers the
+    /// guest off, the VM and its helpers stop (by force after the stop timeout). The record
+    /// stays (state `stopped`) until [`delete`](Sandbox::delete).
+    #[tracing::instrument(skip(self), fields(sandbox = %self.record.id))]
     pub async fn stop(&mut self) -> Result<(), SandboxError> {
-        if let Some(agent) = self.agent.take() {
+        self.reload()?;
+        if self.record.state == State::Stopped {
+            return Ok(());
+        }
+        if self.record.state == State::Paused {
+            self.hypervisor.resume().await?;
+        }
+        if let Ok(agent) = self.agent().await {
+            for id in self.record.containers.clone() {
+                let status = self.container_status(&id)?;
+                if matches!(status.state, State::Running | State::Paused | State::Ready) {
+                    if let Err(e) = agent.remove_container(id.as_str(), 0).await {
+                        tracing::warn!(container = %id, error = %e, "removing the container in the guest");
+                    }
+                }
+            }
             if let Err(e) = agent.shutdown().await {
                 tracing::warn!(error = %e, "agent shutdown failed; stopping the VM by force");
             }
         }
-        let timeout = self.settings.stop_timeout;
-        self.cleanup(timeout).await;
+        self.agent = None;
+        let timeout = self.stop_timeout;
+        self.hypervisor.stop(timeout).await?;
+        self.mark_all_stopped(None)?;
+        self.unshare_all()?;
+        self.update(|r| {
+            r.state = State::Stopped;
+            r.mark("stopped");
+            Ok(())
+        })
+    }
+
+    /// Removes the sandbox: refused while it runs or is paused unless `force`, which stops it
+    /// first. Every container record, mount and file goes.
+    pub async fn delete(&mut self, force: bool) -> Result<(), SandboxError> {
+        self.reload()?;
+        if matches!(self.record.state, State::Running | State::Paused) && !force {
+            return Err(self.wrong_state("delete", " (stop it first, or force)"));
+        }
+        if self.record.state != State::Stopped {
+            self.stop().await?;
+        }
+        self.unshare_all()?;
+        let lock = self
+            .store
+            .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
+        self.store.remove_sandbox(lock)?;
         Ok(())
     }
 
-    async fn cleanup(&mut self, graceful: Duration) {
-        self.agent = None;
-        if let Err(e) = self.hypervisor.stop(graceful).await {
-            tracing::warn!(error = %e, "stopping the VM failed");
-        }
-        if self.created_dir {
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove sandbox folder");
-                }
-            }
-            self.created_dir = false;
-        }
+    /// The sandbox's annotations.
+    pub fn annotations(&mut self) -> Result<BTreeMap<String, String>, SandboxError> {
+        self.reload()?;
+        Ok(self.record.annotations.clone())
     }
-}
 
-/// Resolves the configured binaries into QEMU backend settings.
-pub fn qemu_settings(config: &Config) -> Result<QemuSettings, SandboxError> {
-    let h = &config.hypervisor;
-    let find = |key: &'static str, name: &str, hint: &'static str| {
-        resolve_program(name).ok_or_else(|| SandboxError::MissingProgram {
-            key,
-            name: name.to_string(),
-            hint,
+    /// Sets (or with `None` removes) an annotation; persisted at once.
+    pub fn set_annotation(&mut self, key: &str, value: Option<&str>) -> Result<(), SandboxError> {
+        self.update(|r| {
+            match value {
+                Some(v) => r.annotations.insert(key.to_string(), v.to_string()),
+                None => r.annotations.remove(key),
+            };
+            Ok(())
         })
-    };
-    Ok(QemuSettings {
-        qemu: find(
-            "hypervisor.qemu",
-            &h.qemu,
-            "install it with `apt-get install qemu-system-x86` (or run scripts/setup.sh)",
-        )?,
-        virtiofsd: find(
-            "hypervisor.virtiofsd",
-            &h.virtiofsd,
-            "build it with scripts/setup.sh (cargo install virtiofsd into /opt/runvm)",
-        )?,
-        vhost_device_vsock: match resolve_vsock(h.vsock) {
-            VsockBackend::VhostUser => find(
-                "hypervisor.vhost_device_vsock",
-                &h.vhost_device_vsock,
-                "build it with scripts/setup.sh (cargo install vhost-device-vsock into /opt/runvm)",
-            )?,
-            // Not run with the kernel's vhost-vsock; keep the configured name for messages.
-            VsockBackend::Vhost { .. } => PathBuf::from(&h.vhost_device_vsock),
-        },
-        start_timeout: Duration::from_millis(h.start_timeout_ms),
-    })
-}
+    }
 
-/// The vsock backend for `mode` on this host.
-pub fn resolve_vsock(mode: VsockMode) -> VsockBackend {
-    let vhost = || VsockBackend::Vhost {
-        guest_cid: random_cid(),
-    };
-    match mode {
-        VsockMode::Vhost => vhost(),
-        VsockMode::VhostUser => VsockBackend::VhostUser,
-        VsockMode::Auto if Path::new("/dev/vhost-vsock").exists() => vhost(),
-        VsockMode::Auto => VsockBackend::VhostUser,
+    /// The sandbox's and its containers' states.
+    pub fn status(&mut self) -> Result<SandboxStatus, SandboxError> {
+        self.reload()?;
+        let containers = self
+            .record
+            .containers
+            .clone()
+            .iter()
+            .map(|id| self.container_status(id))
+            .collect::<Result<_, _>>()?;
+        Ok(SandboxStatus {
+            id: self.record.id.clone(),
+            state: self.record.state,
+            annotations: self.record.annotations.clone(),
+            containers,
+            processes: self
+                .record
+                .vm
+                .processes
+                .iter()
+                .map(|p| VmProcess {
+                    name: p.name.clone(),
+                    pid: p.pid,
+                })
+                .collect(),
+        })
+    }
+
+    /// The shared folder of the sandbox.
+    pub(crate) fn shared_dir(&self) -> Result<&Path, SandboxError> {
+        self.record
+            .vm
+            .config
+            .shared_dir
+            .as_ref()
+            .map(|s| s.path.as_path())
+            .ok_or_else(|| {
+                self.wrong_state("share files with the guest", " (it has no shared folder)")
+            })
     }
 }
 
-/// A guest CID unlikely to collide with another VM's (3 and above; 0 to 2 are reserved).
-fn random_cid() -> u32 {
-    let mut buf = [0u8; 4];
-    let random = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-        .map(|()| u32::from_ne_bytes(buf))
-        .unwrap_or_else(|_| std::process::id().wrapping_mul(2_654_435_761));
-    3 + random % (u32::MAX - 4)
-}
-
-/// Settings for sandbox `id` under the configured root, with the accelerator resolved on this
-/// host.
-pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettings, SandboxError> {
-    let accelerator = config
-        .hypervisor
-        .accelerator
-        .resolve(&HostCpu::detect())
-        .map_err(SandboxError::Hypervisor)?;
-    let dir = config.runtime.root.join(id.as_str());
-    Ok(SandboxSettings {
-        vm: VmConfig {
-            vcpus: config.hypervisor.vcpus,
-            memory_mib: config.hypervisor.memory_mib,
-            kernel: config.guest.kernel.clone(),
-            initrd: config.guest.initrd.clone(),
-            kernel_params: config.hypervisor.kernel_params.clone(),
-            accelerator,
-            shared_dir: Some(SharedDir {
-                path: dir.join("shared"),
-                tag: SHARED_FS_TAG.into(),
-            }),
-            vsock: resolve_vsock(config.hypervisor.vsock),
-            run_dir: dir.join("vm"),
-        },
-        boot_timeout: config.agent.boot_timeout(),
-        stop_timeout: Duration::from_millis(config.hypervisor.stop_timeout_ms),
-    })
-}
-
-/// A sandbox on QEMU talking ttrpc, as configured.
-pub fn qemu_sandbox(config: &Config, id: SandboxId) -> Result<Sandbox, SandboxError> {
-    let settings = sandbox_settings(config, &id)?;
-    let qemu = Qemu::new(qemu_settings(config)?);
-    Ok(Sandbox::new(
-        id,
-        &config.runtime.root,
-        settings,
-        Box::new(qemu),
-        Box::new(crate::agent::TtrpcConnector::new(
-            config.agent.request_timeout(),
-        )),
-    ))
-}
-
-impl From<HypervisorError> for SandboxError {
-    fn from(e: HypervisorError) -> Self {
-        SandboxError::Hypervisor(e)
-    }
+/// The sandboxes in `store`.
+pub fn list(store: &Store) -> Result<Vec<SandboxId>, SandboxError> {
+    Ok(store.list_sandboxes()?)
 }
 
 #[cfg(test)]

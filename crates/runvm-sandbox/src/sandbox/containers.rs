@@ -1,0 +1,492 @@
+//! Containers of a sandbox: create from an OCI bundle, start, exec, signal, wait, pause,
+//! stats, update, delete. Each change is persisted under the sandbox's exclusive lock.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::{Sandbox, LOCK_TIMEOUT};
+use crate::agent::{
+    ContainerStats, CreateContainer, ExitStatus, GuestProcess, ProcessRef, StdioSpec, Storage,
+};
+use crate::container::share;
+use crate::container::spec::{self, GUEST_SHARED_DIR};
+use crate::error::SandboxError;
+use crate::id::ContainerId;
+use crate::state::{unix_now_ns, ContainerRecord, ProcessRecord, State, StdioRecord};
+
+/// The exit status given to processes that could not report one (the VM died).
+pub const LOST_EXIT_STATUS: i32 = 255;
+
+/// What a new container is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewContainer {
+    /// Its id.
+    pub id: ContainerId,
+    /// The OCI bundle folder (absolute).
+    pub bundle: PathBuf,
+    /// Which stdio streams of the init process the caller attaches.
+    pub stdio: StdioSpec,
+    /// Where the caller's streams are (fifo paths, URIs), kept for other processes.
+    pub stdio_paths: StdioRecord,
+    /// Annotations (for containerd: from the spec).
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// What an exec'd process is made from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecRequest {
+    /// Its exec id (same rules as container ids).
+    pub exec_id: String,
+    /// The OCI `process` object.
+    pub process: Value,
+    /// Which stdio streams the caller attaches.
+    pub stdio: StdioSpec,
+    /// Where the caller's streams are.
+    pub stdio_paths: StdioRecord,
+}
+
+/// A container's state as `runvm state` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerStatus {
+    /// The id.
+    pub id: ContainerId,
+    /// The lifecycle state.
+    pub state: State,
+    /// The OCI bundle.
+    pub bundle: PathBuf,
+    /// The init process's exit status, once it exited.
+    pub exit_status: Option<i32>,
+    /// Annotations.
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Creation time, ns since the Unix epoch.
+    pub created_at: u64,
+}
+
+fn exec_id_ok(exec_id: &str) -> Result<(), SandboxError> {
+    ContainerId::parse(exec_id).map(|_| ()).map_err(Into::into)
+}
+
+impl Sandbox {
+    fn container_what(id: &ContainerId) -> String {
+        format!("container {id}")
+    }
+
+    /// Reads container `id`'s record.
+    pub fn container(&self, id: &ContainerId) -> Result<ContainerRecord, SandboxError> {
+        Ok(self.store.load_container(&self.record.id, id)?)
+    }
+
+    /// Container `id`'s state.
+    pub fn container_status(&self, id: &ContainerId) -> Result<ContainerStatus, SandboxError> {
+        let c = self.container(id)?;
+        Ok(ContainerStatus {
+            state: c.state,
+            bundle: c.bundle,
+            exit_status: c.init.exit_status,
+            annotations: c.annotations,
+            created_at: c.created_at,
+            id: c.id,
+        })
+    }
+
+    /// The sandbox's containers, in creation order.
+    pub fn containers(&mut self) -> Result<Vec<ContainerId>, SandboxError> {
+        self.reload()?;
+        Ok(self.record.containers.clone())
+    }
+
+    /// Runs `change` on container `id`'s freshest record under the exclusive lock, saves it.
+    fn update_container<T>(
+        &mut self,
+        id: &ContainerId,
+        change: impl FnOnce(&mut ContainerRecord) -> Result<T, SandboxError>,
+    ) -> Result<T, SandboxError> {
+        let lock = self
+            .store
+            .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
+        let mut record = self.store.load_container(&self.record.id, id)?;
+        let out = change(&mut record)?;
+        self.store.save_container(&lock, &record)?;
+        Ok(out)
+    }
+
+    fn container_transition(&mut self, id: &ContainerId, to: State) -> Result<(), SandboxError> {
+        self.update_container(id, |c| {
+            c.transition(to).map_err(|source| SandboxError::Transition {
+                what: Sandbox::container_what(&c.id),
+                source,
+            })
+        })
+    }
+
+    /// Creates a container from its bundle: the spec is checked, the rootfs and bind-mount
+    /// sources are shared into the VM, the agent creates it (state `ready`, init waiting for
+    /// start). On error nothing is stored, mounted or left in the guest.
+    #[tracing::instrument(skip_all, fields(sandbox = %self.record.id, container = %new.id))]
+    pub async fn create_container(
+        &mut self,
+        new: NewContainer,
+    ) -> Result<ContainerStatus, SandboxError> {
+        self.reload()?;
+        if !matches!(self.record.state, State::Ready | State::Running) {
+            return Err(self.wrong_state("create a container", " (it must be ready or running)"));
+        }
+        let host_spec = spec::load(&new.bundle)?;
+        let prepared = spec::prepare(&new.bundle, &host_spec, new.id.as_str())?;
+        let agent = self.agent().await?;
+        let lock = self
+            .store
+            .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
+        match self.store.load_container(&self.record.id, &new.id) {
+            Ok(_) => {
+                return Err(SandboxError::Store(
+                    crate::store::StoreError::ContainerExists {
+                        sandbox: self.record.id.clone(),
+                        id: new.id.clone(),
+                        path: self.store.container_dir(&self.record.id, &new.id),
+                    },
+                ))
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let shared = self.shared_dir()?.to_path_buf();
+        let mounts = share::mount_binds(&shared, &prepared.binds)?;
+        let request = CreateContainer {
+            container_id: new.id.to_string(),
+            sandbox_id: self.record.id.to_string(),
+            spec: prepared.guest_spec.clone(),
+            storages: vec![Storage {
+                source: super::SHARED_FS_TAG.into(),
+                fstype: "virtiofs".into(),
+                options: Vec::new(),
+                mount_point: GUEST_SHARED_DIR.into(),
+            }],
+            stdio: StdioSpec {
+                terminal: new.stdio.terminal || prepared.terminal,
+                ..new.stdio
+            },
+        };
+        if let Err(e) = agent.create_container(request).await {
+            share::unmount_all(&mounts);
+            return Err(e.into());
+        }
+        let mut record = ContainerRecord::new(
+            new.id.clone(),
+            self.record.id.clone(),
+            new.bundle.clone(),
+            prepared.binds[0].source.clone(),
+            host_spec,
+        );
+        record.annotations = new.annotations;
+        record.mounts = mounts.clone();
+        record.init = ProcessRecord {
+            stdio: new.stdio_paths,
+            terminal: new.stdio.terminal || prepared.terminal,
+            ..Default::default()
+        };
+        let stored = self.store.create_container(&lock, &record).and_then(|()| {
+            let mut sandbox = self.store.load_sandbox(&self.record.id)?;
+            sandbox.containers.push(new.id.clone());
+            self.store.save_sandbox(&lock, &sandbox)?;
+            Ok(sandbox)
+        });
+        match stored {
+            Ok(sandbox) => self.record = sandbox,
+            Err(e) => {
+                let _ = agent.remove_container(new.id.as_str(), 0).await;
+                share::unmount_all(&mounts);
+                let _ = self.store.remove_container(&lock, &new.id);
+                return Err(e.into());
+            }
+        }
+        drop(lock);
+        self.container_status(&new.id)
+    }
+
+    /// Starts a created container (ready to running); a ready sandbox becomes running.
+    pub async fn start_container(&mut self, id: &ContainerId) -> Result<(), SandboxError> {
+        let c = self.container(id)?;
+        if c.state != State::Ready {
+            return Err(SandboxError::Transition {
+                what: Sandbox::container_what(id),
+                source: crate::state::InvalidTransition {
+                    from: c.state,
+                    to: State::Running,
+                },
+            });
+        }
+        let agent = self.agent().await?;
+        agent.start_container(id.as_str()).await?;
+        self.container_transition(id, State::Running)?;
+        self.reload()?;
+        if self.record.state == State::Ready {
+            self.update(|r| {
+                r.state = State::Running;
+                r.mark("running");
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs another process in a running container.
+    pub async fn exec(&mut self, id: &ContainerId, req: ExecRequest) -> Result<(), SandboxError> {
+        exec_id_ok(&req.exec_id)?;
+        let c = self.container(id)?;
+        if c.state != State::Running {
+            return Err(SandboxError::WrongState {
+                what: Sandbox::container_what(id),
+                state: c.state,
+                operation: "exec a process",
+                hint: " (only a running container takes new processes)",
+            });
+        }
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(SandboxError::ProcessExists {
+                container: id.to_string(),
+                exec_id: req.exec_id,
+            });
+        }
+        let agent = self.agent().await?;
+        let process = ProcessRef::exec(id.as_str(), req.exec_id.clone());
+        agent
+            .exec_process(&process, &req.process, req.stdio)
+            .await?;
+        self.update_container(id, |c| {
+            c.execs.insert(
+                req.exec_id.clone(),
+                ProcessRecord {
+                    exec_id: req.exec_id.clone(),
+                    stdio: req.stdio_paths,
+                    terminal: req.stdio.terminal,
+                    ..Default::default()
+                },
+            );
+            Ok(())
+        })
+    }
+
+    fn process_ref(&self, id: &ContainerId, exec_id: &str) -> Result<ProcessRef, SandboxError> {
+        let c = self.container(id)?;
+        if !exec_id.is_empty() && !c.execs.contains_key(exec_id) {
+            return Err(SandboxError::ProcessNotFound {
+                container: id.to_string(),
+                exec_id: exec_id.to_string(),
+            });
+        }
+        Ok(ProcessRef::exec(id.as_str(), exec_id))
+    }
+
+    /// Sends `signal` to a process of the container (the init for an empty `exec_id`), or with
+    /// `all` to every process of it.
+    pub async fn signal(
+        &mut self,
+        id: &ContainerId,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), SandboxError> {
+        let process = self.process_ref(id, exec_id)?;
+        let c = self.container(id)?;
+        if !matches!(c.state, State::Running | State::Paused | State::Ready) {
+            return Err(SandboxError::WrongState {
+                what: Sandbox::container_what(id),
+                state: c.state,
+                operation: "signal it",
+                hint: " (its processes have exited)",
+            });
+        }
+        self.agent()
+            .await?
+            .signal_process(&process, signal, all)
+            .await?;
+        Ok(())
+    }
+
+    /// Waits for a process to exit; the exit of the init process stops the container. An
+    /// exit already recorded is returned at once.
+    pub async fn wait(
+        &mut self,
+        id: &ContainerId,
+        exec_id: &str,
+    ) -> Result<ExitStatus, SandboxError> {
+        let process = self.process_ref(id, exec_id)?;
+        let c = self.container(id)?;
+        let known = if exec_id.is_empty() {
+            &c.init
+        } else {
+            &c.execs[exec_id]
+        };
+        if let (Some(code), Some(at)) = (known.exit_status, known.exited_at) {
+            return Ok(ExitStatus {
+                code,
+                exited_at_unix_ns: at as i64,
+            });
+        }
+        let status = self.agent().await?.wait_process(&process).await?;
+        self.record_exit(id, exec_id, status)?;
+        Ok(status)
+    }
+
+    fn record_exit(
+        &mut self,
+        id: &ContainerId,
+        exec_id: &str,
+        status: ExitStatus,
+    ) -> Result<(), SandboxError> {
+        let exec_id = exec_id.to_string();
+        self.update_container(id, |c| {
+            let p = if exec_id.is_empty() {
+                &mut c.init
+            } else {
+                c.execs.entry(exec_id.clone()).or_default()
+            };
+            p.exit_status = Some(status.code);
+            p.exited_at =
+                Some(u64::try_from(status.exited_at_unix_ns).unwrap_or_else(|_| unix_now_ns()));
+            if exec_id.is_empty() && c.state != State::Stopped {
+                c.state = State::Stopped;
+            }
+            Ok(())
+        })
+    }
+
+    /// Freezes a running container.
+    pub async fn pause_container(&mut self, id: &ContainerId) -> Result<(), SandboxError> {
+        self.container(id)?
+            .state
+            .transition(State::Paused)
+            .map_err(|source| SandboxError::Transition {
+                what: Sandbox::container_what(id),
+                source,
+            })?;
+        self.agent().await?.pause_container(id.as_str()).await?;
+        self.container_transition(id, State::Paused)
+    }
+
+    /// Thaws a paused container.
+    pub async fn resume_container(&mut self, id: &ContainerId) -> Result<(), SandboxError> {
+        let state = self.container(id)?.state;
+        if state != State::Paused {
+            return Err(SandboxError::WrongState {
+                what: Sandbox::container_what(id),
+                state,
+                operation: "resume it",
+                hint: " (only a paused container resumes)",
+            });
+        }
+        self.agent().await?.resume_container(id.as_str()).await?;
+        self.container_transition(id, State::Running)
+    }
+
+    /// Resource usage of a container.
+    pub async fn stats(&mut self, id: &ContainerId) -> Result<ContainerStats, SandboxError> {
+        self.container(id)?;
+        Ok(self.agent().await?.stats_container(id.as_str()).await?)
+    }
+
+    /// Applies OCI `linux.resources` to a container.
+    pub async fn update_resources(
+        &mut self,
+        id: &ContainerId,
+        resources: &Value,
+    ) -> Result<(), SandboxError> {
+        self.container(id)?;
+        Ok(self
+            .agent()
+            .await?
+            .update_container(id.as_str(), resources)
+            .await?)
+    }
+
+    /// The processes of a container.
+    pub async fn processes(&mut self, id: &ContainerId) -> Result<Vec<GuestProcess>, SandboxError> {
+        self.container(id)?;
+        Ok(self.agent().await?.list_processes(id.as_str()).await?)
+    }
+
+    /// Removes a container: refused while it runs or is paused unless `force` (which kills its
+    /// processes). Its guest state, mounts and record go.
+    pub async fn delete_container(
+        &mut self,
+        id: &ContainerId,
+        force: bool,
+    ) -> Result<(), SandboxError> {
+        let c = self.container(id)?;
+        if matches!(c.state, State::Running | State::Paused) && !force {
+            return Err(SandboxError::WrongState {
+                what: Sandbox::container_what(id),
+                state: c.state,
+                operation: "delete it",
+                hint: " (stop it first, or force)",
+            });
+        }
+        self.reload()?;
+        if self.record.state != State::Stopped {
+            let agent = self.agent().await?;
+            match agent.remove_container(id.as_str(), 0).await {
+                Ok(()) => {}
+                Err(e) if e.rpc_code() == Some("NOT_FOUND") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        share::unmount_all(&c.mounts);
+        let lock = self
+            .store
+            .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
+        self.store.remove_container(&lock, id)?;
+        let mut sandbox = self.store.load_sandbox(&self.record.id)?;
+        sandbox.containers.retain(|c| c != id);
+        self.store.save_sandbox(&lock, &sandbox)?;
+        self.record = sandbox;
+        Ok(())
+    }
+
+    /// Moves every container in state `from` to `to` (sandbox pause and resume).
+    pub(super) fn set_running_containers(
+        &mut self,
+        from: State,
+        to: State,
+    ) -> Result<(), SandboxError> {
+        for id in self.record.containers.clone() {
+            self.update_container(&id, |c| {
+                if c.state == from {
+                    c.state = to;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Marks every container stopped; processes without an exit status get `lost`.
+    pub(super) fn mark_all_stopped(&mut self, lost: Option<i32>) -> Result<(), SandboxError> {
+        let now = unix_now_ns();
+        for id in self.record.containers.clone() {
+            self.update_container(&id, |c| {
+                c.state = State::Stopped;
+                if let Some(code) = lost {
+                    for p in std::iter::once(&mut c.init).chain(c.execs.values_mut()) {
+                        if p.exit_status.is_none() {
+                            p.exit_status = Some(code);
+                            p.exited_at = Some(now);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts every container's shares (the VM is gone or going).
+    pub(super) fn unshare_all(&mut self) -> Result<(), SandboxError> {
+        for id in self.record.containers.clone() {
+            let c = self.container(&id)?;
+            share::unmount_all(&c.mounts);
+        }
+        Ok(())
+    }
+}

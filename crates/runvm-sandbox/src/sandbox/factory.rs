@@ -1,0 +1,148 @@
+//! Building sandboxes on QEMU from the configuration.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use runvm_hypervisor::qemu::{Qemu, QemuSettings};
+use runvm_hypervisor::{HostCpu, Hypervisor, SharedDir, VmConfig, VsockBackend};
+
+use super::{BootReport, Sandbox, SandboxSettings};
+use crate::agent::TtrpcConnector;
+use crate::config::{resolve_program, Config, VsockMode};
+use crate::error::SandboxError;
+use crate::id::SandboxId;
+use crate::state::State;
+use crate::store::Store;
+
+/// The virtio-fs tag of the sandbox's shared folder.
+pub const SHARED_FS_TAG: &str = "runvm";
+
+/// Resolves the configured binaries into QEMU backend settings.
+pub fn qemu_settings(config: &Config) -> Result<QemuSettings, SandboxError> {
+    let h = &config.hypervisor;
+    let find = |key: &'static str, name: &str, hint: &'static str| {
+        resolve_program(name).ok_or_else(|| SandboxError::MissingProgram {
+            key,
+            name: name.to_string(),
+            hint,
+        })
+    };
+    Ok(QemuSettings {
+        qemu: find(
+            "hypervisor.qemu",
+            &h.qemu,
+            "install it with `apt-get install qemu-system-x86` (or run scripts/setup.sh)",
+        )?,
+        virtiofsd: find(
+            "hypervisor.virtiofsd",
+            &h.virtiofsd,
+            "build it with scripts/setup.sh (cargo install virtiofsd into /opt/runvm)",
+        )?,
+        vhost_device_vsock: match resolve_vsock(h.vsock) {
+            VsockBackend::VhostUser => find(
+                "hypervisor.vhost_device_vsock",
+                &h.vhost_device_vsock,
+                "build it with scripts/setup.sh (cargo install vhost-device-vsock into /opt/runvm)",
+            )?,
+            // Not run with the kernel's vhost-vsock; keep the configured name for messages.
+            VsockBackend::Vhost { .. } => PathBuf::from(&h.vhost_device_vsock),
+        },
+        start_timeout: Duration::from_millis(h.start_timeout_ms),
+    })
+}
+
+/// The vsock backend for `mode` on this host.
+pub fn resolve_vsock(mode: VsockMode) -> VsockBackend {
+    let vhost = || VsockBackend::Vhost {
+        guest_cid: random_cid(),
+    };
+    match mode {
+        VsockMode::Vhost => vhost(),
+        VsockMode::VhostUser => VsockBackend::VhostUser,
+        VsockMode::Auto if Path::new("/dev/vhost-vsock").exists() => vhost(),
+        VsockMode::Auto => VsockBackend::VhostUser,
+    }
+}
+
+/// A guest CID unlikely to collide with another VM's (3 and above; 0 to 2 are reserved).
+fn random_cid() -> u32 {
+    let mut buf = [0u8; 4];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .map(|()| u32::from_ne_bytes(buf))
+        .unwrap_or_else(|_| std::process::id().wrapping_mul(2_654_435_761));
+    3 + random % (u32::MAX - 4)
+}
+
+/// Settings for sandbox `id` under the configured root, with the accelerator resolved on this
+/// host.
+pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettings, SandboxError> {
+    let accelerator = config
+        .hypervisor
+        .accelerator
+        .resolve(&HostCpu::detect())
+        .map_err(SandboxError::Hypervisor)?;
+    let dir = config.runtime.root.join(id.as_str());
+    Ok(SandboxSettings {
+        vm: VmConfig {
+            vcpus: config.hypervisor.vcpus,
+            memory_mib: config.hypervisor.memory_mib,
+            kernel: config.guest.kernel.clone(),
+            initrd: config.guest.initrd.clone(),
+            kernel_params: config.hypervisor.kernel_params.clone(),
+            accelerator,
+            shared_dir: Some(SharedDir {
+                path: dir.join("shared"),
+                tag: SHARED_FS_TAG.into(),
+            }),
+            vsock: resolve_vsock(config.hypervisor.vsock),
+            run_dir: dir.join("vm"),
+        },
+        boot_timeout: config.agent.boot_timeout(),
+        stop_timeout: Duration::from_millis(config.hypervisor.stop_timeout_ms),
+    })
+}
+
+/// Creates sandbox `id` on QEMU as configured and boots it.
+pub async fn create_qemu_sandbox(
+    config: &Config,
+    id: SandboxId,
+    annotations: BTreeMap<String, String>,
+) -> Result<(Sandbox, BootReport), SandboxError> {
+    let settings = sandbox_settings(config, &id)?;
+    let qemu = Qemu::new(qemu_settings(config)?);
+    let store = Store::open(config.runtime.root.clone())?;
+    Sandbox::create(
+        store,
+        id,
+        config,
+        settings,
+        annotations,
+        Box::new(qemu),
+        Arc::new(TtrpcConnector::new(config.agent.request_timeout())),
+    )
+    .await
+}
+
+/// Picks up sandbox `id` from the state under `config.runtime.root`, re-attaching to its VM.
+pub fn open_sandbox(config: &Config, id: &SandboxId) -> Result<Sandbox, SandboxError> {
+    let store = Store::new(config.runtime.root.clone());
+    Sandbox::fetch(
+        store,
+        id,
+        |record| {
+            // The sandbox's own configuration snapshot decides the programs, so a changed
+            // config file does not change a running sandbox.
+            let settings = qemu_settings(&record.config)?;
+            let hv: Box<dyn Hypervisor> = if record.state == State::Stopped {
+                Box::new(Qemu::new(settings))
+            } else {
+                Box::new(Qemu::attach(settings, record.vm.clone())?)
+            };
+            Ok(hv)
+        },
+        Arc::new(TtrpcConnector::new(config.agent.request_timeout())),
+    )
+}
