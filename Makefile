@@ -22,12 +22,19 @@ guest: setup
 	@echo "==> building the guest image in $(GUEST_DIR)"
 	$(CARGO) xtask guest --out $(GUEST_DIR)
 
-## runvm's main job: check the host, boot a sandbox, report, shut it down.
+DEMO      := target/demo
+
+## runvm's main job: check the host, boot a sandbox and report, then run a busybox container
+## in a VM and print its output.
 run: build guest
 	@echo "==> runvm check"
 	$(RUNVM) check
-	@echo "==> runvm boot"
+	@echo "==> runvm boot: a sandbox VM, its agent, its timings"
 	$(RUNVM) boot
+	@echo "==> runvm run: a busybox container in its own VM"
+	@rm -rf $(DEMO) && $(CARGO) xtask bundle --out $(DEMO)/bundle -- \
+		sh -c 'echo "hello from busybox, running in a runvm VM"; uname -sr; hostname'
+	$(RUNVM) run --bundle $(DEMO)/bundle runvm-demo
 
 ## Format, lint and all tests (unit and integration, real VMs included).
 test: build guest lint

@@ -181,6 +181,114 @@ fn write_json(path: &Path, r: &Results) -> Result<()> {
     Ok(())
 }
 
+/// Options of `bench run`.
+#[derive(Debug, clap::Args)]
+pub struct RunBenchArgs {
+    /// Number of runs.
+    #[arg(long, default_value_t = 5)]
+    count: u32,
+    /// runvm configuration file [default: as runvm finds it].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "target/bench/run.json")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Run {
+    first_output_ms: f64,
+    agent_ready_ms: f64,
+    total_ms: f64,
+    exit_code: i32,
+}
+
+#[derive(Debug, Serialize)]
+struct RunResults {
+    accelerator: String,
+    runs: Vec<Run>,
+    median_first_output_ms: f64,
+    median_total_ms: f64,
+}
+
+pub fn run(args: &RunBenchArgs) -> Result<()> {
+    use runvm_sandbox::container::bundle::{busybox_bundle, default_spec};
+    anyhow::ensure!(
+        args.count >= 1,
+        "--count {} is invalid; valid: 1 or more",
+        args.count
+    );
+    let config = Config::load(args.config.as_deref())?;
+    let work = tempfile::tempdir()?;
+    let bundle = work.path().join("bundle");
+    std::fs::create_dir_all(&bundle)?;
+    busybox_bundle(&bundle, &default_spec(&["echo", "hello from runvm"], false))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut runs = Vec::new();
+    let mut accelerator = String::new();
+    for i in 0..args.count {
+        eprintln!("==> run {}/{}", i + 1, args.count);
+        let id =
+            runvm_sandbox::ContainerId::parse(&format!("bench-run-{}-{i}", std::process::id()))?;
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        let outcome = runtime.block_on(runvm_sandbox::run::run_foreground(
+            &config,
+            id,
+            &bundle,
+            tokio::io::empty(),
+            tokio::io::sink(),
+            tokio::io::sink(),
+            rx,
+        ))?;
+        accelerator = outcome.boot.accelerator.to_string();
+        runs.push(Run {
+            first_output_ms: outcome.first_output.unwrap_or_default().as_secs_f64() * 1e3,
+            agent_ready_ms: outcome.boot.timings.total.as_secs_f64() * 1e3,
+            total_ms: outcome.total.as_secs_f64() * 1e3,
+            exit_code: outcome.exit.code,
+        });
+    }
+    let results = RunResults {
+        accelerator,
+        median_first_output_ms: median(runs.iter().map(|r| r.first_output_ms).collect()),
+        median_total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
+        runs,
+    };
+    println!(
+        "run benchmark: `echo` in a new sandbox (accelerator: {})",
+        results.accelerator
+    );
+    println!(
+        "| run | start → agent ready | start → first output | start → exit and cleanup | exit |"
+    );
+    println!(
+        "|----:|--------------------:|---------------------:|-------------------------:|-----:|"
+    );
+    for (i, r) in results.runs.iter().enumerate() {
+        println!(
+            "| {:>3} | {:>16.0} ms | {:>17.0} ms | {:>21.0} ms | {:>4} |",
+            i + 1,
+            r.agent_ready_ms,
+            r.first_output_ms,
+            r.total_ms,
+            r.exit_code
+        );
+    }
+    println!(
+        "| median | | {:>17.0} ms | {:>21.0} ms | |",
+        results.median_first_output_ms, results.median_total_ms
+    );
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    eprintln!("==> results written to {}", args.out.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,17 +27,49 @@ enum Task {
     /// N boots, and the host memory (RSS, PSS) of QEMU and its helpers at idle.
     #[command(subcommand)]
     Bench(BenchTask),
+    /// Write an OCI bundle with a busybox rootfs (from the host's busybox-static) and a
+    /// default config.json running ARGS.
+    Bundle(BundleArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BundleArgs {
+    /// The bundle folder to write.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Give the process a terminal.
+    #[arg(long)]
+    tty: bool,
+    /// The process to run [default: sh].
+    #[arg(last = true)]
+    args: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
 enum BenchTask {
     /// Boot sandboxes one after another; print a table and write JSON.
     Boot(bench::BootBenchArgs),
+    /// Run a busybox container in a new sandbox N times: time from the start of `run` to the
+    /// container's first output.
+    Run(bench::RunBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Guest(args) => guest::run(&args),
         Task::Bench(BenchTask::Boot(args)) => bench::boot(&args),
+        Task::Bench(BenchTask::Run(args)) => bench::run(&args),
+        Task::Bundle(b) => {
+            let args: Vec<&str> = if b.args.is_empty() {
+                vec!["sh"]
+            } else {
+                b.args.iter().map(String::as_str).collect()
+            };
+            let spec = runvm_sandbox::container::bundle::default_spec(&args, b.tty);
+            std::fs::create_dir_all(&b.out)?;
+            runvm_sandbox::container::bundle::busybox_bundle(&b.out, &spec)?;
+            eprintln!("==> bundle written to {}", b.out.display());
+            Ok(())
+        }
     }
 }

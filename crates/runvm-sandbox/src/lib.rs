@@ -15,6 +15,7 @@ pub mod config;
 pub mod container;
 mod error;
 mod id;
+pub mod run;
 pub mod sandbox;
 pub mod state;
 pub mod store;

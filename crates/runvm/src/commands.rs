@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use runvm_sandbox::config::Config;
-use runvm_sandbox::{check, sandbox, SandboxId};
+use runvm_sandbox::{check, sandbox, ContainerId, SandboxId};
 
 use crate::{Cli, Command};
 
@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Boot { id } => boot(&config, id),
+        Command::Run { bundle, id } => run_foreground(&config, &bundle, &id),
     }
 }
 
@@ -122,4 +123,57 @@ fn cleanup_interrupted(config: &Config, id: &SandboxId) {
             eprintln!("runvm: cannot remove {}: {e}", dir.display());
         }
     }
+}
+
+fn run_foreground(config: &Config, bundle: &std::path::Path, id: &str) -> Result<ExitCode> {
+    let id = ContainerId::parse(id)?;
+    let bundle =
+        std::path::absolute(bundle).with_context(|| format!("bundle path {}", bundle.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        for (kind, number) in [
+            (SignalKind::interrupt(), libc::SIGINT),
+            (SignalKind::terminate(), libc::SIGTERM),
+            (SignalKind::hangup(), libc::SIGHUP),
+            (SignalKind::quit(), libc::SIGQUIT),
+            (SignalKind::user_defined1(), libc::SIGUSR1),
+            (SignalKind::user_defined2(), libc::SIGUSR2),
+        ] {
+            let mut stream = signal(kind)?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if tx.send(number).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let outcome = runvm_sandbox::run::run_foreground(
+            config,
+            id,
+            &bundle,
+            tokio::io::stdin(),
+            tokio::io::stdout(),
+            tokio::io::stderr(),
+            rx,
+        )
+        .await?;
+        tracing::info!(
+            first_output_ms = outcome.first_output.map(|d| d.as_millis() as u64),
+            total_ms = outcome.total.as_millis() as u64,
+            "container exited"
+        );
+        Ok(ExitCode::from(outcome.exit.code.clamp(0, 255) as u8))
+    });
+    // The stdin relay may sit in a blocking read of a terminal: do not wait for it.
+    runtime.shutdown_background();
+    result
 }

@@ -42,6 +42,15 @@ enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Runs a container in a new sandbox VM in the foreground: stdio is relayed, signals are
+    /// passed on, and runvm exits with the container's exit code once the VM is gone.
+    Run {
+        /// The OCI bundle: a folder with config.json and the rootfs.
+        #[arg(short, long, default_value = ".", value_name = "DIR")]
+        bundle: PathBuf,
+        /// The container id (also the sandbox's).
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {
