@@ -404,13 +404,30 @@ impl Sandbox {
             self.hypervisor.resume().await?;
         }
         if let Ok(agent) = self.agent().await {
+            // Graceful first: each container gets SIGTERM and the stop timeout, all at once,
+            // then SIGKILL (the agent's RemoveContainer does both).
+            let grace = u32::try_from(self.stop_timeout.as_secs().max(1)).unwrap_or(u32::MAX);
+            let mut live = Vec::new();
             for id in self.record.containers.clone() {
                 let status = self.container_status(&id)?;
                 if matches!(status.state, State::Running | State::Paused | State::Ready) {
-                    if let Err(e) = agent.remove_container(id.as_str(), 0).await {
+                    if status.state == State::Paused {
+                        let _ = agent.resume_container(id.as_str()).await;
+                    }
+                    live.push(id);
+                }
+            }
+            let removals = live.into_iter().map(|id| {
+                let agent = Arc::clone(&agent);
+                async move {
+                    if let Err(e) = agent.remove_container(id.as_str(), grace).await {
                         tracing::warn!(container = %id, error = %e, "removing the container in the guest");
                     }
                 }
+            });
+            let handles: Vec<_> = removals.map(tokio::spawn).collect();
+            for h in handles {
+                let _ = h.await;
             }
             if let Err(e) = agent.shutdown().await {
                 tracing::warn!(error = %e, "agent shutdown failed; stopping the VM by force");
