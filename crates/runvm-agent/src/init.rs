@@ -6,8 +6,6 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 
 /// The file listing module files (relative to its folder) in load order, one per line.
 pub const MODULE_ORDER_FILE: &str = "/lib/modules/load-order";
@@ -103,24 +101,6 @@ pub fn load_modules(order_file: &Path) {
         }
     }
     tracing::info!(loaded, "kernel modules loaded");
-}
-
-/// Reaps every child that exits (orphans are re-parented to PID 1).
-pub async fn reap_children() {
-    let Ok(mut sigchld) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
-    else {
-        tracing::error!("cannot watch SIGCHLD; orphans will not be reaped");
-        return;
-    };
-    loop {
-        sigchld.recv().await;
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) => tracing::debug!(?status, "reaped"),
-            }
-        }
-    }
 }
 
 /// Syncs the file systems and powers the VM off. Never returns.

@@ -8,7 +8,10 @@
 //! `runvm-agent --listen unix:///tmp/agent.sock` (no mounts, no modules, exit instead of
 //! power-off).
 
+mod container;
+mod error;
 mod init;
+mod reaper;
 mod service;
 
 use std::sync::Arc;
@@ -19,7 +22,16 @@ use tokio::sync::Notify;
 
 use crate::service::{Agent, BootTimes};
 
+/// What the agent logs: INFO, with youki's libraries quieter (libcgroups warns about every
+/// controller it does not know, e.g. rdma and misc).
+pub const LOG_FILTER: &str = "info,libcgroups=error,libcontainer=warn";
+
 fn main() {
+    // The agent re-executed as the single-threaded libcontainer helper (container/helper.rs).
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(container::HIDDEN_ARG)) {
+        container::helper_main::main(args.next());
+    }
     let pid1 = std::process::id() == 1;
     let init_entered_us = init::boottime_us();
     if pid1 {
@@ -29,7 +41,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)
-        .with_max_level(tracing::Level::INFO)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(LOG_FILTER))
         .init();
     let listen = match listen_address(pid1) {
         Ok(a) => a,
@@ -83,10 +95,17 @@ fn listen_address(pid1: bool) -> Result<String, String> {
 
 async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
     let shutdown = Arc::new(Notify::new());
-    tokio::spawn(init::reap_children());
+    if std::process::id() != 1 {
+        // Outside a VM (tests): orphaned container processes must still come to us.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::warn!(error = %e, "cannot become a child subreaper");
+        }
+    }
+    let reaper = reaper::Reaper::new();
+    tokio::spawn(Arc::clone(&reaper).run());
 
     boot.agent_listening_us = init::boottime_us();
-    let agent = Agent::new(boot, Arc::clone(&shutdown));
+    let agent = Agent::new(boot, Arc::clone(&shutdown), reaper);
     let mut server = bind_with_retry(&listen)
         .await?
         .register_service(create_agent_service(Arc::new(agent)));
@@ -101,7 +120,9 @@ async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
         _ = shutdown.notified() => tracing::info!("shutdown requested"),
         _ = term.recv() => tracing::info!("SIGTERM received"),
     }
-    // Let the Shutdown reply reach the host before the connection goes.
+    // Let the Shutdown reply reach the host before the connection goes: the handler notifies
+    // before it returns, and the server's shutdown closes connections at once.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
     Ok(())
 }

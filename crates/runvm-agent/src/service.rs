@@ -9,6 +9,10 @@ use runvm_protocol::agent_ttrpc;
 use tokio::sync::Notify;
 use ttrpc::r#async::TtrpcContext;
 
+use crate::container::Containers;
+use crate::error::AgentError;
+use crate::reaper::Reaper;
+
 /// Guest-side boot timeline, microseconds of CLOCK_BOOTTIME.
 #[derive(Debug, Clone, Copy)]
 pub struct BootTimes {
@@ -22,12 +26,26 @@ pub struct BootTimes {
 pub struct Agent {
     boot: BootTimes,
     shutdown: Arc<Notify>,
+    containers: Arc<Containers>,
 }
 
 impl Agent {
-    pub fn new(boot: BootTimes, shutdown: Arc<Notify>) -> Self {
-        Agent { boot, shutdown }
+    /// Must be called inside the tokio runtime (it starts the OOM monitor).
+    pub fn new(boot: BootTimes, shutdown: Arc<Notify>, reaper: Arc<Reaper>) -> Self {
+        Agent {
+            boot,
+            shutdown,
+            containers: Containers::new(reaper),
+        }
     }
+}
+
+/// Logs a failed RPC and turns the error into a ttrpc status.
+fn answer<T>(method: &str, id: &str, result: Result<T, AgentError>) -> ttrpc::Result<T> {
+    result.map_err(|e| {
+        tracing::warn!(method, container = id, code = ?e.code, error = %e.message, "request failed");
+        e.into()
+    })
 }
 
 /// `uname -r`.
@@ -123,6 +141,211 @@ impl agent_ttrpc::AgentService for Agent {
         // notify_one stores a permit, so the main task sees it even if not waiting yet.
         self.shutdown.notify_one();
         Ok(agent::Empty::new())
+    }
+
+    // --- containers ---------------------------------------------------------------------
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CreateContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let id = req.container_id.clone();
+        let r = self.containers.create(req).await;
+        answer("CreateContainer", &id, r.map(|()| agent::Empty::new()))
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::StartContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let r = self.containers.start(req.container_id.clone()).await;
+        answer(
+            "StartContainer",
+            &req.container_id,
+            r.map(|()| agent::Empty::new()),
+        )
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::RemoveContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let r = self
+            .containers
+            .remove(req.container_id.clone(), req.timeout_secs)
+            .await;
+        answer(
+            "RemoveContainer",
+            &req.container_id,
+            r.map(|()| agent::Empty::new()),
+        )
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let r = self.containers.pause(req.container_id.clone(), true).await;
+        answer(
+            "PauseContainer",
+            &req.container_id,
+            r.map(|()| agent::Empty::new()),
+        )
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let r = self.containers.pause(req.container_id.clone(), false).await;
+        answer(
+            "ResumeContainer",
+            &req.container_id,
+            r.map(|()| agent::Empty::new()),
+        )
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let id = req.container_id.clone();
+        let r = self.containers.update(req).await;
+        answer("UpdateContainer", &id, r.map(|()| agent::Empty::new()))
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        let r = self.containers.stats(&req.container_id).await;
+        answer("StatsContainer", &req.container_id, r)
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ListProcessesRequest,
+    ) -> ttrpc::Result<agent::ListProcessesResponse> {
+        let r = self.containers.list_processes(&req.container_id);
+        answer("ListProcesses", &req.container_id, r)
+    }
+
+    // --- processes ----------------------------------------------------------------------
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ExecProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let id = req.container_id.clone();
+        let r = self.containers.exec(req).await;
+        answer("ExecProcess", &id, r.map(|()| agent::Empty::new()))
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SignalProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let r = self.containers.signal(&req);
+        answer(
+            "SignalProcess",
+            &req.container_id,
+            r.map(|()| agent::Empty::new()),
+        )
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::WaitProcessRequest,
+    ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        let r = self.containers.wait(&req).await;
+        answer("WaitProcess", &req.container_id, r)
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::WriteStreamRequest,
+    ) -> ttrpc::Result<agent::WriteStreamResponse> {
+        let r = self
+            .containers
+            .write_stdin(&req)
+            .await
+            .map(|len| agent::WriteStreamResponse {
+                len,
+                ..Default::default()
+            });
+        answer("WriteStdin", &req.container_id, r)
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        let r = self.containers.read(&req, false).await;
+        answer("ReadStdout", &req.container_id, r)
+    }
+
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        let r = self.containers.read(&req, true).await;
+        answer("ReadStderr", &req.container_id, r)
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CloseStdinRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let r = self.containers.close_stdin(&req).await;
+        answer(
+            "CloseStdin",
+            &req.container_id,
+            r.map(|()| agent::Empty::new()),
+        )
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::TtyWinResizeRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let r = self.containers.resize(&req);
+        answer(
+            "TtyWinResize",
+            &req.container_id,
+            r.map(|()| agent::Empty::new()),
+        )
+    }
+
+    // --- events -------------------------------------------------------------------------
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::GetOOMEventRequest,
+    ) -> ttrpc::Result<agent::OOMEvent> {
+        match self.containers.next_oom_event().await {
+            Some(container_id) => Ok(agent::OOMEvent {
+                container_id,
+                ..Default::default()
+            }),
+            None => Err(AgentError::internal("the OOM monitor stopped").into()),
+        }
     }
 }
 

@@ -90,26 +90,80 @@ async fn health_version_and_details_answer() {
 async fn rpcs_not_yet_implemented_answer_unimplemented() {
     let agent = AgentProcess::start();
     let c = agent.client().await;
-    let req = agent::CreateContainerRequest {
-        container_id: "c1".into(),
-        ..Default::default()
-    };
-    let err = c.create_container(ctx(), &req).await.unwrap_err();
+    let err = c
+        .update_interface(ctx(), &agent::UpdateInterfaceRequest::new())
+        .await
+        .unwrap_err();
     match err {
         ttrpc::Error::RpcStatus(s) => {
             assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{s:?}");
-            assert!(s.message().contains("CreateContainer"), "{s:?}");
+            assert!(s.message().contains("UpdateInterface"), "{s:?}");
         }
         other => panic!("expected an RPC status, got {other:?}"),
     }
     let err = c
-        .wait_process(ctx(), &agent::WaitProcessRequest::new())
+        .list_routes(ctx(), &agent::ListRoutesRequest::new())
         .await
         .unwrap_err();
     assert!(
         matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::UNIMPLEMENTED),
         "{err:?}"
     );
+}
+
+fn status_of(err: ttrpc::Error) -> (ttrpc::Code, String) {
+    match err {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+}
+
+/// Requests that fail validation never touch the host (no container is made outside a VM).
+#[tokio::test]
+async fn container_rpcs_check_their_input() {
+    let agent = AgentProcess::start();
+    let c = agent.client().await;
+    let create = |id: &str, spec: &[u8]| agent::CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec_json: spec.to_vec(),
+        ..Default::default()
+    };
+    let (code, msg) = status_of(
+        c.create_container(ctx(), &create("a/b", b"{}"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("invalid container id \"a/b\""), "{msg}");
+    let (code, msg) = status_of(
+        c.create_container(ctx(), &create("c1", b""))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("not a valid OCI runtime spec"), "{msg}");
+
+    let wait = agent::WaitProcessRequest {
+        container_id: "nosuch".into(),
+        ..Default::default()
+    };
+    let (code, msg) = status_of(c.wait_process(ctx(), &wait).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::NOT_FOUND);
+    assert!(msg.contains("\"nosuch\""), "{msg}");
+    let read = agent::ReadStreamRequest {
+        container_id: "..".into(),
+        ..Default::default()
+    };
+    let (code, _) = status_of(c.read_stdout(ctx(), &read).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    let exec = agent::ExecProcessRequest {
+        container_id: "nosuch".into(),
+        exec_id: "".into(),
+        ..Default::default()
+    };
+    let (code, msg) = status_of(c.exec_process(ctx(), &exec).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("invalid exec id"), "{msg}");
 }
 
 #[tokio::test]
@@ -155,7 +209,10 @@ fn sigterm_stops_the_agent_cleanly() {
             assert!(status.success(), "{status}");
             break;
         }
-        assert!(Instant::now() < deadline, "agent still running after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "agent still running after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -77,6 +77,12 @@ pub trait Hypervisor: Send + Sync + Debug {
 
     /// The last `lines` lines the guest wrote to its serial console.
     fn console_tail(&self, lines: usize) -> Vec<String>;
+
+    /// The last `lines` lines of each helper's log, prefixed with its name, for error reports.
+    fn helper_log_tails(&self, lines: usize) -> Vec<String> {
+        let _ = lines;
+        Vec::new()
+    }
 }
 
 /// Waits in small steps until `cond` holds or `timeout` elapses; returns whether it held.

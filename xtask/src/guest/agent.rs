@@ -12,6 +12,8 @@ use crate::cmd;
 pub const PACKAGE: &str = "runvm-agent";
 /// The only target installed here; `+crt-static` makes its binaries static (no musl needed).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Where Debian's libseccomp-dev puts libseccomp.a.
+const LIBSECCOMP_LIB_PATH: &str = "/usr/lib/x86_64-linux-gnu";
 
 /// The workspace root: the parent of this crate's folder.
 pub fn workspace_root() -> Result<PathBuf> {
@@ -37,7 +39,11 @@ pub fn build(root: &Path) -> Result<PathBuf> {
             .current_dir(root)
             // This takes precedence over RUSTFLAGS when set (as in some cargo contexts).
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            // libcontainer's seccomp support links libseccomp: statically here (Debian's
+            // libseccomp-dev ships libseccomp.a), since the guest has no shared libraries.
+            .env("LIBSECCOMP_LINK_TYPE", "static")
+            .env("LIBSECCOMP_LIB_PATH", LIBSECCOMP_LIB_PATH),
     )?;
     let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),

@@ -516,6 +516,23 @@ impl Hypervisor for Qemu {
             .map(|l| tail(&l.console_log(), lines))
             .unwrap_or_default()
     }
+
+    fn helper_log_tails(&self, lines: usize) -> Vec<String> {
+        let Some(l) = self.layout.as_ref() else {
+            return Vec::new();
+        };
+        [
+            ("vhost-device-vsock", l.vsock_log()),
+            ("virtiofsd", l.virtiofsd_log()),
+        ]
+        .into_iter()
+        .flat_map(|(name, path)| {
+            tail(&path, lines)
+                .into_iter()
+                .map(move |line| format!("{name}: {line}"))
+        })
+        .collect()
+    }
 }
 
 impl Drop for Qemu {

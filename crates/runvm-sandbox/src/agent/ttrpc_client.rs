@@ -322,9 +322,11 @@ impl Agent for TtrpcAgent {
             timeout_secs,
             ..Default::default()
         };
-        // Removal may wait `timeout_secs` for processes to exit: allow for it.
+        // Removal may wait `timeout_secs` for processes to exit, then up to 10 s for the kill:
+        // allow for both.
         let ctx = ttrpc::context::with_timeout(
-            (self.request_timeout + Duration::from_secs(u64::from(timeout_secs))).as_nanos() as i64,
+            (self.request_timeout + Duration::from_secs(u64::from(timeout_secs) + 15)).as_nanos()
+                as i64,
         );
         self.call_unbounded("RemoveContainer", self.client.remove_container(ctx, &req))
             .await

@@ -190,6 +190,7 @@ impl Sandbox {
         let timeout = self.boot_timeout;
         let deadline = Instant::now() + timeout;
         let mut last_error: Option<AgentError> = None;
+        let mut attempts = 0u32;
         loop {
             if let Err(e) = self.hypervisor.check().await {
                 return Err(SandboxError::VmDied {
@@ -199,18 +200,31 @@ impl Sandbox {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                let mut console = self.hypervisor.console_tail(CONSOLE_LINES);
+                console.extend(self.hypervisor.helper_log_tails(5));
                 return Err(SandboxError::AgentTimeout {
                     timeout,
-                    last_error: last_error.map(|e| e.to_string()).unwrap_or_default(),
-                    console: self.hypervisor.console_tail(CONSOLE_LINES),
+                    last_error: format!(
+                        "{attempts} attempts; last: {}",
+                        last_error.map(|e| e.to_string()).unwrap_or_default()
+                    ),
+                    console,
                 });
             }
-            let attempt = left.min(Duration::from_secs(1));
+            // A guest slowed by load may take seconds to accept; an absent listener is refused
+            // at once, so a generous bound per attempt costs nothing while booting.
+            let attempt = left.min(Duration::from_secs(5));
+            attempts += 1;
             match self.connector.connect(&address, attempt).await {
                 Ok(agent) => match tokio::time::timeout(attempt, agent.check()).await {
                     Ok(Ok(())) => return Ok(Arc::from(agent)),
                     Ok(Err(e)) => last_error = Some(e),
-                    Err(_) => {}
+                    Err(_) => {
+                        last_error = Some(AgentError::Timeout {
+                            method: "Check",
+                            timeout: attempt,
+                        })
+                    }
                 },
                 Err(e) => last_error = Some(e),
             }
