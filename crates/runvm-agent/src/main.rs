@@ -114,6 +114,9 @@ async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot serve on {listen}: {e}"))?;
     tracing::info!(address = %listen, version = env!("CARGO_PKG_VERSION"), "runvm-agent listening");
+    if listen.starts_with("vsock://") {
+        tokio::spawn(announce_ready());
+    }
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     tokio::select! {
@@ -125,6 +128,24 @@ async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
     Ok(())
+}
+
+/// Tells the host the agent listens: a connection to the host (CID 2) on
+/// [`runvm_protocol::READY_VSOCK_PORT`] carrying one line. A host that does not listen there
+/// refuses at once; it then finds the agent by polling.
+async fn announce_ready() {
+    use tokio::io::AsyncWriteExt;
+    let addr = tokio_vsock::VsockAddr::new(2, runvm_protocol::READY_VSOCK_PORT);
+    let sent = async {
+        let mut stream = tokio_vsock::VsockStream::connect(addr).await?;
+        stream.write_all(b"READY\n").await?;
+        stream.shutdown(std::net::Shutdown::Write)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), sent).await {
+        Ok(Ok(())) => tracing::debug!("readiness announced to the host"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "host does not take the readiness announcement"),
+        Err(_) => tracing::debug!("readiness announcement timed out"),
+    }
 }
 
 /// Binds the listener; vsock may need a moment after the transport module loads.

@@ -27,5 +27,9 @@ pub use ttrpc;
 /// The vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The host port the agent connects to once it listens, to say it is ready (one line,
+/// `READY`). With vhost-device-vsock the host listens on the unix socket `<uds>_<port>`.
+pub const READY_VSOCK_PORT: u32 = 1025;
+
 /// Raised on an incompatible change of `agent.proto`; reported by `Version`.
 pub const API_VERSION: u32 = 1;

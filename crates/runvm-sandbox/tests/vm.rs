@@ -131,13 +131,14 @@ async fn silent_agent_times_out_with_guest_console_and_leaves_nothing() {
         "--listen".into(),
         "unix:///run/elsewhere.sock".into(),
     ];
-    host.config.agent.boot_timeout_ms = 10_000;
+    // Long enough for the guest to reach the agent even on a loaded host.
+    host.config.agent.boot_timeout_ms = 25_000;
     let err = create_qemu_sandbox(&host.config, id("silent"), Default::default())
         .await
         .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, SandboxError::AgentTimeout { .. }), "{text}");
-    assert!(text.contains("within 10000 ms"), "{text}");
+    assert!(text.contains("within 25000 ms"), "{text}");
     assert!(
         text.contains("runvm-agent listening") && text.contains("unix:///run/elsewhere.sock"),
         "console tail missing from: {text}"

@@ -102,6 +102,7 @@ pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettin
         },
         boot_timeout: config.agent.boot_timeout(),
         stop_timeout: Duration::from_millis(config.hypervisor.stop_timeout_ms),
+        ready_signal: true,
     })
 }
 

@@ -68,6 +68,8 @@ pub struct SandboxSettings {
     pub boot_timeout: Duration,
     /// How long the guest may take to power off.
     pub stop_timeout: Duration,
+    /// Wait for the agent's readiness announcement before connecting (hybrid vsock only).
+    pub ready_signal: bool,
 }
 
 /// The state of a sandbox and its containers.
@@ -95,6 +97,7 @@ pub struct Sandbox {
     hypervisor: Box<dyn Hypervisor>,
     connector: Arc<dyn AgentConnector>,
     agent: Option<Arc<dyn Agent>>,
+    ready_signal: bool,
 }
 
 impl Sandbox {
@@ -128,6 +131,7 @@ impl Sandbox {
             hypervisor,
             connector,
             agent: None,
+            ready_signal: settings.ready_signal,
         };
         match sandbox.boot(&lock).await {
             Ok(report) => Ok((sandbox, report)),
@@ -156,11 +160,12 @@ impl Sandbox {
         self.hypervisor
             .prepare(self.record.vm.config.clone())
             .await?;
+        let ready = self.ready_listener()?;
         self.hypervisor.start().await?;
         let vm_started = t0.elapsed();
         self.record.mark("vm-started");
         tracing::info!(ms = vm_started.as_millis() as u64, "VM started");
-        let agent = self.wait_for_agent().await?;
+        let agent = self.wait_for_agent(ready).await?;
         let total = t0.elapsed();
         self.record.mark("agent-ready");
         tracing::info!(ms = total.as_millis() as u64, "agent answered");
@@ -183,12 +188,71 @@ impl Sandbox {
         })
     }
 
+    /// With hybrid vsock, a unix listener where vhost-device-vsock delivers the agent's
+    /// readiness announcement (guest-initiated connections to port P go to `<uds>_P`).
+    fn ready_listener(&self) -> Result<Option<tokio::net::UnixListener>, SandboxError> {
+        if !self.ready_signal {
+            return Ok(None);
+        }
+        let runvm_hypervisor::AgentAddress::HybridVsock { uds_path, .. } =
+            self.hypervisor.agent_address()?
+        else {
+            return Ok(None);
+        };
+        let path = PathBuf::from(format!(
+            "{}_{}",
+            uds_path.display(),
+            runvm_protocol::READY_VSOCK_PORT
+        ));
+        tokio::net::UnixListener::bind(&path)
+            .map(Some)
+            .map_err(|source| SandboxError::Io {
+                action: "listen for the agent's readiness on",
+                path,
+                source,
+            })
+    }
+
+    /// Waits for the agent's readiness announcement on `ready`, up to half the boot timeout
+    /// (an agent that cannot announce is then found by polling), watching the VM meanwhile.
+    async fn wait_ready(&mut self, ready: tokio::net::UnixListener) -> Result<(), SandboxError> {
+        let until = Instant::now() + self.boot_timeout / 2;
+        loop {
+            tokio::select! {
+                accepted = ready.accept() => {
+                    if accepted.is_ok() {
+                        tracing::debug!("agent announced it listens");
+                    }
+                    return Ok(());
+                }
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            if let Err(e) = self.hypervisor.check().await {
+                return Err(SandboxError::VmDied {
+                    source: e,
+                    console: self.hypervisor.console_tail(CONSOLE_LINES),
+                });
+            }
+            if Instant::now() >= until {
+                tracing::warn!("no readiness announcement from the agent; polling for it");
+                return Ok(());
+            }
+        }
+    }
+
     /// Connects and health-checks the agent until it answers, the VM dies, or the boot timeout
-    /// passes.
-    async fn wait_for_agent(&mut self) -> Result<Arc<dyn Agent>, SandboxError> {
+    /// passes. With `ready`, the first connection waits for the agent's announcement: connecting
+    /// to a guest whose vsock is not up yet has been seen to wedge vhost-device-vsock.
+    async fn wait_for_agent(
+        &mut self,
+        ready: Option<tokio::net::UnixListener>,
+    ) -> Result<Arc<dyn Agent>, SandboxError> {
         let address = self.hypervisor.agent_address()?;
         let timeout = self.boot_timeout;
         let deadline = Instant::now() + timeout;
+        if let Some(ready) = ready {
+            self.wait_ready(ready).await?;
+        }
         let mut last_error: Option<AgentError> = None;
         let mut attempts = 0u32;
         loop {
@@ -254,6 +318,7 @@ impl Sandbox {
             hypervisor,
             connector,
             agent: None,
+            ready_signal: false,
         })
     }
 

@@ -42,6 +42,7 @@ fn fixture(boot_timeout: Duration) -> Fixture {
         },
         boot_timeout,
         stop_timeout: Duration::from_secs(1),
+        ready_signal: false,
     };
     let mut config = Config::default();
     config.runtime.root = root.path().to_path_buf();
