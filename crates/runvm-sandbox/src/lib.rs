@@ -17,6 +17,8 @@ mod error;
 mod id;
 pub mod run;
 pub mod sandbox;
+pub mod standalone;
+pub mod standin;
 pub mod state;
 pub mod store;
 

@@ -5,16 +5,18 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use runvm_sandbox::config::Config;
-use runvm_sandbox::{check, sandbox, ContainerId, SandboxId};
+use runvm_sandbox::{check, sandbox, SandboxId};
 
-use crate::{Cli, Command};
+use crate::{oci, ops, standin, Cli, Command};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    let mut config = Config::load(cli.config.as_deref())?;
-    if let Some(root) = cli.root {
-        config.runtime.root = root;
+    let g = &cli.global;
+    let mut config = Config::load(g.config.as_deref())?;
+    if let Some(root) = &g.root {
+        config.runtime.root = std::path::absolute(root)?;
         config.validate()?;
     }
+    let c = &config;
     match cli.command {
         Command::Check => Ok(check(&config)),
         Command::Env => {
@@ -25,8 +27,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", config.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Boot { id } => boot(&config, id),
-        Command::Run { bundle, id } => run_foreground(&config, &bundle, &id),
+        Command::Boot { id } => boot(c, id),
+        Command::Create(a) => oci::create(g, c, &a),
+        Command::Start { id } => oci::start(c, &id),
+        Command::Run { create, detach } => oci::run(g, c, &create, detach),
+        Command::State { id } => oci::state(c, &id),
+        Command::Kill { all, id, signal } => oci::kill(c, &id, &signal, all),
+        Command::Delete { force, id } => oci::delete(c, &id, force),
+        Command::Exec(a) => ops::exec(g, c, &a),
+        Command::Ps { format, id, .. } => oci::ps(c, &id, format),
+        Command::Pause { id } => oci::pause(c, &id, true),
+        Command::Resume { id } => oci::pause(c, &id, false),
+        Command::List { format, quiet } => oci::list(c, format, quiet),
+        Command::Events {
+            stats,
+            interval,
+            id,
+        } => ops::events(c, &id, stats, &interval),
+        Command::Update(a) => ops::update(c, &a),
+        Command::Spec { bundle } => oci::spec(&bundle),
+        Command::Features => ops::features(),
+        Command::Standin { exec, terminal, id } => standin::main(c, &id, &exec, terminal),
     }
 }
 
@@ -123,57 +144,4 @@ fn cleanup_interrupted(config: &Config, id: &SandboxId) {
             eprintln!("runvm: cannot remove {}: {e}", dir.display());
         }
     }
-}
-
-fn run_foreground(config: &Config, bundle: &std::path::Path, id: &str) -> Result<ExitCode> {
-    let id = ContainerId::parse(id)?;
-    let bundle =
-        std::path::absolute(bundle).with_context(|| format!("bundle path {}", bundle.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let result = runtime.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        for (kind, number) in [
-            (SignalKind::interrupt(), libc::SIGINT),
-            (SignalKind::terminate(), libc::SIGTERM),
-            (SignalKind::hangup(), libc::SIGHUP),
-            (SignalKind::quit(), libc::SIGQUIT),
-            (SignalKind::user_defined1(), libc::SIGUSR1),
-            (SignalKind::user_defined2(), libc::SIGUSR2),
-        ] {
-            let mut stream = signal(kind)?;
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while stream.recv().await.is_some() {
-                    if tx.send(number).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        let outcome = runvm_sandbox::run::run_foreground(
-            config,
-            id,
-            &bundle,
-            tokio::io::stdin(),
-            tokio::io::stdout(),
-            tokio::io::stderr(),
-            rx,
-        )
-        .await?;
-        tracing::info!(
-            first_output_ms = outcome.first_output.map(|d| d.as_millis() as u64),
-            total_ms = outcome.total.as_millis() as u64,
-            "container exited"
-        );
-        Ok(ExitCode::from(outcome.exit.code.clamp(0, 255) as u8))
-    });
-    // The stdin relay may sit in a blocking read of a terminal: do not wait for it.
-    runtime.shutdown_background();
-    result
 }

@@ -330,7 +330,9 @@ impl Sandbox {
         Ok(status)
     }
 
-    fn record_exit(
+    /// Records a process's exit (as [`Sandbox::wait`] does) for a caller that waited on the
+    /// agent itself, without holding the sandbox; the init's exit stops the container.
+    pub fn record_exit(
         &mut self,
         id: &ContainerId,
         exec_id: &str,

@@ -1,0 +1,298 @@
+//! runc's lifecycle commands: create, start, run, state, kill, delete, pause, resume, list, ps.
+//! Each is a thin layer over `runvm_sandbox::standalone`; the stand-in is started here because
+//! it is this binary run again.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, ExitCode};
+
+use anyhow::{Context, Result};
+use runvm_sandbox::config::Config;
+use runvm_sandbox::container::spec;
+use runvm_sandbox::standalone::{self, HostProcess, StandaloneError};
+use runvm_sandbox::ContainerId;
+
+use crate::args::{CreateArgs, Format, Global};
+use crate::standin::{self, StandinIo};
+
+/// Runs `f` on a fresh async runtime.
+pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+fn cid(id: &str) -> Result<ContainerId> {
+    Ok(ContainerId::parse(id)?)
+}
+
+/// Creates the container and its stand-in; returns the stand-in and whether it has a terminal.
+fn create_with_standin(
+    global: &Global,
+    config: &Config,
+    a: &CreateArgs,
+    foreground: bool,
+) -> Result<(ContainerId, Child, bool)> {
+    let id = cid(&a.id)?;
+    let bundle = std::path::absolute(&a.bundle)
+        .with_context(|| format!("bundle path {}", a.bundle.display()))?;
+    let terminal = standalone::check_bundle(&bundle, &id)?;
+    if terminal && !foreground && a.io.console_socket.is_none() {
+        anyhow::bail!("cannot allocate tty if runvm will detach without setting console socket");
+    }
+    if !terminal && a.io.console_socket.is_some() {
+        anyhow::bail!("cannot use console socket if runvm will not detach or allocate tty");
+    }
+    let annotations: BTreeMap<String, String> = spec::load(&bundle)
+        .ok()
+        .and_then(|s| s.get("annotations").cloned())
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    block_on(async {
+        let sb = standalone::create(config, &id, &bundle, annotations).await?;
+        let started = (|| {
+            let io = match &a.io.console_socket {
+                Some(socket) => standin::console(socket)?,
+                None => StandinIo::Inherit,
+            };
+            let mut child = standin::spawn(global, config, &id, "", terminal, io)?;
+            let recorded = HostProcess::of(child.id())
+                .context("the stand-in process exited at once")
+                .and_then(|p| Ok(standalone::set_standin(config, &id, p)?))
+                .and_then(|()| match &a.io.pid_file {
+                    Some(path) => standin::write_pid_file(path, child.id()),
+                    None => Ok(()),
+                });
+            if let Err(e) = recorded {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+            Ok(child)
+        })();
+        match started {
+            Ok(child) => {
+                sb.detach();
+                Ok((id, child, terminal))
+            }
+            Err(e) => {
+                standalone::abort(sb).await;
+                Err(e)
+            }
+        }
+    })
+}
+
+pub fn create(global: &Global, config: &Config, a: &CreateArgs) -> Result<ExitCode> {
+    // The stand-in lives on after runvm exits (a caller that is a subreaper adopts it).
+    create_with_standin(global, config, a, false)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn start_container(config: &Config, id: &ContainerId) -> Result<()> {
+    let (mut sb, st) = standalone::open(config, id)?;
+    match st.status {
+        "created" => Ok(sb.start_container(id).await?),
+        "stopped" => Err(StandaloneError::StartStopped.into()),
+        _ => Err(StandaloneError::AlreadyRunning.into()),
+    }
+}
+
+pub fn start(config: &Config, id: &str) -> Result<ExitCode> {
+    let id = cid(id)?;
+    block_on(start_container(config, &id))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(global: &Global, config: &Config, a: &CreateArgs, detach: bool) -> Result<ExitCode> {
+    let (id, child, terminal) = create_with_standin(global, config, a, !detach)?;
+    if let Err(e) = block_on(start_container(config, &id)) {
+        let _ = block_on(async { Ok(standalone::delete(config, &id, true).await?) });
+        return Err(e);
+    }
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let code = standin::wait_foreground(child, terminal && a.io.console_socket.is_none())?;
+    block_on(async { Ok(standalone::delete(config, &id, true).await?) })?;
+    Ok(ExitCode::from(code))
+}
+
+pub fn state(config: &Config, id: &str) -> Result<ExitCode> {
+    let st = standalone::state(config, &cid(id)?)?;
+    println!("{}", serde_json::to_string_pretty(&st)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A signal by name (`KILL`, `SIGKILL`, `kill`) or number.
+pub fn parse_signal(text: &str) -> Result<i32> {
+    if let Ok(n) = text.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let number = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "ILL" => libc::SIGILL,
+        "TRAP" => libc::SIGTRAP,
+        "ABRT" | "IOT" => libc::SIGABRT,
+        "BUS" => libc::SIGBUS,
+        "FPE" => libc::SIGFPE,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "SEGV" => libc::SIGSEGV,
+        "USR2" => libc::SIGUSR2,
+        "PIPE" => libc::SIGPIPE,
+        "ALRM" => libc::SIGALRM,
+        "TERM" => libc::SIGTERM,
+        "STKFLT" => libc::SIGSTKFLT,
+        "CHLD" => libc::SIGCHLD,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "TSTP" => libc::SIGTSTP,
+        "TTIN" => libc::SIGTTIN,
+        "TTOU" => libc::SIGTTOU,
+        "URG" => libc::SIGURG,
+        "XCPU" => libc::SIGXCPU,
+        "XFSZ" => libc::SIGXFSZ,
+        "VTALRM" => libc::SIGVTALRM,
+        "PROF" => libc::SIGPROF,
+        "WINCH" => libc::SIGWINCH,
+        "IO" | "POLL" => libc::SIGIO,
+        "PWR" => libc::SIGPWR,
+        "SYS" => libc::SIGSYS,
+        _ => anyhow::bail!("unknown signal {text:?}"),
+    };
+    Ok(number)
+}
+
+pub fn kill(config: &Config, id: &str, signal: &str, all: bool) -> Result<ExitCode> {
+    let id = cid(id)?;
+    let signal = parse_signal(signal)?;
+    block_on(async {
+        let (mut sb, st) = standalone::open(config, &id)?;
+        if st.status == "stopped" {
+            return Err(StandaloneError::NotRunning.into());
+        }
+        Ok(sb.signal(&id, "", signal, all).await?)
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn delete(config: &Config, id: &str, force: bool) -> Result<ExitCode> {
+    let id = cid(id)?;
+    match block_on(async { Ok(standalone::delete(config, &id, force).await?) }) {
+        Err(e)
+            if force
+                && matches!(
+                    e.downcast_ref::<StandaloneError>(),
+                    Some(StandaloneError::NotExist(_))
+                ) =>
+        {
+            Ok(ExitCode::SUCCESS)
+        }
+        r => r.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+pub fn pause(config: &Config, id: &str, pause: bool) -> Result<ExitCode> {
+    let id = cid(id)?;
+    block_on(async {
+        let (mut sb, st) = standalone::open(config, &id)?;
+        match (pause, st.status) {
+            (true, "running") => Ok(sb.pause_container(&id).await?),
+            (true, _) => Err(StandaloneError::NotRunning.into()),
+            (false, "paused") => Ok(sb.resume_container(&id).await?),
+            (false, _) => Err(StandaloneError::NotPaused.into()),
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(config: &Config, format: Format, quiet: bool) -> Result<ExitCode> {
+    let states = standalone::list(config)?;
+    if quiet {
+        for s in &states {
+            println!("{}", s.id);
+        }
+    } else if format == Format::Json {
+        println!("{}", serde_json::to_string(&states)?);
+    } else {
+        let rows: Vec<[String; 6]> = states
+            .iter()
+            .map(|s| {
+                [
+                    s.id.clone(),
+                    s.pid.to_string(),
+                    s.status.to_string(),
+                    s.bundle.display().to_string(),
+                    s.created.clone(),
+                    s.owner.clone(),
+                ]
+            })
+            .collect();
+        let header = ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"].map(String::from);
+        print_table(&header, &rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table<const N: usize>(header: &[String; N], rows: &[[String; N]]) {
+    let mut widths = header.clone().map(|h| h.len());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(header).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect();
+        println!("{}", cells.join("   ").trim_end());
+    }
+}
+
+pub fn ps(config: &Config, id: &str, format: Format) -> Result<ExitCode> {
+    let id = cid(id)?;
+    let processes = block_on(async {
+        let (mut sb, st) = standalone::open(config, &id)?;
+        if st.status == "stopped" {
+            return Err(StandaloneError::NotRunning.into());
+        }
+        Ok(sb.processes(&id).await?)
+    })?;
+    if format == Format::Json {
+        let pids: Vec<i32> = processes.iter().map(|p| p.pid).collect();
+        println!("{}", serde_json::to_string(&pids)?);
+    } else {
+        let rows: Vec<[String; 2]> = processes
+            .iter()
+            .map(|p| [p.pid.to_string(), p.cmd.clone()])
+            .collect();
+        print_table(&["PID".into(), "CMD".into()], &rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes runc's default config.json into `bundle`, refusing to overwrite one.
+pub fn spec(bundle: &Path) -> Result<ExitCode> {
+    let path = bundle.join("config.json");
+    if path.exists() {
+        anyhow::bail!("File {} exists. Remove it first", path.display());
+    }
+    let text = serde_json::to_string_pretty(&runvm_sandbox::container::bundle::default_spec(
+        &["sh"],
+        true,
+    ))?;
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,401 @@
+//! runc's process and resource commands: exec, events, update, features.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use runvm_sandbox::agent::{ContainerStats, StdioSpec};
+use runvm_sandbox::config::Config;
+use runvm_sandbox::sandbox::ExecRequest;
+use runvm_sandbox::standalone::{self, StandaloneError, OCI_VERSION};
+use runvm_sandbox::state::StdioRecord;
+use runvm_sandbox::ContainerId;
+use serde_json::{json, Value};
+
+use crate::args::{ExecArgs, Global, UpdateArgs};
+use crate::oci::block_on;
+use crate::standin::{self, StandinIo};
+
+/// The OCI process `exec` runs: the --process file, or the container's own process with the
+/// command and flags given.
+fn exec_process(base: &Value, a: &ExecArgs) -> Result<Value> {
+    if let Some(path) = &a.process {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the process file {}", path.display()))?;
+        return serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid OCI process", path.display()));
+    }
+    if a.command.is_empty() {
+        anyhow::bail!("exec args cannot be empty");
+    }
+    let mut p = base.clone();
+    if !p.is_object() {
+        p = json!({"user": {"uid": 0, "gid": 0}, "cwd": "/", "env": []});
+    }
+    p["args"] = json!(a.command);
+    p["terminal"] = json!(a.tty);
+    if let Some(env) = p.get_mut("env").and_then(Value::as_array_mut) {
+        env.extend(a.env.iter().map(|e| json!(e)));
+    } else {
+        p["env"] = json!(a.env);
+    }
+    if let Some(cwd) = &a.cwd {
+        p["cwd"] = json!(cwd);
+    }
+    if let Some(user) = &a.user {
+        let (uid, gid) = user.split_once(':').unwrap_or((user, "0"));
+        let parse = |s: &str| {
+            s.parse::<u32>()
+                .with_context(|| format!("user {user:?}: expected UID[:GID] as numbers"))
+        };
+        p["user"] = json!({"uid": parse(uid)?, "gid": parse(gid)?});
+    }
+    if !a.additional_gids.is_empty() {
+        p["user"]["additionalGids"] = json!(a.additional_gids);
+    }
+    Ok(p)
+}
+
+pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> {
+    let id = ContainerId::parse(&a.id)?;
+    let nanos = runvm_sandbox::state::unix_now_ns() % 1_000_000_000;
+    let exec_id = format!("exec-{}-{nanos:x}", std::process::id());
+    let terminal = block_on(async {
+        let (mut sb, st) = standalone::open(config, &id)?;
+        match st.status {
+            "running" => {}
+            "stopped" => return Err(StandaloneError::ExecStopped.into()),
+            _ => return Err(StandaloneError::NotRunning.into()),
+        }
+        let base = sb.container(&id)?.spec.get("process").cloned();
+        let process = exec_process(&base.unwrap_or(Value::Null), a)?;
+        let terminal = process
+            .get("terminal")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if terminal && a.detach && a.io.console_socket.is_none() {
+            anyhow::bail!(
+                "cannot allocate tty if runvm will detach without setting console socket"
+            );
+        }
+        let stdio = StdioSpec {
+            stdin: true,
+            stdout: true,
+            stderr: !terminal,
+            terminal,
+        };
+        let request = ExecRequest {
+            exec_id: exec_id.clone(),
+            process,
+            stdio,
+            stdio_paths: StdioRecord::default(),
+        };
+        sb.exec(&id, request).await?;
+        Ok(terminal)
+    })?;
+    let io = match &a.io.console_socket {
+        Some(socket) => standin::console(socket)?,
+        None => StandinIo::Inherit,
+    };
+    let child = standin::spawn(global, config, &id, &exec_id, terminal, io)?;
+    if let Some(path) = &a.io.pid_file {
+        standin::write_pid_file(path, child.id())?;
+    }
+    if a.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let code = standin::wait_foreground(child, terminal && a.io.console_socket.is_none())?;
+    Ok(ExitCode::from(code))
+}
+
+/// runc's stats event for `stats`.
+fn stats_event(id: &ContainerId, s: &ContainerStats) -> Value {
+    let network: Vec<Value> = s
+        .network
+        .iter()
+        .map(|n| {
+            json!({"name": n.name, "rx_bytes": n.rx_bytes, "rx_packets": n.rx_packets,
+                "rx_errors": n.rx_errors, "rx_dropped": n.rx_dropped, "tx_bytes": n.tx_bytes,
+                "tx_packets": n.tx_packets, "tx_errors": n.tx_errors, "tx_dropped": n.tx_dropped})
+        })
+        .collect();
+    json!({
+        "type": "stats",
+        "id": id.as_str(),
+        "data": {
+            "cpu": {
+                "usage": {"total": s.cpu.usage_total_ns, "percpu": [],
+                          "kernel": s.cpu.usage_kernel_ns, "user": s.cpu.usage_user_ns},
+                "throttling": {"throttledPeriods": s.cpu.throttled_periods,
+                               "throttledTime": s.cpu.throttled_time_ns}
+            },
+            "memory": {
+                "cache": s.memory.cache_bytes,
+                "usage": {"limit": s.memory.limit_bytes, "usage": s.memory.usage_bytes,
+                          "max": s.memory.max_usage_bytes},
+                "raw": {"oom_kill": s.memory.oom_kills}
+            },
+            "pids": {"current": s.pids_current, "limit": s.pids_limit},
+            "blkio": {"ioServiceBytesRecursive": [
+                {"major": 0, "minor": 0, "op": "Read", "value": s.io_read_bytes},
+                {"major": 0, "minor": 0, "op": "Write", "value": s.io_write_bytes}
+            ]},
+            "hugetlb": {},
+            "intel_rdt": {},
+            "network_interfaces": network
+        }
+    })
+}
+
+/// A duration such as `5s`, `500ms`, `1m`, or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .with_context(|| format!("invalid duration {text:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => anyhow::bail!("invalid duration {text:?}: units are ms, s, m, h"),
+    };
+    if secs <= 0.0 {
+        anyhow::bail!("duration must be greater than 0");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn events(config: &Config, id: &str, once: bool, interval: &str) -> Result<ExitCode> {
+    let id = ContainerId::parse(id)?;
+    let interval = parse_duration(interval)?;
+    block_on(async {
+        let (mut sb, st) = standalone::open(config, &id)?;
+        if st.status == "stopped" {
+            anyhow::bail!("container with id {id} is not running");
+        }
+        if !once {
+            // OOM kills as they happen, next to the periodic stats.
+            let agent = sb.agent().await?;
+            let me = id.to_string();
+            tokio::spawn(async move {
+                while let Ok(who) = agent.oom_event().await {
+                    if who == me {
+                        println!("{}", json!({"type": "oom", "id": who}));
+                    }
+                }
+            });
+        }
+        loop {
+            let stats = sb.stats(&id).await?;
+            println!("{}", stats_event(&id, &stats));
+            if once {
+                return Ok(ExitCode::SUCCESS);
+            }
+            tokio::time::sleep(interval).await;
+            if standalone::state(config, &id)?.status == "stopped" {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    })
+}
+
+/// Bytes as docker and runc take them: a number with an optional k, m, g, t suffix (powers of
+/// 1024; `b`, `kb`, `kib` spellings too), or -1 for no limit.
+pub fn parse_bytes(text: &str) -> Result<i64> {
+    let t = text.trim().to_ascii_lowercase();
+    if t == "-1" {
+        return Ok(-1);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: i64 = number
+        .parse()
+        .with_context(|| format!("invalid size {text:?}"))?;
+    let shift = match unit.trim_end_matches('b').trim_end_matches('i') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => anyhow::bail!("invalid size {text:?}: suffixes are k, m, g, t"),
+    };
+    n.checked_mul(1i64 << shift)
+        .with_context(|| format!("size {text:?} is too large"))
+}
+
+/// OCI `linux.resources` from `update`'s flags.
+fn resources_from_flags(a: &UpdateArgs) -> Result<Value> {
+    let mut r = json!({});
+    let mem = |v: &Option<String>| v.as_deref().map(parse_bytes).transpose();
+    let mut memory = serde_json::Map::new();
+    for (key, value) in [
+        ("limit", mem(&a.memory)?),
+        ("reservation", mem(&a.memory_reservation)?),
+        ("swap", mem(&a.memory_swap)?),
+    ] {
+        if let Some(v) = value {
+            memory.insert(key.into(), json!(v));
+        }
+    }
+    if !memory.is_empty() {
+        r["memory"] = Value::Object(memory);
+    }
+    let mut cpu = serde_json::Map::new();
+    let pairs: [(&str, Option<Value>); 7] = [
+        ("shares", a.cpu_share.map(|v| json!(v))),
+        ("quota", a.cpu_quota.map(|v| json!(v))),
+        ("period", a.cpu_period.map(|v| json!(v))),
+        ("realtimeRuntime", a.cpu_rt_runtime.map(|v| json!(v))),
+        ("realtimePeriod", a.cpu_rt_period.map(|v| json!(v))),
+        ("cpus", a.cpuset_cpus.as_ref().map(|v| json!(v))),
+        ("mems", a.cpuset_mems.as_ref().map(|v| json!(v))),
+    ];
+    for (key, value) in pairs {
+        if let Some(v) = value {
+            cpu.insert(key.into(), v);
+        }
+    }
+    if !cpu.is_empty() {
+        r["cpu"] = Value::Object(cpu);
+    }
+    if let Some(limit) = a.pids_limit {
+        r["pids"] = json!({"limit": limit});
+    }
+    if let Some(weight) = a.blkio_weight {
+        r["blockIO"] = json!({"weight": weight});
+    }
+    Ok(r)
+}
+
+pub fn update(config: &Config, a: &UpdateArgs) -> Result<ExitCode> {
+    let id = ContainerId::parse(&a.id)?;
+    let resources = match &a.resources {
+        Some(path) => {
+            let mut text = String::new();
+            if path == Path::new("-") {
+                std::io::stdin().read_to_string(&mut text)?;
+            } else {
+                text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+            }
+            serde_json::from_str(&text).with_context(|| {
+                format!("{}: not valid JSON for linux.resources", path.display())
+            })?
+        }
+        None => resources_from_flags(a)?,
+    };
+    block_on(async {
+        let (mut sb, st) = standalone::open(config, &id)?;
+        if st.status == "stopped" {
+            return Err(StandaloneError::NotRunning.into());
+        }
+        Ok(sb.update_resources(&id, &resources).await?)
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What runvm supports, in runc's `features` format. Hooks are not run (they would run on
+/// the host, outside the VM the container is in); cgroups are v2, in the guest.
+pub fn features() -> Result<ExitCode> {
+    const CAPS: &[&str] = &[
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETPCAP",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_BROADCAST",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_IPC_LOCK",
+        "CAP_IPC_OWNER",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_RAWIO",
+        "CAP_SYS_CHROOT",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_PACCT",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_BOOT",
+        "CAP_SYS_NICE",
+        "CAP_SYS_RESOURCE",
+        "CAP_SYS_TIME",
+        "CAP_SYS_TTY_CONFIG",
+        "CAP_MKNOD",
+        "CAP_LEASE",
+        "CAP_AUDIT_WRITE",
+        "CAP_AUDIT_CONTROL",
+        "CAP_SETFCAP",
+        "CAP_MAC_OVERRIDE",
+        "CAP_MAC_ADMIN",
+        "CAP_SYSLOG",
+        "CAP_WAKE_ALARM",
+        "CAP_BLOCK_SUSPEND",
+        "CAP_AUDIT_READ",
+        "CAP_PERFMON",
+        "CAP_BPF",
+        "CAP_CHECKPOINT_RESTORE",
+    ];
+    let features = json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": OCI_VERSION,
+        "hooks": [],
+        "mountOptions": [
+            "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec",
+            "mand", "noatime", "nodev", "nodiratime", "noexec", "nomand", "norelatime",
+            "nostrictatime", "nosuid", "private", "rbind", "relatime", "remount", "ro",
+            "rprivate", "rshared", "rslave", "runbindable", "rw", "shared", "slave",
+            "strictatime", "sync", "unbindable"
+        ],
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+            "capabilities": CAPS,
+            "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false},
+            "seccomp": {
+                "enabled": true,
+                "actions": ["SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL",
+                            "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_LOG",
+                            "SCMP_ACT_TRACE", "SCMP_ACT_TRAP", "SCMP_ACT_NOTIFY"],
+                "operators": ["SCMP_CMP_EQ", "SCMP_CMP_GE", "SCMP_CMP_GT", "SCMP_CMP_LE",
+                              "SCMP_CMP_LT", "SCMP_CMP_MASKED_EQ", "SCMP_CMP_NE"],
+                "archs": ["SCMP_ARCH_X86", "SCMP_ARCH_X86_64", "SCMP_ARCH_X32"]
+            },
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false}
+        },
+        "annotations": {
+            "io.runvm.version": env!("CARGO_PKG_VERSION"),
+            "io.runvm.isolation": "vm",
+            "io.runvm.hooks": "not run: they would run on the host, outside the container's VM"
+        }
+    });
+    println!("{}", serde_json::to_string_pretty(&features)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse_like_runc() {
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("-1").unwrap(), -1);
+        assert!(parse_bytes("12q").is_err());
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("0s").is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! Support of the tests that drive the `runvm` binary as runc's callers do.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A private state root and bundles under one temporary folder.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl Host {
+    pub fn new() -> Host {
+        let dir = tempfile::Builder::new()
+            .prefix("runvm-cli-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path().join("state");
+        Host { dir, root }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runvm"));
+        cmd.env_remove("RUNVM_CONFIG")
+            .env_remove("RUST_LOG")
+            .arg("--root")
+            .arg(&self.root)
+            .args(args);
+        cmd
+    }
+
+    /// Runs runvm and collects its output (for commands that leave no process behind).
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run runvm")
+    }
+
+    /// Runs runvm with stdout and stderr into files (a stand-in keeps them open): returns the
+    /// exit code and the files.
+    pub fn run_to_files(&self, args: &[&str], name: &str) -> (Option<i32>, PathBuf, PathBuf) {
+        let out = self.dir.path().join(format!("{name}.out"));
+        let err = self.dir.path().join(format!("{name}.err"));
+        let status = self
+            .cmd(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .status()
+            .unwrap();
+        (status.code(), out, err)
+    }
+
+    pub fn bundle(&self, name: &str, spec: &Value) -> PathBuf {
+        let b = self.dir.path().join("bundles").join(name);
+        std::fs::create_dir_all(&b).unwrap();
+        runvm_sandbox::container::bundle::busybox_bundle(&b, spec).unwrap();
+        b
+    }
+
+    pub fn state(&self, id: &str) -> Value {
+        let out = self.run(&["state", id]);
+        assert!(out.status.success(), "state {id}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits until container `id` shows `status`.
+    pub fn wait_status(&self, id: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.state(id);
+            if s["status"] == status {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{id} never became {status}: {s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// No process names the folder, nothing is mounted under it, the state root is empty.
+    pub fn assert_nothing_left(&self) {
+        assert_nothing_left(self.dir.path(), &self.root);
+    }
+}
+
+pub fn assert_nothing_left(marker: &Path, root: &Path) {
+    let marker = marker.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut left = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if pid != std::process::id() && cmdline.contains(&marker) {
+                left.push(format!("{pid}: {cmdline}"));
+            }
+        }
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes left behind: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(&marker)).collect();
+    assert!(leaked.is_empty(), "mounts left behind: {leaked:#?}");
+    let state: Vec<_> = std::fs::read_dir(root)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(state.is_empty(), "state left behind: {state:?}");
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts a failure with `message` on stderr.
+pub fn assert_fails(out: &Output, message: &str) {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "expected failure with {message:?}");
+    assert!(err.contains(message), "expected {message:?} in: {err}");
+}
+
+/// runc's default spec running `args`, without a terminal.
+pub fn spec(args: &[&str]) -> Value {
+    runvm_sandbox::container::bundle::default_spec(args, false)
+}
