@@ -1,0 +1,201 @@
+//! Create: the container's rootfs, its VM (a new one, or its pod's), the container in it,
+//! its stdio relays.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use containerd_shim::api::CreateTaskRequest;
+use runvm_sandbox::agent::{ProcessRef, StdioSpec};
+use runvm_sandbox::sandbox::{create_qemu_sandbox, NewContainer};
+use runvm_sandbox::SandboxId;
+
+use crate::error::{Result, ShimError};
+use crate::pod::{self, Placement};
+use crate::process::{Proc, Stdio};
+use crate::service::{unmount_rootfs, Ctr, Inner};
+use crate::task::{container_id, rootfs_of};
+
+impl Inner {
+    /// Creates the task; returns the pid containerd sees.
+    pub async fn create(self: &Arc<Self>, req: &CreateTaskRequest) -> Result<u32> {
+        let cid = container_id(&req.id)?;
+        if let Some(e) = &self.config_error {
+            return Err(ShimError::FailedPrecondition(e.clone()));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(ShimError::Unimplemented(format!(
+                "container {}: restoring from a checkpoint is not supported",
+                req.id
+            )));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        if !bundle.is_absolute() {
+            return Err(ShimError::InvalidArgument(format!(
+                "bundle {:?} of container {} is not an absolute path",
+                req.bundle, req.id
+            )));
+        }
+        let annotations = pod::bundle_annotations(&bundle)?;
+        let placement = pod::placement(&req.id, &annotations);
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        {
+            let mut ctrs = self.ctrs();
+            if ctrs.contains_key(&req.id) {
+                return Err(ShimError::AlreadyExists(format!(
+                    "container {} exists already",
+                    req.id
+                )));
+            }
+            ctrs.insert(
+                req.id.clone(),
+                Ctr {
+                    bundle: bundle.clone(),
+                    rootfs_mounted: false,
+                    procs: [(String::new(), Proc::new(stdio.clone(), None))].into(),
+                },
+            );
+        }
+        let made = self
+            .create_in_vm(req, cid, &placement, annotations, &stdio)
+            .await;
+        if let Err(e) = made {
+            if let Some(ctr) = self.ctrs().remove(&req.id) {
+                if ctr.rootfs_mounted {
+                    unmount_rootfs(&ctr.bundle);
+                }
+            }
+            return Err(e);
+        }
+        let pid = self.pid();
+        self.events.create(
+            &req.id,
+            &req.bundle,
+            [&req.stdin, &req.stdout, &req.stderr],
+            req.terminal,
+            pid,
+        );
+        Ok(pid)
+    }
+
+    async fn create_in_vm(
+        self: &Arc<Self>,
+        req: &CreateTaskRequest,
+        cid: runvm_sandbox::ContainerId,
+        placement: &Placement,
+        annotations: std::collections::BTreeMap<String, String>,
+        stdio: &Stdio,
+    ) -> Result<()> {
+        if !req.rootfs.is_empty() {
+            let target = rootfs_of(&req.bundle);
+            std::fs::create_dir_all(&target)
+                .map_err(ShimError::io(format!("creating {}", target.display())))?;
+            for m in &req.rootfs {
+                containerd_shim::util::mount_rootfs(m, &target)
+                    .await
+                    .map_err(|e| ShimError::Io {
+                        what: format!("mounting the rootfs of {} on {}", req.id, target.display()),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                if let Some(c) = self.ctrs().get_mut(&req.id) {
+                    c.rootfs_mounted = true;
+                }
+            }
+        }
+        let mut guard = self.sandbox.lock().await;
+        let own = *placement == Placement::OwnVm;
+        match (&*guard, placement) {
+            (Some(sb), Placement::OwnVm) => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "container {} asks for its own VM, but this shim already runs sandbox {}",
+                    req.id,
+                    sb.id()
+                )))
+            }
+            (None, Placement::OwnVm) => {
+                let sid = SandboxId::parse(&req.id)
+                    .map_err(|e| ShimError::InvalidArgument(format!("sandbox id: {e}")))?;
+                tracing::info!(sandbox = %sid, "booting the sandbox VM");
+                let (mut sb, report) = create_qemu_sandbox(&self.config, sid, annotations.clone())
+                    .await
+                    .map_err(ShimError::sandbox(format!(
+                        "creating the VM of container {}",
+                        req.id
+                    )))?;
+                tracing::info!(sandbox = %sb.id(), accelerator = ?report.accelerator, "sandbox VM ready");
+                if let Some(q) = sb.pids().iter().find(|p| p.name == "qemu") {
+                    self.vm_pid.store(q.pid, Ordering::Relaxed);
+                }
+                match sb.agent().await {
+                    Ok(agent) => self.spawn_background(agent),
+                    Err(e) => tracing::warn!(error = %e, "no agent for the monitor"),
+                }
+                *guard = Some(sb);
+            }
+            (Some(sb), Placement::Pod(pod)) if sb.id().as_str() == pod => {}
+            (Some(sb), Placement::Pod(pod)) => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "container {} belongs to pod {pod}, but this shim runs sandbox {}",
+                    req.id,
+                    sb.id()
+                )))
+            }
+            (None, Placement::Pod(pod)) => {
+                return Err(ShimError::NotFound(format!(
+                    "container {}: its pod sandbox {pod} is not running in this shim",
+                    req.id
+                )))
+            }
+        }
+        let Some(sb) = guard.as_mut() else {
+            return Err(ShimError::FailedPrecondition(
+                "the sandbox VM went away".into(),
+            ));
+        };
+        let new = NewContainer {
+            id: cid,
+            bundle: PathBuf::from(&req.bundle),
+            stdio: StdioSpec {
+                stdin: !stdio.stdin.is_empty(),
+                stdout: !stdio.stdout.is_empty(),
+                stderr: !stdio.stderr.is_empty() && !stdio.terminal,
+                terminal: stdio.terminal,
+            },
+            stdio_paths: runvm_sandbox::state::StdioRecord {
+                stdin: (!stdio.stdin.is_empty()).then(|| stdio.stdin.clone()),
+                stdout: (!stdio.stdout.is_empty()).then(|| stdio.stdout.clone()),
+                stderr: (!stdio.stderr.is_empty()).then(|| stdio.stderr.clone()),
+            },
+            annotations,
+        };
+        let created = sb.create_container(new).await;
+        if let Err(e) = created {
+            if own {
+                self.stop_background();
+                if let Err(d) = sb.delete(true).await {
+                    tracing::warn!(error = %d, "removing the VM after a failed create");
+                }
+                *guard = None;
+            }
+            return Err(ShimError::Sandbox {
+                context: format!("creating container {}", req.id),
+                source: Box::new(e),
+            });
+        }
+        let agent = sb
+            .agent()
+            .await
+            .map_err(ShimError::sandbox("connecting to the agent"))?;
+        drop(guard);
+        let process = ProcessRef::init(req.id.as_str());
+        self.with_proc(&req.id, "", |p| {
+            p.start_io(&agent, &process);
+            Ok(())
+        })
+    }
+}

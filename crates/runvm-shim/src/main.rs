@@ -1,0 +1,91 @@
+//! `containerd-shim-runvm-v2`: containerd's shim (task API v2) for runvm. containerd runs it
+//! with Go-style flags (`-namespace`, `-id`, `-address`, then `start`, `delete` or nothing for
+//! the daemon); containerd-shim parses them.
+
+mod create;
+mod error;
+mod events;
+mod pod;
+mod process;
+mod service;
+mod shim;
+mod task;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
+
+use tracing_subscriber::EnvFilter;
+
+/// What containerd asked the binary to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Start,
+    Delete,
+    Daemon,
+}
+
+/// Where the logs go: the daemon writes to containerd's `log` FIFO in the bundle (containerd
+/// copies it into its own log); `delete` writes to stderr, which containerd logs.
+fn log_writer(action: Action) -> Box<dyn Write + Send> {
+    if action == Action::Start {
+        // containerd reads `start`'s stdout and stderr together as the address: stay silent.
+        return Box::new(std::io::sink());
+    }
+    if action == Action::Daemon {
+        let fifo = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("log");
+        if let Ok(f) = fifo {
+            // Blocking again, so a slow reader does not drop lines.
+            let _ = nix::fcntl::fcntl(
+                f.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+            );
+            return Box::new(f);
+        }
+    }
+    Box::new(std::io::stderr())
+}
+
+fn init_logging() {
+    let args: Vec<String> = std::env::args().collect();
+    let action = if args.iter().any(|a| a == "start") {
+        Action::Start
+    } else if args.iter().any(|a| a == "delete") {
+        Action::Delete
+    } else {
+        Action::Daemon
+    };
+    let debug = args.iter().any(|a| a == "-debug" || a == "--debug");
+    let default = if debug { "debug" } else { "info" };
+    let filter = EnvFilter::try_from_env("RUNVM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let writer = Mutex::new(log_writer(action));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(writer)
+        .try_init();
+}
+
+fn main() -> anyhow::Result<()> {
+    init_logging();
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(%info, "the shim panicked");
+    }));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(containerd_shim::asynchronous::run::<shim::RunvmShim>(
+            shim::RUNTIME_ID,
+            Some(shim::shim_config()),
+        ))
+    }));
+    // A FIFO whose other end never opened keeps a blocking thread in open(2); waiting for it
+    // would keep the shim alive forever, so the runtime is not waited for.
+    runtime.shutdown_background();
+    std::process::exit(if outcome.is_ok() { 0 } else { 2 });
+}

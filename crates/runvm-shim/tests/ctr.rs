@@ -1,0 +1,249 @@
+//! containerd 1.6 (Debian's) runs busybox through `containerd-shim-runvm-v2`, driven by `ctr`.
+//! Each test starts its own containerd with a private config, state root and runvm state root,
+//! and checks afterwards that no shim, QEMU or helper process and no runvm state is left.
+//! These tests boot real VMs (about 5 s each under TCG): they run one at a time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const IMAGE: &str = "docker.io/library/busybox:latest";
+const RUNTIME: &str = "io.containerd.runvm.v2";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A private containerd whose PATH has the shim, with runvm's state under the same folder.
+struct Env {
+    dir: tempfile::TempDir,
+    socket: String,
+}
+
+impl Env {
+    fn start() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("runvm-shim-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        std::os::unix::fs::symlink(
+            env!("CARGO_BIN_EXE_containerd-shim-runvm-v2"),
+            d.join("bin/containerd-shim-runvm-v2"),
+        )
+        .unwrap();
+        let config = d.join("runvm.toml");
+        std::fs::write(
+            &config,
+            format!("[runtime]\nroot = \"{}\"\n", d.join("runvm").display()),
+        )
+        .unwrap();
+        let image = d.join("busybox.tar");
+        run_ok(Command::new(workspace().join("scripts/busybox-image.sh")).arg(&image));
+        let path = format!(
+            "{}:{}",
+            d.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = run_ok(
+            Command::new(workspace().join("scripts/containerd-env.sh"))
+                .arg("start")
+                .arg(d.join("ctd"))
+                .env("PATH", path)
+                .env("RUNVM_CONFIG", &config)
+                .env("RUNVM_LOG", "debug"),
+        );
+        let socket = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let env = Env { dir, socket };
+        let import = env.ctr(&[
+            "images",
+            "import",
+            "--base-name",
+            "docker.io/library/busybox",
+        ]);
+        run_ok(Command::new("ctr").args(import).arg(&image));
+        env
+    }
+
+    fn ctr<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["-a", self.socket.as_str()];
+        v.extend_from_slice(args);
+        v
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new("ctr")
+            .args(self.ctr(args))
+            .output()
+            .expect("running ctr");
+        eprintln!(
+            "ctr {args:?}: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Processes whose command line names this environment's folder (shims, QEMU, helpers).
+    fn leftovers(&self) -> Vec<String> {
+        let me = self.dir.path().to_string_lossy().to_string();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&me) && !cmd.starts_with("containerd ") {
+                found.push(cmd);
+            }
+        }
+        found
+    }
+
+    /// Nothing of runvm is left: no process, no sandbox folder.
+    fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let procs = self.leftovers();
+            let state: Vec<_> = std::fs::read_dir(self.dir.path().join("runvm"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            if procs.is_empty() && state.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("left behind: processes {procs:#?}, state {state:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = Command::new(workspace().join("scripts/containerd-env.sh"))
+            .arg("stop")
+            .arg(self.dir.path().join("ctd"))
+            .status();
+        if std::thread::panicking() {
+            let log = self.dir.path().join("ctd/containerd.log");
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<_> = text.lines().rev().take(60).collect();
+            eprintln!("--- containerd log (last lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawning a helper");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn ctr_run_prints_and_propagates_exit_codes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t1",
+        "echo",
+        "hi",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    env.assert_clean();
+
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t2",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    env.assert_clean();
+}
+
+#[test]
+fn ctr_task_exec_pause_resume_metrics_kill() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t3",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success());
+
+    let out = env.run(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "t3",
+        "sh",
+        "-c",
+        "echo from-exec; exit 4",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-exec\n");
+    assert_eq!(out.status.code(), Some(4));
+
+    assert!(env.run(&["task", "pause", "t3"]).status.success());
+    let ls = env.run(&["task", "ls"]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("PAUSED"));
+    assert!(env.run(&["task", "resume", "t3"]).status.success());
+    let ls = env.run(&["task", "ls"]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("RUNNING"));
+
+    let metrics = env.run(&["task", "metrics", "t3"]);
+    assert!(metrics.status.success());
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        text.contains("cpu.usage_usec") && text.contains("memory.usage"),
+        "{text}"
+    );
+
+    assert!(env
+        .run(&["task", "kill", "-s", "SIGKILL", "t3"])
+        .status
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ls = env.run(&["task", "ls"]);
+        if String::from_utf8_lossy(&ls.stdout).contains("STOPPED") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "t3 did not stop after SIGKILL");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(env.run(&["task", "rm", "t3"]).status.success());
+    assert!(env.run(&["containers", "rm", "t3"]).status.success());
+    env.assert_clean();
+}
