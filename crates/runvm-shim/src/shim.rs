@@ -147,6 +147,8 @@ async fn cleanup(id: &str, bundle: &Path) -> Result<(), SandboxError> {
         Err(e) => return Err(e),
     };
     if sandbox == id {
+        // containerd gives `shim delete` a few seconds: no grace, the VM goes at once.
+        sb.kill().await?;
         return sb.delete(true).await;
     }
     let cid = ContainerId::parse(id)?;

@@ -247,3 +247,85 @@ fn ctr_task_exec_pause_resume_metrics_kill() {
     assert!(env.run(&["containers", "rm", "t3"]).status.success());
     env.assert_clean();
 }
+
+impl Env {
+    /// The pid of the first process whose command line starts with `prefix` and names this
+    /// environment's folder.
+    fn pid_of(&self, prefix: &str, also: &str) -> u32 {
+        let me = self.dir.path().to_string_lossy().to_string();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(prefix) && cmd.contains(&me) && cmd.contains(also) {
+                return pid;
+            }
+        }
+        panic!("no process {prefix} {also} in {me}");
+    }
+}
+
+fn kill9(pid: u32) {
+    run_ok(Command::new("kill").args(["-KILL", &pid.to_string()]));
+}
+
+#[test]
+fn qemu_killed_stops_the_task_and_leaves_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t7",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success());
+    kill9(env.pid_of("qemu-system", "-name runvm"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ls = env.run(&["task", "ls"]);
+        let text = String::from_utf8_lossy(&ls.stdout).to_string();
+        // The task exits (an exit event reaches containerd), or containerd has already
+        // cleaned up after the shim, which exits once its VM is gone.
+        if text.contains("STOPPED") || !text.contains("t7") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "t7 still running after QEMU died: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    env.assert_clean();
+    let _ = env.run(&["task", "rm", "t7"]);
+    assert!(env.run(&["containers", "rm", "t7"]).status.success());
+    env.assert_clean();
+}
+
+#[test]
+fn shim_killed_then_containerd_cleanup_leaves_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t8",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success());
+    kill9(env.pid_of("containerd-shim-runvm-v2", "-id t8"));
+    // containerd notices the shim is gone and runs `containerd-shim-runvm-v2 delete`, which
+    // must take the VM, its helpers, mounts and files with it.
+    env.assert_clean();
+    assert!(env.run(&["containers", "rm", "t8"]).status.success());
+}

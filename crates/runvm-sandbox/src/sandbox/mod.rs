@@ -30,6 +30,8 @@ use crate::id::SandboxId;
 use crate::state::{SandboxRecord, State};
 use crate::store::{SandboxLock, Store, StoreError};
 
+/// The exit status of processes ended by [`Sandbox::kill`]: 128 + SIGKILL.
+pub const KILLED_EXIT_STATUS: i32 = 137;
 /// Lines of guest console quoted in boot errors.
 const CONSOLE_LINES: usize = 20;
 /// Longest wait for the sandbox's lock.
@@ -520,6 +522,25 @@ impl Sandbox {
         self.update(|r| {
             r.state = State::Stopped;
             r.mark("stopped");
+            Ok(())
+        })
+    }
+
+    /// Stops the sandbox at once, for cleaning up after a crashed caller: no grace for the
+    /// containers or the guest. The VM is ended (QMP `quit`, then SIGKILL), every container is
+    /// marked stopped with status 137 (killed) where none was known, the shares are unmounted.
+    pub async fn kill(&mut self) -> Result<(), SandboxError> {
+        self.reload()?;
+        if self.record.state == State::Stopped {
+            return Ok(());
+        }
+        self.agent = None;
+        self.hypervisor.stop(Duration::ZERO).await?;
+        self.mark_all_stopped(Some(KILLED_EXIT_STATUS))?;
+        self.unshare_all()?;
+        self.update(|r| {
+            r.state = State::Stopped;
+            r.mark("killed");
             Ok(())
         })
     }

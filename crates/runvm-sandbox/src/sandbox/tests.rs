@@ -411,3 +411,31 @@ fn settings_put_vm_files_in_the_sandbox_folder() {
     assert_eq!(s.vm.accelerator, Accelerator::Tcg);
     assert_eq!(s.vm.vsock, VsockBackend::VhostUser);
 }
+
+#[tokio::test]
+async fn kill_ends_the_vm_without_grace_and_marks_containers_killed() {
+    let mut f = fixture(Duration::from_secs(5));
+    let (mut sb, _) = f.create().await.unwrap();
+    let bundle = f.bundle("c1", &["sleep", "100"]);
+    sb.create_container(new_container("c1", bundle))
+        .await
+        .unwrap();
+    sb.start_container(&cid("c1")).await.unwrap();
+    sb.kill().await.unwrap();
+    assert!(
+        !f.agent()
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .any(|c| c == "shutdown" || c == "remove_container"),
+        "no graceful steps"
+    );
+    assert_eq!(f.vm.lock().unwrap().calls.last().unwrap(), "stop");
+    let st = sb.status().unwrap();
+    assert_eq!(st.state, State::Stopped);
+    assert_eq!(st.containers[0].exit_status, Some(KILLED_EXIT_STATUS));
+    assert!(!is_mounted(&sb.dir().join("shared/c1/rootfs")));
+    sb.delete(false).await.unwrap();
+    assert!(!f.root.path().join("sb1").exists());
+}
