@@ -329,3 +329,123 @@ fn shim_killed_then_containerd_cleanup_leaves_nothing() {
     env.assert_clean();
     assert!(env.run(&["containers", "rm", "t8"]).status.success());
 }
+
+/// The shim's own answers to bad requests, asked over its ttrpc socket directly (containerd
+/// would refuse some of these before they reach the shim).
+#[test]
+fn bad_requests_get_the_right_ttrpc_codes_and_start_nothing() {
+    use containerd_shim::protos::api::{CreateTaskRequest, KillRequest, StartRequest};
+    use containerd_shim::protos::shim_async::{Client, TaskClient};
+    use containerd_shim::protos::ttrpc::{context, Code, Error};
+
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t9",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success());
+    let task_dir = env
+        .dir
+        .path()
+        .join("ctd/state/io.containerd.runtime.v2.task/default/t9");
+    let address = std::fs::read_to_string(task_dir.join("address")).expect("shim address");
+    let bad_bundle = env.dir.path().join("bad-bundle");
+    std::fs::create_dir_all(bad_bundle.join("rootfs")).unwrap();
+    std::fs::write(
+        bad_bundle.join("config.json"),
+        // It names t9's pod, so the shim routes it there and then finds the spec invalid.
+        r#"{"ociVersion":"1.0.2","process":{"args":"sh","cwd":"/"},"root":{"path":"rootfs"},
+            "annotations":{"io.kubernetes.cri.container-type":"container",
+                           "io.kubernetes.cri.sandbox-id":"t9"}}"#,
+    )
+    .unwrap();
+    let qemus_before = env
+        .leftovers()
+        .iter()
+        .filter(|c| c.contains("qemu-system"))
+        .count();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let codes = runtime.block_on(async {
+        let client = TaskClient::new(Client::connect(address.trim()).await.expect("connect"));
+        let ctx = || context::with_timeout(30_000_000_000);
+        let code = |r: Result<(), Error>| match r {
+            Err(Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
+            Ok(_) => (Code::OK, String::new()),
+            Err(other) => (Code::UNKNOWN, other.to_string()),
+        };
+        let dup = CreateTaskRequest {
+            id: "t9".into(),
+            bundle: task_dir.display().to_string(),
+            ..Default::default()
+        };
+        let bad = CreateTaskRequest {
+            id: "bad".into(),
+            bundle: bad_bundle.display().to_string(),
+            ..Default::default()
+        };
+        let start = StartRequest {
+            id: "nope".into(),
+            ..Default::default()
+        };
+        let kill = KillRequest {
+            id: "t9".into(),
+            exec_id: "no-such-exec".into(),
+            signal: 15,
+            ..Default::default()
+        };
+        vec![
+            (
+                "duplicate create",
+                code(client.create(ctx(), &dup).await.map(|_| ())),
+            ),
+            (
+                "invalid config.json",
+                code(client.create(ctx(), &bad).await.map(|_| ())),
+            ),
+            (
+                "start unknown",
+                code(client.start(ctx(), &start).await.map(|_| ())),
+            ),
+            (
+                "kill unknown exec",
+                code(client.kill(ctx(), &kill).await.map(|_| ())),
+            ),
+        ]
+    });
+    eprintln!("{codes:#?}");
+    assert_eq!(codes[0].1 .0, Code::ALREADY_EXISTS, "{codes:?}");
+    assert_eq!(codes[1].1 .0, Code::INVALID_ARGUMENT, "{codes:?}");
+    assert!(codes[1].1 .1.contains("process.args"), "{codes:?}");
+    assert_eq!(codes[2].1 .0, Code::NOT_FOUND, "{codes:?}");
+    assert_eq!(codes[3].1 .0, Code::NOT_FOUND, "{codes:?}");
+    let qemus_after = env
+        .leftovers()
+        .iter()
+        .filter(|c| c.contains("qemu-system"))
+        .count();
+    assert_eq!(qemus_before, qemus_after, "a bad request started a VM");
+
+    assert!(env
+        .run(&["task", "kill", "-s", "SIGKILL", "t9"])
+        .status
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&env.run(&["task", "ls"]).stdout).contains("STOPPED") {
+        assert!(Instant::now() < deadline, "t9 did not stop");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(env.run(&["task", "rm", "t9"]).status.success());
+    assert!(env.run(&["containers", "rm", "t9"]).status.success());
+    env.assert_clean();
+}
