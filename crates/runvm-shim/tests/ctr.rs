@@ -130,6 +130,19 @@ impl Drop for Env {
             .arg("stop")
             .arg(self.dir.path().join("ctd"))
             .status();
+        // A failed test may leave its shim and VM: end them so later tests are not burdened.
+        let me = self.dir.path().to_string_lossy().to_string();
+        let _ = Command::new("pkill").args(["-KILL", "-f", &me]).status();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|m| m.starts_with(&me))
+            .collect();
+        points.sort_unstable_by(|a, b| b.cmp(a));
+        for m in points {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
         if std::thread::panicking() {
             let log = self.dir.path().join("ctd/containerd.log");
             let text = std::fs::read_to_string(log).unwrap_or_default();
