@@ -46,6 +46,24 @@ impl AgentProcess {
     }
 }
 
+impl AgentProcess {
+    /// Waits up to 5 s for the agent to exit, successfully, after `cause`.
+    fn assert_exits_cleanly(&mut self, cause: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "{status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent still running after {cause}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -173,18 +191,7 @@ async fn shutdown_answers_then_the_agent_exits() {
     c.shutdown(ctx(), &agent::ShutdownRequest::new())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(status) = agent.child.try_wait().unwrap() {
-            assert!(status.success(), "{status}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent still running after Shutdown"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.assert_exits_cleanly("Shutdown");
 }
 
 #[test]
@@ -203,16 +210,5 @@ fn sigterm_stops_the_agent_cleanly() {
     let pid = agent.child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(status) = agent.child.try_wait().unwrap() {
-            assert!(status.success(), "{status}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.assert_exits_cleanly("SIGTERM");
 }

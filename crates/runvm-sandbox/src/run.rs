@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ pub struct RunOutcome {
 struct FirstWrite<W> {
     inner: W,
     start: Instant,
-    first: Arc<Mutex<Option<Duration>>>,
+    first: Arc<OnceLock<Duration>>,
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for FirstWrite<W> {
@@ -46,10 +46,8 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for FirstWrite<W> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         if !buf.is_empty() {
-            let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
-            if first.is_none() {
-                *first = Some(self.start.elapsed());
-            }
+            let start = self.start;
+            self.first.get_or_init(|| start.elapsed());
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -93,12 +91,7 @@ where
         sb.create_container(NewContainer {
             id: id.clone(),
             bundle: bundle.to_path_buf(),
-            stdio: StdioSpec {
-                stdin: true,
-                stdout: true,
-                stderr: !terminal,
-                terminal,
-            },
+            stdio: StdioSpec::attached(terminal),
             stdio_paths: StdioRecord::default(),
             annotations: BTreeMap::new(),
         })
@@ -106,7 +99,7 @@ where
         sb.start_container(&id).await?;
         let agent = sb.agent().await?;
         let process = ProcessRef::init(id.as_str());
-        let first = Arc::new(Mutex::new(None));
+        let first = Arc::new(OnceLock::new());
         let mut out = FirstWrite {
             inner: stdout,
             start,
@@ -147,7 +140,7 @@ where
                 }
             }
         };
-        let first_output = *first.lock().unwrap_or_else(|p| p.into_inner());
+        let first_output = first.get().copied();
         Ok::<_, SandboxError>((exit, first_output))
     }
     .await;

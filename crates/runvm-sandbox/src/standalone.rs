@@ -171,12 +171,7 @@ pub async fn create(
         .create_container(NewContainer {
             id: id.clone(),
             bundle: bundle.to_path_buf(),
-            stdio: StdioSpec {
-                stdin: true,
-                stdout: true,
-                stderr: !terminal,
-                terminal,
-            },
+            stdio: StdioSpec::attached(terminal),
             stdio_paths: StdioRecord::default(),
             annotations,
         })

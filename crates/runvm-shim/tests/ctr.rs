@@ -203,17 +203,7 @@ fn ctr_run_prints_and_propagates_exit_codes() {
 fn ctr_task_exec_pause_resume_metrics_kill() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let env = Env::start();
-    let out = env.run(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t3",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success());
+    env.run_sleeper("t3");
 
     let out = env.run(&[
         "task",
@@ -243,22 +233,7 @@ fn ctr_task_exec_pause_resume_metrics_kill() {
         "{text}"
     );
 
-    assert!(env
-        .run(&["task", "kill", "-s", "SIGKILL", "t3"])
-        .status
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ls = env.run(&["task", "ls"]);
-        if String::from_utf8_lossy(&ls.stdout).contains("STOPPED") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "t3 did not stop after SIGKILL");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert!(env.run(&["task", "rm", "t3"]).status.success());
-    assert!(env.run(&["containers", "rm", "t3"]).status.success());
-    env.assert_clean();
+    env.kill_and_remove("t3");
 }
 
 impl Env {
@@ -280,6 +255,50 @@ impl Env {
     }
 }
 
+impl Env {
+    /// `ctr run -d` of `sleep 1000` as task `id`.
+    fn run_sleeper(&self, id: &str) {
+        let out = self.run(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+            "sleep",
+            "1000",
+        ]);
+        assert!(out.status.success());
+    }
+
+    /// Polls `ctr task ls` for up to 20 s until `done` holds for its output.
+    fn wait_task_list(&self, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = String::from_utf8_lossy(&self.run(&["task", "ls"]).stdout).to_string();
+            if done(&text) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {text}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// SIGKILL to task `id`, then its removal once stopped, and nothing left.
+    fn kill_and_remove(&self, id: &str) {
+        assert!(self
+            .run(&["task", "kill", "-s", "SIGKILL", id])
+            .status
+            .success());
+        self.wait_task_list(&format!("{id} did not stop after SIGKILL"), |t| {
+            t.contains("STOPPED")
+        });
+        assert!(self.run(&["task", "rm", id]).status.success());
+        assert!(self.run(&["containers", "rm", id]).status.success());
+        self.assert_clean();
+    }
+}
+
 fn kill9(pid: u32) {
     run_ok(Command::new("kill").args(["-KILL", &pid.to_string()]));
 }
@@ -288,33 +307,13 @@ fn kill9(pid: u32) {
 fn qemu_killed_stops_the_task_and_leaves_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let env = Env::start();
-    let out = env.run(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t7",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success());
+    env.run_sleeper("t7");
     kill9(env.pid_of("qemu-system", "-name runvm"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ls = env.run(&["task", "ls"]);
-        let text = String::from_utf8_lossy(&ls.stdout).to_string();
-        // The task exits (an exit event reaches containerd), or containerd has already
-        // cleaned up after the shim, which exits once its VM is gone.
-        if text.contains("STOPPED") || !text.contains("t7") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "t7 still running after QEMU died: {text}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    // The task exits (an exit event reaches containerd), or containerd has already cleaned up
+    // after the shim, which exits once its VM is gone.
+    env.wait_task_list("t7 still running after QEMU died", |t| {
+        t.contains("STOPPED") || !t.contains("t7")
+    });
     env.assert_clean();
     let _ = env.run(&["task", "rm", "t7"]);
     assert!(env.run(&["containers", "rm", "t7"]).status.success());
@@ -325,17 +324,7 @@ fn qemu_killed_stops_the_task_and_leaves_nothing() {
 fn shim_killed_then_containerd_cleanup_leaves_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let env = Env::start();
-    let out = env.run(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t8",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success());
+    env.run_sleeper("t8");
     kill9(env.pid_of("containerd-shim-runvm-v2", "-id t8"));
     // containerd notices the shim is gone and runs `containerd-shim-runvm-v2 delete`, which
     // must take the VM, its helpers, mounts and files with it.
@@ -353,17 +342,7 @@ fn bad_requests_get_the_right_ttrpc_codes_and_start_nothing() {
 
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let env = Env::start();
-    let out = env.run(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t9",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success());
+    env.run_sleeper("t9");
     let task_dir = env
         .dir
         .path()
@@ -449,16 +428,5 @@ fn bad_requests_get_the_right_ttrpc_codes_and_start_nothing() {
         .count();
     assert_eq!(qemus_before, qemus_after, "a bad request started a VM");
 
-    assert!(env
-        .run(&["task", "kill", "-s", "SIGKILL", "t9"])
-        .status
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !String::from_utf8_lossy(&env.run(&["task", "ls"]).stdout).contains("STOPPED") {
-        assert!(Instant::now() < deadline, "t9 did not stop");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert!(env.run(&["task", "rm", "t9"]).status.success());
-    assert!(env.run(&["containers", "rm", "t9"]).status.success());
-    env.assert_clean();
+    env.kill_and_remove("t9");
 }

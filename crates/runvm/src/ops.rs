@@ -80,12 +80,7 @@ pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> 
                 "cannot allocate tty if runvm will detach without setting console socket"
             );
         }
-        let stdio = StdioSpec {
-            stdin: true,
-            stdout: true,
-            stderr: !terminal,
-            terminal,
-        };
+        let stdio = StdioSpec::attached(terminal);
         let request = ExecRequest {
             exec_id: exec_id.clone(),
             process,

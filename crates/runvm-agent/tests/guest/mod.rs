@@ -66,25 +66,7 @@ pub async fn connect(hv: &Path) -> AgentServiceClient {
 /// A busybox rootfs in the shared folder: `<shared>/<cid>/rootfs`.
 pub fn make_rootfs(shared: &Path, cid: &str) -> PathBuf {
     let rootfs = shared.join(cid).join("rootfs");
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-    let list = std::process::Command::new(BUSYBOX)
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-        }
-    }
-    std::fs::write(
-        rootfs.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    )
-    .unwrap();
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    runvm_sandbox::container::bundle::busybox_rootfs(&rootfs).unwrap();
     rootfs
 }
 

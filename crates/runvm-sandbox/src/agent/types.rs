@@ -26,6 +26,19 @@ pub struct StdioSpec {
     pub terminal: bool,
 }
 
+impl StdioSpec {
+    /// Every stream attached, as a runtime relaying its own stdio does; with a terminal,
+    /// stderr is merged into stdout.
+    pub fn attached(terminal: bool) -> Self {
+        StdioSpec {
+            stdin: true,
+            stdout: true,
+            stderr: !terminal,
+            terminal,
+        }
+    }
+}
+
 /// Everything the agent needs to create a container.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateContainer {

@@ -84,57 +84,9 @@ pub enum BundleError {
     },
 }
 
-/// The applets linked in a busybox rootfs.
-const APPLETS: &[&str] = &[
-    "sh",
-    "ash",
-    "cat",
-    "echo",
-    "sleep",
-    "ls",
-    "ps",
-    "true",
-    "false",
-    "stty",
-    "env",
-    "id",
-    "hostname",
-    "head",
-    "tail",
-    "wc",
-    "md5sum",
-    "sha256sum",
-    "dd",
-    "mount",
-    "grep",
-    "sed",
-    "kill",
-    "date",
-    "uname",
-    "mkdir",
-    "rm",
-    "touch",
-    "seq",
-    "tr",
-    "yes",
-    "wget",
-    "httpd",
-    "ip",
-    "ifconfig",
-    "nc",
-    "top",
-    "free",
-    "dmesg",
-    "test",
-    "[",
-    "printf",
-    "whoami",
-    "readlink",
-    "realpath",
-];
-
-/// Writes a busybox rootfs into `rootfs`: `/bin/busybox` from the host's busybox-static, links
-/// for the common applets, `/etc/passwd` and `/etc/group` with root and nobody.
+/// Writes a busybox rootfs into `rootfs`: `/bin/busybox` from the host's busybox-static, a link
+/// for each of its applets (`busybox --list`), `/etc/passwd` and `/etc/group` with root and
+/// nobody.
 pub fn busybox_rootfs(rootfs: &Path) -> Result<(), BundleError> {
     let busybox = Path::new("/bin/busybox");
     if !busybox.is_file() {
@@ -156,9 +108,13 @@ pub fn busybox_rootfs(rootfs: &Path) -> Result<(), BundleError> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).map_err(io(&tmp))?;
     let target = rootfs.join("bin/busybox");
     std::fs::copy(busybox, &target).map_err(io(&target))?;
-    for applet in APPLETS {
+    let list = std::process::Command::new(busybox)
+        .arg("--list")
+        .output()
+        .map_err(io(busybox))?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
         let link = rootfs.join("bin").join(applet);
-        if link.symlink_metadata().is_err() {
+        if !applet.is_empty() && applet != "busybox" && link.symlink_metadata().is_err() {
             symlink("busybox", &link).map_err(io(&link))?;
         }
     }

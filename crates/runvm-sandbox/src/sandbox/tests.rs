@@ -100,6 +100,19 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// A created sandbox running container `c1` (`sleep 100`).
+    async fn running_sleeper(&mut self) -> Sandbox {
+        let (mut sb, _) = self.create().await.unwrap();
+        let bundle = self.bundle("c1", &["sleep", "100"]);
+        sb.create_container(new_container("c1", bundle))
+            .await
+            .unwrap();
+        sb.start_container(&cid("c1")).await.unwrap();
+        sb
+    }
+}
+
 fn cid(s: &str) -> ContainerId {
     ContainerId::parse(s).unwrap()
 }
@@ -372,12 +385,7 @@ async fn another_process_picks_the_sandbox_up_from_disk() {
 #[tokio::test]
 async fn vm_death_stops_containers_with_lost_status_and_cleans_up() {
     let mut f = fixture(Duration::from_secs(5));
-    let (mut sb, _) = f.create().await.unwrap();
-    let bundle = f.bundle("c1", &["sleep", "100"]);
-    sb.create_container(new_container("c1", bundle))
-        .await
-        .unwrap();
-    sb.start_container(&cid("c1")).await.unwrap();
+    let mut sb = f.running_sleeper().await;
     f.vm.lock().unwrap().vm_died = Some("killed".into());
     let failure = tokio::time::timeout(
         Duration::from_secs(5),
@@ -415,12 +423,7 @@ fn settings_put_vm_files_in_the_sandbox_folder() {
 #[tokio::test]
 async fn kill_ends_the_vm_without_grace_and_marks_containers_killed() {
     let mut f = fixture(Duration::from_secs(5));
-    let (mut sb, _) = f.create().await.unwrap();
-    let bundle = f.bundle("c1", &["sleep", "100"]);
-    sb.create_container(new_container("c1", bundle))
-        .await
-        .unwrap();
-    sb.start_container(&cid("c1")).await.unwrap();
+    let mut sb = f.running_sleeper().await;
     sb.kill().await.unwrap();
     assert!(
         !f.agent()
