@@ -23,6 +23,10 @@ use process::ManagedChild;
 
 /// The vsock port of the agent.
 const AGENT_PORT: u32 = 1024;
+/// How long a helper's clean exit waits for QEMU's exit to show (see `check_children`).
+const HELPER_CLEAN_EXIT_GRACE: Duration = Duration::from_secs(5);
+/// How long a helper's failure waits for QEMU's exit to show.
+const HELPER_FAILED_GRACE: Duration = Duration::from_secs(1);
 
 /// The programs the QEMU backend runs, and how long it gives them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,15 +274,19 @@ impl Qemu {
     }
 
     async fn check_children(&mut self) -> Result<()> {
-        let helper_died = self.helpers.iter_mut().any(|h| h.exited().is_some());
+        // virtiofsd and vhost-device-vsock end (cleanly) when QEMU closes their sockets, which
+        // QEMU does before its own exit shows; on a loaded host that gap exceeds a second. When
+        // a helper is gone, give QEMU's exit time to show, so the report names the cause rather
+        // than the consequence: longer when the helper ended cleanly, as it does after QEMU.
+        let mut grace = Duration::ZERO;
+        for helper in &mut self.helpers {
+            match helper.exited() {
+                Some(status) if status == "exit status: 0" => grace = HELPER_CLEAN_EXIT_GRACE,
+                Some(_) => grace = grace.max(HELPER_FAILED_GRACE),
+                None => {}
+            }
+        }
         if let Some(qemu) = self.qemu.as_mut() {
-            // virtiofsd exits when QEMU goes: when a helper is gone, give QEMU's exit a moment
-            // to show, so the report names the cause rather than the consequence.
-            let grace = if helper_died {
-                Duration::from_millis(500)
-            } else {
-                Duration::ZERO
-            };
             if qemu.wait_exit(grace).await {
                 return Err(HypervisorError::QemuExited {
                     status: qemu.status_text(),
