@@ -66,6 +66,34 @@ pub enum HypervisorError {
         state: &'static str,
     },
 
+    /// The backend cannot do this.
+    #[error("cannot {operation} {id:?}: not supported by this hypervisor")]
+    Unsupported {
+        /// What was asked.
+        operation: &'static str,
+        /// The device concerned.
+        id: String,
+    },
+
+    /// A network card operation was refused.
+    #[error("network card {id:?}: {reason}")]
+    NetDevice {
+        /// The card's id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// The network namespace QEMU should join cannot be opened.
+    #[error("cannot open network namespace {}", path.display())]
+    Netns {
+        /// The namespace file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The QEMU monitor failed.
     #[error("QEMU monitor")]
     Qmp(#[from] QmpError),

@@ -21,7 +21,8 @@ mod vm;
 pub use accel::{AccelMode, Accelerator, HostCpu};
 pub use error::HypervisorError;
 pub use vm::{
-    AgentAddress, Capabilities, SavedProcess, SharedDir, VmConfig, VmProcess, VmState, VsockBackend,
+    AgentAddress, Capabilities, NetDevice, SavedProcess, SharedDir, VmConfig, VmProcess, VmState,
+    VsockBackend,
 };
 
 use std::fmt::Debug;
@@ -77,6 +78,23 @@ pub trait Hypervisor: Send + Sync + Debug {
 
     /// The last `lines` lines the guest wrote to its serial console.
     fn console_tail(&self, lines: usize) -> Vec<String>;
+
+    /// Hot-adds a network card to the running VM (QEMU opens `device.tap` in its network
+    /// namespace). The card appears in the config [`save`](Self::save) returns.
+    async fn add_net_device(&mut self, device: &NetDevice) -> Result<()> {
+        Err(HypervisorError::Unsupported {
+            operation: "hot-add a network card",
+            id: device.id.clone(),
+        })
+    }
+
+    /// Hot-removes the network card `id` and its netdev, waiting for the guest to let it go.
+    async fn remove_net_device(&mut self, id: &str) -> Result<()> {
+        Err(HypervisorError::Unsupported {
+            operation: "hot-remove a network card",
+            id: id.to_owned(),
+        })
+    }
 
     /// The last `lines` lines of each helper's log, prefixed with its name, for error reports.
     fn helper_log_tails(&self, lines: usize) -> Vec<String> {

@@ -174,6 +174,26 @@ impl Hypervisor for MockHypervisor {
         Ok(())
     }
 
+    async fn add_net_device(&mut self, device: &crate::NetDevice) -> Result<()> {
+        self.record(&format!("add_net_device {}", device.id));
+        self.require("hot-add a network card", &[MockState::Running])?;
+        let mut log = self.log.lock().expect("mock log lock");
+        if let Some(config) = log.config.as_mut() {
+            config.net_devices.push(device.clone());
+        }
+        Ok(())
+    }
+
+    async fn remove_net_device(&mut self, id: &str) -> Result<()> {
+        self.record(&format!("remove_net_device {id}"));
+        self.require("hot-remove a network card", &[MockState::Running])?;
+        let mut log = self.log.lock().expect("mock log lock");
+        if let Some(config) = log.config.as_mut() {
+            config.net_devices.retain(|d| d.id != id);
+        }
+        Ok(())
+    }
+
     fn save(&self) -> Result<crate::VmState> {
         let config = self
             .log
@@ -235,6 +255,9 @@ mod tests {
             shared_dir: None,
             vsock: VsockBackend::VhostUser,
             run_dir: "/tmp/x".into(),
+            netns: None,
+            net_devices: Vec::new(),
+            hotplug_ports: 0,
         }
     }
 

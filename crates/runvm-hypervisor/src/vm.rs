@@ -28,6 +28,32 @@ pub struct VmConfig {
     /// The VM's private folder on the host: sockets, logs, pid files. Created by `prepare`,
     /// removed by `stop`.
     pub run_dir: PathBuf,
+    /// The network namespace QEMU runs in (a bind-mounted namespace file such as
+    /// `/run/netns/NAME`); `None`: the host's. The taps of `net_devices` live there.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The VM's network cards, present at boot (hot-added ones are appended).
+    #[serde(default)]
+    pub net_devices: Vec<NetDevice>,
+    /// PCIe root ports left free for hot-adding devices (0: no hotplug).
+    #[serde(default)]
+    pub hotplug_ports: u32,
+}
+
+/// A virtio-net card backed by a tap device in the VM's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDevice {
+    /// The id of the card's QEMU netdev (`[A-Za-z0-9_-]`, at most 32 characters); the card
+    /// itself is `dev-ID`.
+    pub id: String,
+    /// The tap device's name in the VM's network namespace (at most 15 characters).
+    pub tap: String,
+    /// The card's MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The PCIe root port a hot-added card sits on (set by the hypervisor); `None` for cards
+    /// present at boot.
+    #[serde(default)]
+    pub hotplug_port: Option<String>,
 }
 
 /// A host folder exported to the guest over virtio-fs.

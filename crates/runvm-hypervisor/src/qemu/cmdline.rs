@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::{Accelerator, HypervisorError, Result, VmConfig, VsockBackend};
+use crate::{Accelerator, HypervisorError, NetDevice, Result, VmConfig, VsockBackend};
 
 /// Kernel parameters runvm always passes, before the configured extra ones.
 ///
@@ -86,6 +86,15 @@ pub fn validate(config: &VmConfig) -> Result<()> {
             )));
         }
     }
+    for device in &config.net_devices {
+        validate_net_device(device)?;
+    }
+    if config.hotplug_ports > 16 {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "hotplug_ports = {} is out of range; valid: 0 to 16",
+            config.hotplug_ports
+        )));
+    }
     for p in &config.kernel_params {
         if p.contains('"') || p.contains('\n') {
             return Err(HypervisorError::InvalidConfig(format!(
@@ -94,6 +103,71 @@ pub fn validate(config: &VmConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checks a network card's id, tap name and MAC before they reach QEMU.
+pub fn validate_net_device(device: &NetDevice) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(HypervisorError::NetDevice {
+            id: device.id.clone(),
+            reason,
+        })
+    };
+    let id_ok = !device.id.is_empty()
+        && device.id.len() <= 32
+        && device
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !id_ok {
+        return refuse("the id must be 1 to 32 characters of A-Z, a-z, 0-9, - and _".into());
+    }
+    let tap_ok = !device.tap.is_empty()
+        && device.tap.len() <= 15
+        && device
+            .tap
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !tap_ok {
+        return refuse(format!(
+            "tap name {:?} must be 1 to 15 characters of A-Z, a-z, 0-9, -, _ and .",
+            device.tap
+        ));
+    }
+    let parts: Vec<&str> = device.mac.split(':').collect();
+    let mac_ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if !mac_ok {
+        return refuse(format!(
+            "MAC address {:?} is not of the form aa:bb:cc:dd:ee:ff",
+            device.mac
+        ));
+    }
+    Ok(())
+}
+
+/// The id of the PCIe root port `n` left free for hotplug.
+pub fn hotplug_port_id(n: u32) -> String {
+    format!("hp{n}")
+}
+
+/// The QEMU arguments of the netdev of `device` (for `-netdev`).
+pub fn netdev_arg(device: &NetDevice) -> String {
+    format!(
+        "tap,id={},ifname={},script=no,downscript=no",
+        device.id, device.tap
+    )
+}
+
+/// The QEMU arguments of the card of `device` (for `-device`).
+pub fn net_card_arg(device: &NetDevice) -> String {
+    format!(
+        "virtio-net-pci,netdev={id},id=dev-{id},mac={mac}",
+        id = device.id,
+        mac = device.mac
+    )
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -184,6 +258,26 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
             format!("vhost-user-fs-pci,id=fs0,chardev=fschr,tag={}", share.tag),
         ]);
     }
+    for device in &config.net_devices {
+        args.extend([
+            "-netdev".into(),
+            netdev_arg(device),
+            "-device".into(),
+            net_card_arg(device),
+        ]);
+    }
+    for n in 0..config.hotplug_ports {
+        // q35's root bus takes no hotplug: hot-added cards go to these ports.
+        args.extend([
+            "-device".into(),
+            format!(
+                "pcie-root-port,id={},bus=pcie.0,chassis={},slot={}",
+                hotplug_port_id(n),
+                n + 1,
+                n + 1
+            ),
+        ]);
+    }
     args.extend([
         "-kernel".into(),
         path_str(&config.kernel)?.to_string(),
@@ -214,6 +308,9 @@ mod tests {
             }),
             vsock: VsockBackend::VhostUser,
             run_dir: "/r".into(),
+            netns: None,
+            net_devices: Vec::new(),
+            hotplug_ports: 0,
         }
     }
 
@@ -305,6 +402,54 @@ mod tests {
         let mut c = config();
         c.vsock = VsockBackend::Vhost { guest_cid: 2 };
         assert!(qemu_args(&c, &RunDirLayout::new("/r")).is_err());
+    }
+
+    #[test]
+    fn net_devices_are_taps_with_their_mac_and_hotplug_ports_follow() {
+        let mut c = config();
+        c.net_devices = vec![NetDevice {
+            id: "net0".into(),
+            tap: "tap0_runvm".into(),
+            mac: "02:aa:bb:cc:dd:ee".into(),
+            hotplug_port: None,
+        }];
+        c.hotplug_ports = 2;
+        let a = args(&c);
+        assert_eq!(
+            values(&a, "-netdev"),
+            ["tap,id=net0,ifname=tap0_runvm,script=no,downscript=no"]
+        );
+        let devices = values(&a, "-device");
+        assert!(devices.contains(&"virtio-net-pci,netdev=net0,id=dev-net0,mac=02:aa:bb:cc:dd:ee"));
+        assert!(devices.contains(&"pcie-root-port,id=hp0,bus=pcie.0,chassis=1,slot=1"));
+        assert!(devices.contains(&"pcie-root-port,id=hp1,bus=pcie.0,chassis=2,slot=2"));
+    }
+
+    #[test]
+    fn bad_net_device_values_are_refused_by_name() {
+        for (id, tap, mac, needle) in [
+            ("net,0", "tap0", "02:00:00:00:00:01", "id"),
+            ("net0", "tap0,x", "02:00:00:00:00:01", "tap0,x"),
+            (
+                "net0",
+                "tap0123456789abcdef",
+                "02:00:00:00:00:01",
+                "tap0123456789abcdef",
+            ),
+            ("net0", "tap0", "02:00:00:00:00", "02:00:00:00:00"),
+        ] {
+            let mut c = config();
+            c.net_devices = vec![NetDevice {
+                id: id.into(),
+                tap: tap.into(),
+                mac: mac.into(),
+                hotplug_port: None,
+            }];
+            let e = qemu_args(&c, &RunDirLayout::new("/r"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 
     #[test]

@@ -16,8 +16,8 @@ use nix::sys::signal::Signal;
 
 use crate::qmp::{QmpClient, VmRunState};
 use crate::{
-    poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, Result, SavedProcess,
-    VmConfig, VmProcess, VmState, VsockBackend,
+    poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, NetDevice, Result,
+    SavedProcess, VmConfig, VmProcess, VmState, VsockBackend,
 };
 use process::ManagedChild;
 
@@ -186,7 +186,13 @@ impl Qemu {
         let qmp_path = layout.qmp_socket();
         let log = layout.qemu_log();
         tracing::debug!(args = ?args, "qemu command line");
-        let mut qemu = ManagedChild::spawn("qemu", &self.settings.qemu, &args, &log)?;
+        let mut qemu = ManagedChild::spawn_in(
+            "qemu",
+            &self.settings.qemu,
+            &args,
+            &log,
+            config.netns.as_deref(),
+        )?;
         let timeout = self.settings.start_timeout;
         poll_until(timeout, || qmp_path.exists() || qemu.exited().is_some()).await;
         let early_exit = |qemu: &mut ManagedChild| HypervisorError::QemuExited {
@@ -281,7 +287,7 @@ impl Qemu {
         let mut grace = Duration::ZERO;
         for helper in &mut self.helpers {
             match helper.exited() {
-                Some(status) if status == "exit status: 0" => grace = HELPER_CLEAN_EXIT_GRACE,
+                Some("exit status: 0") => grace = HELPER_CLEAN_EXIT_GRACE,
                 Some(_) => grace = grace.max(HELPER_FAILED_GRACE),
                 None => {}
             }
@@ -456,6 +462,75 @@ impl Hypervisor for Qemu {
     async fn check(&mut self) -> Result<()> {
         self.require("check", &[State::Running, State::Paused])?;
         self.check_children().await
+    }
+
+    async fn add_net_device(&mut self, device: &NetDevice) -> Result<()> {
+        self.require("hot-add a network card", &[State::Running])?;
+        cmdline::validate_net_device(device)?;
+        let (config, _) = self.prepared()?;
+        if config.net_devices.iter().any(|d| d.id == device.id) {
+            return Err(HypervisorError::NetDevice {
+                id: device.id.clone(),
+                reason: "the VM has a card with this id already".into(),
+            });
+        }
+        // Cards present at boot sit on the root bus; hot-added ones take a free root port.
+        let used: Vec<&String> = config
+            .net_devices
+            .iter()
+            .filter_map(|d| d.hotplug_port.as_ref())
+            .collect();
+        let port = (0..config.hotplug_ports)
+            .map(cmdline::hotplug_port_id)
+            .find(|p| !used.contains(&p))
+            .ok_or_else(|| HypervisorError::NetDevice {
+                id: device.id.clone(),
+                reason: format!("no free hotplug port (the VM has {})", config.hotplug_ports),
+            })?;
+        let qmp = self.qmp().await?;
+        qmp.netdev_add_tap(&device.id, &device.tap).await?;
+        let card = serde_json::json!({
+            "driver": "virtio-net-pci",
+            "id": format!("dev-{}", device.id),
+            "netdev": device.id,
+            "mac": device.mac,
+            "bus": port,
+        });
+        if let Err(e) = qmp.device_add(card).await {
+            let _ = qmp.netdev_del(&device.id).await;
+            return Err(e.into());
+        }
+        if let Some(config) = self.config.as_mut() {
+            config.net_devices.push(NetDevice {
+                hotplug_port: Some(port),
+                ..device.clone()
+            });
+        }
+        Ok(())
+    }
+
+    async fn remove_net_device(&mut self, id: &str) -> Result<()> {
+        self.require("hot-remove a network card", &[State::Running])?;
+        let (config, _) = self.prepared()?;
+        if !config.net_devices.iter().any(|d| d.id == id) {
+            return Err(HypervisorError::NetDevice {
+                id: id.to_owned(),
+                reason: "the VM has no such card".into(),
+            });
+        }
+        let timeout = self.settings.start_timeout;
+        let qmp = self.qmp().await?;
+        if !qmp.device_del(&format!("dev-{id}"), timeout).await? {
+            return Err(HypervisorError::NetDevice {
+                id: id.to_owned(),
+                reason: format!("the guest did not release the card within {timeout:?}"),
+            });
+        }
+        qmp.netdev_del(id).await?;
+        if let Some(config) = self.config.as_mut() {
+            config.net_devices.retain(|d| d.id != id);
+        }
+        Ok(())
     }
 
     fn save(&self) -> Result<VmState> {

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -49,6 +50,26 @@ impl ManagedChild {
         args: &[std::ffi::OsString],
         log: &Path,
     ) -> Result<ManagedChild> {
+        Self::spawn_in(name, program, args, log, None)
+    }
+
+    /// As [`spawn`](Self::spawn), the child joining the network namespace `netns` (a namespace
+    /// file such as `/run/netns/NAME`) before it runs `program`.
+    pub fn spawn_in(
+        name: &'static str,
+        program: &Path,
+        args: &[std::ffi::OsString],
+        log: &Path,
+        netns: Option<&Path>,
+    ) -> Result<ManagedChild> {
+        let netns_file = netns
+            .map(|path| {
+                File::open(path).map_err(|source| HypervisorError::Netns {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            })
+            .transpose()?;
         let io_err = |source| HypervisorError::Io {
             action: "create log file",
             path: log.to_path_buf(),
@@ -56,19 +77,33 @@ impl ManagedChild {
         };
         let out = File::create(log).map_err(io_err)?;
         let err = out.try_clone().map_err(io_err)?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|source| HypervisorError::Spawn {
-                program: name,
-                path: program.to_path_buf(),
-                source,
-            })?;
+            .kill_on_drop(false);
+        if let Some(file) = &netns_file {
+            let fd = file.as_raw_fd();
+            // SAFETY: the closure runs in the child between fork and exec and calls only
+            // setns(2), which is async-signal-safe; `fd` stays open in the parent (and so in
+            // the child) until `spawn` returns, as `netns_file` outlives it.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().map_err(|source| HypervisorError::Spawn {
+            program: name,
+            path: program.to_path_buf(),
+            source,
+        })?;
         let pid = child.id().unwrap_or_default();
         let start_time = proc_start_time(pid).map(|(t, _)| t).unwrap_or_default();
         tracing::debug!(name, pid, program = %program.display(), "started");

@@ -782,3 +782,5 @@ fn excerpt(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests;
+
+mod devices;

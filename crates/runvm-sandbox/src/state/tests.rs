@@ -24,6 +24,9 @@ pub(crate) fn sample_sandbox(id: &str) -> SandboxRecord {
         }),
         vsock: VsockBackend::VhostUser,
         run_dir: dir.join("vm"),
+        netns: None,
+        net_devices: Vec::new(),
+        hotplug_ports: 0,
     };
     let mut config = Config::default();
     config.hypervisor.vcpus = 2;
