@@ -11,6 +11,7 @@
 mod container;
 mod error;
 mod init;
+mod network;
 mod reaper;
 mod service;
 

@@ -11,6 +11,7 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::container::Containers;
 use crate::error::AgentError;
+use crate::network;
 use crate::reaper::Reaper;
 
 /// Guest-side boot timeline, microseconds of CLOCK_BOOTTIME.
@@ -32,6 +33,11 @@ pub struct Agent {
 impl Agent {
     /// Must be called inside the tokio runtime (it starts the OOM monitor).
     pub fn new(boot: BootTimes, shutdown: Arc<Notify>, reaper: Arc<Reaper>) -> Self {
+        tokio::spawn(async {
+            if let Err(e) = network::loopback_up().await {
+                tracing::warn!(error = %e, "cannot bring the loopback device up");
+            }
+        });
         Agent {
             boot,
             shutdown,
@@ -346,6 +352,53 @@ impl agent_ttrpc::AgentService for Agent {
             }),
             None => Err(AgentError::internal("the OOM monitor stopped").into()),
         }
+    }
+
+    // --- network ------------------------------------------------------------------------
+
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateInterfaceRequest,
+    ) -> ttrpc::Result<agent::Interface> {
+        let wanted = req.interface.into_option().unwrap_or_default();
+        let r = network::update_interface(&wanted).await;
+        answer("UpdateInterface", &wanted.name, r)
+    }
+
+    async fn list_interfaces(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::ListInterfacesRequest,
+    ) -> ttrpc::Result<agent::Interfaces> {
+        answer("ListInterfaces", "", network::list_interfaces().await)
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateRoutesRequest,
+    ) -> ttrpc::Result<agent::Routes> {
+        let wanted = req.routes.into_option().unwrap_or_default();
+        answer("UpdateRoutes", "", network::update_routes(&wanted).await)
+    }
+
+    async fn list_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::ListRoutesRequest,
+    ) -> ttrpc::Result<agent::Routes> {
+        answer("ListRoutes", "", network::list_routes().await)
+    }
+
+    async fn add_arp_neighbors(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::AddARPNeighborsRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let wanted = req.neighbors.into_option().unwrap_or_default();
+        let r = network::add_neighbors(&wanted).await;
+        answer("AddARPNeighbors", "", r.map(|()| agent::Empty::new()))
     }
 }
 
