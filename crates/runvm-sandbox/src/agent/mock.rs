@@ -9,7 +9,7 @@ use runvm_hypervisor::AgentAddress;
 
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestDetails, GuestProcess, OutputChunk, ProcessRef, StdioSpec,
+    GuestDetails, GuestProcess, Interface, Neighbor, OutputChunk, ProcessRef, Route, StdioSpec,
 };
 
 /// A simulated guest process: its scripted output and exit, and what it was sent.
@@ -64,6 +64,14 @@ pub struct MockAgentState {
     pub processes: BTreeMap<ProcessRef, MockProcess>,
     /// When set, the next `create_container` fails with this code and message.
     pub fail_create: Option<(String, String)>,
+    /// The guest's interfaces (set by `update_interface`, by MAC).
+    pub interfaces: Vec<Interface>,
+    /// The guest's routes (set by `update_routes`).
+    pub routes: Vec<Route>,
+    /// Neighbours added.
+    pub neighbors: Vec<Neighbor>,
+    /// When set, the next network change fails with this code and message (nothing changes).
+    pub fail_network: Option<(String, String)>,
 }
 
 impl Default for MockAgentState {
@@ -81,6 +89,10 @@ impl Default for MockAgentState {
             containers: BTreeMap::new(),
             processes: BTreeMap::new(),
             fail_create: None,
+            interfaces: Vec::new(),
+            routes: Vec::new(),
+            neighbors: Vec::new(),
+            fail_network: None,
         }
     }
 }
@@ -169,8 +181,45 @@ impl MockAgent {
     }
 }
 
+fn network_failure(s: &mut MockAgentState, method: &'static str) -> Result<(), AgentError> {
+    match s.fail_network.take() {
+        Some((code, message)) => Err(rpc(method, &code, message)),
+        None => Ok(()),
+    }
+}
+
 #[async_trait]
 impl Agent for MockAgent {
+    async fn update_interface(&self, interface: &Interface) -> Result<Interface, AgentError> {
+        let mut s = self.record(&format!("update_interface {}", interface.name));
+        network_failure(&mut s, "UpdateInterface")?;
+        s.interfaces.retain(|i| i.mac != interface.mac);
+        s.interfaces.push(interface.clone());
+        Ok(interface.clone())
+    }
+
+    async fn list_interfaces(&self) -> Result<Vec<Interface>, AgentError> {
+        Ok(self.record("list_interfaces").interfaces.clone())
+    }
+
+    async fn update_routes(&self, routes: &[Route]) -> Result<Vec<Route>, AgentError> {
+        let mut s = self.record("update_routes");
+        network_failure(&mut s, "UpdateRoutes")?;
+        s.routes = routes.to_vec();
+        Ok(s.routes.clone())
+    }
+
+    async fn list_routes(&self) -> Result<Vec<Route>, AgentError> {
+        Ok(self.record("list_routes").routes.clone())
+    }
+
+    async fn add_neighbors(&self, neighbors: &[Neighbor]) -> Result<(), AgentError> {
+        let mut s = self.record("add_neighbors");
+        network_failure(&mut s, "AddARPNeighbors")?;
+        s.neighbors.extend(neighbors.iter().cloned());
+        Ok(())
+    }
+
     async fn check(&self) -> Result<(), AgentError> {
         drop(self.record("check"));
         Ok(())

@@ -6,10 +6,12 @@
 
 mod convert;
 mod mock;
+mod network;
 mod ttrpc_client;
 mod types;
 
 pub use mock::{MockAgent, MockAgentConnector, MockAgentState, MockContainer, MockProcess};
+pub use network::{Interface, IpNet, Neighbor, Route};
 pub use ttrpc_client::{TtrpcAgent, TtrpcConnector};
 pub use types::{
     ContainerStats, CpuStats, CreateContainer, ExitStatus, GuestProcess, MemoryStats, NetworkStats,
@@ -196,6 +198,18 @@ pub trait Agent: Send + Sync + Debug {
     ) -> Result<(), AgentError>;
     /// Waits until a container is OOM-killed; returns its id.
     async fn oom_event(&self) -> Result<String, AgentError>;
+
+    /// Configures the guest device with `interface.mac`: name, MTU, exactly these addresses,
+    /// up. All or nothing: on error the device is as before. Returns the device as it is then.
+    async fn update_interface(&self, interface: &Interface) -> Result<Interface, AgentError>;
+    /// The guest's devices (loopback aside) with their addresses.
+    async fn list_interfaces(&self) -> Result<Vec<Interface>, AgentError>;
+    /// Makes the guest's main routing table exactly `routes`. All or nothing. Returns the table.
+    async fn update_routes(&self, routes: &[Route]) -> Result<Vec<Route>, AgentError>;
+    /// The guest's main routing table.
+    async fn list_routes(&self) -> Result<Vec<Route>, AgentError>;
+    /// Adds permanent neighbour entries.
+    async fn add_neighbors(&self, neighbors: &[Neighbor]) -> Result<(), AgentError>;
 }
 
 /// Opens agent connections; the sandbox retries it while the guest boots.

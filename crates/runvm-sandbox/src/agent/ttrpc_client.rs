@@ -11,9 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttrpc::r#async::transport::Socket;
 
 use super::convert::{self, MAX_CHUNK};
+use super::network;
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestBootTimes, GuestDetails, GuestProcess, OutputChunk, ProcessRef, StdioSpec,
+    GuestBootTimes, GuestDetails, GuestProcess, Interface, Neighbor, OutputChunk, ProcessRef,
+    Route, StdioSpec,
 };
 
 /// Longest text field accepted from the agent (versions, names).
@@ -550,6 +552,72 @@ impl Agent for TtrpcAgent {
             )
             .await?;
         convert::oom_container(resp)
+    }
+
+    async fn update_interface(&self, interface: &Interface) -> Result<Interface, AgentError> {
+        let req = agent::UpdateInterfaceRequest {
+            interface: protobuf::MessageField::some(network::to_pb_interface(interface)),
+            ..Default::default()
+        };
+        let resp = self
+            .call(
+                "UpdateInterface",
+                self.client.update_interface(self.context(), &req),
+            )
+            .await?;
+        network::from_pb_interface("UpdateInterface", resp)
+    }
+
+    async fn list_interfaces(&self) -> Result<Vec<Interface>, AgentError> {
+        let req = agent::ListInterfacesRequest::new();
+        let resp = self
+            .call(
+                "ListInterfaces",
+                self.client.list_interfaces(self.context(), &req),
+            )
+            .await?;
+        network::from_pb_interfaces("ListInterfaces", resp.interfaces)
+    }
+
+    async fn update_routes(&self, routes: &[Route]) -> Result<Vec<Route>, AgentError> {
+        let req = agent::UpdateRoutesRequest {
+            routes: protobuf::MessageField::some(agent::Routes {
+                routes: routes.iter().map(network::to_pb_route).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let resp = self
+            .call(
+                "UpdateRoutes",
+                self.client.update_routes(self.context(), &req),
+            )
+            .await?;
+        network::from_pb_routes("UpdateRoutes", resp.routes)
+    }
+
+    async fn list_routes(&self) -> Result<Vec<Route>, AgentError> {
+        let req = agent::ListRoutesRequest::new();
+        let resp = self
+            .call("ListRoutes", self.client.list_routes(self.context(), &req))
+            .await?;
+        network::from_pb_routes("ListRoutes", resp.routes)
+    }
+
+    async fn add_neighbors(&self, neighbors: &[Neighbor]) -> Result<(), AgentError> {
+        let req = agent::AddARPNeighborsRequest {
+            neighbors: protobuf::MessageField::some(agent::ARPNeighbors {
+                neighbors: neighbors.iter().map(network::to_pb_neighbor).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.call(
+            "AddARPNeighbors",
+            self.client.add_arp_neighbors(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
     }
 }
 
