@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds an OCI image tarball of busybox offline, from Debian's busybox-static, with umoci.
-#   scripts/busybox-image.sh OUT.tar
+#   scripts/busybox-image.sh OUT.tar [CMD ARG...]   (the image's command; default: sh)
 # Import it with: ctr -a SOCK images import --base-name docker.io/library/busybox OUT.tar
 set -euo pipefail
 out="$(realpath -m "${1:?usage: busybox-image.sh OUT.tar}")"
@@ -20,7 +20,11 @@ done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$rootfs/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$rootfs/etc/group"
 umoci repack --image "$layout:latest" "$work/bundle"
-umoci config --image "$layout:latest" --config.cmd sh \
+shift
+[ "$#" -gt 0 ] || set -- sh
+cmd_flags=()
+for arg in "$@"; do cmd_flags+=(--config.cmd "$arg"); done
+umoci config --image "$layout:latest" "${cmd_flags[@]}" \
     --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 umoci gc --layout "$layout"
 tar -C "$layout" -cf "$out" .

@@ -3,168 +3,9 @@
 //! and checks afterwards that no shim, QEMU or helper process and no runvm state is left.
 //! These tests boot real VMs (about 5 s each under TCG): they run one at a time.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+mod common;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-const IMAGE: &str = "docker.io/library/busybox:latest";
-const RUNTIME: &str = "io.containerd.runvm.v2";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A private containerd whose PATH has the shim, with runvm's state under the same folder.
-struct Env {
-    dir: tempfile::TempDir,
-    socket: String,
-}
-
-impl Env {
-    fn start() -> Env {
-        let dir = tempfile::Builder::new()
-            .prefix("runvm-shim-")
-            .tempdir()
-            .unwrap();
-        let d = dir.path();
-        std::fs::create_dir_all(d.join("bin")).unwrap();
-        std::os::unix::fs::symlink(
-            env!("CARGO_BIN_EXE_containerd-shim-runvm-v2"),
-            d.join("bin/containerd-shim-runvm-v2"),
-        )
-        .unwrap();
-        let config = d.join("runvm.toml");
-        std::fs::write(
-            &config,
-            format!("[runtime]\nroot = \"{}\"\n", d.join("runvm").display()),
-        )
-        .unwrap();
-        let image = d.join("busybox.tar");
-        run_ok(Command::new(workspace().join("scripts/busybox-image.sh")).arg(&image));
-        let path = format!(
-            "{}:{}",
-            d.join("bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let out = run_ok(
-            Command::new(workspace().join("scripts/containerd-env.sh"))
-                .arg("start")
-                .arg(d.join("ctd"))
-                .env("PATH", path)
-                .env("RUNVM_CONFIG", &config)
-                .env("RUNVM_LOG", "debug"),
-        );
-        let socket = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let env = Env { dir, socket };
-        let import = env.ctr(&[
-            "images",
-            "import",
-            "--base-name",
-            "docker.io/library/busybox",
-        ]);
-        run_ok(Command::new("ctr").args(import).arg(&image));
-        env
-    }
-
-    fn ctr<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec!["-a", self.socket.as_str()];
-        v.extend_from_slice(args);
-        v
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new("ctr")
-            .args(self.ctr(args))
-            .output()
-            .expect("running ctr");
-        eprintln!(
-            "ctr {args:?}: {}\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// Processes whose command line names this environment's folder (shims, QEMU, helpers).
-    fn leftovers(&self) -> Vec<String> {
-        let me = self.dir.path().to_string_lossy().to_string();
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&me) && !cmd.starts_with("containerd ") {
-                found.push(cmd);
-            }
-        }
-        found
-    }
-
-    /// Nothing of runvm is left: no process, no sandbox folder.
-    fn assert_clean(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let procs = self.leftovers();
-            let state: Vec<_> = std::fs::read_dir(self.dir.path().join("runvm"))
-                .map(|d| d.flatten().map(|e| e.file_name()).collect())
-                .unwrap_or_default();
-            if procs.is_empty() && state.is_empty() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("left behind: processes {procs:#?}, state {state:?}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = Command::new(workspace().join("scripts/containerd-env.sh"))
-            .arg("stop")
-            .arg(self.dir.path().join("ctd"))
-            .status();
-        // A failed test may leave its shim and VM: end them so later tests are not burdened.
-        let me = self.dir.path().to_string_lossy().to_string();
-        let _ = Command::new("pkill").args(["-KILL", "-f", &me]).status();
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4))
-            .filter(|m| m.starts_with(&me))
-            .collect();
-        points.sort_unstable_by(|a, b| b.cmp(a));
-        for m in points {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
-        if std::thread::panicking() {
-            let log = self.dir.path().join("ctd/containerd.log");
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<_> = text.lines().rev().take(60).collect();
-            eprintln!("--- containerd log (last lines) ---");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("spawning a helper");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use common::{kill9, Env, IMAGE, RUNTIME, SERIAL};
 
 #[test]
 fn ctr_run_prints_and_propagates_exit_codes() {
@@ -196,6 +37,34 @@ fn ctr_run_prints_and_propagates_exit_codes() {
         "exit 3",
     ]);
     assert_eq!(out.status.code(), Some(3));
+    env.assert_clean();
+}
+
+/// `ctr run -t` needs a terminal: `script` gives it one. The container's output comes back
+/// through the guest's pty, and its exit code through ctr.
+#[test]
+fn ctr_run_with_a_terminal_relays_the_tty_and_exit_code() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let ctr = format!(
+        "ctr -a {} run -t --rm --runtime {RUNTIME} {IMAGE} t4 sh -c 'echo in-a-tty; tty; exit 5'",
+        env.socket
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &ctr, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{out:?}");
+    // The guest's terminal turns "\n" into "\r\n" (script's own terminal adds one more "\r",
+    // as it does for runc).
+    assert!(
+        text.contains("in-a-tty\r"),
+        "not through a terminal: {text:?}"
+    );
+    assert!(text.contains("/dev/pts/"), "not a terminal: {text:?}");
+    assert_eq!(out.status.code(), Some(5), "{text:?}");
     env.assert_clean();
 }
 
@@ -234,73 +103,6 @@ fn ctr_task_exec_pause_resume_metrics_kill() {
     );
 
     env.kill_and_remove("t3");
-}
-
-impl Env {
-    /// The pid of the first process whose command line starts with `prefix` and names this
-    /// environment's folder.
-    fn pid_of(&self, prefix: &str, also: &str) -> u32 {
-        let me = self.dir.path().to_string_lossy().to_string();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(prefix) && cmd.contains(&me) && cmd.contains(also) {
-                return pid;
-            }
-        }
-        panic!("no process {prefix} {also} in {me}");
-    }
-}
-
-impl Env {
-    /// `ctr run -d` of `sleep 1000` as task `id`.
-    fn run_sleeper(&self, id: &str) {
-        let out = self.run(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            id,
-            "sleep",
-            "1000",
-        ]);
-        assert!(out.status.success());
-    }
-
-    /// Polls `ctr task ls` for up to 20 s until `done` holds for its output.
-    fn wait_task_list(&self, what: &str, done: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = String::from_utf8_lossy(&self.run(&["task", "ls"]).stdout).to_string();
-            if done(&text) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}: {text}");
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    /// SIGKILL to task `id`, then its removal once stopped, and nothing left.
-    fn kill_and_remove(&self, id: &str) {
-        assert!(self
-            .run(&["task", "kill", "-s", "SIGKILL", id])
-            .status
-            .success());
-        self.wait_task_list(&format!("{id} did not stop after SIGKILL"), |t| {
-            t.contains("STOPPED")
-        });
-        assert!(self.run(&["task", "rm", id]).status.success());
-        assert!(self.run(&["containers", "rm", id]).status.success());
-        self.assert_clean();
-    }
-}
-
-fn kill9(pid: u32) {
-    run_ok(Command::new("kill").args(["-KILL", &pid.to_string()]));
 }
 
 #[test]

@@ -71,6 +71,20 @@ pub fn validate(config: &VmConfig) -> Result<()> {
             config.memory_mib
         )));
     }
+    // A unix socket path holds at most 107 bytes; the longest runvm makes in the run folder is
+    // the hybrid-vsock listener of a port (`vsock.hv_PORT`).
+    let longest = RunDirLayout::new(&config.run_dir)
+        .vsock_uds()
+        .as_os_str()
+        .len()
+        + 11;
+    if longest > 107 {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "run folder {} is too long for unix socket paths in it ({longest} bytes; valid: at \
+             most 107): use a shorter runtime.root",
+            config.run_dir.display()
+        )));
+    }
     if let VsockBackend::Vhost { guest_cid } = config.vsock {
         if guest_cid < 3 {
             return Err(HypervisorError::InvalidConfig(format!(
@@ -402,6 +416,20 @@ mod tests {
         let mut c = config();
         c.vsock = VsockBackend::Vhost { guest_cid: 2 };
         assert!(qemu_args(&c, &RunDirLayout::new("/r")).is_err());
+    }
+
+    #[test]
+    fn a_run_folder_too_long_for_socket_paths_is_refused_with_its_path() {
+        let mut c = config();
+        c.run_dir = std::path::PathBuf::from(format!("/run/{}", "x".repeat(90)));
+        let e = validate(&c).unwrap_err().to_string();
+        assert!(e.contains(&c.run_dir.display().to_string()), "{e}");
+        assert!(
+            e.contains("at most 107") && e.contains("runtime.root"),
+            "{e}"
+        );
+        c.run_dir = std::path::PathBuf::from(format!("/run/{}", "x".repeat(70)));
+        validate(&c).unwrap();
     }
 
     #[test]

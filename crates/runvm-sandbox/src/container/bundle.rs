@@ -169,8 +169,9 @@ mod tests {
         let loaded = super::super::spec::load(dir.path()).unwrap();
         let prepared = super::super::spec::prepare(dir.path(), &loaded, "c1").unwrap();
         assert!(
-            prepared.binds[0].readonly,
-            "root.readonly makes the share read-only"
+            !prepared.binds[0].readonly,
+            "the rootfs share stays writable for mount points; the guest makes it read-only"
         );
+        assert_eq!(prepared.guest_spec["root"]["readonly"], true);
     }
 }

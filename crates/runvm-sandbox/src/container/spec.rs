@@ -182,16 +182,16 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
             ),
         ));
     }
-    let readonly_root = spec
-        .pointer("/root/readonly")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let share = PathBuf::from(container_id);
     let guest_share = Path::new(GUEST_SHARED_DIR).join(container_id);
+    // The rootfs is shared writable even when `root.readonly` is set: as with runc, missing
+    // mount points (e.g. CRI's /etc/resolv.conf on a pause image) are made in it first, and
+    // the guest runtime then remounts it read-only for the container (the guest spec keeps
+    // `root.readonly`).
     let mut binds = vec![ShareBind {
         source: root_path,
         target: share.join("rootfs"),
-        readonly: readonly_root,
+        readonly: false,
     }];
     guest["root"]["path"] = Value::from(guest_share.join("rootfs").display().to_string());
 

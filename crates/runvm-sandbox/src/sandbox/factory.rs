@@ -98,7 +98,7 @@ pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettin
                 tag: SHARED_FS_TAG.into(),
             }),
             vsock: resolve_vsock(config.hypervisor.vsock),
-            run_dir: dir.join("vm"),
+            run_dir: crate::store::vm_run_dir(&config.runtime.root, id),
             netns: None,
             net_devices: Vec::new(),
             hotplug_ports: 0,

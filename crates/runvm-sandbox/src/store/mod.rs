@@ -56,6 +56,8 @@ use serde::{Deserialize, Serialize};
 pub use error::StoreError;
 pub use lock::{LockMode, SandboxLock};
 
+use sha2::Digest;
+
 use crate::id::{ContainerId, SandboxId};
 use crate::state::{SandboxRecord, RECORD_VERSION};
 use fsio::{FaultPoint, CREATING, REMOVING};
@@ -69,6 +71,29 @@ pub const LOCK_FILE: &str = "lock";
 pub const CONTAINERS_DIR: &str = "containers";
 /// The container record's file in the container folder.
 pub const CONTAINER_FILE: &str = "container.json";
+/// The prefix of a VM run folder kept outside its sandbox folder (see [`vm_run_dir`]). `~` is
+/// not allowed in ids, so such a folder is never taken for a sandbox.
+pub const VM_DIR_PREFIX: &str = ".vm~";
+/// The longest file name runvm or its helpers create as a unix socket in a VM run folder
+/// (`vsock.hv_1025`, with room for any vsock port).
+const LONGEST_SOCKET_NAME: usize = "vsock.hv_4294967295".len();
+/// The longest path a unix socket can have (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The VM run folder (QEMU's and the helpers' sockets and logs) of sandbox `id` under `root`:
+/// `ROOT/ID/vm`, unless that makes a socket path longer than unix sockets allow (long ids, as
+/// CRI's 64-character ones under a deep root); then `ROOT/.vm~HASH`, HASH being the first 16
+/// hex digits of the id's SHA-256. The folder chosen is recorded in the sandbox's state.
+pub fn vm_run_dir(root: &Path, id: &SandboxId) -> PathBuf {
+    let inside = root.join(id.as_str()).join("vm");
+    if inside.as_os_str().len() + 1 + LONGEST_SOCKET_NAME <= MAX_SOCKET_PATH {
+        return inside;
+    }
+    let digest = sha2::Sha256::digest(id.as_str().as_bytes());
+    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    root.join(format!("{VM_DIR_PREFIX}{hash}"))
+}
+
 /// A staging folder that never got its lock file is taken as abandoned after this long.
 const STALE_STAGING: Duration = Duration::from_secs(60);
 
@@ -455,7 +480,10 @@ fn list_ids<T: Ord, E: std::fmt::Display>(
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(CREATING) || name.starts_with(REMOVING) {
+        if name.starts_with(CREATING)
+            || name.starts_with(REMOVING)
+            || name.starts_with(VM_DIR_PREFIX)
+        {
             continue;
         }
         match parse(&name) {

@@ -624,3 +624,36 @@ fn removal_refuses_while_something_is_mounted_in_the_sandbox() {
     store.remove_sandbox(lock).unwrap();
     assert!(store.list_sandboxes().unwrap().is_empty());
 }
+
+#[test]
+fn vm_run_dir_stays_in_the_sandbox_folder_unless_socket_paths_would_be_too_long() {
+    let short = vm_run_dir(Path::new("/run/runvm"), &sid("web"));
+    assert_eq!(short, Path::new("/run/runvm/web/vm"));
+    let cri_id = sid(&"a".repeat(64));
+    let deep = Path::new("/tmp/runvm-shim-XXXXXX/runvm");
+    let moved = vm_run_dir(deep, &cri_id);
+    assert_eq!(moved.parent(), Some(deep));
+    let name = moved.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(VM_DIR_PREFIX) && name.len() == VM_DIR_PREFIX.len() + 16,
+        "{name}"
+    );
+    assert_eq!(
+        moved,
+        vm_run_dir(deep, &cri_id),
+        "the same id gives the same folder"
+    );
+    assert_ne!(moved, vm_run_dir(deep, &sid(&"b".repeat(64))));
+}
+
+#[test]
+fn moved_vm_run_dirs_are_not_listed_as_sandboxes() {
+    let (_tmp, store) = new_store();
+    fs::create_dir_all(
+        store
+            .root()
+            .join(format!("{VM_DIR_PREFIX}0123456789abcdef")),
+    )
+    .unwrap();
+    assert!(store.list_sandboxes().unwrap().is_empty());
+}

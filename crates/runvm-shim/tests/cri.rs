@@ -1,0 +1,365 @@
+//! The Kubernetes path: containerd's CRI plugin runs a pod with runvm (runtime handler `runvm`),
+//! driven by a CRI client as the kubelet would drive it. The pod gets one VM; its containers
+//! join it; the VM outlives removed containers and goes with the pod.
+//! The test boots one VM (about 5 s under TCG) and shares it between all its checks.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Env, SERIAL};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest,
+    ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest, VersionRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const BUSYBOX: &str = "docker.io/library/busybox:latest";
+const BRIDGE: &str = "runvmcri0";
+const SUBNET: &str = "10.231.77.0/24";
+
+type Runtime = RuntimeServiceClient<Channel>;
+
+async fn channel(socket: &str) -> Channel {
+    let socket = socket.to_string();
+    Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connecting to containerd's CRI service")
+}
+
+fn pod_config(env: &Env) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "web".into(),
+            uid: "4b1c7f36-0d6e-4a0e-9c51-runvm-test".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "web-pod".into(),
+        log_directory: env.dir.path().join("pod-logs").display().to_string(),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// Creates and starts container `name` in the pod; returns its id.
+async fn start_container(
+    rt: &mut Runtime,
+    pod_id: &str,
+    pod: &PodSandboxConfig,
+    name: &str,
+    command: &[&str],
+) -> String {
+    let id = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(container_config(name, command)),
+            sandbox_config: Some(pod.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    id
+}
+
+async fn exec_sync(rt: &mut Runtime, id: &str, cmd: &[&str]) -> (String, String, i32) {
+    let out = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
+        .into_inner();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.exit_code,
+    )
+}
+
+async fn container_state(rt: &mut Runtime, id: &str) -> (ContainerState, i32) {
+    let status = rt
+        .container_status(ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ContainerStatus {id}: {e}"))
+        .into_inner()
+        .status
+        .expect("a status");
+    (
+        ContainerState::try_from(status.state).expect("a known state"),
+        status.exit_code,
+    )
+}
+
+/// Polls `path` for up to 20 s until it contains `needle`.
+fn wait_for_text(path: &std::path::Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn netns_names() -> Vec<String> {
+    std::fs::read_dir("/var/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn qemus(env: &Env) -> usize {
+    env.leftovers()
+        .iter()
+        .filter(|c| c.contains("qemu-system"))
+        .count()
+}
+
+#[test]
+fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start_cri(BRIDGE, SUBNET);
+    let netns_before = netns_names();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let ch = channel(&env.socket).await;
+        let mut rt = RuntimeServiceClient::new(ch.clone());
+        let mut images = ImageServiceClient::new(ch);
+        let version = rt
+            .version(VersionRequest::default())
+            .await
+            .expect("CRI Version")
+            .into_inner();
+        eprintln!("CRI: {version:?}");
+
+        // The imported images reach the CRI plugin's store through containerd's events.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for image in [BUSYBOX, "docker.io/library/pause:latest"] {
+            loop {
+                let status = images
+                    .image_status(ImageStatusRequest {
+                        image: Some(ImageSpec {
+                            image: image.into(),
+                            ..Default::default()
+                        }),
+                        verbose: false,
+                    })
+                    .await
+                    .expect("ImageStatus")
+                    .into_inner();
+                if status.image.is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{image} never reached CRI");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+
+        let pod = pod_config(&env);
+        let pod_id = rt
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod.clone()),
+                runtime_handler: "runvm".into(),
+            })
+            .await
+            .expect("RunPodSandbox")
+            .into_inner()
+            .pod_sandbox_id;
+        let pod_status = rt
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod_id.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("PodSandboxStatus")
+            .into_inner()
+            .status
+            .expect("a pod status");
+        assert_eq!(pod_status.state, 0, "pod not ready: {pod_status:?}");
+        let ip = pod_status
+            .network
+            .as_ref()
+            .map(|n| n.ip.clone())
+            .unwrap_or_default();
+        assert!(ip.starts_with("10.231.77."), "CNI gave no address: {ip:?}");
+        assert_eq!(qemus(&env), 1, "one VM for the pod");
+
+        let c1 = start_container(
+            &mut rt,
+            &pod_id,
+            &pod,
+            "one",
+            &[
+                "sh",
+                "-c",
+                "echo hello-from-one; echo data > /tmp/f; exec sleep 1000",
+            ],
+        )
+        .await;
+        let c2 = start_container(&mut rt, &pod_id, &pod, "two", &["sleep", "1000"]).await;
+        assert_eq!(qemus(&env), 1, "the pod's containers share its VM");
+        assert_eq!(
+            container_state(&mut rt, &c1).await.0,
+            ContainerState::ContainerRunning
+        );
+        assert_eq!(
+            container_state(&mut rt, &c2).await.0,
+            ContainerState::ContainerRunning
+        );
+
+        // stdout reaches the CRI log file (through containerd's FIFOs).
+        let log = env.dir.path().join("pod-logs/one.log");
+        let text = wait_for_text(&log, "hello-from-one");
+        assert!(text.contains("stdout F hello-from-one"), "{text:?}");
+
+        let (out, err, code) = exec_sync(
+            &mut rt,
+            &c1,
+            &["sh", "-c", "cat /tmp/f; echo oops >&2; exit 7"],
+        )
+        .await;
+        assert_eq!((out.as_str(), err.as_str(), code), ("data\n", "oops\n", 7));
+        // The containers are separate: two has its own root filesystem.
+        let (_, _, code) = exec_sync(&mut rt, &c2, &["test", "-e", "/tmp/f"]).await;
+        assert_eq!(
+            code, 1,
+            "/tmp/f of container one is visible in container two"
+        );
+
+        let stats = rt
+            .container_stats(ContainerStatsRequest {
+                container_id: c1.clone(),
+            })
+            .await
+            .expect("ContainerStats")
+            .into_inner()
+            .stats
+            .expect("stats");
+        let cpu = stats
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
+            .map(|v| v.value);
+        let memory = stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map(|v| v.value);
+        assert!(cpu.unwrap_or(0) > 0, "no CPU usage: {cpu:?}");
+        assert!(memory.unwrap_or(0) > 0, "no memory usage: {memory:?}");
+
+        // sleep as PID 1 ignores SIGTERM: the stop escalates to SIGKILL after the timeout.
+        rt.stop_container(StopContainerRequest {
+            container_id: c2.clone(),
+            timeout: 2,
+        })
+        .await
+        .expect("StopContainer");
+        let (state, code) = container_state(&mut rt, &c2).await;
+        assert_eq!(state, ContainerState::ContainerExited);
+        assert_eq!(code, 137, "exit code of a SIGKILLed sleep");
+        rt.remove_container(RemoveContainerRequest {
+            container_id: c2.clone(),
+        })
+        .await
+        .expect("RemoveContainer");
+        assert!(
+            rt.container_status(ContainerStatusRequest {
+                container_id: c2.clone(),
+                verbose: false,
+            })
+            .await
+            .is_err(),
+            "removed container still known"
+        );
+        assert_eq!(qemus(&env), 1, "the VM lives while its pod does");
+
+        // A new container joins the same pod (and VM) after another was removed.
+        let c3 = start_container(&mut rt, &pod_id, &pod, "three", &["sleep", "1000"]).await;
+        let (out, _, code) = exec_sync(&mut rt, &c3, &["hostname"]).await;
+        assert_eq!(code, 0);
+        eprintln!("hostname in the pod: {out:?}");
+        assert_eq!(qemus(&env), 1, "the new container joined the pod's VM");
+
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        for id in [&c1, &c3] {
+            assert_eq!(
+                container_state(&mut rt, id).await.0,
+                ContainerState::ContainerExited,
+                "{id} after StopPodSandbox"
+            );
+        }
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+        let left = rt
+            .list_containers(k8s_cri::v1::ListContainersRequest::default())
+            .await
+            .expect("ListContainers")
+            .into_inner()
+            .containers;
+        assert!(left.is_empty(), "containers left: {left:?}");
+    });
+    env.assert_clean();
+    let new_netns: Vec<_> = netns_names()
+        .into_iter()
+        .filter(|n| !netns_before.contains(n))
+        .collect();
+    assert!(
+        new_netns.is_empty(),
+        "network namespaces left: {new_netns:?}"
+    );
+}
