@@ -66,6 +66,8 @@ pub struct Config {
     pub guest: GuestConfig,
     /// The agent channel.
     pub agent: AgentConfig,
+    /// Pod networking.
+    pub network: NetworkConfig,
     /// The file this was loaded from; `None` for built-in defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -160,6 +162,14 @@ impl Default for GuestConfig {
             initrd: Path::new(DEFAULT_GUEST_DIR).join("initrd.img"),
         }
     }
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// How the VM joins the pod's network namespace.
+    pub model: crate::network::NetworkModel,
 }
 
 /// `[agent]`.

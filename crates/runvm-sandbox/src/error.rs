@@ -74,6 +74,10 @@ pub enum SandboxError {
     #[error(transparent)]
     Store(#[from] StoreError),
 
+    /// Pod networking failed.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+
     /// The OCI bundle is unusable.
     #[error(transparent)]
     Spec(#[from] SpecError),

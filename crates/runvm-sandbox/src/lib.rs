@@ -15,6 +15,7 @@ pub mod config;
 pub mod container;
 mod error;
 mod id;
+pub mod network;
 pub mod run;
 pub mod sandbox;
 pub mod standalone;

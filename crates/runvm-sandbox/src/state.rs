@@ -171,6 +171,9 @@ pub struct SandboxRecord {
     /// Phase names with their time, ns since the Unix epoch, in the order they happened.
     #[serde(default)]
     pub timeline: Vec<(String, u64)>,
+    /// The pod network: its namespace and what runvm made there (taps, qdiscs, filters).
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkRecord>,
 }
 
 impl SandboxRecord {
@@ -193,6 +196,7 @@ impl SandboxRecord {
             containers: Vec::new(),
             memory_block_size: None,
             timeline: vec![("created".into(), now)],
+            network: None,
         }
     }
 

@@ -106,6 +106,8 @@ pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettin
         boot_timeout: config.agent.boot_timeout(),
         stop_timeout: Duration::from_millis(config.hypervisor.stop_timeout_ms),
         ready_signal: true,
+        netns: None,
+        network_model: config.network.model,
     })
 }
 
@@ -115,7 +117,19 @@ pub async fn create_qemu_sandbox(
     id: SandboxId,
     annotations: BTreeMap<String, String>,
 ) -> Result<(Sandbox, BootReport), SandboxError> {
-    let settings = sandbox_settings(config, &id)?;
+    create_qemu_sandbox_in(config, id, annotations, None).await
+}
+
+/// As [`create_qemu_sandbox`], the VM joining the pod's network namespace `netns` (the path
+/// of the OCI spec's network namespace) in the configured network model.
+pub async fn create_qemu_sandbox_in(
+    config: &Config,
+    id: SandboxId,
+    annotations: BTreeMap<String, String>,
+    netns: Option<PathBuf>,
+) -> Result<(Sandbox, BootReport), SandboxError> {
+    let mut settings = sandbox_settings(config, &id)?;
+    settings.netns = netns;
     let qemu = Qemu::new(qemu_settings(config)?);
     let store = Store::open(config.runtime.root.clone())?;
     Sandbox::create(

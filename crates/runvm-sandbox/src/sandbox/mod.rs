@@ -8,11 +8,12 @@
 mod containers;
 mod factory;
 mod monitor;
+mod network;
 
 pub use containers::{ContainerStatus, ExecRequest, NewContainer};
 pub use factory::{
-    create_qemu_sandbox, open_sandbox, qemu_settings, resolve_vsock, sandbox_settings,
-    SHARED_FS_TAG,
+    create_qemu_sandbox, create_qemu_sandbox_in, open_sandbox, qemu_settings, resolve_vsock,
+    sandbox_settings, SHARED_FS_TAG,
 };
 pub use monitor::VmFailure;
 
@@ -72,6 +73,10 @@ pub struct SandboxSettings {
     pub stop_timeout: Duration,
     /// Wait for the agent's readiness announcement before connecting (hybrid vsock only).
     pub ready_signal: bool,
+    /// The pod's network namespace (the OCI spec's), which the VM joins; `None`: no network.
+    pub netns: Option<PathBuf>,
+    /// How the VM joins it.
+    pub network_model: crate::network::NetworkModel,
 }
 
 /// The state of a sandbox and its containers.
@@ -100,6 +105,7 @@ pub struct Sandbox {
     connector: Arc<dyn AgentConnector>,
     agent: Option<Arc<dyn Agent>>,
     ready_signal: bool,
+    netns: Option<(PathBuf, crate::network::NetworkModel)>,
 }
 
 impl Sandbox {
@@ -134,6 +140,7 @@ impl Sandbox {
             connector,
             agent: None,
             ready_signal: settings.ready_signal,
+            netns: settings.netns.map(|p| (p, settings.network_model)),
         };
         match sandbox.boot(&lock).await {
             Ok(report) => Ok((sandbox, report)),
@@ -141,6 +148,9 @@ impl Sandbox {
                 sandbox.agent = None;
                 if let Err(stop) = sandbox.hypervisor.stop(Duration::ZERO).await {
                     tracing::warn!(error = %stop, "stopping the VM after a failed boot");
+                }
+                if let Err(net) = sandbox.teardown_network_now().await {
+                    tracing::warn!(error = %net, "removing the pod network after a failed boot");
                 }
                 if let Err(rm) = sandbox.store.remove_sandbox(lock) {
                     tracing::warn!(error = %rm, "removing the sandbox after a failed boot");
@@ -159,6 +169,7 @@ impl Sandbox {
                 source,
             })?;
         }
+        self.setup_network(lock).await?;
         self.hypervisor
             .prepare(self.record.vm.config.clone())
             .await?;
@@ -173,6 +184,7 @@ impl Sandbox {
         tracing::info!(ms = total.as_millis() as u64, "agent answered");
         let version = agent.version().await?;
         let guest = agent.guest_details().await?;
+        self.configure_guest_network(agent.as_ref()).await?;
         self.agent = Some(agent);
         self.record.vm = self.hypervisor.save()?;
         self.record.agent_address = Some(self.hypervisor.agent_address()?);
@@ -321,6 +333,7 @@ impl Sandbox {
             connector,
             agent: None,
             ready_signal: false,
+            netns: None,
         })
     }
 
@@ -519,6 +532,7 @@ impl Sandbox {
         self.hypervisor.stop(timeout).await?;
         self.mark_all_stopped(None)?;
         self.unshare_all()?;
+        self.teardown_network().await?;
         self.update(|r| {
             r.state = State::Stopped;
             r.mark("stopped");
@@ -538,6 +552,7 @@ impl Sandbox {
         self.hypervisor.stop(Duration::ZERO).await?;
         self.mark_all_stopped(Some(KILLED_EXIT_STATUS))?;
         self.unshare_all()?;
+        self.teardown_network().await?;
         self.update(|r| {
             r.state = State::Stopped;
             r.mark("killed");

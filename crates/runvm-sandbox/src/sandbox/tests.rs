@@ -46,6 +46,8 @@ fn fixture(boot_timeout: Duration) -> Fixture {
         boot_timeout,
         stop_timeout: Duration::from_secs(1),
         ready_signal: false,
+        netns: None,
+        network_model: Default::default(),
     };
     let mut config = Config::default();
     config.runtime.root = root.path().to_path_buf();
