@@ -23,8 +23,11 @@ enum Task {
     /// are cached in DIR/cache). Nothing is rewritten when the kernel package, the agent binary
     /// and the module list are unchanged since the last build, unless --force is given.
     Guest(guest::GuestArgs),
-    /// Benchmarks. `bench boot`: median time from QEMU start to the agent's first answer over
-    /// N boots, and the host memory (RSS, PSS) of QEMU and its helpers at idle.
+    /// Benchmarks. `bench all` (what `make bench` runs): runvm side by side with runc and the
+    /// floor (cold start, exec, memory per idle pod, stdout throughput, density), as a table,
+    /// target/bench/results.json and results.svg. `bench boot`: median time from QEMU start to
+    /// the agent's first answer over N boots, and the host memory (RSS, PSS) of QEMU and its
+    /// helpers at idle.
     #[command(subcommand)]
     Bench(BenchTask),
     /// Write an OCI bundle with a busybox rootfs (from the host's busybox-static) and a
@@ -47,6 +50,10 @@ struct BundleArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchTask {
+    /// runvm against runc and the floor, k runs each: cold start (`runvm run` / `runc run`,
+    /// `ctr run --rm` through both shims, QEMU with an init that powers off at once), exec
+    /// latency, PSS of 1 and 10 idle pods, stdout throughput, N pods started in parallel.
+    All(bench::AllArgs),
     /// Boot sandboxes one after another; print a table and write JSON.
     Boot(bench::BootBenchArgs),
     /// Run a busybox container in a new sandbox N times: time from the start of `run` to the
@@ -57,6 +64,7 @@ enum BenchTask {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Guest(args) => guest::run(&args),
+        Task::Bench(BenchTask::All(args)) => bench::all(args),
         Task::Bench(BenchTask::Boot(args)) => bench::boot(&args),
         Task::Bench(BenchTask::Run(args)) => bench::run(&args),
         Task::Bundle(b) => {

@@ -2,7 +2,7 @@
 //! `/init`, and a manifest), rebuilt only when one of its inputs changed.
 
 mod agent;
-mod cpio;
+pub(crate) mod cpio;
 mod elf;
 mod kernel;
 mod manifest;

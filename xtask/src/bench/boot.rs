@@ -1,5 +1,5 @@
-//! `cargo xtask bench boot`: boots sandboxes one after another and prints how long the agent
-//! took to answer, and the host memory of the VM's processes at idle.
+//! `cargo xtask bench boot` (sandboxes booted one after another through the library: how long
+//! the agent took to answer, and the host memory of the VM's processes at idle) and `bench run`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,6 +9,8 @@ use runvm_sandbox::config::Config;
 use runvm_sandbox::sandbox::create_qemu_sandbox;
 use runvm_sandbox::SandboxId;
 use serde::Serialize;
+
+use super::stats::{median, parse_smaps_rollup};
 
 /// Options of `bench boot`.
 #[derive(Debug, clap::Args)]
@@ -53,26 +55,6 @@ struct Results {
     median_qemu_to_agent_ms: f64,
     median_total_ms: f64,
     idle_memory: Vec<ProcessMemory>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// (Rss, Pss) in KiB from a `/proc/PID/smaps_rollup` text.
-fn parse_smaps_rollup(text: &str) -> (u64, u64) {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("Rss:"), field("Pss:"))
 }
 
 pub fn boot(args: &BootBenchArgs) -> Result<()> {
@@ -287,22 +269,4 @@ pub fn run(args: &RunBenchArgs) -> Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
     eprintln!("==> results written to {}", args.out.display());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(vec![5.0, 1.0, 3.0]), 3.0);
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(vec![]), 0.0);
-    }
-
-    #[test]
-    fn smaps_rollup_rss_and_pss_parse() {
-        let text = "00400000-7ffd [rollup]\nRss:              123456 kB\nPss:               65432 kB\nPss_Anon: 1 kB\n";
-        assert_eq!(parse_smaps_rollup(text), (123_456, 65_432));
-    }
 }

@@ -1,0 +1,245 @@
+//! The benchmarks that drive the `runvm` and `runc` command lines: cold start, exec latency,
+//! stdout throughput, and idle pods (memory, density).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::procs::{self, timed, Memory};
+use super::stats::mb_per_sec;
+use crate::cmd::describe;
+
+/// The runtime a CLI benchmark drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Runvm,
+    Runc,
+}
+
+/// A runtime's binary with a private state root, and a folder for the logs of its commands.
+#[derive(Debug, Clone)]
+pub struct Cli {
+    pub runtime: Runtime,
+    /// `runvm` or `runc`.
+    pub program: PathBuf,
+    /// The `--root` of every command.
+    pub root: PathBuf,
+    /// runvm's configuration file (RUNVM_CONFIG).
+    pub config: PathBuf,
+    /// Where the commands' stdout and stderr go.
+    pub logs: PathBuf,
+}
+
+impl Cli {
+    /// A command of this runtime, with its root.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.arg("--root").arg(&self.root);
+        if self.runtime == Runtime::Runvm {
+            cmd.env("RUNVM_CONFIG", &self.config)
+                .env_remove("RUST_LOG")
+                .args(["--log-level", "warn"]);
+        }
+        cmd.args(args);
+        cmd
+    }
+
+    /// The same runtime with its root and logs in `dir` (so that the processes naming `dir`
+    /// are this step's alone).
+    pub fn within(&self, dir: &Path) -> Result<Cli> {
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
+        Ok(Cli {
+            root: dir.join("state"),
+            logs,
+            ..self.clone()
+        })
+    }
+
+    /// `run` of `bundle` in the foreground as `id`; the time until it exits.
+    pub fn run(&self, bundle: &Path, id: &str) -> Result<Duration> {
+        let mut guard = Container::new(self, id);
+        let mut cmd = self.cmd(&["run", "--bundle", path_str(bundle)?, id]);
+        let took = timed(&mut cmd, &self.logs, id)?;
+        guard.deleted();
+        Ok(took)
+    }
+
+    /// `run -d` of `bundle` as `id`: a container running in the background, deleted on drop.
+    pub fn run_detached(&self, bundle: &Path, id: &str) -> Result<Container<'_>> {
+        let guard = Container::new(self, id);
+        let mut cmd = self.cmd(&["run", "-d", "--bundle", path_str(bundle)?, id]);
+        timed(&mut cmd, &self.logs, id)?;
+        Ok(guard)
+    }
+
+    /// `exec ID true`; the time until it exits.
+    pub fn exec_true(&self, id: &str, n: u32) -> Result<Duration> {
+        let mut cmd = self.cmd(&["exec", id, "true"]);
+        timed(&mut cmd, &self.logs, &format!("{id}-exec-{n}"))
+    }
+
+    /// `run` of `bundle` (whose process writes `expect` bytes to stdout) with stdout read by
+    /// this process and thrown away: MB/s from the first byte read to the last.
+    pub fn stdout_throughput(&self, bundle: &Path, id: &str, expect: u64) -> Result<f64> {
+        let mut guard = Container::new(self, id);
+        let mut cmd = self.cmd(&["run", "--bundle", path_str(bundle)?, id]);
+        let what = describe(&cmd);
+        let err = self.logs.join(format!("{id}.err"));
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err)?)
+            .spawn()
+            .with_context(|| format!("cannot run `{what}`"))?;
+        let mut stdout = child.stdout.take().context("no stdout pipe")?;
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut bytes, mut first, mut last) = (0u64, None, Instant::now());
+        loop {
+            let n = stdout
+                .read(&mut buf)
+                .context("read the container's stdout")?;
+            if n == 0 {
+                break;
+            }
+            last = Instant::now();
+            first.get_or_insert(last);
+            bytes += n as u64;
+            if bytes >= expect {
+                break;
+            }
+        }
+        // Whatever follows (none expected) is drained so the writer never blocks.
+        let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        procs::wait_timeout(&mut child, procs::COMMAND_TIMEOUT, &what).map_err(|e| {
+            let text = std::fs::read_to_string(&err).unwrap_or_default();
+            e.context(text.lines().last().unwrap_or("").to_string())
+        })?;
+        let _ = drain.join();
+        guard.deleted();
+        ensure!(
+            bytes == expect,
+            "read {bytes} bytes from the container's stdout, expected {expect}"
+        );
+        let first = first.context("no output")?;
+        Ok(mb_per_sec(bytes, (last - first).as_secs_f64()))
+    }
+
+    /// `count` containers of `bundle` started in parallel with `run -d`: the wall time until
+    /// every `run -d` returned (each container runs, its agent answered), and the pods.
+    pub fn start_pods(&self, bundle: &Path, prefix: &str, count: u32) -> Result<(Duration, Pods)> {
+        let mut pods = Pods {
+            cli: self.clone(),
+            ids: Vec::new(),
+        };
+        let started = Instant::now();
+        let results: Vec<(String, Result<Duration>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..count)
+                .map(|i| {
+                    let id = format!("{prefix}{i}");
+                    s.spawn(move || {
+                        let mut cmd = match path_str(bundle) {
+                            Ok(b) => self.cmd(&["run", "-d", "--bundle", b, &id]),
+                            Err(e) => return (id, Err(e)),
+                        };
+                        let r = timed(&mut cmd, &self.logs, &id);
+                        (id, r)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a pod's thread panicked"))
+                .collect()
+        });
+        let wall = started.elapsed();
+        let mut errors = Vec::new();
+        for (id, r) in results {
+            if let Err(e) = r {
+                errors.push(format!("{id}: {e:#}"));
+            }
+            pods.ids.push(id);
+        }
+        if !errors.is_empty() {
+            bail!(
+                "{} of {count} pods did not start: {}",
+                errors.len(),
+                errors.join("; ")
+            );
+        }
+        Ok((wall, pods))
+    }
+}
+
+/// A container of a [`Cli`], deleted (`delete -f`) on drop unless marked deleted.
+#[derive(Debug)]
+pub struct Container<'a> {
+    cli: &'a Cli,
+    pub id: String,
+    live: bool,
+}
+
+impl<'a> Container<'a> {
+    fn new(cli: &'a Cli, id: &str) -> Self {
+        Container {
+            cli,
+            id: id.to_string(),
+            live: true,
+        }
+    }
+
+    /// The container is gone already (a foreground `run` deletes it).
+    fn deleted(&mut self) {
+        self.live = false;
+    }
+}
+
+impl Drop for Container<'_> {
+    fn drop(&mut self) {
+        if self.live {
+            delete(self.cli, &self.id);
+        }
+    }
+}
+
+fn delete(cli: &Cli, id: &str) {
+    let _ = cli
+        .cmd(&["delete", "-f", id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Pods started by [`Cli::start_pods`], deleted in parallel on drop.
+#[derive(Debug)]
+pub struct Pods {
+    cli: Cli,
+    pub ids: Vec<String>,
+}
+
+impl Pods {
+    /// The host memory of every process of these pods (all processes naming the root).
+    pub fn memory(&self) -> Result<Memory> {
+        procs::memory_of(&self.cli.root)
+    }
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        let cli = &self.cli;
+        std::thread::scope(|s| {
+            for id in &self.ids {
+                s.spawn(move || delete(cli, id));
+            }
+        });
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
