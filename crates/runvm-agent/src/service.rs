@@ -132,6 +132,7 @@ impl agent_ttrpc::AgentService for Agent {
                 init_entered_us: self.boot.init_entered_us,
                 modules_loaded_us: self.boot.modules_loaded_us,
                 agent_listening_us: self.boot.agent_listening_us,
+                now_us: crate::init::boottime_us(),
                 ..Default::default()
             }),
             ..Default::default()

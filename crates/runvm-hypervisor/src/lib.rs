@@ -101,6 +101,12 @@ pub trait Hypervisor: Send + Sync + Debug {
         let _ = lines;
         Vec::new()
     }
+
+    /// When each phase of the last [`Hypervisor::start`] ended, in order (e.g.
+    /// `helpers-started`, `qemu-spawned`, `qmp-connected`), for the boot timeline.
+    fn start_marks(&self) -> Vec<(&'static str, std::time::SystemTime)> {
+        Vec::new()
+    }
 }
 
 /// Waits in small steps until `cond` holds or `timeout` elapses; returns whether it held.

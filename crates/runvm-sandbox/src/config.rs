@@ -206,6 +206,12 @@ impl Config {
     /// Loads the configuration: `explicit` (a `--config` flag), else `$RUNVM_CONFIG`, else
     /// `/etc/runvm/config.toml` if it exists, else the defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let loaded = Config::load_inner(explicit)?;
+        crate::timeline::note_config_loaded(crate::state::unix_now_ns());
+        Ok(loaded)
+    }
+
+    fn load_inner(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         let env = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty());
         match (explicit, env) {
             (Some(p), _) => Config::from_file(p),

@@ -22,6 +22,7 @@ pub mod standalone;
 pub mod standin;
 pub mod state;
 pub mod store;
+pub mod timeline;
 
 pub use error::SandboxError;
 pub use id::{ContainerId, InvalidId, SandboxId};

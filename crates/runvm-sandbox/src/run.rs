@@ -3,9 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -13,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::{ExitStatus, ProcessRef, StdioSpec};
 use crate::config::Config;
-use crate::container::io::{copy_input, copy_output, OutputStream};
+use crate::container::io::{copy_input, copy_output, FirstWrite, OutputStream};
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
 use crate::sandbox::{create_qemu_sandbox, BootReport, NewContainer};
@@ -30,33 +27,6 @@ pub struct RunOutcome {
     pub first_output: Option<Duration>,
     /// From the start of `run` to the container's exit.
     pub total: Duration,
-}
-
-/// Records when the first byte passes through.
-struct FirstWrite<W> {
-    inner: W,
-    start: Instant,
-    first: Arc<OnceLock<Duration>>,
-}
-
-impl<W: AsyncWrite + Unpin> AsyncWrite for FirstWrite<W> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if !buf.is_empty() {
-            let start = self.start;
-            self.first.get_or_init(|| start.elapsed());
-        }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// Runs the bundle's container `id` in a new sandbox of the same id: stdin is relayed from
@@ -99,12 +69,7 @@ where
         sb.start_container(&id).await?;
         let agent = sb.agent().await?;
         let process = ProcessRef::init(id.as_str());
-        let first = Arc::new(OnceLock::new());
-        let mut out = FirstWrite {
-            inner: stdout,
-            start,
-            first: Arc::clone(&first),
-        };
+        let (mut out, first, _) = FirstWrite::new(stdout);
         let relay = async {
             let o = copy_output(&*agent, &process, OutputStream::Stdout, &mut out);
             let e = async {
@@ -141,6 +106,10 @@ where
             }
         };
         let first_output = first.get().copied();
+        if let Some((_, at_ns)) = first_output {
+            sb.note_first_output(&id, at_ns)?;
+        }
+        let first_output = first_output.map(|(at, _)| at.duration_since(start));
         Ok::<_, SandboxError>((exit, first_output))
     }
     .await;

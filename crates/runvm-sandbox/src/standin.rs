@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::ProcessRef;
 use crate::config::Config;
-use crate::container::io::{copy_input, copy_output, OutputStream};
+use crate::container::io::{copy_input, copy_output, FirstWrite, OutputStream};
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
 use crate::sandbox::open_sandbox;
@@ -47,7 +47,7 @@ pub async fn relay<I, O, E>(
     config: &Config,
     target: Target<'_>,
     mut stdin: I,
-    mut stdout: O,
+    stdout: O,
     mut stderr: E,
     mut controls: mpsc::Receiver<Control>,
 ) -> Result<i32, SandboxError>
@@ -64,6 +64,9 @@ where
     let mut sb = Attached::new(open_sandbox(config, &SandboxId::parse(id.as_str())?)?);
     let agent = sb.agent().await?;
     let process = ProcessRef::exec(id.as_str(), exec_id);
+    let (mut stdout, _, first_output) = FirstWrite::new(stdout);
+    // The init process's first output goes into the sandbox's timeline, once.
+    let mut first_output = (exec_id.is_empty()).then_some(first_output);
     let streams = async {
         let o = async {
             copy_output(&*agent, &process, OutputStream::Stdout, &mut stdout)
@@ -101,6 +104,16 @@ where
                 break;
             }
             Some(control) = controls.recv() => pass_on(&*agent, &process, control).await,
+            told = async { first_output.as_mut().expect("guarded").await },
+                if first_output.is_some() =>
+            {
+                first_output = None;
+                if let Ok((_, at_ns)) = told {
+                    if let Err(e) = sb.note_first_output(id, at_ns) {
+                        tracing::debug!(error = %e, "cannot record the first output");
+                    }
+                }
+            }
         }
     }
     // The output has ended: the process has exited or is about to; keep passing signals on

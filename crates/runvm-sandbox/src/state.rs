@@ -128,8 +128,12 @@ fn legal_list(from: State) -> String {
 
 /// Now, in nanoseconds since the Unix epoch (the unit of every timestamp in a record).
 pub fn unix_now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    system_time_ns(SystemTime::now())
+}
+
+/// `at` in ns since the Unix epoch (0 before it).
+pub fn system_time_ns(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }

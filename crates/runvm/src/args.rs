@@ -208,6 +208,7 @@ pub enum Command {
         quiet: bool,
     },
     /// Prints a container's resource usage as events: one with --stats, else every --interval.
+    /// With --timeline, prints the start timeline of its sandbox instead.
     Events {
         /// Print one stats event and exit.
         #[arg(long)]
@@ -215,6 +216,14 @@ pub enum Command {
         /// Time between stats events (e.g. 5s, 500ms).
         #[arg(long, default_value = "5s", value_name = "DURATION")]
         interval: String,
+        /// Print when each start phase ended, host and guest (config loaded, helpers, QEMU,
+        /// guest kernel, init, agent, container created, process started, first output) as a
+        /// text waterfall, and exit. Works for stopped containers too.
+        #[arg(long, conflicts_with = "stats")]
+        timeline: bool,
+        /// With --timeline: also draw the waterfall as SVG into FILE.
+        #[arg(long, requires = "timeline", value_name = "FILE")]
+        svg: Option<PathBuf>,
         /// The container id.
         id: String,
     },

@@ -40,9 +40,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Resume { id } => oci::pause(c, &id, false),
         Command::List { format, quiet } => oci::list(c, format, quiet),
         Command::Events {
+            timeline: true,
+            svg,
+            id,
+            ..
+        } => ops::timeline(c, &id, svg.as_deref()),
+        Command::Events {
             stats,
             interval,
             id,
+            ..
         } => ops::events(c, &id, stats, &interval),
         Command::Update(a) => ops::update(c, &a),
         Command::Spec { bundle } => oci::spec(&bundle),

@@ -11,6 +11,7 @@ use runvm_sandbox::config::Config;
 use runvm_sandbox::sandbox::ExecRequest;
 use runvm_sandbox::standalone::{self, StandaloneError, OCI_VERSION};
 use runvm_sandbox::state::StdioRecord;
+use runvm_sandbox::timeline;
 use runvm_sandbox::ContainerId;
 use serde_json::{json, Value};
 
@@ -164,6 +165,24 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
         anyhow::bail!("duration must be greater than 0");
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `events --timeline`: the start timeline of the container's sandbox, as a text waterfall
+/// (and SVG into `svg`).
+pub fn timeline(config: &Config, id: &str, svg: Option<&Path>) -> Result<ExitCode> {
+    let id = ContainerId::parse(id)?;
+    let (sb, _) = standalone::open(config, &id)?;
+    let record = sb.record();
+    let accelerator = record.accelerator();
+    println!("start timeline of {id} (accelerator: {accelerator})");
+    print!("{}", timeline::waterfall(&record.timeline));
+    if let Some(path) = svg {
+        let title = format!("runvm start timeline: {id} ({accelerator})");
+        std::fs::write(path, timeline::svg(&record.timeline, &title))
+            .with_context(|| format!("cannot write the SVG to {}", path.display()))?;
+        eprintln!("SVG written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn events(config: &Config, id: &str, once: bool, interval: &str) -> Result<ExitCode> {

@@ -145,11 +145,58 @@ fn run_in_the_foreground_detached_and_with_a_console_socket() {
     assert!(std::fs::read_dir(&host.root).unwrap().next().is_none());
 
     // Detached: runvm returns once it runs; the container stays until deleted.
-    let b = host.bundle("bg", &spec(&["sleep", "600"]));
+    let b = host.bundle("bg", &spec(&["sh", "-c", "echo started; exec sleep 600"]));
     let (code, _, err) =
         host.run_to_files(&["run", "-d", "--bundle", b.to_str().unwrap(), "bg"], "bg");
     assert_eq!(code, Some(0), "{}", std::fs::read_to_string(err).unwrap());
     assert_eq!(host.state("bg")["status"], "running");
+
+    // Its start timeline, host and guest phases in the order they happen, as text and SVG.
+    let svg = host.dir.path().join("bg-timeline.svg");
+    let mut waterfall = String::new();
+    for _ in 0..50 {
+        let out = host.run(&["events", "--timeline", "bg", "--svg", svg.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        waterfall = text(&out.stdout);
+        if waterfall.contains("first-output:bg") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let order: Vec<&str> = waterfall
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let position = |phase: &str| {
+        order
+            .iter()
+            .position(|p| *p == phase)
+            .unwrap_or_else(|| panic!("{phase} missing from the timeline:\n{waterfall}"))
+    };
+    let expected = [
+        "config-loaded",
+        "created",
+        "helpers-started",
+        "qemu-spawned",
+        "guest:init-entered",
+        "guest:agent-listening",
+        "agent-ready",
+        "container-created:bg",
+        "process-started:bg",
+        "first-output:bg",
+    ];
+    for pair in expected.windows(2) {
+        assert!(
+            position(pair[0]) < position(pair[1]),
+            "{} not before {}:\n{waterfall}",
+            pair[0],
+            pair[1]
+        );
+    }
+    assert!(std::fs::read_to_string(&svg)
+        .unwrap()
+        .contains("first-output:bg"));
     let del = host.run(&["delete", "--force", "bg"]);
     assert!(del.status.success(), "{}", text(&del.stderr));
 

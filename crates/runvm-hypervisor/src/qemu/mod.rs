@@ -9,7 +9,7 @@ pub use process::{proc_start_time, tail};
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use nix::sys::signal::Signal;
@@ -72,6 +72,8 @@ pub struct Qemu {
     qemu: Option<ManagedChild>,
     helpers: Vec<ManagedChild>,
     qmp: Option<QmpClient>,
+    /// When each start phase ended (see [`Hypervisor::start_marks`]).
+    marks: Vec<(&'static str, SystemTime)>,
 }
 
 impl Qemu {
@@ -85,6 +87,7 @@ impl Qemu {
             qemu: None,
             helpers: Vec::new(),
             qmp: None,
+            marks: Vec::new(),
         }
     }
 
@@ -193,6 +196,7 @@ impl Qemu {
             &log,
             config.netns.as_deref(),
         )?;
+        let spawned = SystemTime::now();
         let timeout = self.settings.start_timeout;
         poll_until(timeout, || qmp_path.exists() || qemu.exited().is_some()).await;
         let early_exit = |qemu: &mut ManagedChild| HypervisorError::QemuExited {
@@ -205,6 +209,7 @@ impl Qemu {
             return Err(err);
         }
         self.qemu = Some(qemu);
+        self.marks.push(("qemu-spawned", spawned));
         let mut qmp = match QmpClient::connect(&qmp_path, timeout).await {
             Ok(q) => q,
             Err(e) => {
@@ -228,6 +233,7 @@ impl Qemu {
             });
         }
         self.qmp = Some(qmp);
+        self.marks.push(("qmp-connected", SystemTime::now()));
         Ok(())
     }
 
@@ -371,12 +377,17 @@ impl Qemu {
             qemu,
             helpers,
             qmp: None,
+            marks: Vec::new(),
         })
     }
 }
 
 #[async_trait]
 impl Hypervisor for Qemu {
+    fn start_marks(&self) -> Vec<(&'static str, SystemTime)> {
+        self.marks.clone()
+    }
+
     async fn prepare(&mut self, config: VmConfig) -> Result<()> {
         self.require("prepare", &[State::New])?;
         validate(&config)?;
@@ -421,8 +432,10 @@ impl Hypervisor for Qemu {
 
     async fn start(&mut self) -> Result<()> {
         self.require("start", &[State::Prepared])?;
+        self.marks.clear();
         let started = async {
             self.start_helpers().await?;
+            self.marks.push(("helpers-started", SystemTime::now()));
             self.start_qemu().await
         }
         .await;

@@ -234,6 +234,13 @@ impl Agent for MockAgent {
         Ok(GuestDetails {
             cpu_count: 1,
             mem_total_bytes: 512 << 20,
+            // A guest that ran init at 0.8 s and answers at 1.5 s of its clock.
+            boot_times: crate::agent::GuestBootTimes {
+                init_entered_us: 800_000,
+                modules_loaded_us: 900_000,
+                agent_listening_us: 1_000_000,
+                now_us: 1_500_000,
+            },
             ..Default::default()
         })
     }

@@ -44,6 +44,8 @@ pub struct GuestBootTimes {
     pub modules_loaded_us: u64,
     /// The agent listened.
     pub agent_listening_us: u64,
+    /// The guest clock when the guest made this report (0 if it did not say).
+    pub now_us: u64,
 }
 
 /// What the guest reports of itself.

@@ -280,6 +280,7 @@ impl Agent for TtrpcAgent {
                 init_entered_us: boot.init_entered_us,
                 modules_loaded_us: boot.modules_loaded_us,
                 agent_listening_us: boot.agent_listening_us,
+                now_us: boot.now_us,
             },
         })
     }

@@ -189,6 +189,7 @@ impl Sandbox {
         let stored = self.store.create_container(&lock, &record).and_then(|()| {
             let mut sandbox = self.store.load_sandbox(&self.record.id)?;
             sandbox.containers.push(new.id.clone());
+            sandbox.mark(&format!("container-created:{}", new.id));
             self.store.save_sandbox(&lock, &sandbox)?;
             Ok(sandbox)
         });
@@ -220,15 +221,27 @@ impl Sandbox {
         let agent = self.agent().await?;
         agent.start_container(id.as_str()).await?;
         self.container_transition(id, State::Running)?;
-        self.reload()?;
-        if self.record.state == State::Ready {
-            self.update(|r| {
+        self.update(|r| {
+            r.mark(&format!("process-started:{id}"));
+            if r.state == State::Ready {
                 r.state = State::Running;
                 r.mark("running");
-                Ok(())
-            })?;
-        }
+            }
+            Ok(())
+        })?;
         Ok(())
+    }
+
+    /// Records that container `id`'s init process wrote its first output at `at_ns` (ns since
+    /// the Unix epoch), for the timeline; the first such report counts.
+    pub fn note_first_output(&mut self, id: &ContainerId, at_ns: u64) -> Result<(), SandboxError> {
+        let phase = format!("first-output:{id}");
+        self.update(|r| {
+            if !r.timeline.iter().any(|(p, _)| *p == phase) {
+                r.timeline.push((phase, at_ns));
+            }
+            Ok(())
+        })
     }
 
     /// Runs another process in a running container.

@@ -28,8 +28,9 @@ use crate::agent::{Agent, AgentConnector, AgentError, AgentVersion, GuestDetails
 use crate::config::Config;
 use crate::error::SandboxError;
 use crate::id::SandboxId;
-use crate::state::{SandboxRecord, State};
+use crate::state::{system_time_ns, unix_now_ns, SandboxRecord, State};
 use crate::store::{SandboxLock, Store, StoreError};
+use crate::timeline;
 
 /// The exit status of processes ended by [`Sandbox::kill`]: 128 + SIGKILL.
 pub const KILLED_EXIT_STATUS: i32 = 137;
@@ -124,6 +125,9 @@ impl Sandbox {
     ) -> Result<(Sandbox, BootReport), SandboxError> {
         let mut record = SandboxRecord::new(id, settings.vm.clone(), config.clone());
         record.annotations = annotations;
+        if let Some(loaded) = timeline::config_loaded_at().filter(|t| *t <= record.created_at) {
+            record.timeline.insert(0, ("config-loaded".into(), loaded));
+        }
         let lock = store.create_sandbox(&record).map_err(|e| match e {
             StoreError::SandboxExists { id, path } => SandboxError::AlreadyExists {
                 id: id.to_string(),
@@ -176,6 +180,11 @@ impl Sandbox {
         let ready = self.ready_listener()?;
         self.hypervisor.start().await?;
         let vm_started = t0.elapsed();
+        for (phase, at) in self.hypervisor.start_marks() {
+            self.record
+                .timeline
+                .push((phase.to_string(), system_time_ns(at)));
+        }
         self.record.mark("vm-started");
         tracing::info!(ms = vm_started.as_millis() as u64, "VM started");
         let agent = self.wait_for_agent(ready).await?;
@@ -183,7 +192,13 @@ impl Sandbox {
         self.record.mark("agent-ready");
         tracing::info!(ms = total.as_millis() as u64, "agent answered");
         let version = agent.version().await?;
+        let asked = unix_now_ns();
         let guest = agent.guest_details().await?;
+        self.record.timeline.extend(timeline::guest_phases(
+            &guest.boot_times,
+            asked,
+            unix_now_ns(),
+        ));
         self.configure_guest_network(agent.as_ref()).await?;
         self.agent = Some(agent);
         self.record.vm = self.hypervisor.save()?;
