@@ -4,7 +4,7 @@ GUEST_DIR ?= /var/lib/runvm/guest
 CARGO     ?= cargo
 RUNVM     := ./target/debug/runvm
 
-.PHONY: all setup build guest run test lint fmt clean
+.PHONY: all setup build guest run test lint fmt clean bench
 
 all: build
 
@@ -40,6 +40,19 @@ run: build guest
 test: build guest lint
 	@echo "==> running the tests"
 	$(CARGO) test --workspace
+
+BENCH_K     ?= 5
+BENCH_N     ?= 10
+BENCH_FLAGS ?=
+
+## Benchmarks: runvm against runc and the floor, BENCH_K runs each, BENCH_N pods for density
+## (release binaries); a table, target/bench/results.json and results.svg. More flags:
+## BENCH_FLAGS="--only cold,exec --idle-secs 5" (see `cargo xtask bench all --help`).
+bench: setup guest
+	@echo "==> building release binaries"
+	$(CARGO) build --release -p runvm -p runvm-shim
+	@echo "==> benchmarks"
+	$(CARGO) xtask bench all --bin-dir target/release -k $(BENCH_K) -n $(BENCH_N) $(BENCH_FLAGS)
 
 lint:
 	@echo "==> checking format and lints"

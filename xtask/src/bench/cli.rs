@@ -129,24 +129,33 @@ impl Cli {
     }
 
     /// `count` containers of `bundle` started in parallel with `run -d`: the wall time until
-    /// every `run -d` returned (each container runs, its agent answered), and the pods.
+    /// every `run -d` returned (each container runs, its agent answered), and the pods. A pod
+    /// whose start fails is deleted and started again once; the first failures are kept in
+    /// [`Pods::retried`], to be reported.
     pub fn start_pods(&self, bundle: &Path, prefix: &str, count: u32) -> Result<(Duration, Pods)> {
+        let bundle = path_str(bundle)?;
         let mut pods = Pods {
             cli: self.clone(),
-            ids: Vec::new(),
+            ids: (0..count).map(|i| format!("{prefix}{i}")).collect(),
+            retried: Vec::new(),
+        };
+        let start = |id: &str, log: &str| {
+            let mut cmd = self.cmd(&["run", "-d", "--bundle", bundle, id]);
+            timed(&mut cmd, &self.logs, log)
         };
         let started = Instant::now();
-        let results: Vec<(String, Result<Duration>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..count)
-                .map(|i| {
-                    let id = format!("{prefix}{i}");
-                    s.spawn(move || {
-                        let mut cmd = match path_str(bundle) {
-                            Ok(b) => self.cmd(&["run", "-d", "--bundle", b, &id]),
-                            Err(e) => return (id, Err(e)),
-                        };
-                        let r = timed(&mut cmd, &self.logs, &id);
-                        (id, r)
+        let results: Vec<(String, Option<String>, Result<Duration>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = pods
+                .ids
+                .iter()
+                .map(|id| {
+                    s.spawn(move || match start(id, id) {
+                        Ok(d) => (id.clone(), None, Ok(d)),
+                        Err(first) => {
+                            delete(self, id);
+                            let again = start(id, &format!("{id}-again"));
+                            (id.clone(), Some(format!("{first:#}")), again)
+                        }
                     })
                 })
                 .collect();
@@ -157,15 +166,17 @@ impl Cli {
         });
         let wall = started.elapsed();
         let mut errors = Vec::new();
-        for (id, r) in results {
+        for (id, first, r) in results {
             if let Err(e) = r {
                 errors.push(format!("{id}: {e:#}"));
             }
-            pods.ids.push(id);
+            if let Some(first) = first {
+                pods.retried.push(format!("{id}: {first}"));
+            }
         }
         if !errors.is_empty() {
             bail!(
-                "{} of {count} pods did not start: {}",
+                "{} of {count} pods did not start, even when started again: {}",
                 errors.len(),
                 errors.join("; ")
             );
@@ -219,6 +230,8 @@ fn delete(cli: &Cli, id: &str) {
 pub struct Pods {
     cli: Cli,
     pub ids: Vec<String>,
+    /// The pods that failed to start at first (and started when tried again), with the error.
+    pub retried: Vec<String>,
 }
 
 impl Pods {

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use runvm_hypervisor::HostCpu;
 use runvm_sandbox::config::{resolve_program, Config};
 use runvm_sandbox::container::bundle::{busybox_bundle, default_spec};
@@ -309,8 +309,8 @@ impl Setup {
                     times(k, |i| c.run_true(RUNC_SHIM, &format!("ctr-runc{i}"))),
                 ),
                 Err(e) => (
-                    Err(anyhow::anyhow!("containerd: {e:#}")),
-                    Err(anyhow::anyhow!("containerd: {e:#}")),
+                    Err(anyhow!("containerd: {e:#}")),
+                    Err(anyhow!("containerd: {e:#}")),
                 ),
             };
             drop(ctd);
@@ -360,19 +360,26 @@ impl Setup {
             const DENSITY: &str = "density";
             let r = self.idle_pods(n, "density");
             let (wall, pss) = match &r {
-                Ok((wall, m)) => {
-                    memory.insert(format!("{n} pods (density)"), m.clone());
-                    (Ok(vec![wall.as_secs_f64()]), Ok(vec![mib(m.pss_kib)]))
+                Ok(p) => {
+                    memory.insert(format!("{n} pods (density)"), p.memory.clone());
+                    (
+                        Ok(vec![p.wall.as_secs_f64()]),
+                        Ok(vec![mib(p.memory.pss_kib)]),
+                    )
                 }
-                Err(e) => (Err(anyhow::anyhow!("{e:#}")), Err(anyhow::anyhow!("{e:#}"))),
+                Err(e) => (Err(anyhow!("{e:#}")), Err(anyhow!("{e:#}"))),
             };
-            metrics.push(Metric::new(
+            let mut wall = Metric::new(
                 DENSITY,
                 &format!("runvm: {n} pods, wall time until all run"),
                 "s",
                 accel,
                 wall,
-            ));
+            );
+            if let Ok(p) = &r {
+                wall.note = p.retry_note();
+            }
+            metrics.push(wall);
             metrics.push(Metric::new(
                 DENSITY,
                 &format!("runvm: {n} pods, total PSS"),
@@ -397,8 +404,8 @@ impl Setup {
                 };
                 let per = r
                     .as_ref()
-                    .map(|(_, m)| vec![mib(m.pss_kib) / f64::from(n)])
-                    .map_err(|e| anyhow::anyhow!("{e:#}"));
+                    .map(|p| vec![mib(p.memory.pss_kib) / f64::from(n)])
+                    .map_err(|e| anyhow!("{e:#}"));
                 let mut row = Metric::new(
                     MEM,
                     &format!("runvm: {n} pod{}, per pod", if n == 1 { "" } else { "s" }),
@@ -406,11 +413,13 @@ impl Setup {
                     accel,
                     per,
                 );
-                if let Ok((_, m)) = &r {
+                if let Ok(p) = &r {
+                    let m = &p.memory;
                     row.note = Some(format!(
-                        "total {:.1} MiB; per pod: {}",
+                        "total {:.1} MiB; per pod: {}{}",
                         mib(m.pss_kib),
-                        breakdown(m, n)
+                        breakdown(m, n),
+                        p.retry_note().map(|n| format!("; {n}")).unwrap_or_default()
                     ));
                     memory.insert(format!("{n} idle pods"), m.clone());
                 }
@@ -439,7 +448,7 @@ impl Setup {
 
     /// `k` times `exec true` into a running sleeper of `cli`.
     fn exec(&self, cli: &Result<Cli>, k: u32) -> Result<Vec<f64>> {
-        let cli = cli.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let cli = cli.as_ref().map_err(|e| anyhow!("{e:#}"))?;
         let id = match cli.runtime {
             Runtime::Runvm => "exec-vm",
             Runtime::Runc => "runc-exec",
@@ -452,7 +461,7 @@ impl Setup {
 
     /// `n` idle sleepers started in parallel in their own root: the wall time until all run,
     /// and their memory after idling.
-    fn idle_pods(&self, n: u32, name: &str) -> Result<(Duration, Memory)> {
+    fn idle_pods(&self, n: u32, name: &str) -> Result<IdlePods> {
         let cli = self.runvm.within(&self.work.join(name))?;
         let (wall, pods) = cli.start_pods(&self.bundles.sleeper, "p", n)?;
         std::thread::sleep(Duration::from_secs(self.args.idle_secs));
@@ -462,7 +471,30 @@ impl Setup {
             "found {} processes for {n} pods",
             memory.processes
         );
-        drop(pods);
-        Ok((wall, memory))
+        Ok(IdlePods {
+            wall,
+            memory,
+            retried: pods.retried.clone(),
+        })
+    }
+}
+
+/// What [`Setup::idle_pods`] found.
+struct IdlePods {
+    wall: Duration,
+    memory: Memory,
+    /// Pods that failed to start at first, with the error.
+    retried: Vec<String>,
+}
+
+impl IdlePods {
+    fn retry_note(&self) -> Option<String> {
+        (!self.retried.is_empty()).then(|| {
+            format!(
+                "{} pod(s) failed to start at first and were started again: {}",
+                self.retried.len(),
+                self.retried.join("; ")
+            )
+        })
     }
 }

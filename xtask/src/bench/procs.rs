@@ -56,9 +56,29 @@ pub fn timed(cmd: &mut Command, logs: &Path, name: &str) -> Result<Duration> {
         let text = std::fs::read_to_string(&err).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(5).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        e.context(tail.join(" | "))
+        e.context(strip_ansi(&tail.join(" | ")))
     })?;
     Ok(elapsed)
+}
+
+/// `text` without terminal escape sequences (`ESC [ ... letter`), which logs may carry.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A process and its command line.
@@ -205,6 +225,14 @@ mod tests {
         );
         assert_eq!(kind_of("/b/containerd-shim-runvm-v2 -id x"), "shim");
         assert_eq!(kind_of("sleep 1"), "other");
+    }
+
+    #[test]
+    fn escape_sequences_are_stripped() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x"),
+            "2026  WARN x"
+        );
     }
 
     #[test]
