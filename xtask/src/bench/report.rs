@@ -150,7 +150,9 @@ pub fn write_json(path: &Path, r: &Results) -> Result<()> {
         .with_context(|| format!("write {}", path.display()))
 }
 
+/// `s` for XML text: markup characters escaped, control characters (invalid in XML) dropped.
 fn escape(s: &str) -> String {
+    let s: String = s.chars().filter(|c| !c.is_control()).collect();
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -293,7 +295,7 @@ mod tests {
                     "runc run",
                     "ms",
                     "host",
-                    Err(anyhow::anyhow!("no <runc>")),
+                    Err(anyhow::anyhow!("no <runc>\u{1b}")),
                 ),
             ],
             memory: BTreeMap::new(),
