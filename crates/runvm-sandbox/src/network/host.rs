@@ -29,7 +29,7 @@ use crate::agent::{IpNet, Neighbor, Route};
 
 type Result<T> = std::result::Result<T, NetworkError>;
 
-/// ETH_P_ALL: tc filters for every protocol.
+/// ETH_P_ALL: tc filters for every protocol (netlink wants it in network byte order).
 const ETH_P_ALL: u16 = 0x0003;
 
 /// A device of the pod's namespace.
@@ -344,7 +344,7 @@ pub async fn redirect(h: &Handle, from: &HostLink, to: &HostLink) -> Result<()> 
     h.traffic_filter(from.index as i32)
         .add()
         .parent(0xffff_0000)
-        .protocol(ETH_P_ALL)
+        .protocol(ETH_P_ALL.to_be())
         .redirect(to.index)
         .map_err(nl("build a mirred filter"))?
         .execute()
