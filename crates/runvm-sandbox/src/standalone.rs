@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::container::spec;
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
-use crate::sandbox::{create_qemu_sandbox, open_sandbox, NewContainer, Sandbox};
+use crate::sandbox::{create_qemu_sandbox_in, open_sandbox, NewContainer, Sandbox};
 use crate::state::{State, StdioRecord};
 use crate::store::Store;
 
@@ -136,6 +136,19 @@ fn not_found_as(id: &ContainerId, e: SandboxError) -> StandaloneError {
     }
 }
 
+/// The path of the spec's network namespace (`linux.namespaces[type=network].path`), where
+/// containerd and CNI put the pod's devices; the VM joins it.
+pub fn network_namespace(spec: &serde_json::Value) -> Option<std::path::PathBuf> {
+    spec.pointer("/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))?
+        .get("path")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(Into::into)
+}
+
 /// Checks bundle `bundle` for container `id` without booting anything; returns whether its
 /// process has a terminal.
 pub fn check_bundle(bundle: &Path, id: &ContainerId) -> Result<bool, StandaloneError> {
@@ -154,6 +167,9 @@ pub async fn create(
     annotations: BTreeMap<String, String>,
 ) -> Result<Sandbox, StandaloneError> {
     let terminal = check_bundle(bundle, id)?;
+    let netns = spec::load(bundle)
+        .ok()
+        .and_then(|spec| network_namespace(&spec));
     let sid = sandbox_id(id)?;
     if Store::new(config.runtime.root.clone())
         .load_sandbox(&sid)
@@ -161,7 +177,7 @@ pub async fn create(
     {
         return Err(StandaloneError::Exists(id.to_string()));
     }
-    let (mut sb, _) = create_qemu_sandbox(config, sid, annotations.clone())
+    let (mut sb, _) = create_qemu_sandbox_in(config, sid, annotations.clone(), netns)
         .await
         .map_err(|e| match e {
             SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),

@@ -126,6 +126,10 @@ pub enum Command {
     Check,
     /// Prints the effective configuration as TOML.
     Env,
+    /// The pod network of a container's VM: add or remove an interface of the pod's network
+    /// namespace, reconfigure one, list interfaces, list or replace routes. JSON in and out.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Boots a sandbox VM, reports the accelerator, the agent's version and the time until the
     /// agent answered, then shuts it down.
     Boot {
@@ -349,4 +353,49 @@ pub struct UpdateArgs {
     pub mem_bw_schema: Option<String>,
     /// The container id.
     pub id: String,
+}
+
+/// `runvm network` verbs. JSON arguments are the JSON text, a file, or "-" for stdin.
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Joins a device of the pod's network namespace to the VM (hot-add) and configures it in
+    /// the guest: {"device": "eth1", "name"?: "eth1", "addresses"?: ["10.1.0.2/24"], "mtu"?: 1500}.
+    /// Prints the interface as the guest has it.
+    Add {
+        /// Container id.
+        id: String,
+        /// The request (JSON, a file, or "-").
+        request: String,
+    },
+    /// Removes an interface (by its guest name or its pod device name) from the VM; its tap and
+    /// qdiscs go.
+    Remove {
+        /// Container id.
+        id: String,
+        /// Interface name.
+        name: String,
+    },
+    /// Reconfigures a guest interface, found by its "mac": {"name", "mac", "mtu", "addresses",
+    /// "up"}. All or nothing. Prints the interface.
+    Update {
+        /// Container id.
+        id: String,
+        /// The interface (JSON, a file, or "-").
+        interface: String,
+    },
+    /// Prints the guest's interfaces.
+    List {
+        /// Container id.
+        id: String,
+    },
+    /// Prints the guest's routes; with --replace, makes the table exactly the given list (all or
+    /// nothing) and prints it.
+    Routes {
+        /// Container id.
+        id: String,
+        /// The routes wanted: [{"destination"?: "10.1.0.0/16", "gateway"?: "10.0.0.1",
+        /// "device": "eth0", "source"?, "scope"?}] (JSON, a file, or "-").
+        #[arg(long, value_name = "JSON")]
+        replace: Option<String>,
+    },
 }

@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Boot { id } => boot(c, id),
+        Command::Network(n) => crate::network::run(c, n),
         Command::Create(a) => oci::create(g, c, &a),
         Command::Start { id } => oci::start(c, &id),
         Command::Run { create, detach } => oci::run(g, c, &create, detach),

@@ -5,6 +5,7 @@ mod args;
 mod argv;
 mod commands;
 mod logging;
+mod network;
 mod oci;
 mod ops;
 mod standin;

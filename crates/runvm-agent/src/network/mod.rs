@@ -15,6 +15,9 @@ use netlink::{Addr, Link, RouteEntry};
 
 type Result<T> = std::result::Result<T, AgentError>;
 
+/// How long a device named in a request may take to appear (a hot-added card being probed).
+const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serializes network changes: two requests must not interleave their rollbacks.
 static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -151,14 +154,22 @@ pub async fn update_interface(wanted: &agent::Interface) -> Result<agent::Interf
     let mtu = u32::try_from(wanted.mtu)
         .map_err(|_| AgentError::invalid(format!("MTU {} is out of range", wanted.mtu)))?;
     let h = netlink::connect()?;
-    let links = netlink::links(&h).await?;
-    let before = links
-        .iter()
-        .find(|l| l.mac == mac)
-        .cloned()
-        .ok_or_else(|| {
-            AgentError::not_found(format!("no network device with MAC {}", wanted.hw_addr))
-        })?;
+    // A hot-added card shows up once the guest kernel has probed it.
+    let deadline = tokio::time::Instant::now() + DEVICE_WAIT;
+    let (links, before) = loop {
+        let links = netlink::links(&h).await?;
+        if let Some(l) = links.iter().find(|l| l.mac == mac).cloned() {
+            break (links, l);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(AgentError::not_found(format!(
+                "no network device with MAC {} (waited {} s)",
+                wanted.hw_addr,
+                DEVICE_WAIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     if let Some(other) = links
         .iter()
         .find(|l| l.name == wanted.name && l.index != before.index)
@@ -178,24 +189,11 @@ pub async fn update_interface(wanted: &agent::Interface) -> Result<agent::Interf
             prefix,
         })
         .collect();
+    let before_routes = netlink::routes(&h).await?;
     let applied = apply_interface(&h, &before, &before_addrs, wanted, mtu, &wanted_addrs).await;
     if let Err(e) = applied {
         tracing::warn!(error = %e, device = %before.name, "interface update failed; rolling back");
-        let now = netlink::addrs(&h, Some(before.index))
-            .await
-            .unwrap_or_default();
-        let rollback = async {
-            netlink::set_link(&h, before.index, None, None, Some(false)).await?;
-            netlink::set_link(&h, before.index, Some(&before.name), Some(before.mtu), None).await?;
-            for a in now.iter().filter(|a| !before_addrs.contains(a)) {
-                netlink::del_addr(&h, *a).await?;
-            }
-            for a in before_addrs.iter().filter(|a| !now.contains(a)) {
-                netlink::add_addr(&h, *a).await?;
-            }
-            netlink::set_link(&h, before.index, None, None, Some(before.up)).await
-        };
-        if let Err(r) = rollback.await {
+        if let Err(r) = restore_interface(&h, &before, &before_addrs, &before_routes).await {
             tracing::error!(error = %r, device = %before.name, "rollback failed");
         }
         return Err(e);
@@ -207,6 +205,46 @@ pub async fn update_interface(wanted: &agent::Interface) -> Result<agent::Interf
         .ok_or_else(|| AgentError::internal("the device went away while being configured"))?;
     let addrs = netlink::addrs(&h, Some(before.index)).await?;
     Ok(to_proto_interface(&link, &addrs))
+}
+
+/// Puts device `before.index` back as it was, with the routes that went with it. The device
+/// is taken down only to rename it back: downing it would drop its routes.
+async fn restore_interface(
+    h: &Handle,
+    before: &Link,
+    before_addrs: &[Addr],
+    before_routes: &[RouteEntry],
+) -> Result<()> {
+    let now = netlink::links(h)
+        .await?
+        .into_iter()
+        .find(|l| l.index == before.index)
+        .ok_or_else(|| AgentError::internal("the device went away"))?;
+    if now.name != before.name {
+        netlink::set_link(h, before.index, None, None, Some(false)).await?;
+        netlink::set_link(h, before.index, Some(&before.name), None, None).await?;
+    }
+    if now.mtu != before.mtu {
+        netlink::set_link(h, before.index, None, Some(before.mtu), None).await?;
+    }
+    let addrs = netlink::addrs(h, Some(before.index)).await?;
+    for a in addrs.iter().filter(|a| !before_addrs.contains(a)) {
+        netlink::del_addr(h, *a).await?;
+    }
+    for a in before_addrs.iter().filter(|a| !addrs.contains(a)) {
+        netlink::add_addr(h, *a).await?;
+    }
+    netlink::set_link(h, before.index, None, None, Some(before.up)).await?;
+    let routes = netlink::routes(h).await?;
+    let mut missing: Vec<&RouteEntry> = before_routes
+        .iter()
+        .filter(|r| !routes.iter().any(|n| same_route(n, r)))
+        .collect();
+    missing.sort_by_key(|r| r.gateway.is_some());
+    for r in missing {
+        netlink::add_route(h, r, "rollback").await?;
+    }
+    Ok(())
 }
 
 async fn apply_interface(

@@ -1,0 +1,386 @@
+//! Pod networking through a real VM: network namespaces made by the test (addresses only
+//! inside them), a pod veth whose other end is in a "peer" namespace standing for the host or
+//! bridge side. One VM serves every check (boots are expensive under TCG).
+//!
+//! Needs root, iproute2, the host set-up and the guest image; `make test` provides them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use runvm_sandbox::agent::{Interface, IpNet, Route};
+use runvm_sandbox::container::bundle::default_spec;
+use runvm_sandbox::network::AddInterface;
+use runvm_sandbox::sandbox::create_qemu_sandbox_in;
+use runvm_sandbox::{SandboxError, SandboxId};
+
+/// Runs `ip`/`tc`/... and returns stdout; panics naming the command and its stderr.
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces joined by veth pairs; removed on drop.
+struct Netns {
+    pod: String,
+    peer: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let n = Netns {
+            pod: format!("rvt-pod-{tag}-{}", std::process::id()),
+            peer: format!("rvt-peer-{tag}-{}", std::process::id()),
+        };
+        for ns in [&n.pod, &n.peer] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            run(&["ip", "netns", "add", ns]);
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        n
+    }
+
+    /// `dev` in the pod (with `mac`, `addr`/24, `mtu`) paired with `peer_dev` (`gw`/24).
+    fn veth(&self, dev: &str, mac: &str, addr: &str, peer_dev: &str, gw: &str, mtu: &str) {
+        run(&[
+            "ip", "-n", &self.pod, "link", "add", dev, "address", mac, "mtu", mtu, "type", "veth",
+            "peer", "name", peer_dev, "netns", &self.peer,
+        ]);
+        run(&[
+            "ip", "-n", &self.peer, "link", "set", peer_dev, "mtu", mtu, "up",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &self.peer,
+            "addr",
+            "add",
+            &format!("{gw}/24"),
+            "dev",
+            peer_dev,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &self.pod,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            dev,
+        ]);
+        run(&["ip", "-n", &self.pod, "link", "set", dev, "up"]);
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        format!("/run/netns/{}", self.pod).into()
+    }
+
+    /// Fetches `url` from the peer namespace, retrying up to `within`.
+    fn fetch(&self, url: &str, within: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", &self.peer, "wget", "-q", "-T", "3", "-O", "-", url,
+                ])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+            }
+            if Instant::now() >= deadline {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The pod namespace's devices and qdiscs, for leak checks.
+    fn runvm_leftovers(&self) -> Vec<String> {
+        let links = run(&["ip", "-n", &self.pod, "-o", "link", "show"]);
+        let qdiscs = run(&["ip", "netns", "exec", &self.pod, "tc", "qdisc", "show"]);
+        let filters = run(&[
+            "ip", "netns", "exec", &self.pod, "tc", "filter", "show", "dev", "eth0", "ingress",
+        ]);
+        links
+            .lines()
+            .filter(|l| l.contains("_runvm"))
+            .chain(qdiscs.lines().filter(|l| l.contains("ingress")))
+            .chain(filters.lines().filter(|l| !l.trim().is_empty()))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.pod, &self.peer] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_network_through_the_vm() {
+    let host = Host::new();
+    let ns = Netns::new("a");
+    ns.veth(
+        "eth0",
+        "02:00:0a:c8:00:02",
+        "10.200.0.2",
+        "vpeer0",
+        "10.200.0.1",
+        "1400",
+    );
+    run(&[
+        "ip",
+        "-n",
+        &ns.pod,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.200.0.1",
+    ]);
+
+    let id = SandboxId::parse("net").unwrap();
+    let (mut sb, _) =
+        create_qemu_sandbox_in(&host.config, id.clone(), BTreeMap::new(), Some(ns.path()))
+            .await
+            .expect("boot");
+
+    // runvm's tap and the redirects in the pod's namespace.
+    let leftovers = ns.runvm_leftovers();
+    assert!(
+        leftovers.iter().any(|l| l.contains("tap0_runvm")),
+        "{leftovers:#?}"
+    );
+    let filters = run(&[
+        "ip", "netns", "exec", &ns.pod, "tc", "filter", "show", "dev", "eth0", "ingress",
+    ]);
+    assert!(
+        filters.contains("mirred") && filters.contains("tap0_runvm"),
+        "{filters}"
+    );
+
+    // The guest has the device as the pod's namespace has it.
+    let ifaces = sb.list_interfaces().await.unwrap();
+    let eth0 = ifaces
+        .iter()
+        .find(|i| i.name == "eth0")
+        .unwrap_or_else(|| panic!("no eth0 in the guest: {ifaces:#?}"));
+    assert_eq!(eth0.mac, "02:00:0a:c8:00:02");
+    assert_eq!(eth0.mtu, 1400);
+    assert_eq!(eth0.addresses, [net("10.200.0.2/24")]);
+    assert!(eth0.up);
+    let routes = sb.list_routes().await.unwrap();
+    let default = Route {
+        destination: None,
+        gateway: Some("10.200.0.1".parse().unwrap()),
+        device: "eth0".into(),
+        source: None,
+        scope: 0,
+    };
+    assert!(routes.contains(&default), "{routes:#?}");
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.destination == Some(net("10.200.0.0/24")) && r.device == "eth0"),
+        "{routes:#?}"
+    );
+
+    // A container serves a page; the peer fetches it through the VM.
+    let script = "mkdir -p /tmp/www && echo hello-from-runvm > /tmp/www/index.html && \
+                  exec httpd -f -p 80 -h /tmp/www";
+    let mut spec = default_spec(&["sh", "-c", script], false);
+    spec["root"]["readonly"] = serde_json::json!(false);
+    // As containerd writes it: the pod's namespace by path (the VM's network, in the guest).
+    spec["linux"]["namespaces"][1] = serde_json::json!({"type": "network", "path": ns.path()});
+    create(
+        &mut sb,
+        "web",
+        host.bundle("web", &spec),
+        stdio(false, false),
+    )
+    .await;
+    sb.start_container(&cid("web")).await.unwrap();
+    let page = ns.fetch("http://10.200.0.2/", Duration::from_secs(20));
+    if page.is_err() {
+        for cmd in [
+            vec!["ip", "-n", &ns.pod, "-s", "link"],
+            vec![
+                "ip", "netns", "exec", &ns.pod, "tc", "-s", "filter", "show", "dev", "eth0",
+                "ingress",
+            ],
+            vec![
+                "ip",
+                "netns",
+                "exec",
+                &ns.pod,
+                "tc",
+                "-s",
+                "filter",
+                "show",
+                "dev",
+                "tap0_runvm",
+                "ingress",
+            ],
+            vec!["ip", "-n", &ns.peer, "neigh"],
+            vec![
+                "ip",
+                "netns",
+                "exec",
+                &ns.peer,
+                "ping",
+                "-c",
+                "2",
+                "10.200.0.2",
+            ],
+        ] {
+            let o = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+            eprintln!(
+                "$ {cmd:?}\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    let page = page.expect("page through the VM");
+    assert_eq!(page.trim(), "hello-from-runvm");
+
+    // The container reaches its gateway (an httpd in the peer namespace).
+    let peer_www = host.dir.path().join("peer-www");
+    std::fs::create_dir_all(&peer_www).unwrap();
+    std::fs::write(peer_www.join("index.html"), "hello-from-peer\n").unwrap();
+    let mut peer_httpd = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.peer, "busybox", "httpd", "-f", "-p", "8080", "-h",
+        ])
+        .arg(&peer_www)
+        .spawn()
+        .unwrap();
+    let mut got = String::new();
+    for attempt in 0..10 {
+        let exec = exec_req(
+            &format!("wget{attempt}"),
+            // busybox 1.35's static wget crashes with -q or -T in the guest: plain flags only.
+            &["wget", "-O", "-", "http://10.200.0.1:8080/"],
+            false,
+        );
+        sb.exec(&cid("web"), exec).await.unwrap();
+        let p = runvm_sandbox::agent::ProcessRef {
+            container_id: "web".into(),
+            exec_id: format!("wget{attempt}"),
+        };
+        let (out, err) = outputs(&mut sb, &p, true).await;
+        got = String::from_utf8_lossy(&out).into_owned();
+        let code = sb.wait(&cid("web"), &format!("wget{attempt}")).await;
+        if !got.contains("hello-from-peer") {
+            eprintln!(
+                "wget from the container: {} {code:?}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        if got.contains("hello-from-peer") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let _ = peer_httpd.kill();
+    let _ = peer_httpd.wait();
+    assert_eq!(got.trim(), "hello-from-peer", "container to gateway");
+
+    // Bad input: an address the kernel refuses, a route to an unknown device. Clear errors;
+    // the pod keeps its working network.
+    let bad = Interface {
+        addresses: vec![net("10.200.0.2/24"), net("::1/128")],
+        ..eth0.clone()
+    };
+    let e = sb.update_interface(&bad).await.unwrap_err().to_string();
+    assert!(e.contains("::1/128"), "{e}");
+    let mut bad_routes = routes.clone();
+    bad_routes.push(Route {
+        destination: Some(net("10.99.0.0/16")),
+        gateway: None,
+        device: "nosuch0".into(),
+        source: None,
+        scope: 253,
+    });
+    let e = sb.update_routes(&bad_routes).await.unwrap_err().to_string();
+    assert!(e.contains("nosuch0"), "{e}");
+    assert_eq!(sb.list_routes().await.unwrap(), routes, "routes changed");
+    let now = sb.list_interfaces().await.unwrap();
+    assert!(now.contains(eth0), "{now:#?}");
+    ns.fetch("http://10.200.0.2/", Duration::from_secs(10))
+        .expect("page after the bad requests");
+
+    // Hot-add a second device, reach the container through it, remove it.
+    ns.veth(
+        "eth1",
+        "02:00:0a:c9:00:02",
+        "10.201.0.2",
+        "vpeer1",
+        "10.201.0.1",
+        "1500",
+    );
+    let added = sb
+        .add_interface(&AddInterface {
+            device: "eth1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("hot-add eth1");
+    assert_eq!(added.mac, "02:00:0a:c9:00:02");
+    assert_eq!(added.addresses, [net("10.201.0.2/24")]);
+    let page = ns
+        .fetch("http://10.201.0.2/", Duration::from_secs(20))
+        .expect("page through the hot-added card");
+    assert_eq!(page.trim(), "hello-from-runvm");
+    sb.remove_interface("eth1").await.expect("hot-remove eth1");
+    let ifaces = sb.list_interfaces().await.unwrap();
+    assert!(!ifaces.iter().any(|i| i.name == "eth1"), "{ifaces:#?}");
+    let links = run(&["ip", "-n", &ns.pod, "-o", "link", "show"]);
+    assert!(!links.contains("tap1_runvm"), "{links}");
+    let qdiscs = run(&[
+        "ip", "netns", "exec", &ns.pod, "tc", "qdisc", "show", "dev", "eth1",
+    ]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+    ns.fetch("http://10.200.0.2/", Duration::from_secs(10))
+        .expect("eth0 still works after the removal");
+
+    // An unknown device is refused by name.
+    let e = sb
+        .add_interface(&AddInterface {
+            device: "nosuch1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, SandboxError::Network(_)) && e.to_string().contains("nosuch1"),
+        "{e}"
+    );
+
+    // After delete: nothing runvm made is left in the namespace, nor anything else.
+    sb.stop().await.unwrap();
+    sb.delete(false).await.unwrap();
+    let leftovers = ns.runvm_leftovers();
+    assert!(
+        leftovers.is_empty(),
+        "left in the pod namespace: {leftovers:#?}"
+    );
+    host.assert_nothing_left();
+}
