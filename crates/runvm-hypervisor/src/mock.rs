@@ -258,6 +258,7 @@ mod tests {
             netns: None,
             net_devices: Vec::new(),
             hotplug_ports: 0,
+            tcg_tb_size_mib: 0,
         }
     }
 

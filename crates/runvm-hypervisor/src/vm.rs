@@ -38,6 +38,10 @@ pub struct VmConfig {
     /// PCIe root ports left free for hot-adding devices (0: no hotplug).
     #[serde(default)]
     pub hotplug_ports: u32,
+    /// Under TCG, the translation cache's size in MiB (0: QEMU's default). The cache is most
+    /// of QEMU's own memory under TCG.
+    #[serde(default)]
+    pub tcg_tb_size_mib: u32,
 }
 
 /// A virtio-net card backed by a tap device in the VM's network namespace.

@@ -23,14 +23,16 @@ pub fn workspace_root() -> Result<PathBuf> {
         .context("xtask's manifest folder has no parent")
 }
 
-/// Builds the agent in release mode, statically linked; returns the binary's path.
+/// Builds the agent with the `guest` profile (release, optimised for size, stripped),
+/// statically linked; returns the binary's path.
 pub fn build(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     cmd::run_streamed(
         Command::new(cargo)
             .args([
                 "build",
-                "--release",
+                "--profile",
+                "guest",
                 "--package",
                 PACKAGE,
                 "--target",
@@ -49,7 +51,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
         Some(dir) => root.join(dir),
         None => root.join("target"),
     };
-    Ok(target_dir.join(TARGET).join("release").join(PACKAGE))
+    Ok(target_dir.join(TARGET).join("guest").join(PACKAGE))
 }
 
 /// Fails unless `binary` is an ELF file without a program interpreter (statically linked).

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use super::elf::Elf;
 
 /// The modules the guest needs (virtio PCI transport, vsock, virtiofs, console, net, block,
-/// overlayfs); their dependencies are added.
+/// the balloon for free page reporting, overlayfs); their dependencies are added.
 pub const ROOTS: &[&str] = &[
     "virtio_pci",
     "vmw_vsock_virtio_transport",
@@ -18,6 +18,7 @@ pub const ROOTS: &[&str] = &[
     "virtio_console",
     "virtio_net",
     "virtio_blk",
+    "virtio_balloon",
     "overlay",
 ];
 

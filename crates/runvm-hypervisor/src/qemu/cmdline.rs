@@ -8,8 +8,26 @@ use crate::{Accelerator, HypervisorError, NetDevice, Result, VmConfig, VsockBack
 /// Kernel parameters runvm always passes, before the configured extra ones.
 ///
 /// `panic=-1` makes a panicking guest reboot at once, and `-no-reboot` turns a reboot into QEMU
-/// exiting, so a dead guest is noticed instead of hanging.
-pub const BASE_KERNEL_PARAMS: &[&str] = &["console=ttyS0", "panic=-1", "quiet"];
+/// exiting, so a dead guest is noticed instead of hanging. The rest shorten the boot (measured
+/// with `cargo xtask bench boot`: about 0.4 s of guest time under TCG): trust the TSC and skip
+/// the timer check, expedite RCU grace periods, do not probe the i8042 keyboard controller the
+/// VM lacks, keep SMP alternatives, reboot through the keyboard controller, skip the crypto
+/// self-tests.
+pub const BASE_KERNEL_PARAMS: &[&str] = &[
+    "console=ttyS0",
+    "panic=-1",
+    "quiet",
+    "tsc=reliable",
+    "no_timer_check",
+    "rcupdate.rcu_expedited=1",
+    "i8042.direct=1",
+    "i8042.dumbkbd=1",
+    "i8042.nopnp=1",
+    "i8042.noaux=1",
+    "noreplace-smp",
+    "reboot=k",
+    "cryptomgr.notests",
+];
 
 /// The files of a VM's run folder. Fixed names, so any process can find them again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +244,10 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
         Accelerator::Kvm => {
             args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
         }
+        Accelerator::Tcg if config.tcg_tb_size_mib > 0 => args.extend([
+            "-accel".into(),
+            format!("tcg,tb-size={}", config.tcg_tb_size_mib),
+        ]),
         Accelerator::Tcg => args.extend(["-accel".into(), "tcg".into()]),
     }
     args.extend([
@@ -245,6 +267,10 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
             "unix:{},server=on,wait=off",
             path_str(&layout.qmp_socket())?
         ),
+        // Free page reporting: the guest hands pages it freed (the initramfs once unpacked,
+        // boot-time memory) back to the host, which drops them from QEMU's memory.
+        "-device".into(),
+        "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
     ]);
     match config.vsock {
         VsockBackend::Vhost { guest_cid } => args.extend([
@@ -325,6 +351,7 @@ mod tests {
             netns: None,
             net_devices: Vec::new(),
             hotplug_ports: 0,
+            tcg_tb_size_mib: 0,
         }
     }
 
@@ -370,9 +397,25 @@ mod tests {
     #[test]
     fn kernel_params_follow_base_params() {
         let a = args(&config());
+        let cmdline = values(&a, "-append");
+        assert_eq!(cmdline.len(), 1);
+        assert!(cmdline[0].starts_with("console=ttyS0 panic=-1 quiet tsc=reliable "));
+        assert!(
+            cmdline[0].ends_with(" cryptomgr.notests loglevel=3"),
+            "{cmdline:?}"
+        );
+    }
+
+    #[test]
+    fn tcg_translation_cache_size_is_passed_when_set() {
+        let mut c = config();
+        c.tcg_tb_size_mib = 32;
+        assert_eq!(values(&args(&c), "-accel"), ["tcg,tb-size=32"]);
+        c.accelerator = Accelerator::Kvm;
         assert_eq!(
-            values(&a, "-append"),
-            ["console=ttyS0 panic=-1 quiet loglevel=3"]
+            values(&args(&c), "-accel"),
+            ["kvm"],
+            "no TCG option under KVM"
         );
     }
 
@@ -396,7 +439,13 @@ mod tests {
         c.shared_dir = None;
         let a = args(&c);
         let devices = values(&a, "-device");
-        assert_eq!(devices, ["vhost-vsock-pci,id=vsock0,guest-cid=42"]);
+        assert_eq!(
+            devices,
+            [
+                "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
+                "vhost-vsock-pci,id=vsock0,guest-cid=42"
+            ]
+        );
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettin
             netns: None,
             net_devices: Vec::new(),
             hotplug_ports: 0,
+            tcg_tb_size_mib: config.hypervisor.tcg_tb_size_mib,
         },
         boot_timeout: config.agent.boot_timeout(),
         stop_timeout: Duration::from_millis(config.hypervisor.stop_timeout_ms),

@@ -27,6 +27,7 @@ pub(crate) fn sample_sandbox(id: &str) -> SandboxRecord {
         netns: None,
         net_devices: Vec::new(),
         hotplug_ports: 0,
+        tcg_tb_size_mib: 0,
     };
     let mut config = Config::default();
     config.hypervisor.vcpus = 2;
