@@ -174,11 +174,10 @@ impl Cli {
                 pods.retried.push(format!("{id}: {first}"));
             }
         }
-        if !errors.is_empty() {
+        if let Some(first) = errors.first() {
             bail!(
-                "{} of {count} pods did not start, even when started again: {}",
+                "{} of {count} pods did not start, even when started again; the first: {first}",
                 errors.len(),
-                errors.join("; ")
             );
         }
         Ok((wall, pods))

@@ -10,23 +10,21 @@ mod floor;
 mod procs;
 mod report;
 mod stats;
+mod steps;
 
 pub use boot::{boot, run, BootBenchArgs, RunBenchArgs};
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use runvm_hypervisor::HostCpu;
 use runvm_sandbox::config::{resolve_program, Config};
 use runvm_sandbox::container::bundle::{busybox_bundle, default_spec};
 
 use cli::{Cli, Runtime};
-use containerd::{Containerd, RUNC_SHIM, RUNVM_SHIM};
-use floor::Floor;
 use procs::{Memory, Sweep};
-use report::{Metric, Results};
+use report::Metric;
 
 /// One benchmark of `bench all`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,7 +58,8 @@ pub struct AllArgs {
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
     /// runvm configuration file to start from [default: as runvm finds it]; the benchmark
-    /// gives it a private state root and longer boot timeouts (pods boot in parallel).
+    /// gives it a private state root and longer boot timeouts (pods boot in parallel), and
+    /// passes it on as RUNVM_CONFIG.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Seconds pods idle before their memory is read.
@@ -200,14 +199,44 @@ pub fn all(args: AllArgs) -> Result<()> {
     Ok(())
 }
 
-/// runvm's configuration `base` with state root `root` and longer timeouts (ten VMs booting at
-/// once on two CPUs under TCG take a while), written to `path`.
-fn write_config(base: &Config, root: &Path, path: &Path) -> Result<()> {
-    let mut c = base.clone();
-    c.runtime.root = root.to_path_buf();
-    c.agent.boot_timeout_ms = c.agent.boot_timeout_ms.max(180_000);
-    c.hypervisor.start_timeout_ms = c.hypervisor.start_timeout_ms.max(60_000);
-    std::fs::write(path, c.to_toml()).with_context(|| format!("write {}", path.display()))
+/// runvm's configuration file `base` (the file it was loaded from, if any, so that only keys
+/// set there and below are written: binaries built from another tree refuse unknown keys) with
+/// state root `root` and longer timeouts (ten VMs booting at once on two CPUs under TCG take a
+/// while), written to `path`.
+pub(super) fn write_config(base: &Config, root: &Path, path: &Path) -> Result<()> {
+    let mut doc: toml::Table = match &base.source {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("read {}", file.display()))?;
+            text.parse()
+                .with_context(|| format!("parse {}", file.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    let mut set = |section: &str, key: &str, value: toml::Value| {
+        if let toml::Value::Table(t) = doc
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            t.insert(key.into(), value);
+        }
+    };
+    let root = root.to_str().context("the state root is not UTF-8")?;
+    set("runtime", "root", root.into());
+    let boot = base.agent.boot_timeout_ms.max(180_000);
+    set(
+        "agent",
+        "boot_timeout_ms",
+        toml::Value::Integer(boot as i64),
+    );
+    let start = base.hypervisor.start_timeout_ms.max(60_000);
+    set(
+        "hypervisor",
+        "start_timeout_ms",
+        toml::Value::Integer(start as i64),
+    );
+    std::fs::write(path, toml::to_string(&doc)?)
+        .with_context(|| format!("write {}", path.display()))
 }
 
 fn bundle(work: &Path, name: &str, args: &[&str]) -> Result<PathBuf> {
@@ -245,256 +274,26 @@ fn ratio(a: &Metric, b: &Metric) -> Option<f64> {
     }
 }
 
-impl Setup {
-    fn wants(&self, b: Bench) -> bool {
-        self.args.only.is_empty() || self.args.only.contains(&b)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Runs the chosen benchmarks; a failed one becomes a failed row.
-    fn measure(&self, runvm: &Path) -> (Results, PathBuf) {
-        let k = self.args.count;
-        let mut metrics = Vec::new();
-        let mut memory = BTreeMap::new();
-        let accel = self.accel.as_str();
-        const COLD: &str = "cold start to workload";
-        if self.wants(Bench::Cold) {
-            eprintln!("==> cold start: runvm run / runc run of busybox true, {k} each");
-            let vm = self.runvm.within(&self.work.join("cold-runvm"));
-            let vm = Metric::new(
-                COLD,
-                "runvm run",
-                "ms",
-                accel,
-                vm.and_then(|c| times(k, |i| c.run(&self.bundles.truth, &format!("cold{i}")))),
-            );
-            let rc = Metric::new(
-                COLD,
-                "runc run",
-                "ms",
-                "host",
-                times(k, |i| {
-                    self.runc.run(&self.bundles.truth, &format!("runc-cold{i}"))
-                }),
-            );
-            metrics.push(vm);
-            metrics.push(rc);
-        }
-        if self.wants(Bench::Floor) {
-            eprintln!("==> floor: QEMU, same kernel, init powers off at once, {k} runs");
-            let (floor_accel, floor) = match Floor::prepare(&self.base, &self.work.join("floor")) {
-                Ok(f) => (f.accelerator.to_string(), times(k, |i| f.run(i))),
-                Err(e) => (self.accel.clone(), Err(e)),
-            };
-            let label = "floor: QEMU kernel→init→exit";
-            let floor = Metric::new(COLD, label, "ms", &floor_accel, floor);
-            if let Some(vm) = metrics
-                .iter_mut()
-                .find(|m| m.group == COLD && m.label == "runvm run")
-            {
-                if let Some(r) = ratio(vm, &floor) {
-                    vm.note = Some(format!("{r:.2}x the floor"));
-                }
-            }
-            metrics.push(floor);
-        }
-        if self.wants(Bench::Ctr) {
-            eprintln!("==> ctr run --rm through runvm's shim and runc's shim, {k} each");
-            const CTR: &str = "cold start: ctr run --rm";
-            let ctd = self
-                .shim_config()
-                .and_then(|config| Containerd::start(&self.work.join("ctd"), &self.shim, &config));
-            let (vm, rc) = match &ctd {
-                Ok(c) => (
-                    times(k, |i| c.run_true(RUNVM_SHIM, &format!("ctr-vm{i}"))),
-                    times(k, |i| c.run_true(RUNC_SHIM, &format!("ctr-runc{i}"))),
-                ),
-                Err(e) => (
-                    Err(anyhow!("containerd: {e:#}")),
-                    Err(anyhow!("containerd: {e:#}")),
-                ),
-            };
-            drop(ctd);
-            metrics.push(Metric::new(CTR, "runvm shim", "ms", accel, vm));
-            metrics.push(Metric::new(CTR, "runc shim", "ms", "host", rc));
-        }
-        if self.wants(Bench::Exec) {
-            eprintln!("==> exec true into a running container, {k} each");
-            const EXEC: &str = "exec latency";
-            let vm = self.exec(&self.runvm.within(&self.work.join("exec")), k);
-            let rc = self.exec(&Ok(self.runc.clone()), k);
-            let mut vm = Metric::new(EXEC, "runvm exec", "ms", accel, vm);
-            let rc = Metric::new(EXEC, "runc exec", "ms", "host", rc);
-            if let Some(r) = ratio(&vm, &rc) {
-                vm.note = Some(format!("{r:.1}x runc"));
-            }
-            metrics.push(vm);
-            metrics.push(rc);
-        }
-        if self.wants(Bench::Throughput) {
-            let mb = self.args.stdout_mib;
-            eprintln!("==> stdout throughput: {mb} MiB through run, {k} each");
-            const TP: &str = "stdout throughput";
-            let expect = mb << 20;
-            let vm = self.runvm.within(&self.work.join("tp")).and_then(|c| {
-                (0..k)
-                    .map(|i| c.stdout_throughput(&self.bundles.writer, &format!("tp{i}"), expect))
-                    .collect()
-            });
-            let rc = (0..k)
-                .map(|i| {
-                    self.runc.stdout_throughput(
-                        &self.bundles.writer,
-                        &format!("runc-tp{i}"),
-                        expect,
-                    )
-                })
-                .collect();
-            let label = format!("{mb} MiB");
-            metrics.push(Metric::new(TP, "runvm run", "MB/s", accel, vm).with_note(label.clone()));
-            metrics.push(Metric::new(TP, "runc run", "MB/s", "host", rc).with_note(label));
-        }
-        let mut ten = None;
-        if self.wants(Bench::Density) {
-            let n = self.args.pods;
-            eprintln!("==> density: {n} idle pods started in parallel");
-            const DENSITY: &str = "density";
-            let r = self.idle_pods(n, "density");
-            let (wall, pss) = match &r {
-                Ok(p) => {
-                    memory.insert(format!("{n} pods (density)"), p.memory.clone());
-                    (
-                        Ok(vec![p.wall.as_secs_f64()]),
-                        Ok(vec![mib(p.memory.pss_kib)]),
-                    )
-                }
-                Err(e) => (Err(anyhow!("{e:#}")), Err(anyhow!("{e:#}"))),
-            };
-            let mut wall = Metric::new(
-                DENSITY,
-                &format!("runvm: {n} pods, wall time until all run"),
-                "s",
-                accel,
-                wall,
-            );
-            if let Ok(p) = &r {
-                wall.note = p.retry_note();
-            }
-            metrics.push(wall);
-            metrics.push(Metric::new(
-                DENSITY,
-                &format!("runvm: {n} pods, total PSS"),
-                "MiB",
-                accel,
-                pss,
-            ));
-            if n == 10 {
-                ten = Some(r);
-            }
-        }
-        if self.wants(Bench::Memory) {
-            eprintln!("==> memory: PSS of 1 and 10 idle pods");
-            const MEM: &str = "host memory per idle pod (PSS)";
-            for n in [1u32, 10] {
-                let r = match (n, ten.take()) {
-                    (10, Some(r)) => r,
-                    (_, back) => {
-                        ten = back;
-                        self.idle_pods(n, &format!("mem{n}"))
-                    }
-                };
-                let per = r
-                    .as_ref()
-                    .map(|p| vec![mib(p.memory.pss_kib) / f64::from(n)])
-                    .map_err(|e| anyhow!("{e:#}"));
-                let mut row = Metric::new(
-                    MEM,
-                    &format!("runvm: {n} pod{}, per pod", if n == 1 { "" } else { "s" }),
-                    "MiB",
-                    accel,
-                    per,
-                );
-                if let Ok(p) = &r {
-                    let m = &p.memory;
-                    row.note = Some(format!(
-                        "total {:.1} MiB; per pod: {}{}",
-                        mib(m.pss_kib),
-                        breakdown(m, n),
-                        p.retry_note().map(|n| format!("; {n}")).unwrap_or_default()
-                    ));
-                    memory.insert(format!("{n} idle pods"), m.clone());
-                }
-                metrics.push(row);
-            }
-        }
-        (
-            Results {
-                accelerator: self.accel.clone(),
-                count: k,
-                pods: self.args.pods,
-                host: report::Host::detect(runvm),
-                metrics,
-                memory,
-            },
-            self.args.out_dir.clone(),
-        )
-    }
-
-    /// runvm's configuration for the shim: its state root in the containerd folder.
-    fn shim_config(&self) -> Result<PathBuf> {
-        let path = self.work.join("shim-runvm.toml");
-        write_config(&self.base, &self.work.join("shim-state"), &path)?;
-        Ok(path)
-    }
-
-    /// `k` times `exec true` into a running sleeper of `cli`.
-    fn exec(&self, cli: &Result<Cli>, k: u32) -> Result<Vec<f64>> {
-        let cli = cli.as_ref().map_err(|e| anyhow!("{e:#}"))?;
-        let id = match cli.runtime {
-            Runtime::Runvm => "exec-vm",
-            Runtime::Runc => "runc-exec",
-        };
-        let container = cli.run_detached(&self.bundles.sleeper, id)?;
-        let samples = times(k, |i| cli.exec_true(&container.id, i));
-        drop(container);
-        samples
-    }
-
-    /// `n` idle sleepers started in parallel in their own root: the wall time until all run,
-    /// and their memory after idling.
-    fn idle_pods(&self, n: u32, name: &str) -> Result<IdlePods> {
-        let cli = self.runvm.within(&self.work.join(name))?;
-        let (wall, pods) = cli.start_pods(&self.bundles.sleeper, "p", n)?;
-        std::thread::sleep(Duration::from_secs(self.args.idle_secs));
-        let memory = pods.memory()?;
-        ensure!(
-            memory.processes >= n as usize,
-            "found {} processes for {n} pods",
-            memory.processes
-        );
-        Ok(IdlePods {
-            wall,
-            memory,
-            retried: pods.retried.clone(),
-        })
-    }
-}
-
-/// What [`Setup::idle_pods`] found.
-struct IdlePods {
-    wall: Duration,
-    memory: Memory,
-    /// Pods that failed to start at first, with the error.
-    retried: Vec<String>,
-}
-
-impl IdlePods {
-    fn retry_note(&self) -> Option<String> {
-        (!self.retried.is_empty()).then(|| {
-            format!(
-                "{} pod(s) failed to start at first and were started again: {}",
-                self.retried.len(),
-                self.retried.join("; ")
-            )
-        })
+    #[test]
+    fn written_config_keeps_the_file_and_sets_root_and_timeouts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("base.toml");
+        std::fs::write(&file, "[hypervisor]\naccelerator = \"tcg\"\nvcpus = 2\n").unwrap();
+        let base = Config::load(Some(&file)).unwrap();
+        let out = dir.path().join("out.toml");
+        write_config(&base, Path::new("/b/state"), &out).unwrap();
+        let doc: toml::Table = std::fs::read_to_string(&out).unwrap().parse().unwrap();
+        assert_eq!(doc["hypervisor"]["accelerator"].as_str(), Some("tcg"));
+        assert_eq!(doc["hypervisor"]["vcpus"].as_integer(), Some(2));
+        assert_eq!(doc["runtime"]["root"].as_str(), Some("/b/state"));
+        assert_eq!(doc["agent"]["boot_timeout_ms"].as_integer(), Some(180_000));
+        let keys: Vec<&String> = doc["hypervisor"].as_table().unwrap().keys().collect();
+        assert_eq!(keys, ["accelerator", "start_timeout_ms", "vcpus"]);
+        let reread = Config::load(Some(&out)).unwrap();
+        assert_eq!(reread.runtime.root, Path::new("/b/state"));
     }
 }

@@ -113,8 +113,19 @@ pub fn table(r: &Results) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "runvm benchmark: {} runs each, {} pods for density; runvm's VMs under {} ({} CPUs, kernel {})",
-        r.count, r.pods, r.accelerator, r.host.cpus, r.host.kernel
+        "runvm benchmark: {} runs each, {} pods for density; runvm's VMs under {} ({} CPUs, \
+         kernel {}, load average at start {})",
+        r.count,
+        r.pods,
+        r.accelerator,
+        r.host.cpus,
+        r.host.kernel,
+        r.host
+            .load_average_at_start
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let _ = writeln!(t);
     let _ = writeln!(

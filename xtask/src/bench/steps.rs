@@ -1,0 +1,289 @@
+//! The steps of `bench all`, each turning its outcome (figures or an error) into rows.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Result};
+
+use super::cli::{Cli, Runtime};
+use super::containerd::{Containerd, RUNC_SHIM, RUNVM_SHIM};
+use super::floor::Floor;
+use super::procs::Memory;
+use super::report::{self, Metric, Results};
+use super::{breakdown, mib, ratio, times, write_config, Bench, Setup};
+
+const COLD: &str = "cold start to workload";
+const CTR: &str = "cold start: ctr run --rm";
+const EXEC: &str = "exec latency";
+const MEM: &str = "host memory per idle pod (PSS)";
+const TP: &str = "stdout throughput";
+const DENSITY: &str = "density";
+
+/// What [`Setup::idle_pods`] found.
+struct IdlePods {
+    wall: Duration,
+    memory: Memory,
+    /// Pods that failed to start at first, with the error.
+    retried: Vec<String>,
+}
+
+impl IdlePods {
+    fn retry_note(&self) -> Option<String> {
+        (!self.retried.is_empty()).then(|| {
+            format!(
+                "{} pod(s) failed to start at first and were started again: {}",
+                self.retried.len(),
+                self.retried.join("; ")
+            )
+        })
+    }
+}
+
+/// An error to report in more than one row.
+fn again<T>(r: &Result<T>) -> Result<Vec<f64>> {
+    match r {
+        Ok(_) => Ok(Vec::new()),
+        Err(e) => Err(anyhow!("{e:#}")),
+    }
+}
+
+impl Setup {
+    fn wants(&self, b: Bench) -> bool {
+        self.args.only.is_empty() || self.args.only.contains(&b)
+    }
+
+    fn k(&self) -> u32 {
+        self.args.count
+    }
+
+    fn accel(&self) -> &str {
+        &self.accel
+    }
+
+    /// Runs the chosen benchmarks; a failed one becomes a failed row. Density runs before the
+    /// memory step, which takes its figure for 10 pods when N is 10; rows are in the order of
+    /// the README.
+    pub(super) fn measure(&self, runvm: &Path) -> (Results, PathBuf) {
+        let mut memory = BTreeMap::new();
+        let mut metrics = Vec::new();
+        if self.wants(Bench::Cold) {
+            metrics.extend(self.cold());
+        }
+        if self.wants(Bench::Floor) {
+            let floor = self.floor();
+            if let Some(vm) = metrics.iter_mut().find(|m| m.label == "runvm run") {
+                if let Some(r) = ratio(vm, &floor) {
+                    vm.note = Some(format!("{r:.2}x the floor"));
+                }
+            }
+            metrics.push(floor);
+        }
+        if self.wants(Bench::Ctr) {
+            metrics.extend(self.ctr());
+        }
+        if self.wants(Bench::Exec) {
+            metrics.extend(self.exec());
+        }
+        let (density, ten) = if self.wants(Bench::Density) {
+            self.density(&mut memory)
+        } else {
+            (Vec::new(), None)
+        };
+        if self.wants(Bench::Memory) {
+            metrics.extend(self.memory(ten, &mut memory));
+        }
+        if self.wants(Bench::Throughput) {
+            metrics.extend(self.throughput());
+        }
+        metrics.extend(density);
+        (
+            Results {
+                accelerator: self.accel.clone(),
+                count: self.k(),
+                pods: self.args.pods,
+                host: report::Host::detect(runvm),
+                metrics,
+                memory,
+            },
+            self.args.out_dir.clone(),
+        )
+    }
+
+    fn cold(&self) -> Vec<Metric> {
+        let k = self.k();
+        eprintln!("==> cold start: runvm run / runc run of busybox true, {k} each");
+        let vm = self
+            .runvm
+            .within(&self.work.join("cold-runvm"))
+            .and_then(|c| times(k, |i| c.run(&self.bundles.truth, &format!("cold{i}"))));
+        let rc = times(k, |i| {
+            self.runc.run(&self.bundles.truth, &format!("runc-cold{i}"))
+        });
+        vec![
+            Metric::new(COLD, "runvm run", "ms", self.accel(), vm),
+            Metric::new(COLD, "runc run", "ms", "host", rc),
+        ]
+    }
+
+    fn floor(&self) -> Metric {
+        let k = self.k();
+        eprintln!("==> floor: QEMU, same kernel, init powers off at once, {k} runs");
+        let (accel, floor) = match Floor::prepare(&self.base, &self.work.join("floor")) {
+            Ok(f) => (f.accelerator.to_string(), times(k, |i| f.run(i))),
+            Err(e) => (self.accel.clone(), Err(e)),
+        };
+        Metric::new(COLD, "floor: QEMU kernel→init→exit", "ms", &accel, floor)
+    }
+
+    fn ctr(&self) -> Vec<Metric> {
+        let k = self.k();
+        eprintln!("==> ctr run --rm through runvm's shim and runc's shim, {k} each");
+        let config = self.work.join("shim-runvm.toml");
+        let ctd = write_config(&self.base, &self.work.join("shim-state"), &config)
+            .and_then(|()| Containerd::start(&self.work.join("ctd"), &self.shim, &config));
+        let (vm, rc) = match &ctd {
+            Ok(c) => (
+                times(k, |i| c.run_true(RUNVM_SHIM, &format!("ctr-vm{i}"))),
+                times(k, |i| c.run_true(RUNC_SHIM, &format!("ctr-runc{i}"))),
+            ),
+            Err(_) => (again(&ctd), again(&ctd)),
+        };
+        drop(ctd);
+        vec![
+            Metric::new(CTR, "runvm shim", "ms", self.accel(), vm),
+            Metric::new(CTR, "runc shim", "ms", "host", rc),
+        ]
+    }
+
+    fn exec(&self) -> Vec<Metric> {
+        let k = self.k();
+        eprintln!("==> exec true into a running container, {k} each");
+        let vm = self
+            .runvm
+            .within(&self.work.join("exec"))
+            .and_then(|c| self.exec_into(&c));
+        let rc = self.exec_into(&self.runc);
+        let mut vm = Metric::new(EXEC, "runvm exec", "ms", self.accel(), vm);
+        let rc = Metric::new(EXEC, "runc exec", "ms", "host", rc);
+        if let Some(r) = ratio(&vm, &rc) {
+            vm.note = Some(format!("{r:.1}x runc"));
+        }
+        vec![vm, rc]
+    }
+
+    /// `k` times `exec true` into a running sleeper of `cli`.
+    fn exec_into(&self, cli: &Cli) -> Result<Vec<f64>> {
+        let id = match cli.runtime {
+            Runtime::Runvm => "exec-vm",
+            Runtime::Runc => "runc-exec",
+        };
+        let container = cli.run_detached(&self.bundles.sleeper, id)?;
+        times(self.k(), |i| cli.exec_true(&container.id, i))
+    }
+
+    fn throughput(&self) -> Vec<Metric> {
+        let (k, mb) = (self.k(), self.args.stdout_mib);
+        eprintln!("==> stdout throughput: {mb} MiB through run, {k} each");
+        let expect = mb << 20;
+        let rates = |cli: &Cli, prefix: &str| -> Result<Vec<f64>> {
+            (0..k)
+                .map(|i| {
+                    cli.stdout_throughput(&self.bundles.writer, &format!("{prefix}{i}"), expect)
+                })
+                .collect()
+        };
+        let vm = self
+            .runvm
+            .within(&self.work.join("tp"))
+            .and_then(|c| rates(&c, "tp"));
+        let rc = rates(&self.runc, "runc-tp");
+        let note = format!("{mb} MiB");
+        vec![
+            Metric::new(TP, "runvm run", "MB/s", self.accel(), vm).with_note(note.clone()),
+            Metric::new(TP, "runc run", "MB/s", "host", rc).with_note(note),
+        ]
+    }
+
+    /// The density rows, and the pods' figures when N is 10 (for the memory step).
+    fn density(
+        &self,
+        memory: &mut BTreeMap<String, Memory>,
+    ) -> (Vec<Metric>, Option<Result<IdlePods>>) {
+        let n = self.args.pods;
+        eprintln!("==> density: {n} idle pods started in parallel");
+        let r = self.idle_pods(n, "density");
+        let (wall, pss) = match &r {
+            Ok(p) => {
+                memory.insert(format!("{n} pods (density)"), p.memory.clone());
+                (
+                    Ok(vec![p.wall.as_secs_f64()]),
+                    Ok(vec![mib(p.memory.pss_kib)]),
+                )
+            }
+            Err(_) => (again(&r), again(&r)),
+        };
+        let label = format!("runvm: {n} pods, wall time until all run");
+        let mut wall = Metric::new(DENSITY, &label, "s", self.accel(), wall);
+        wall.note = r.as_ref().ok().and_then(IdlePods::retry_note);
+        let label = format!("runvm: {n} pods, total PSS");
+        let rows = vec![wall, Metric::new(DENSITY, &label, "MiB", self.accel(), pss)];
+        (rows, (n == 10).then_some(r))
+    }
+
+    /// PSS per pod of 1 and of 10 idle pods (those of `ten` when given).
+    fn memory(
+        &self,
+        mut ten: Option<Result<IdlePods>>,
+        memory: &mut BTreeMap<String, Memory>,
+    ) -> Vec<Metric> {
+        eprintln!("==> memory: PSS of 1 and 10 idle pods");
+        let mut rows = Vec::new();
+        for n in [1u32, 10] {
+            let r = match ten.take() {
+                Some(r) if n == 10 => r,
+                back => {
+                    ten = back;
+                    self.idle_pods(n, &format!("mem{n}"))
+                }
+            };
+            let per = r
+                .as_ref()
+                .map(|p| vec![mib(p.memory.pss_kib) / f64::from(n)])
+                .map_err(|e| anyhow!("{e:#}"));
+            let label = format!("runvm: {n} pod{}, per pod", if n == 1 { "" } else { "s" });
+            let mut row = Metric::new(MEM, &label, "MiB", self.accel(), per);
+            if let Ok(p) = &r {
+                let m = &p.memory;
+                row.note = Some(format!(
+                    "total {:.1} MiB; per pod: {}{}",
+                    mib(m.pss_kib),
+                    breakdown(m, n),
+                    p.retry_note().map(|n| format!("; {n}")).unwrap_or_default()
+                ));
+                memory.insert(format!("{n} idle pods"), m.clone());
+            }
+            rows.push(row);
+        }
+        rows
+    }
+
+    /// `n` idle sleepers started in parallel in their own root: the wall time until all run,
+    /// and their memory after idling.
+    fn idle_pods(&self, n: u32, name: &str) -> Result<IdlePods> {
+        let cli = self.runvm.within(&self.work.join(name))?;
+        let (wall, pods) = cli.start_pods(&self.bundles.sleeper, "p", n)?;
+        std::thread::sleep(Duration::from_secs(self.args.idle_secs));
+        let memory = pods.memory()?;
+        ensure!(
+            memory.processes >= n as usize,
+            "found {} processes for {n} pods",
+            memory.processes
+        );
+        Ok(IdlePods {
+            wall,
+            memory,
+            retried: pods.retried.clone(),
+        })
+    }
+}
