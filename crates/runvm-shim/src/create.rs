@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use containerd_shim::api::CreateTaskRequest;
 use runvm_sandbox::agent::{ProcessRef, StdioSpec};
-use runvm_sandbox::sandbox::{create_qemu_sandbox, NewContainer};
+use runvm_sandbox::sandbox::{create_qemu_sandbox_in, NewContainer};
+use runvm_sandbox::standalone::network_namespace;
 use runvm_sandbox::SandboxId;
 
 use crate::error::{Result, ShimError};
@@ -120,13 +121,18 @@ impl Inner {
             (None, Placement::OwnVm) => {
                 let sid = SandboxId::parse(&req.id)
                     .map_err(|e| ShimError::InvalidArgument(format!("sandbox id: {e}")))?;
-                tracing::info!(sandbox = %sid, "booting the sandbox VM");
-                let (mut sb, report) = create_qemu_sandbox(&self.config, sid, annotations.clone())
-                    .await
-                    .map_err(ShimError::sandbox(format!(
-                        "creating the VM of container {}",
-                        req.id
-                    )))?;
+                // The pod's network namespace, as CNI set it up: the VM joins it.
+                let netns = runvm_sandbox::container::spec::load(std::path::Path::new(&req.bundle))
+                    .ok()
+                    .and_then(|spec| network_namespace(&spec));
+                tracing::info!(sandbox = %sid, netns = ?netns, "booting the sandbox VM");
+                let (mut sb, report) =
+                    create_qemu_sandbox_in(&self.config, sid, annotations.clone(), netns)
+                        .await
+                        .map_err(ShimError::sandbox(format!(
+                            "creating the VM of container {}",
+                            req.id
+                        )))?;
                 tracing::info!(sandbox = %sb.id(), accelerator = ?report.accelerator, "sandbox VM ready");
                 if let Some(q) = sb.pids().iter().find(|p| p.name == "qemu") {
                     self.vm_pid.store(q.pid, Ordering::Relaxed);

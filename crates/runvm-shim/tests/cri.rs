@@ -144,6 +144,28 @@ fn wait_for_text(path: &std::path::Path, needle: &str) -> String {
     }
 }
 
+/// GET / from `address` (host:port), retried for up to 20 s while the server comes up.
+async fn http_get(address: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect(address).await?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+            let mut page = String::new();
+            s.read_to_string(&mut page).await?;
+            Ok::<_, std::io::Error>(page)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(page)) if !page.is_empty() => return page,
+            other => {
+                assert!(Instant::now() < deadline, "GET {address}: {other:?}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
 fn netns_names() -> Vec<String> {
     std::fs::read_dir("/var/run/netns")
         .map(|d| {
@@ -245,7 +267,19 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
             ],
         )
         .await;
-        let c2 = start_container(&mut rt, &pod_id, &pod, "two", &["sleep", "1000"]).await;
+        let c2 = start_container(
+            &mut rt,
+            &pod_id,
+            &pod,
+            "two",
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo hello-from-the-pod > /www/index.html && \
+                 exec httpd -f -p 8080 -h /www",
+            ],
+        )
+        .await;
         assert_eq!(qemus(&env), 1, "the pod's containers share its VM");
         assert_eq!(
             container_state(&mut rt, &c1).await.0,
@@ -255,6 +289,10 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
             container_state(&mut rt, &c2).await.0,
             ContainerState::ContainerRunning
         );
+
+        // The pod's IP, which CNI gave its network namespace, reaches the VM (issue #6).
+        let page = http_get(&format!("{ip}:8080")).await;
+        assert!(page.contains("hello-from-the-pod"), "{page:?}");
 
         // stdout reaches the CRI log file (through containerd's FIFOs).
         let log = env.dir.path().join("pod-logs/one.log");
@@ -295,7 +333,7 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
         assert!(cpu.unwrap_or(0) > 0, "no CPU usage: {cpu:?}");
         assert!(memory.unwrap_or(0) > 0, "no memory usage: {memory:?}");
 
-        // sleep as PID 1 ignores SIGTERM: the stop escalates to SIGKILL after the timeout.
+        // httpd as PID 1 ignores SIGTERM: the stop escalates to SIGKILL after the timeout.
         rt.stop_container(StopContainerRequest {
             container_id: c2.clone(),
             timeout: 2,
@@ -304,7 +342,7 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
         .expect("StopContainer");
         let (state, code) = container_state(&mut rt, &c2).await;
         assert_eq!(state, ContainerState::ContainerExited);
-        assert_eq!(code, 137, "exit code of a SIGKILLed sleep");
+        assert_eq!(code, 137, "exit code of a SIGKILLed httpd");
         rt.remove_container(RemoveContainerRequest {
             container_id: c2.clone(),
         })
