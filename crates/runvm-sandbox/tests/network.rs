@@ -5,129 +5,19 @@
 //! Needs root, iproute2, the host set-up and the guest image; `make test` provides them.
 
 mod common;
+mod netns;
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
+use netns::{run, Netns};
 use runvm_sandbox::agent::{Interface, IpNet, Route};
 use runvm_sandbox::container::bundle::default_spec;
 use runvm_sandbox::network::AddInterface;
 use runvm_sandbox::sandbox::create_qemu_sandbox_in;
 use runvm_sandbox::{SandboxError, SandboxId};
-
-/// Runs `ip`/`tc`/... and returns stdout; panics naming the command and its stderr.
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Two namespaces joined by veth pairs; removed on drop.
-struct Netns {
-    pod: String,
-    peer: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let n = Netns {
-            pod: format!("rvt-pod-{tag}-{}", std::process::id()),
-            peer: format!("rvt-peer-{tag}-{}", std::process::id()),
-        };
-        for ns in [&n.pod, &n.peer] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-            run(&["ip", "netns", "add", ns]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        n
-    }
-
-    /// `dev` in the pod (with `mac`, `addr`/24, `mtu`) paired with `peer_dev` (`gw`/24).
-    fn veth(&self, dev: &str, mac: &str, addr: &str, peer_dev: &str, gw: &str, mtu: &str) {
-        run(&[
-            "ip", "-n", &self.pod, "link", "add", dev, "address", mac, "mtu", mtu, "type", "veth",
-            "peer", "name", peer_dev, "netns", &self.peer,
-        ]);
-        run(&[
-            "ip", "-n", &self.peer, "link", "set", peer_dev, "mtu", mtu, "up",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &self.peer,
-            "addr",
-            "add",
-            &format!("{gw}/24"),
-            "dev",
-            peer_dev,
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &self.pod,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            dev,
-        ]);
-        run(&["ip", "-n", &self.pod, "link", "set", dev, "up"]);
-    }
-
-    fn path(&self) -> std::path::PathBuf {
-        format!("/run/netns/{}", self.pod).into()
-    }
-
-    /// Fetches `url` from the peer namespace, retrying up to `within`.
-    fn fetch(&self, url: &str, within: Duration) -> Result<String, String> {
-        let deadline = Instant::now() + within;
-        loop {
-            let out = Command::new("ip")
-                .args([
-                    "netns", "exec", &self.peer, "wget", "-q", "-T", "3", "-O", "-", url,
-                ])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-            }
-            if Instant::now() >= deadline {
-                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    /// The pod namespace's devices and qdiscs, for leak checks.
-    fn runvm_leftovers(&self) -> Vec<String> {
-        let links = run(&["ip", "-n", &self.pod, "-o", "link", "show"]);
-        let qdiscs = run(&["ip", "netns", "exec", &self.pod, "tc", "qdisc", "show"]);
-        let filters = run(&[
-            "ip", "netns", "exec", &self.pod, "tc", "filter", "show", "dev", "eth0", "ingress",
-        ]);
-        links
-            .lines()
-            .filter(|l| l.contains("_runvm"))
-            .chain(qdiscs.lines().filter(|l| l.contains("ingress")))
-            .chain(filters.lines().filter(|l| !l.trim().is_empty()))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in [&self.pod, &self.peer] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
