@@ -2,7 +2,9 @@
 //! master) that the host pulls from (ReadStdout/ReadStderr) and pushes to (WriteStdin).
 //!
 //! There is no buffer in the agent: a read takes what the pipe holds, so a process writing
-//! faster than the host reads blocks on its full pipe (64 KiB), which is the back-pressure.
+//! faster than the host reads blocks on its full pipe, which is the back-pressure. Output pipes
+//! are enlarged to [`OUTPUT_PIPE_SIZE`] so that one read can carry that much: under TCG each
+//! round trip to the host costs milliseconds.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -18,7 +20,10 @@ use tokio::sync::Mutex;
 /// Most bytes one ReadStdout/ReadStderr returns.
 pub const MAX_READ: usize = 1 << 20;
 /// Bytes read per system call.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
+/// The capacity asked for the output pipes (the kernel's default limit for unprivileged
+/// processes, `/proc/sys/fs/pipe-max-size`, is 1 MiB; the agent is root).
+pub const OUTPUT_PIPE_SIZE: i32 = 1 << 20;
 /// The EOF character written to a terminal when the host closes its stdin (VEOF, ^D).
 const TTY_EOF: u8 = 0x04;
 
@@ -248,6 +253,10 @@ pub fn pipes(stdin: bool, stdout: bool, stderr: bool) -> io::Result<(ChildStdio,
     let output = |wanted: bool| -> io::Result<(OwnedFd, OutputStream)> {
         if wanted {
             let (r, w) = pipe()?;
+            // A smaller pipe still works, only with more round trips.
+            if let Err(e) = fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_SIZE)) {
+                tracing::debug!(error = %e, "cannot enlarge an output pipe");
+            }
             Ok((w, OutputStream::new(r, false)?))
         } else {
             Ok((dev_null()?, OutputStream::closed()))

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use crate::agent::{Agent, AgentError, ProcessRef};
 
 /// Bytes asked for per read of the guest's output.
-const READ_CHUNK: u32 = 256 * 1024;
+const READ_CHUNK: u32 = 1024 * 1024;
 /// Bytes sent per write to the guest's stdin.
 const WRITE_CHUNK: usize = 256 * 1024;
 
