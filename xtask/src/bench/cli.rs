@@ -85,10 +85,32 @@ impl Cli {
     /// `run` of `bundle` (whose process writes `expect` bytes to stdout) with stdout read by
     /// this process and thrown away: MB/s from the first byte read to the last.
     pub fn stdout_throughput(&self, bundle: &Path, id: &str, expect: u64) -> Result<f64> {
+        let r = self.run_reading(bundle, id)?;
+        ensure!(
+            r.bytes == expect,
+            "read {} bytes from the container's stdout, expected {expect}",
+            r.bytes
+        );
+        let first = r.first.context("no output")?;
+        Ok(mb_per_sec(r.bytes, (r.last - first).as_secs_f64()))
+    }
+
+    /// `run` of `bundle` (whose process writes something to stdout): the time from the start
+    /// of `run` to the first byte of the container's output.
+    pub fn first_output(&self, bundle: &Path, id: &str) -> Result<Duration> {
+        let r = self.run_reading(bundle, id)?;
+        let first = r.first.context("the container wrote nothing to stdout")?;
+        Ok(first - r.started)
+    }
+
+    /// `run` of `bundle` in the foreground as `id`, its stdout read (and thrown away) by a
+    /// thread of this process, which notes when bytes came.
+    fn run_reading(&self, bundle: &Path, id: &str) -> Result<Reading> {
         let mut guard = Container::new(self, id);
         let mut cmd = self.cmd(&["run", "--bundle", path_str(bundle)?, id]);
         let what = describe(&cmd);
         let err = self.logs.join(format!("{id}.err"));
+        let started = Instant::now();
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -96,36 +118,40 @@ impl Cli {
             .spawn()
             .with_context(|| format!("cannot run `{what}`"))?;
         let mut stdout = child.stdout.take().context("no stdout pipe")?;
-        let mut buf = vec![0u8; 1 << 16];
-        let (mut bytes, mut first, mut last) = (0u64, None, Instant::now());
-        loop {
-            let n = stdout
-                .read(&mut buf)
-                .context("read the container's stdout")?;
-            if n == 0 {
-                break;
-            }
-            last = Instant::now();
-            first.get_or_insert(last);
-            bytes += n as u64;
-            if bytes >= expect {
-                break;
-            }
-        }
-        // Whatever follows (none expected) is drained so the writer never blocks.
-        let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads to the end: the pipe closes when runvm and the stand-in are gone (on a failure,
+        // when the guard's `delete -f` ends the stand-in).
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut r = Reading {
+                started,
+                first: None,
+                last: started,
+                bytes: 0,
+            };
+            let outcome = loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) => break Ok(r),
+                    Ok(n) => {
+                        r.last = Instant::now();
+                        r.first.get_or_insert(r.last);
+                        r.bytes += n as u64;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = tx.send(outcome);
+        });
         procs::wait_timeout(&mut child, procs::COMMAND_TIMEOUT, &what).map_err(|e| {
             let text = std::fs::read_to_string(&err).unwrap_or_default();
-            e.context(text.lines().last().unwrap_or("").to_string())
+            e.context(procs::strip_ansi(text.lines().last().unwrap_or("")))
         })?;
-        let _ = drain.join();
         guard.deleted();
-        ensure!(
-            bytes == expect,
-            "read {bytes} bytes from the container's stdout, expected {expect}"
-        );
-        let first = first.context("no output")?;
-        Ok(mb_per_sec(bytes, (last - first).as_secs_f64()))
+        let reading = rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("the container's stdout stayed open after `run` exited")?
+            .context("read the container's stdout")?;
+        Ok(reading)
     }
 
     /// `count` containers of `bundle` started in parallel with `run -d`: the wall time until
@@ -182,6 +208,15 @@ impl Cli {
         }
         Ok((wall, pods))
     }
+}
+
+/// What came on a container's stdout, and when.
+#[derive(Debug)]
+struct Reading {
+    started: Instant,
+    first: Option<Instant>,
+    last: Instant,
+    bytes: u64,
 }
 
 /// A container of a [`Cli`], deleted (`delete -f`) on drop unless marked deleted.

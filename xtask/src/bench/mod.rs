@@ -90,6 +90,7 @@ struct Setup {
 
 struct Bundles {
     truth: PathBuf,
+    echo: PathBuf,
     sleeper: PathBuf,
     writer: PathBuf,
 }
@@ -136,6 +137,7 @@ pub fn all(args: AllArgs) -> Result<()> {
     write_config(&base, &work.join("state"), &config)?;
     let bundles = Bundles {
         truth: bundle(&work, "true", &["true"])?,
+        echo: bundle(&work, "echo", &["echo", "workload ran"])?,
         sleeper: bundle(&work, "sleep", &["sleep", "1000000"])?,
         writer: bundle(
             &work,

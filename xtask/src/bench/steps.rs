@@ -72,9 +72,13 @@ impl Setup {
         }
         if self.wants(Bench::Floor) {
             let floor = self.floor();
-            if let Some(vm) = metrics.iter_mut().find(|m| m.label == "runvm run") {
+            for vm in metrics
+                .iter_mut()
+                .filter(|m| m.group == COLD && m.label.starts_with("runvm run"))
+            {
                 if let Some(r) = ratio(vm, &floor) {
-                    vm.note = Some(format!("{r:.2}x the floor"));
+                    let note = vm.note.take().unwrap_or_default();
+                    vm.note = Some(format!("{r:.2}x the floor; {note}"));
                 }
             }
             metrics.push(floor);
@@ -120,9 +124,26 @@ impl Setup {
         let rc = times(k, |i| {
             self.runc.run(&self.bundles.truth, &format!("runc-cold{i}"))
         });
+        let vm_echo = self
+            .runvm
+            .within(&self.work.join("cold-runvm-echo"))
+            .and_then(|c| {
+                times(k, |i| {
+                    c.first_output(&self.bundles.echo, &format!("echo{i}"))
+                })
+            });
+        let rc_echo = times(k, |i| {
+            self.runc
+                .first_output(&self.bundles.echo, &format!("runc-echo{i}"))
+        });
         vec![
-            Metric::new(COLD, "runvm run", "ms", self.accel(), vm),
-            Metric::new(COLD, "runc run", "ms", "host", rc),
+            Metric::new(COLD, "runvm run", "ms", self.accel(), vm)
+                .with_note("`true`: start to exit (VM stopped and removed)"),
+            Metric::new(COLD, "runc run", "ms", "host", rc).with_note("`true`: start to exit"),
+            Metric::new(COLD, "runvm run: first output", "ms", self.accel(), vm_echo)
+                .with_note("`echo`: start to its first byte on stdout"),
+            Metric::new(COLD, "runc run: first output", "ms", "host", rc_echo)
+                .with_note("`echo`: start to its first byte on stdout"),
         ]
     }
 
