@@ -586,6 +586,8 @@ impl Sandbox {
             self.stop().await?;
         }
         self.unshare_all()?;
+        // A sandbox the monitor stopped (its VM died) still has its taps and qdiscs.
+        self.teardown_network().await?;
         let lock = self
             .store
             .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
