@@ -35,16 +35,10 @@ async fn pod_network_through_the_vm() {
         "10.200.0.1",
         "1400",
     );
-    run(&[
-        "ip",
-        "-n",
-        &ns.pod,
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.200.0.1",
-    ]);
+    ns.ip_pod("route add default via 10.200.0.1");
+    // Dual stack, as CNI may set it up.
+    ns.ip_pod("addr add fd00:200::2/64 dev eth0 nodad");
+    ns.ip_peer("addr add fd00:200::1/64 dev vpeer0 nodad");
 
     let id = SandboxId::parse("net").unwrap();
     let (mut sb, _) =
@@ -74,7 +68,10 @@ async fn pod_network_through_the_vm() {
         .unwrap_or_else(|| panic!("no eth0 in the guest: {ifaces:#?}"));
     assert_eq!(eth0.mac, "02:00:0a:c8:00:02");
     assert_eq!(eth0.mtu, 1400);
-    assert_eq!(eth0.addresses, [net("10.200.0.2/24")]);
+    assert_eq!(
+        eth0.addresses,
+        [net("10.200.0.2/24"), net("fd00:200::2/64")]
+    );
     assert!(eth0.up);
     let routes = sb.list_routes().await.unwrap();
     let default = Route {
@@ -83,8 +80,17 @@ async fn pod_network_through_the_vm() {
         device: "eth0".into(),
         source: None,
         scope: 0,
+        metric: 0,
     };
     assert!(routes.contains(&default), "{routes:#?}");
+    let v6: Vec<&Route> = routes
+        .iter()
+        .filter(|r| r.destination == Some(net("fd00:200::/64")))
+        .collect();
+    assert!(
+        v6.len() == 1 && v6[0].device == "eth0" && v6[0].metric == 256,
+        "one IPv6 prefix route, with the namespace's metric: {routes:#?}"
+    );
     assert!(
         routes
             .iter()
@@ -150,6 +156,10 @@ async fn pod_network_through_the_vm() {
     }
     let page = page.expect("page through the VM");
     assert_eq!(page.trim(), "hello-from-runvm");
+    let page = ns
+        .fetch("http://[fd00:200::2]/", Duration::from_secs(20))
+        .expect("page over IPv6");
+    assert_eq!(page.trim(), "hello-from-runvm");
 
     // The container reaches its gateway (an httpd in the peer namespace).
     let peer_www = host.dir.path().join("peer-www");
@@ -208,6 +218,7 @@ async fn pod_network_through_the_vm() {
         device: "nosuch0".into(),
         source: None,
         scope: 253,
+        metric: 0,
     });
     let e = sb.update_routes(&bad_routes).await.unwrap_err().to_string();
     assert!(e.contains("nosuch0"), "{e}");

@@ -286,6 +286,7 @@ fn to_proto_route(r: &RouteEntry, links: &[Link]) -> agent::Route {
         .unwrap_or_default();
     p.source = r.source.map(|s| s.to_string()).unwrap_or_default();
     p.scope = r.scope.into();
+    p.metric = r.metric;
     p.family = if r.v6 {
         agent::ipaddress::Family::V6
     } else {
@@ -353,6 +354,7 @@ fn from_proto_route(p: &agent::Route, links: &[Link]) -> Result<RouteEntry> {
         oif,
         source,
         scope,
+        metric: p.metric,
     })
 }
 
@@ -414,9 +416,13 @@ pub async fn update_routes(wanted: &agent::Routes) -> Result<agent::Routes> {
     list_routes().await
 }
 
-/// Same destination, gateway and device (what the kernel tells routes apart by, here).
+/// Same destination, gateway, device and (for IPv6, where it tells routes apart) metric.
 fn same_route(a: &RouteEntry, b: &RouteEntry) -> bool {
-    a.v6 == b.v6 && a.destination == b.destination && a.gateway == b.gateway && a.oif == b.oif
+    a.v6 == b.v6
+        && a.destination == b.destination
+        && a.gateway == b.gateway
+        && a.oif == b.oif
+        && (!a.v6 || a.metric == 0 || b.metric == 0 || a.metric == b.metric)
 }
 
 /// Adds (or replaces) permanent neighbour entries.

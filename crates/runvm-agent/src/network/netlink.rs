@@ -46,6 +46,7 @@ pub struct RouteEntry {
     pub oif: Option<u32>,
     pub source: Option<IpAddr>,
     pub scope: u8,
+    pub metric: u32,
 }
 
 fn nl_err(what: impl std::fmt::Display, e: rtnetlink::Error) -> AgentError {
@@ -223,6 +224,7 @@ fn route_from(m: &RouteMessage) -> Option<RouteEntry> {
         oif: None,
         source: None,
         scope: m.header.scope.into(),
+        metric: 0,
     };
     for a in &m.attributes {
         match a {
@@ -232,6 +234,7 @@ fn route_from(m: &RouteMessage) -> Option<RouteEntry> {
             RouteAttribute::Gateway(g) => r.gateway = route_addr(g),
             RouteAttribute::Oif(i) => r.oif = Some(*i),
             RouteAttribute::PrefSource(s) => r.source = route_addr(s),
+            RouteAttribute::Priority(p) => r.metric = *p,
             _ => {}
         }
     }
@@ -285,6 +288,9 @@ fn route_message(r: &RouteEntry) -> RouteMessage {
     if let Some(s) = r.source {
         m.attributes
             .push(RouteAttribute::PrefSource(RouteAddress::from(s)));
+    }
+    if r.metric != 0 {
+        m.attributes.push(RouteAttribute::Priority(r.metric));
     }
     m
 }

@@ -118,6 +118,9 @@ pub struct Route {
     /// Route scope (0 universe, 253 link, 254 host).
     #[serde(default)]
     pub scope: u8,
+    /// Route priority (0: the kernel's default).
+    #[serde(default)]
+    pub metric: u32,
 }
 
 impl fmt::Display for Route {
@@ -252,6 +255,7 @@ pub fn to_pb_route(r: &Route) -> pb::Route {
         device: r.device.clone(),
         source: r.source.map(|s| s.to_string()).unwrap_or_default(),
         scope: r.scope.into(),
+        metric: r.metric,
         family: fam.into(),
         ..Default::default()
     }
@@ -286,6 +290,7 @@ pub fn from_pb_routes(
                 source: ip("source", &p.source)?,
                 scope: u8::try_from(p.scope)
                     .map_err(|_| reject(method, format!("bad scope {}", p.scope)))?,
+                metric: p.metric,
             })
         })
         .collect()
@@ -329,6 +334,7 @@ mod tests {
             device: "eth0".into(),
             source: None,
             scope: 0,
+            metric: 0,
         };
         let back = from_pb_routes("ListRoutes", vec![to_pb_route(&r)]).unwrap();
         assert_eq!(back, std::slice::from_ref(&r));

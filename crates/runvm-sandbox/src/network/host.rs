@@ -217,6 +217,7 @@ pub async fn scan_device(h: &Handle, link: HostLink) -> Result<DeviceScan> {
                 device: link.name.clone(),
                 source: None,
                 scope: m.header.scope.into(),
+                metric: 0,
             };
             let mut oif = None;
             for a in &m.attributes {
@@ -228,6 +229,7 @@ pub async fn scan_device(h: &Handle, link: HostLink) -> Result<DeviceScan> {
                     RouteAttribute::Gateway(g) => r.gateway = route_ip(g),
                     RouteAttribute::Oif(i) => oif = Some(*i),
                     RouteAttribute::PrefSource(p) => r.source = route_ip(p),
+                    RouteAttribute::Priority(p) => r.metric = *p,
                     _ => {}
                 }
             }
@@ -301,8 +303,10 @@ pub async fn create_tap(h: &Handle, name: &str, mtu: u32) -> Result<HostLink> {
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
+    // IFF_TUN_EXCL: fail rather than attach to a tap of that name that exists already.
     req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
+            as libc::c_short;
     // SAFETY: TUNSETIFF reads an ifreq, which `req` is, and `tun` is an open /dev/net/tun.
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
         return Err(tap_err(std::io::Error::last_os_error()));

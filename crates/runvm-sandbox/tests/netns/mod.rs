@@ -39,6 +39,20 @@ impl Netns {
         n
     }
 
+    /// `ip -n POD ARGS` (`args` split at whitespace).
+    pub fn ip_pod(&self, args: &str) -> String {
+        let mut a = vec!["ip", "-n", &self.pod];
+        a.extend(args.split_whitespace());
+        run(&a)
+    }
+
+    /// `ip -n PEER ARGS` (`args` split at whitespace).
+    pub fn ip_peer(&self, args: &str) -> String {
+        let mut a = vec!["ip", "-n", &self.peer];
+        a.extend(args.split_whitespace());
+        run(&a)
+    }
+
     /// The namespaces another value owns.
     pub fn borrowed(pod: String, peer: String) -> Netns {
         Netns {
