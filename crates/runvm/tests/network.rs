@@ -1,6 +1,6 @@
 //! `runvm network` through the binary: a container created by `runvm run -d` from a bundle
-//! whose spec names the pod's network namespace (as containerd writes it) is reachable from the
-//! veth's other end; interfaces and routes are listed, an interface is hot-added and removed,
+//! whose spec names the pod's network namespace (as containerd writes it, set up by CNI's
+//! bridge plugin) is reachable at its pod IP from the bridge side; interfaces and routes are listed, an interface is hot-added and removed,
 //! a bad route is refused by name; `delete` leaves nothing in the namespace.
 //!
 //! Needs root, iproute2, the host set-up and the guest image; `make test` provides them.
@@ -12,7 +12,7 @@ mod netns;
 use std::time::Duration;
 
 use common::*;
-use netns::{run, Netns};
+use netns::Netns;
 use serde_json::{json, Value};
 
 fn json_out(host: &Host, args: &[&str]) -> Value {
@@ -26,24 +26,28 @@ fn json_out(host: &Host, args: &[&str]) -> Value {
 fn network_verbs_through_the_binary() {
     let host = Host::new();
     let ns = Netns::new("cli");
-    ns.veth(
-        "eth0",
-        "02:00:0a:dc:00:02",
-        "10.220.0.2",
-        "vpeer0",
-        "10.220.0.1",
-        "1500",
-    );
-    run(&[
-        "ip",
-        "-n",
-        &ns.pod,
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.220.0.1",
-    ]);
+    // The pod's eth0 as containerd's CNI set-up makes it: bridge plugin, host-local IPAM, the
+    // peer namespace standing for the host (bridge rvtbr0, gateway 10.220.0.1).
+    let ipam = host.dir.path().join("cni-ipam");
+    let answer = ns.cni_bridge("ADD", "10.220.0.0/24", &ipam);
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let pod_ip = answer["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no pod IP in {answer}"))
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let pod_mac = answer["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["sandbox"].is_string())
+        .unwrap_or_else(|| panic!("no pod interface in {answer}"))["mac"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pod_url = format!("http://{pod_ip}/");
 
     let script = "mkdir -p /tmp/w && echo cli-ok > /tmp/w/index.html && \
                   exec httpd -f -p 80 -h /tmp/w";
@@ -57,8 +61,8 @@ fn network_verbs_through_the_binary() {
     );
     assert_eq!(code, Some(0), "{}", std::fs::read_to_string(err).unwrap());
     let page = ns
-        .fetch("http://10.220.0.2/", Duration::from_secs(30))
-        .expect("page through the VM");
+        .fetch(&pod_url, Duration::from_secs(30))
+        .expect("pod IP reachable from the host side through the VM");
     assert_eq!(page.trim(), "cli-ok");
 
     let list = json_out(&host, &["network", "list", "netc"]);
@@ -69,8 +73,8 @@ fn network_verbs_through_the_binary() {
         .find(|i| i["name"] == "eth0")
         .unwrap_or_else(|| panic!("{list}"))
         .clone();
-    assert_eq!(eth0["mac"], "02:00:0a:dc:00:02");
-    assert_eq!(eth0["addresses"], json!(["10.220.0.2/24"]));
+    assert_eq!(eth0["mac"], pod_mac.as_str());
+    assert_eq!(eth0["addresses"], json!([format!("{pod_ip}/24")]));
     let routes = json_out(&host, &["network", "routes", "netc"]);
     assert!(
         routes
@@ -118,4 +122,6 @@ fn network_verbs_through_the_binary() {
     let left = ns.runvm_leftovers();
     assert!(left.is_empty(), "left in the pod namespace: {left:#?}");
     host.assert_nothing_left();
+    // The pod's network is CNI's again, and CNI removes it.
+    ns.cni_bridge("DEL", "10.220.0.0/24", &ipam);
 }

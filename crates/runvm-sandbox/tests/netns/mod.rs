@@ -53,6 +53,53 @@ impl Netns {
         run(&a)
     }
 
+    /// Runs CNI's bridge plugin (with host-local IPAM in `data_dir`) as containerd would, the
+    /// peer namespace standing for the host: a bridge `rvtbr0` there with the gateway
+    /// `SUBNET.1`, a veth `eth0` in the pod namespace. `command` is "ADD" or "DEL". Returns the
+    /// plugin's answer.
+    pub fn cni_bridge(&self, command: &str, subnet: &str, data_dir: &std::path::Path) -> String {
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0", "name": "rvt-net", "type": "bridge", "bridge": "rvtbr0",
+            "isGateway": true, "ipMasq": false,
+            "ipam": {
+                "type": "host-local", "ranges": [[{"subnet": subnet}]],
+                "routes": [{"dst": "0.0.0.0/0"}], "dataDir": data_dir,
+            },
+        });
+        // Debian's containernetworking-plugins, or the upstream layout.
+        let cni_dir = ["/usr/lib/cni", "/opt/cni/bin"]
+            .into_iter()
+            .find(|d| std::path::Path::new(d).join("bridge").exists())
+            .expect("CNI plugins in /usr/lib/cni or /opt/cni/bin");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.peer, &format!("{cni_dir}/bridge")])
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.pod)
+            .env("CNI_NETNS", format!("/run/netns/{}", self.pod))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", cni_dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "CNI bridge {command}: {answer} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        answer
+    }
+
     /// The namespaces another value owns.
     pub fn borrowed(pod: String, peer: String) -> Netns {
         Netns {
