@@ -58,7 +58,7 @@ pub struct AllArgs {
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
     /// runvm configuration file to start from [default: as runvm finds it]; the benchmark
-    /// gives it a private state root and longer boot timeouts (pods boot in parallel), and
+    /// gives it a private state root and longer timeouts (pods boot in parallel), and
     /// passes it on as RUNVM_CONFIG.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -204,7 +204,7 @@ pub fn all(args: AllArgs) -> Result<()> {
 /// runvm's configuration file `base` (the file it was loaded from, if any, so that only keys
 /// set there and below are written: binaries built from another tree refuse unknown keys) with
 /// state root `root` and longer timeouts (ten VMs booting at once on two CPUs under TCG take a
-/// while), written to `path`.
+/// while: boot 180 s, agent requests 60 s, helpers' start 60 s), written to `path`.
 pub(super) fn write_config(base: &Config, root: &Path, path: &Path) -> Result<()> {
     let mut doc: toml::Table = match &base.source {
         Some(file) => {
@@ -225,18 +225,18 @@ pub(super) fn write_config(base: &Config, root: &Path, path: &Path) -> Result<()
     };
     let root = root.to_str().context("the state root is not UTF-8")?;
     set("runtime", "root", root.into());
-    let boot = base.agent.boot_timeout_ms.max(180_000);
+    let int = |ms: u64| toml::Value::Integer(i64::try_from(ms).unwrap_or(i64::MAX));
     set(
         "agent",
         "boot_timeout_ms",
-        toml::Value::Integer(boot as i64),
+        int(base.agent.boot_timeout_ms.max(180_000)),
     );
+    // CreateContainer of one of ten VMs booting at once on two CPUs under TCG can take more
+    // than the default 10 s.
+    let request = base.agent.request_timeout_ms.max(60_000);
+    set("agent", "request_timeout_ms", int(request));
     let start = base.hypervisor.start_timeout_ms.max(60_000);
-    set(
-        "hypervisor",
-        "start_timeout_ms",
-        toml::Value::Integer(start as i64),
-    );
+    set("hypervisor", "start_timeout_ms", int(start));
     std::fs::write(path, toml::to_string(&doc)?)
         .with_context(|| format!("write {}", path.display()))
 }
@@ -293,6 +293,10 @@ mod tests {
         assert_eq!(doc["hypervisor"]["vcpus"].as_integer(), Some(2));
         assert_eq!(doc["runtime"]["root"].as_str(), Some("/b/state"));
         assert_eq!(doc["agent"]["boot_timeout_ms"].as_integer(), Some(180_000));
+        assert_eq!(
+            doc["agent"]["request_timeout_ms"].as_integer(),
+            Some(60_000)
+        );
         let keys: Vec<&String> = doc["hypervisor"].as_table().unwrap().keys().collect();
         assert_eq!(keys, ["accelerator", "start_timeout_ms", "vcpus"]);
         let reread = Config::load(Some(&out)).unwrap();
