@@ -54,6 +54,11 @@ pub struct NetDevice {
     pub tap: String,
     /// The card's MAC address, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+    /// For a macvtap: its character device (`/dev/tapN`), which QEMU gets open as a file
+    /// descriptor; `tap` is then the macvtap's name, for messages. `None`: `tap` is a tap QEMU
+    /// opens by name.
+    #[serde(default)]
+    pub macvtap: Option<std::path::PathBuf>,
     /// The PCIe root port a hot-added card sits on (set by the hypervisor); `None` for cards
     /// present at boot.
     #[serde(default)]

@@ -185,12 +185,19 @@ pub fn hotplug_port_id(n: u32) -> String {
     format!("hp{n}")
 }
 
-/// The QEMU arguments of the netdev of `device` (for `-netdev`).
-pub fn netdev_arg(device: &NetDevice) -> String {
-    format!(
-        "tap,id={},ifname={},script=no,downscript=no",
-        device.id, device.tap
-    )
+/// The first file descriptor number QEMU gets macvtap devices on (one each, in order).
+pub const FIRST_NET_FD: i32 = 100;
+
+/// The QEMU arguments of the netdev of `device` (for `-netdev`); a macvtap is passed as file
+/// descriptor `fd`.
+pub fn netdev_arg(device: &NetDevice, fd: Option<i32>) -> String {
+    match fd {
+        Some(fd) => format!("tap,id={},fd={fd}", device.id),
+        None => format!(
+            "tap,id={},ifname={},script=no,downscript=no",
+            device.id, device.tap
+        ),
+    }
 }
 
 /// The QEMU arguments of the card of `device` (for `-device`).
@@ -298,10 +305,15 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
             format!("vhost-user-fs-pci,id=fs0,chardev=fschr,tag={}", share.tag),
         ]);
     }
+    let mut next_fd = FIRST_NET_FD;
     for device in &config.net_devices {
+        let fd = device.macvtap.as_ref().map(|_| {
+            next_fd += 1;
+            next_fd - 1
+        });
         args.extend([
             "-netdev".into(),
-            netdev_arg(device),
+            netdev_arg(device, fd),
             "-device".into(),
             net_card_arg(device),
         ]);
@@ -488,6 +500,7 @@ mod tests {
             id: "net0".into(),
             tap: "tap0_runvm".into(),
             mac: "02:aa:bb:cc:dd:ee".into(),
+            macvtap: None,
             hotplug_port: None,
         }];
         c.hotplug_ports = 2;
@@ -500,6 +513,32 @@ mod tests {
         assert!(devices.contains(&"virtio-net-pci,netdev=net0,id=dev-net0,mac=02:aa:bb:cc:dd:ee"));
         assert!(devices.contains(&"pcie-root-port,id=hp0,bus=pcie.0,chassis=1,slot=1"));
         assert!(devices.contains(&"pcie-root-port,id=hp1,bus=pcie.0,chassis=2,slot=2"));
+    }
+
+    #[test]
+    fn macvtaps_are_passed_as_descriptors_in_order() {
+        let mut c = config();
+        let dev = |id: &str, macvtap: Option<&str>| NetDevice {
+            id: id.into(),
+            tap: format!("{id}_runvm"),
+            mac: "02:aa:bb:cc:dd:ee".into(),
+            macvtap: macvtap.map(Into::into),
+            hotplug_port: None,
+        };
+        c.net_devices = vec![
+            dev("net0", Some("/dev/tap30000")),
+            dev("net1", None),
+            dev("net2", Some("/dev/tap30001")),
+        ];
+        let a = args(&c);
+        assert_eq!(
+            values(&a, "-netdev"),
+            [
+                "tap,id=net0,fd=100",
+                "tap,id=net1,ifname=net1_runvm,script=no,downscript=no",
+                "tap,id=net2,fd=101"
+            ]
+        );
     }
 
     #[test]
@@ -520,6 +559,7 @@ mod tests {
                 id: id.into(),
                 tap: tap.into(),
                 mac: mac.into(),
+                macvtap: None,
                 hotplug_port: None,
             }];
             let e = qemu_args(&c, &RunDirLayout::new("/r"))

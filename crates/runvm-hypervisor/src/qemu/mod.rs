@@ -189,13 +189,35 @@ impl Qemu {
         let qmp_path = layout.qmp_socket();
         let log = layout.qemu_log();
         tracing::debug!(args = ?args, "qemu command line");
+        // Macvtaps reach QEMU as open descriptors, in the order of the command line.
+        let mut taps = Vec::new();
+        for path in config.net_devices.iter().filter_map(|d| d.macvtap.as_ref()) {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|source| HypervisorError::Io {
+                    action: "open macvtap device",
+                    path: path.clone(),
+                    source,
+                })?;
+            taps.push(file);
+        }
+        let fds: Vec<(i32, &std::fs::File)> = taps
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (cmdline::FIRST_NET_FD + i as i32, f))
+            .collect();
         let mut qemu = ManagedChild::spawn_in(
             "qemu",
             &self.settings.qemu,
             &args,
             &log,
             config.netns.as_deref(),
+            &fds,
         )?;
+        drop(fds);
+        drop(taps);
         let spawned = SystemTime::now();
         let timeout = self.settings.start_timeout;
         poll_until(timeout, || qmp_path.exists() || qemu.exited().is_some()).await;
@@ -480,6 +502,12 @@ impl Hypervisor for Qemu {
     async fn add_net_device(&mut self, device: &NetDevice) -> Result<()> {
         self.require("hot-add a network card", &[State::Running])?;
         cmdline::validate_net_device(device)?;
+        if device.macvtap.is_some() {
+            return Err(HypervisorError::NetDevice {
+                id: device.id.clone(),
+                reason: "macvtap cards cannot be hot-added (QMP getfd is not implemented)".into(),
+            });
+        }
         let (config, _) = self.prepared()?;
         if config.net_devices.iter().any(|d| d.id == device.id) {
             return Err(HypervisorError::NetDevice {

@@ -50,17 +50,19 @@ impl ManagedChild {
         args: &[std::ffi::OsString],
         log: &Path,
     ) -> Result<ManagedChild> {
-        Self::spawn_in(name, program, args, log, None)
+        Self::spawn_in(name, program, args, log, None, &[])
     }
 
     /// As [`spawn`](Self::spawn), the child joining the network namespace `netns` (a namespace
-    /// file such as `/run/netns/NAME`) before it runs `program`.
+    /// file such as `/run/netns/NAME`) before it runs `program`, and getting `fds` open as file
+    /// descriptors `target`, `target + 1`, ... (`fds.0`: the first target).
     pub fn spawn_in(
         name: &'static str,
         program: &Path,
         args: &[std::ffi::OsString],
         log: &Path,
         netns: Option<&Path>,
+        fds: &[(i32, &File)],
     ) -> Result<ManagedChild> {
         let netns_file = netns
             .map(|path| {
@@ -85,6 +87,27 @@ impl ManagedChild {
             .stderr(err)
             .process_group(0)
             .kill_on_drop(false);
+        let inherit: Vec<(i32, i32)> = fds.iter().map(|(t, f)| (f.as_raw_fd(), *t)).collect();
+        if !inherit.is_empty() {
+            // SAFETY: the closure runs in the child between fork and exec and calls only dup2(2)
+            // and fcntl(2), which are async-signal-safe; the source descriptors stay open in the
+            // parent until `spawn` returns, as `fds` borrows them.
+            unsafe {
+                command.pre_exec(move || {
+                    for &(src, target) in &inherit {
+                        if src == target {
+                            // dup2 would keep close-on-exec set: clear it.
+                            if libc::fcntl(src, libc::F_SETFD, 0) < 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        } else if libc::dup2(src, target) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(file) = &netns_file {
             let fd = file.as_raw_fd();
             // SAFETY: the closure runs in the child between fork and exec and calls only

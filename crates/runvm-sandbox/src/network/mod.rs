@@ -91,6 +91,9 @@ pub struct Endpoint {
     pub tap: String,
     /// Whether runvm added the ingress qdisc of `device` (removed with it at teardown).
     pub device_qdisc: bool,
+    /// In the macvtap model: the macvtap's character device (`tap` is then its name).
+    #[serde(default)]
+    pub macvtap: Option<PathBuf>,
     /// How the guest configures its card.
     pub interface: Interface,
     /// Its routes, as found in the namespace.
@@ -149,6 +152,7 @@ fn endpoint_from(scan: DeviceScan, n: usize, device_qdisc: bool) -> Endpoint {
         device: scan.link.name.clone(),
         tap,
         device_qdisc,
+        macvtap: None,
         interface: Interface {
             name: scan.link.name.clone(),
             mac: host::format_mac(&scan.link.mac),
@@ -358,6 +362,7 @@ mod tests {
             device: format!("d{n}"),
             tap: names(n).1,
             device_qdisc: true,
+            macvtap: None,
             interface: Interface {
                 name: "x".into(),
                 mac: "02:00:00:00:00:01".into(),

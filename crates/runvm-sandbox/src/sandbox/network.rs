@@ -17,6 +17,7 @@ fn net_device(e: &Endpoint) -> NetDevice {
         id: e.id.clone(),
         tap: e.tap.clone(),
         mac: e.interface.mac.clone(),
+        macvtap: e.macvtap.clone(),
         hotplug_port: None,
     }
 }
