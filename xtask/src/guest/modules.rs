@@ -9,17 +9,15 @@ use anyhow::{bail, Context, Result};
 
 use super::elf::Elf;
 
-/// The modules the guest needs (virtio PCI transport, vsock, virtiofs, console, net, block,
-/// the balloon for free page reporting, overlayfs); their dependencies are added.
+/// The modules the guest needs (virtio PCI transport, vsock, virtiofs, net, the balloon for
+/// free page reporting); their dependencies are added. Nothing else: every module costs boot
+/// time (loading 16 took about 0.2 s under TCG), and the console is the built-in serial port.
 pub const ROOTS: &[&str] = &[
     "virtio_pci",
     "vmw_vsock_virtio_transport",
     "virtiofs",
-    "virtio_console",
     "virtio_net",
-    "virtio_blk",
     "virtio_balloon",
-    "overlay",
 ];
 
 /// Module names treat `-` and `_` alike; this is the `_` spelling.
