@@ -285,3 +285,70 @@ async fn pod_network_through_the_vm() {
     );
     host.assert_nothing_left();
 }
+
+/// The macvtap model: the pod's device given to a passthru macvtap, its /dev/tapN open in QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_network_through_a_macvtap() {
+    let mut host = Host::new();
+    host.config.network.model = runvm_sandbox::network::NetworkModel::Macvtap;
+    let ns = Netns::new("m");
+    ns.veth(
+        "eth0",
+        "02:00:0a:ca:00:02",
+        "10.202.0.2",
+        "vpeer0",
+        "10.202.0.1",
+        "1500",
+    );
+    ns.ip_pod("route add default via 10.202.0.1");
+    let id = SandboxId::parse("mvt").unwrap();
+    let (mut sb, _) =
+        create_qemu_sandbox_in(&host.config, id.clone(), BTreeMap::new(), Some(ns.path()))
+            .await
+            .expect("boot");
+    let links = ns.ip_pod("-o link show");
+    assert!(links.contains("mvt0_runvm"), "{links}");
+    let ifaces = sb.list_interfaces().await.unwrap();
+    assert!(
+        ifaces
+            .iter()
+            .any(|i| i.name == "eth0" && i.mac == "02:00:0a:ca:00:02"),
+        "{ifaces:#?}"
+    );
+
+    let script = "mkdir -p /tmp/www && echo hello-macvtap > /tmp/www/index.html && \
+                  exec httpd -f -p 80 -h /tmp/www";
+    let mut spec = default_spec(&["sh", "-c", script], false);
+    spec["root"]["readonly"] = serde_json::json!(false);
+    spec["linux"]["namespaces"][1] = serde_json::json!({"type": "network", "path": ns.path()});
+    create(
+        &mut sb,
+        "web",
+        host.bundle("web", &spec),
+        stdio(false, false),
+    )
+    .await;
+    sb.start_container(&cid("web")).await.unwrap();
+    let page = ns
+        .fetch("http://10.202.0.2/", Duration::from_secs(20))
+        .expect("page through the macvtap");
+    assert_eq!(page.trim(), "hello-macvtap");
+    let e = sb
+        .add_interface(&AddInterface {
+            device: "eth0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tcfilter"), "{e}");
+
+    sb.stop().await.unwrap();
+    sb.delete(false).await.unwrap();
+    let leftovers = ns.runvm_leftovers();
+    assert!(
+        leftovers.is_empty(),
+        "left in the pod namespace: {leftovers:#?}"
+    );
+    host.assert_nothing_left();
+}

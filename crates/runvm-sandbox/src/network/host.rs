@@ -337,6 +337,47 @@ pub async fn delete_link(h: &Handle, index: u32) -> Result<()> {
         .map_err(nl(format!("remove device {index}")))
 }
 
+/// Makes a passthru macvtap `name` on `lower` (it takes the lower device's MAC and all its
+/// traffic), up, with an interface index whose `/dev/tapN` node does not exist yet, so the node
+/// that appears is this macvtap's. Returns the node.
+pub async fn create_macvtap(h: &Handle, name: &str, lower: &HostLink) -> Result<PathBuf> {
+    use rtnetlink::packet_route::link::MacVtapMode;
+    let mut seed = [0u8; 4];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut seed);
+    }
+    let mut index = 20_000 + u32::from_ne_bytes(seed) % 40_000;
+    for _ in 0..100 {
+        if !Path::new(&format!("/dev/tap{index}")).exists() {
+            break;
+        }
+        index = 20_000 + (index + 7) % 40_000;
+    }
+    let node = PathBuf::from(format!("/dev/tap{index}"));
+    let msg = rtnetlink::LinkMacVtap::new(name, lower.index, MacVtapMode::Passthrough)
+        .index(index)
+        .mtu(lower.mtu)
+        .up()
+        .build();
+    h.link()
+        .add(msg)
+        .execute()
+        .await
+        .map_err(nl(format!("create macvtap {name} on {}", lower.name)))?;
+    // devtmpfs makes the node as the device registers; give it a moment.
+    for _ in 0..100 {
+        if node.exists() {
+            return Ok(node);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let _ = delete_link(h, index).await;
+    Err(NetworkError::Tap {
+        name: name.to_owned(),
+        source: std::io::Error::other(format!("{} did not appear", node.display())),
+    })
+}
+
 /// Adds an ingress qdisc to `from` with a filter redirecting every frame to `to`'s egress.
 pub async fn redirect(h: &Handle, from: &HostLink, to: &HostLink) -> Result<()> {
     h.qdisc()

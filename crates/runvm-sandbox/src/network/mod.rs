@@ -23,7 +23,7 @@ pub enum NetworkModel {
     /// A tap per device, joined to it by tc mirred redirects.
     #[default]
     Tcfilter,
-    /// A macvtap on each device (not implemented yet: refused at sandbox creation).
+    /// A passthru macvtap on each device, passed to QEMU as an open descriptor (no hotplug).
     Macvtap,
     /// No network card: the VM is not connected.
     None,
@@ -189,7 +189,21 @@ async fn join(h: &rtnetlink::Handle, scan: DeviceScan, n: usize) -> Result<Endpo
     Ok(endpoint_from(scan, n, true))
 }
 
-/// Scans `netns` and joins every ethernet-like device to a tap of its own.
+/// Gives one scanned device to a passthru macvtap (inside the namespace's thread).
+async fn join_macvtap(
+    h: &rtnetlink::Handle,
+    scan: DeviceScan,
+    n: usize,
+) -> Result<Endpoint, NetworkError> {
+    let name = format!("mvt{n}_runvm");
+    let node = host::create_macvtap(h, &name, &scan.link).await?;
+    let mut e = endpoint_from(scan, n, false);
+    e.tap = name;
+    e.macvtap = Some(node);
+    Ok(e)
+}
+
+/// Scans `netns` and joins every ethernet-like device to a tap (or macvtap) of its own.
 pub async fn setup(netns: &Path, model: NetworkModel) -> Result<NetworkRecord, NetworkError> {
     let mut record = NetworkRecord {
         netns: netns.to_path_buf(),
@@ -198,15 +212,9 @@ pub async fn setup(netns: &Path, model: NetworkModel) -> Result<NetworkRecord, N
     };
     match model {
         NetworkModel::None => return Ok(record),
-        NetworkModel::Macvtap => {
-            return Err(NetworkError::Invalid(
-                "network model \"macvtap\" is not implemented yet; use \"tcfilter\" or \"none\""
-                    .into(),
-            ))
-        }
-        NetworkModel::Tcfilter => {}
+        NetworkModel::Macvtap | NetworkModel::Tcfilter => {}
     }
-    let endpoints = in_netns(netns, || async {
+    let endpoints = in_netns(netns, move || async move {
         let h = host::connect()?;
         let mut made: Vec<Endpoint> = Vec::new();
         for link in host::links(&h).await? {
@@ -214,7 +222,11 @@ pub async fn setup(netns: &Path, model: NetworkModel) -> Result<NetworkRecord, N
                 continue;
             }
             let scan = host::scan_device(&h, link).await?;
-            match join(&h, scan, made.len()).await {
+            let joined = match model {
+                NetworkModel::Macvtap => join_macvtap(&h, scan, made.len()).await,
+                _ => join(&h, scan, made.len()).await,
+            };
+            match joined {
                 Ok(e) => made.push(e),
                 Err(e) => {
                     remove_endpoints(&h, &made).await;
