@@ -1,5 +1,5 @@
 //! Network benchmark: the same container (busybox httpd serving a 100 MB file from a tmpfs) in
-//! the same veth set-up, once under runc and once in a runvm VM (tcfilter model), measured in
+//! the same veth set-up, under runc and in a runvm VM (tcfilter and macvtap models), measured in
 //! the same run from the veth's other end: download throughput (MB/s, host to container) and
 //! ICMP round-trip latency. Prints a table.
 //!
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use netns::{run, Netns};
 use runvm_sandbox::container::bundle::default_spec;
+use runvm_sandbox::network::NetworkModel;
 use runvm_sandbox::sandbox::create_qemu_sandbox_in;
 use runvm_sandbox::SandboxId;
 use serde_json::{json, Value};
@@ -115,17 +116,18 @@ fn runc_figures(host: &Host, ns: &Netns) -> Figures {
     figures.unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
-async fn runvm_figures(host: &Host, ns: &Netns) -> Figures {
-    let id = SandboxId::parse("netbench").unwrap();
-    let (mut sb, report) =
-        create_qemu_sandbox_in(&host.config, id, BTreeMap::new(), Some(ns.path()))
-            .await
-            .expect("boot");
+async fn runvm_figures(host: &Host, ns: &Netns, model: NetworkModel) -> Figures {
+    let id = SandboxId::parse(&format!("netbench-{}", model.as_str())).unwrap();
+    let mut config = host.config.clone();
+    config.network.model = model;
+    let (mut sb, report) = create_qemu_sandbox_in(&config, id, BTreeMap::new(), Some(ns.path()))
+        .await
+        .expect("boot");
     eprintln!("runvm VM: {:?}", report.accelerator);
     create(
         &mut sb,
         "web",
-        host.bundle("vm-web", &web_spec(ns)),
+        host.bundle(&format!("vm-web-{}", model.as_str()), &web_spec(ns)),
         stdio(false, false),
     )
     .await;
@@ -167,7 +169,8 @@ async fn network_throughput_and_latency_runc_vs_runvm() {
     ]);
 
     let runc = runc_figures(&host, &ns);
-    let runvm = runvm_figures(&host, &ns).await;
+    let tcfilter = runvm_figures(&host, &ns, NetworkModel::Tcfilter).await;
+    let macvtap = runvm_figures(&host, &ns, NetworkModel::Macvtap).await;
     assert!(
         ns.runvm_leftovers().is_empty(),
         "{:?}",
@@ -184,7 +187,11 @@ async fn network_throughput_and_latency_runc_vs_runvm() {
         "{:<28} {:>10} {:>12} {:>12} {:>12}",
         "runtime", "MB/s", "rtt min ms", "rtt avg ms", "rtt max ms"
     );
-    for (name, f) in [("runc", &runc), ("runvm (tcfilter)", &runvm)] {
+    for (name, f) in [
+        ("runc", &runc),
+        ("runvm (tcfilter)", &tcfilter),
+        ("runvm (macvtap)", &macvtap),
+    ] {
         println!(
             "{:<28} {:>10.1} {:>12.3} {:>12.3} {:>12.3}",
             name, f.mb_per_s, f.rtt_min_ms, f.rtt_avg_ms, f.rtt_max_ms
