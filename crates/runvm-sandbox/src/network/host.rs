@@ -420,8 +420,3 @@ pub async fn has_ingress(h: &Handle, index: u32) -> Result<bool> {
     }
     Ok(false)
 }
-
-/// Where a namespace path points, for messages.
-pub fn describe(netns: &Path) -> PathBuf {
-    netns.to_path_buf()
-}
