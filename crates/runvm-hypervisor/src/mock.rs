@@ -258,6 +258,7 @@ mod tests {
             netns: None,
             net_devices: Vec::new(),
             hotplug_ports: 0,
+            vhost_net: false,
             tcg_tb_size_mib: 0,
         }
     }

@@ -38,6 +38,9 @@ pub struct VmConfig {
     /// PCIe root ports left free for hot-adding devices (0: no hotplug).
     #[serde(default)]
     pub hotplug_ports: u32,
+    /// Network cards use the kernel's vhost-net (`/dev/vhost-net`; with KVM only).
+    #[serde(default)]
+    pub vhost_net: bool,
     /// Under TCG, the translation cache's size in MiB (0: QEMU's default). The cache is most
     /// of QEMU's own memory under TCG.
     #[serde(default)]

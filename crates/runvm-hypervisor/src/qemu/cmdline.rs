@@ -190,11 +190,12 @@ pub const FIRST_NET_FD: i32 = 100;
 
 /// The QEMU arguments of the netdev of `device` (for `-netdev`); a macvtap is passed as file
 /// descriptor `fd`.
-pub fn netdev_arg(device: &NetDevice, fd: Option<i32>) -> String {
+pub fn netdev_arg(device: &NetDevice, fd: Option<i32>, vhost: bool) -> String {
+    let vhost = if vhost { ",vhost=on" } else { "" };
     match fd {
-        Some(fd) => format!("tap,id={},fd={fd}", device.id),
+        Some(fd) => format!("tap,id={},fd={fd}{vhost}", device.id),
         None => format!(
-            "tap,id={},ifname={},script=no,downscript=no",
+            "tap,id={},ifname={},script=no,downscript=no{vhost}",
             device.id, device.tap
         ),
     }
@@ -313,7 +314,7 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
         });
         args.extend([
             "-netdev".into(),
-            netdev_arg(device, fd),
+            netdev_arg(device, fd, config.vhost_net),
             "-device".into(),
             net_card_arg(device),
         ]);
@@ -363,6 +364,7 @@ mod tests {
             netns: None,
             net_devices: Vec::new(),
             hotplug_ports: 0,
+            vhost_net: false,
             tcg_tb_size_mib: 0,
         }
     }
@@ -505,6 +507,12 @@ mod tests {
         }];
         c.hotplug_ports = 2;
         let a = args(&c);
+        let mut with_vhost = c.clone();
+        with_vhost.vhost_net = true;
+        assert_eq!(
+            values(&args(&with_vhost), "-netdev"),
+            ["tap,id=net0,ifname=tap0_runvm,script=no,downscript=no,vhost=on"]
+        );
         assert_eq!(
             values(&a, "-netdev"),
             ["tap,id=net0,ifname=tap0_runvm,script=no,downscript=no"]

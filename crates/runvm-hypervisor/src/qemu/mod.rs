@@ -528,8 +528,9 @@ impl Hypervisor for Qemu {
                 id: device.id.clone(),
                 reason: format!("no free hotplug port (the VM has {})", config.hotplug_ports),
             })?;
+        let vhost = config.vhost_net;
         let qmp = self.qmp().await?;
-        qmp.netdev_add_tap(&device.id, &device.tap).await?;
+        qmp.netdev_add_tap(&device.id, &device.tap, vhost).await?;
         let card = serde_json::json!({
             "driver": "virtio-net-pci",
             "id": format!("dev-{}", device.id),

@@ -11,9 +11,15 @@ use super::{QmpClient, QmpError};
 impl QmpClient {
     /// Runs `netdev_add` for a tap backend: QEMU opens the tap `ifname` (in its network
     /// namespace) as netdev `id`; no scripts are run.
-    pub async fn netdev_add_tap(&mut self, id: &str, ifname: &str) -> Result<(), QmpError> {
+    pub async fn netdev_add_tap(
+        &mut self,
+        id: &str,
+        ifname: &str,
+        vhost: bool,
+    ) -> Result<(), QmpError> {
         let args = json!({
             "type": "tap", "id": id, "ifname": ifname, "script": "no", "downscript": "no",
+            "vhost": vhost,
         });
         self.execute::<IgnoredAny>("netdev_add", Some(args)).await?;
         Ok(())

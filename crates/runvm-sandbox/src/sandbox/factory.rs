@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runvm_hypervisor::qemu::{Qemu, QemuSettings};
-use runvm_hypervisor::{HostCpu, Hypervisor, SharedDir, VmConfig, VsockBackend};
+use runvm_hypervisor::{Accelerator, HostCpu, Hypervisor, SharedDir, VmConfig, VsockBackend};
 
 use super::{BootReport, Sandbox, SandboxSettings};
 use crate::agent::TtrpcConnector;
@@ -102,6 +102,8 @@ pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettin
             netns: None,
             net_devices: Vec::new(),
             hotplug_ports: 0,
+            // vhost-net needs KVM's ioeventfds; under TCG QEMU does the work itself.
+            vhost_net: accelerator == Accelerator::Kvm && Path::new("/dev/vhost-net").exists(),
             tcg_tb_size_mib: config.hypervisor.tcg_tb_size_mib,
         },
         boot_timeout: config.agent.boot_timeout(),

@@ -42,6 +42,7 @@ fn fixture(boot_timeout: Duration) -> Fixture {
             netns: None,
             net_devices: Vec::new(),
             hotplug_ports: 0,
+            vhost_net: false,
             tcg_tb_size_mib: 0,
         },
         boot_timeout,

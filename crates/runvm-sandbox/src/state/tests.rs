@@ -27,6 +27,7 @@ pub(crate) fn sample_sandbox(id: &str) -> SandboxRecord {
         netns: None,
         net_devices: Vec::new(),
         hotplug_ports: 0,
+        vhost_net: false,
         tcg_tb_size_mib: 0,
     };
     let mut config = Config::default();
