@@ -343,7 +343,20 @@ async fn pod_network_through_a_macvtap() {
         .to_string();
     assert!(e.contains("tcfilter"), "{e}");
 
-    sb.stop().await.unwrap();
+    // The VM dies: the monitor notices and removes the macvtap with the rest.
+    let qemu = sb.pids().into_iter().find(|p| p.name == "qemu").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let failure = sb.monitor(Duration::from_millis(200)).await.unwrap();
+    assert!(failure.to_string().contains("qemu"), "{failure}");
+    let leftovers = ns.runvm_leftovers();
+    assert!(
+        leftovers.is_empty(),
+        "left after the VM died: {leftovers:#?}"
+    );
     sb.delete(false).await.unwrap();
     let leftovers = ns.runvm_leftovers();
     assert!(

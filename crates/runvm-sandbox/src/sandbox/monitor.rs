@@ -87,8 +87,8 @@ impl Sandbox {
     }
 
     /// After the VM died: every container's processes are reported exited (status 255 where
-    /// none was known), the sandbox becomes stopped, and the VM's processes, sockets and the
-    /// containers' mounts are removed.
+    /// none was known), the sandbox becomes stopped, and the VM's processes, sockets, the
+    /// containers' mounts and the pod network runvm made (taps, qdiscs) are removed.
     pub async fn handle_vm_failure(&mut self, failure: &VmFailure) -> Result<(), SandboxError> {
         tracing::error!(sandbox = %self.record.id, %failure, "sandbox VM failed; cleaning up");
         self.agent = None;
@@ -98,6 +98,9 @@ impl Sandbox {
         self.reload()?;
         self.mark_all_stopped(Some(LOST_EXIT_STATUS))?;
         self.unshare_all()?;
+        if let Err(e) = self.teardown_network().await {
+            tracing::warn!(error = %e, "removing the pod network of the failed VM");
+        }
         let why = failure.to_string();
         self.update(|r| {
             r.state = State::Stopped;
