@@ -17,7 +17,20 @@ use runvm_sandbox::agent::{Interface, IpNet, Route};
 use runvm_sandbox::container::bundle::default_spec;
 use runvm_sandbox::network::AddInterface;
 use runvm_sandbox::sandbox::create_qemu_sandbox_in;
-use runvm_sandbox::{SandboxError, SandboxId};
+use runvm_sandbox::{Sandbox, SandboxError, SandboxId};
+
+/// Starts container "web": busybox httpd on port 80 serving `text`, in the pod's network
+/// namespace named by path, as containerd writes it (in the guest: the VM's network).
+async fn start_web(sb: &mut Sandbox, host: &Host, ns: &Netns, text: &str) {
+    let script = format!(
+        "mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && exec httpd -f -p 80 -h /tmp/www"
+    );
+    let mut spec = default_spec(&["sh", "-c", &script], false);
+    spec["root"]["readonly"] = serde_json::json!(false);
+    spec["linux"]["namespaces"][1] = serde_json::json!({"type": "network", "path": ns.path()});
+    create(sb, "web", host.bundle("web", &spec), stdio(false, false)).await;
+    sb.start_container(&cid("web")).await.unwrap();
+}
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
@@ -99,20 +112,7 @@ async fn pod_network_through_the_vm() {
     );
 
     // A container serves a page; the peer fetches it through the VM.
-    let script = "mkdir -p /tmp/www && echo hello-from-runvm > /tmp/www/index.html && \
-                  exec httpd -f -p 80 -h /tmp/www";
-    let mut spec = default_spec(&["sh", "-c", script], false);
-    spec["root"]["readonly"] = serde_json::json!(false);
-    // As containerd writes it: the pod's namespace by path (the VM's network, in the guest).
-    spec["linux"]["namespaces"][1] = serde_json::json!({"type": "network", "path": ns.path()});
-    create(
-        &mut sb,
-        "web",
-        host.bundle("web", &spec),
-        stdio(false, false),
-    )
-    .await;
-    sb.start_container(&cid("web")).await.unwrap();
+    start_web(&mut sb, &host, &ns, "hello-from-runvm").await;
     let page = ns.fetch("http://10.200.0.2/", Duration::from_secs(20));
     if page.is_err() {
         for cmd in [
@@ -316,19 +316,7 @@ async fn pod_network_through_a_macvtap() {
         "{ifaces:#?}"
     );
 
-    let script = "mkdir -p /tmp/www && echo hello-macvtap > /tmp/www/index.html && \
-                  exec httpd -f -p 80 -h /tmp/www";
-    let mut spec = default_spec(&["sh", "-c", script], false);
-    spec["root"]["readonly"] = serde_json::json!(false);
-    spec["linux"]["namespaces"][1] = serde_json::json!({"type": "network", "path": ns.path()});
-    create(
-        &mut sb,
-        "web",
-        host.bundle("web", &spec),
-        stdio(false, false),
-    )
-    .await;
-    sb.start_container(&cid("web")).await.unwrap();
+    start_web(&mut sb, &host, &ns, "hello-macvtap").await;
     let page = ns
         .fetch("http://10.202.0.2/", Duration::from_secs(20))
         .expect("page through the macvtap");
