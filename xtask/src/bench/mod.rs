@@ -174,15 +174,19 @@ pub fn all(args: AllArgs) -> Result<()> {
         bundles,
         args,
     };
-    let results = setup.measure(runvm.as_path());
+    let (results, out) = setup.measure(runvm.as_path());
     drop(setup);
     let left = sweep.sweep();
     drop(sweep);
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let kept = keep_error_logs(dir.path(), &out.join("logs"));
     drop(dir);
-
-    let out = &results.1;
-    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-    let results = results.0;
+    if kept > 0 {
+        eprintln!(
+            "==> {kept} commands wrote to stderr: see {}",
+            out.join("logs").display()
+        );
+    }
     println!("{}", report::table(&results));
     if !left.is_empty() {
         eprintln!(
@@ -239,6 +243,36 @@ pub(super) fn write_config(base: &Config, root: &Path, path: &Path) -> Result<()
     set("hypervisor", "start_timeout_ms", int(start));
     std::fs::write(path, toml::to_string(&doc)?)
         .with_context(|| format!("write {}", path.display()))
+}
+
+/// Copies the non-empty stderr files of the benchmarked commands (`WORK/logs/NAME.err`,
+/// `WORK/STEP/logs/NAME.err`, `WORK/STEP/NAME.err`) to `to` as `STEP-NAME.err`, replacing what
+/// an earlier run left there; returns how many.
+fn keep_error_logs(work: &Path, to: &Path) -> usize {
+    let _ = std::fs::remove_dir_all(to);
+    let mut folders = vec![("main".to_string(), work.join("logs"))];
+    for step in std::fs::read_dir(work).into_iter().flatten().flatten() {
+        let name = step.file_name().to_string_lossy().to_string();
+        if name == "logs" {
+            continue;
+        }
+        folders.push((name.clone(), step.path()));
+        folders.push((name, step.path().join("logs")));
+    }
+    let mut kept = 0;
+    for (step, folder) in folders {
+        for file in std::fs::read_dir(folder).into_iter().flatten().flatten() {
+            let name = file.file_name().to_string_lossy().to_string();
+            let non_empty = file.metadata().is_ok_and(|m| m.is_file() && m.len() > 0);
+            if name.ends_with(".err") && non_empty && std::fs::create_dir_all(to).is_ok() {
+                let target = to.join(format!("{step}-{name}"));
+                if std::fs::copy(file.path(), target).is_ok() {
+                    kept += 1;
+                }
+            }
+        }
+    }
+    kept
 }
 
 fn bundle(work: &Path, name: &str, args: &[&str]) -> Result<PathBuf> {
