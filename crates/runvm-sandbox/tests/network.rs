@@ -237,6 +237,25 @@ async fn pod_network_through_the_vm() {
         "10.201.0.1",
         "1500",
     );
+    // A hot-add the guest cannot apply is undone: no card, tap or qdisc stays.
+    let before = sb.list_interfaces().await.unwrap();
+    let e = sb
+        .add_interface(&AddInterface {
+            device: "eth1".into(),
+            addresses: Some(vec![net("::1/128")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("::1/128"), "{e}");
+    let links = ns.ip_pod("-o link show");
+    assert!(!links.contains("tap1_runvm"), "{links}");
+    let qdiscs = run(&[
+        "ip", "netns", "exec", &ns.pod, "tc", "qdisc", "show", "dev", "eth1",
+    ]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+    assert_eq!(sb.list_interfaces().await.unwrap(), before);
     let added = sb
         .add_interface(&AddInterface {
             device: "eth1".into(),
