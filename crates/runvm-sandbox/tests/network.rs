@@ -340,15 +340,31 @@ async fn pod_network_through_a_macvtap() {
         .fetch("http://10.202.0.2/", Duration::from_secs(20))
         .expect("page through the macvtap");
     assert_eq!(page.trim(), "hello-macvtap");
-    let e = sb
-        .add_interface(&AddInterface {
-            device: "eth0".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("tcfilter"), "{e}");
+    // Hot-add through a macvtap (its descriptor goes to QEMU over QMP), reach it, remove it;
+    // then one that stays, for the VM's death below.
+    ns.veth(
+        "eth1",
+        "02:00:0a:cb:00:02",
+        "10.203.0.2",
+        "vpeer1",
+        "10.203.0.1",
+        "1500",
+    );
+    let eth1 = AddInterface {
+        device: "eth1".into(),
+        ..Default::default()
+    };
+    let added = sb.add_interface(&eth1).await.expect("hot-add eth1");
+    assert_eq!(added.mac, "02:00:0a:cb:00:02");
+    let page = ns
+        .fetch("http://10.203.0.2/", Duration::from_secs(20))
+        .expect("page through the hot-added macvtap");
+    assert_eq!(page.trim(), "hello-macvtap");
+    assert!(ns.ip_pod("-o link show").contains("mvt1_runvm"));
+    sb.remove_interface("eth1").await.expect("hot-remove eth1");
+    let links = ns.ip_pod("-o link show");
+    assert!(!links.contains("mvt1_runvm"), "{links}");
+    sb.add_interface(&eth1).await.expect("hot-add eth1 again");
 
     // The VM dies: the monitor notices and removes the macvtap with the rest.
     let qemu = sb.pids().into_iter().find(|p| p.name == "qemu").unwrap();

@@ -502,12 +502,6 @@ impl Hypervisor for Qemu {
     async fn add_net_device(&mut self, device: &NetDevice) -> Result<()> {
         self.require("hot-add a network card", &[State::Running])?;
         cmdline::validate_net_device(device)?;
-        if device.macvtap.is_some() {
-            return Err(HypervisorError::NetDevice {
-                id: device.id.clone(),
-                reason: "macvtap cards cannot be hot-added (QMP getfd is not implemented)".into(),
-            });
-        }
         let (config, _) = self.prepared()?;
         if config.net_devices.iter().any(|d| d.id == device.id) {
             return Err(HypervisorError::NetDevice {
@@ -529,8 +523,37 @@ impl Hypervisor for Qemu {
                 reason: format!("no free hotplug port (the VM has {})", config.hotplug_ports),
             })?;
         let vhost = config.vhost_net;
+        let macvtap = match &device.macvtap {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|source| HypervisorError::Io {
+                        action: "open macvtap device",
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         let qmp = self.qmp().await?;
-        qmp.netdev_add_tap(&device.id, &device.tap, vhost).await?;
+        match &macvtap {
+            // A macvtap reaches QEMU as a descriptor over the monitor socket.
+            Some(file) => {
+                use std::os::fd::AsFd;
+                let fdname = format!("fd-{}", device.id);
+                qmp.getfd(&fdname, file.as_fd()).await?;
+                if let Err(e) = qmp.netdev_add_fd(&device.id, &fdname, vhost).await {
+                    let args = serde_json::json!({ "fdname": fdname });
+                    let _ = qmp
+                        .execute::<serde::de::IgnoredAny>("closefd", Some(args))
+                        .await;
+                    return Err(e.into());
+                }
+            }
+            None => qmp.netdev_add_tap(&device.id, &device.tap, vhost).await?,
+        }
         let card = serde_json::json!({
             "driver": "virtio-net-pci",
             "id": format!("dev-{}", device.id),

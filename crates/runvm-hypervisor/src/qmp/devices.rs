@@ -1,6 +1,9 @@
 //! QMP commands for hot-added devices: netdevs and PCI cards.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use serde::de::IgnoredAny;
 use serde_json::json;
@@ -62,5 +65,69 @@ impl QmpClient {
             // Any command reads the events that came before its reply.
             self.query_status().await?;
         }
+    }
+}
+
+impl QmpClient {
+    /// Runs `getfd`: passes `fd` to QEMU (SCM_RIGHTS on the monitor socket) under `name`, for
+    /// a later command to use (`netdev_add` with `fd: name`).
+    pub async fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        let command = "getfd";
+        if self.write_interrupted {
+            return Err(QmpError::Desynchronized { command });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = format!(
+            "{}\n",
+            json!({"execute": command, "arguments": {"fdname": name}, "id": id})
+        );
+        let io_err = |source| QmpError::Io { command, source };
+        let stream: &tokio::net::UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        let sent = tokio::time::timeout(self.command_timeout, async {
+            loop {
+                stream.writable().await.map_err(io_err)?;
+                let attempt = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    let iov = [std::io::IoSlice::new(line.as_bytes())];
+                    let cmsg = [ControlMessage::ScmRights(&fds)];
+                    sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+                        .map_err(std::io::Error::from)
+                });
+                match attempt {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(io_err(e)),
+                }
+            }
+        })
+        .await
+        .map_err(|_| QmpError::Timeout {
+            command,
+            timeout: self.command_timeout,
+        })??;
+        if sent != line.len() {
+            // The rest never went: the stream is no longer in step with QEMU.
+            self.write_interrupted = true;
+            return Err(QmpError::Desynchronized { command });
+        }
+        let timeout = self.command_timeout;
+        match tokio::time::timeout(timeout, self.read_reply(command, id)).await {
+            Ok(result) => result.map(|_| ()),
+            Err(_) => Err(QmpError::Timeout { command, timeout }),
+        }
+    }
+
+    /// Runs `netdev_add` for a tap backend given earlier with [`getfd`](Self::getfd) as
+    /// `fdname`.
+    pub async fn netdev_add_fd(
+        &mut self,
+        id: &str,
+        fdname: &str,
+        vhost: bool,
+    ) -> Result<(), QmpError> {
+        let args = json!({ "type": "tap", "id": id, "fd": fdname, "vhost": vhost });
+        self.execute::<IgnoredAny>("netdev_add", Some(args)).await?;
+        Ok(())
     }
 }

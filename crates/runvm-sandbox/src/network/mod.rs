@@ -23,7 +23,7 @@ pub enum NetworkModel {
     /// A tap per device, joined to it by tc mirred redirects.
     #[default]
     Tcfilter,
-    /// A passthru macvtap on each device, passed to QEMU as an open descriptor (no hotplug).
+    /// A passthru macvtap on each device, passed to QEMU as an open descriptor.
     Macvtap,
     /// No network card: the VM is not connected.
     None,
@@ -245,11 +245,10 @@ pub async fn setup(netns: &Path, model: NetworkModel) -> Result<NetworkRecord, N
 /// Joins the device `request.device` of `record`'s namespace to a new tap; the endpoint is
 /// not added to `record` (the caller does that once the VM has its card).
 pub async fn add(record: &NetworkRecord, request: &AddInterface) -> Result<Endpoint, NetworkError> {
-    if record.model != NetworkModel::Tcfilter {
-        return Err(NetworkError::Invalid(format!(
-            "interfaces can be added only in the tcfilter model (this sandbox uses {})",
-            record.model.as_str()
-        )));
+    if record.model == NetworkModel::None {
+        return Err(NetworkError::Invalid(
+            "interfaces cannot be added in the network model \"none\"".into(),
+        ));
     }
     if record.endpoints.iter().any(|e| e.device == request.device) {
         return Err(NetworkError::Invalid(format!(
@@ -259,6 +258,7 @@ pub async fn add(record: &NetworkRecord, request: &AddInterface) -> Result<Endpo
     }
     let n = free_number(&record.endpoints);
     let device = request.device.clone();
+    let model = record.model;
     let mut endpoint = in_netns(&record.netns, move || async move {
         let h = host::connect()?;
         let link = host::link_by_name(&h, &device).await?;
@@ -268,7 +268,10 @@ pub async fn add(record: &NetworkRecord, request: &AddInterface) -> Result<Endpo
             )));
         }
         let scan = host::scan_device(&h, link).await?;
-        join(&h, scan, n).await
+        match model {
+            NetworkModel::Macvtap => join_macvtap(&h, scan, n).await,
+            _ => join(&h, scan, n).await,
+        }
     })
     .await?;
     if let Some(name) = &request.name {

@@ -33,10 +33,10 @@ impl Sandbox {
         let vm = &mut self.record.vm.config;
         vm.netns = Some(netns);
         vm.net_devices = record.endpoints.iter().map(net_device).collect();
-        vm.hotplug_ports = if model == NetworkModel::Tcfilter {
-            HOTPLUG_PORTS
-        } else {
+        vm.hotplug_ports = if model == NetworkModel::None {
             0
+        } else {
+            HOTPLUG_PORTS
         };
         self.record.network = Some(record);
         self.store.save_sandbox(lock, &self.record)?;
