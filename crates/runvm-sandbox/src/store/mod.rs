@@ -276,11 +276,16 @@ impl Store {
 
     /// Fills a staging folder; returns its lock file, locked exclusive.
     fn stage_sandbox(&self, staging: &Path, record: &SandboxRecord) -> Result<File, StoreError> {
+        // The lock file is made and locked under a temporary name, then renamed into place: a
+        // lock file in a staging folder is therefore always held while its creator lives, and
+        // `Store::open` in another process never takes a free lock for an abandoned creation.
         let lock_path = staging.join(LOCK_FILE);
-        let lock_file = fsio::create_private_file(&lock_path)
-            .map_err(io_error("create lock file", &lock_path))?;
+        let unlocked = staging.join(format!("{LOCK_FILE}.new"));
+        let lock_file = fsio::create_private_file(&unlocked)
+            .map_err(io_error("create lock file", &unlocked))?;
         lock::lock_blocking(&lock_file, LockMode::Exclusive)
-            .map_err(io_error("lock", &lock_path))?;
+            .map_err(io_error("lock", &unlocked))?;
+        fs::rename(&unlocked, &lock_path).map_err(io_error("rename into place", &lock_path))?;
         let containers = staging.join(CONTAINERS_DIR);
         fsio::create_private_dir(&containers).map_err(io_error("create", &containers))?;
         self.write_record(&staging.join(SANDBOX_FILE), record)?;
