@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Build the guest image: Debian's cloud kernel, an initramfs with the virtio, vsock,
-    /// virtiofs and overlay modules, and the static runvm-agent as /init.
+    /// virtiofs, net and balloon modules, and the static runvm-agent as /init.
     ///
     /// Writes DIR/vmlinuz, DIR/initrd.img and DIR/manifest.json (downloaded kernel packages
     /// are cached in DIR/cache). Nothing is rewritten when the kernel package, the agent binary

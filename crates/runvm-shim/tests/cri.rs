@@ -14,6 +14,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest,
     ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest,
+    LinuxContainerConfig, LinuxContainerSecurityContext, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemoveContainerRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
     StopPodSandboxRequest, VersionRequest,
@@ -56,8 +57,27 @@ fn pod_config(env: &Env) -> PodSandboxConfig {
     }
 }
 
-fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
+/// A container's config as the kubelet sends it: its own PID namespace unless the pod shares
+/// one (`shareProcessNamespace`, `share_pid`), the pod's network and IPC.
+fn container_config(name: &str, command: &[&str], share_pid: bool) -> ContainerConfig {
+    let pid = if share_pid {
+        NamespaceMode::Pod
+    } else {
+        NamespaceMode::Container
+    };
     ContainerConfig {
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Pod as i32,
+                    pid: pid as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         metadata: Some(ContainerMetadata {
             name: name.into(),
             attempt: 0,
@@ -79,11 +99,12 @@ async fn start_container(
     pod: &PodSandboxConfig,
     name: &str,
     command: &[&str],
+    share_pid: bool,
 ) -> String {
     let id = rt
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod_id.into(),
-            config: Some(container_config(name, command)),
+            config: Some(container_config(name, command, share_pid)),
             sandbox_config: Some(pod.clone()),
         })
         .await
@@ -265,6 +286,7 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
                 "-c",
                 "echo hello-from-one; echo data > /tmp/f; exec sleep 1000",
             ],
+            false,
         )
         .await;
         let c2 = start_container(
@@ -278,6 +300,7 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
                 "mkdir -p /www && echo hello-from-the-pod > /www/index.html && \
                  exec httpd -f -p 8080 -h /www",
             ],
+            false,
         )
         .await;
         assert_eq!(qemus(&env), 1, "the pod's containers share its VM");
@@ -360,10 +383,30 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
         assert_eq!(qemus(&env), 1, "the VM lives while its pod does");
 
         // A new container joins the same pod (and VM) after another was removed.
-        let c3 = start_container(&mut rt, &pod_id, &pod, "three", &["sleep", "1000"]).await;
+        // This one shares the pod's PID namespace (`shareProcessNamespace`).
+        let c3 = start_container(&mut rt, &pod_id, &pod, "three", &["sleep", "1000"], true).await;
+        let (init, _, _) = exec_sync(&mut rt, &c3, &["cat", "/proc/1/cmdline"]).await;
+        assert_eq!(
+            init, "sleep\02147483647\0",
+            "PID 1 of a shared PID namespace: the pause"
+        );
+        let (init, _, _) = exec_sync(&mut rt, &c1, &["cat", "/proc/1/cmdline"]).await;
+        assert_eq!(
+            init, "sleep\01000\0",
+            "PID 1 of container one's own PID namespace"
+        );
+        // The pod's containers share its UTS and IPC namespaces (CRI's default), in the VM.
         let (out, _, code) = exec_sync(&mut rt, &c3, &["hostname"]).await;
-        assert_eq!(code, 0);
-        eprintln!("hostname in the pod: {out:?}");
+        assert_eq!(
+            (out.as_str(), code),
+            ("web-pod\n", 0),
+            "hostname of the pod"
+        );
+        let ipc = ["readlink", "/proc/self/ns/ipc"];
+        let (ipc1, _, _) = exec_sync(&mut rt, &c1, &ipc).await;
+        let (ipc3, _, _) = exec_sync(&mut rt, &c3, &ipc).await;
+        assert!(ipc1.starts_with("ipc:["), "{ipc1:?}");
+        assert_eq!(ipc1, ipc3, "the pod's containers share its IPC namespace");
         assert_eq!(qemus(&env), 1, "the new container joined the pod's VM");
 
         rt.stop_pod_sandbox(StopPodSandboxRequest {

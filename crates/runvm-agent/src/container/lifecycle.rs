@@ -39,6 +39,7 @@ impl Containers {
         validate_id("container id", &id)?;
         let cfg = req.stdio.clone().unwrap_or_default();
         let spec = spec::parse_spec(&req.oci_spec_json, &id, cfg.terminal)?;
+        let spec = self.join_pod_namespaces(spec, &id)?;
         let reservation = self.reserve(&id)?;
         let me = Arc::clone(&self);
         let (sid, storages) = (id.clone(), req.storages.clone());
@@ -63,6 +64,60 @@ impl Containers {
                 Err(e)
             }
         }
+    }
+
+    /// A pod's container joins the namespaces its spec's [`spec::POD_NAMESPACES`] annotation
+    /// names, those of the pod sandbox container's init (`SANDBOX:ipc,uts,pid`).
+    fn join_pod_namespaces(&self, mut spec: Spec, id: &str) -> Result<Spec> {
+        let Some(value) = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(spec::POD_NAMESPACES))
+            .cloned()
+        else {
+            return Ok(spec);
+        };
+        let (sandbox, types) = value.split_once(':').ok_or_else(|| {
+            AgentError::invalid(format!(
+                "annotation {}={value:?} of container {id:?}: expected SANDBOX:TYPE,TYPE",
+                spec::POD_NAMESPACES
+            ))
+        })?;
+        let init = self
+            .get(sandbox)
+            .map_err(|e| {
+                AgentError::not_found(format!(
+                    "container {id:?} joins the namespaces of its pod sandbox container: {e}"
+                ))
+            })?
+            .init
+            .pid;
+        let namespaces = spec
+            .linux_mut()
+            .as_mut()
+            .and_then(|l| l.namespaces_mut().as_mut());
+        let Some(namespaces) = namespaces else {
+            return Ok(spec);
+        };
+        for name in types.split(',').filter(|t| !t.is_empty()) {
+            let typ = spec::pod_namespace_type(name).ok_or_else(|| {
+                AgentError::invalid(format!(
+                    "annotation {}={value:?} of container {id:?}: namespace {name:?} cannot \
+                     be shared; valid: ipc, uts, pid",
+                    spec::POD_NAMESPACES
+                ))
+            })?;
+            for ns in namespaces.iter_mut().filter(|ns| ns.typ() == typ) {
+                ns.set_path(Some(PathBuf::from(format!("/proc/{init}/ns/{name}"))));
+            }
+        }
+        tracing::debug!(
+            container = id,
+            sandbox,
+            types,
+            "joining the pod's namespaces"
+        );
+        Ok(spec)
     }
 
     async fn create_with(

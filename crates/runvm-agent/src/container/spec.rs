@@ -10,6 +10,20 @@ use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use crate::error::{AgentError, Result};
 
+/// The annotation by which the host asks a pod's container to join namespaces of its pod
+/// sandbox container: `SANDBOX_CONTAINER_ID:TYPE,...` (the host's `POD_NAMESPACES_ANNOTATION`).
+pub const POD_NAMESPACES: &str = "io.runvm.pod-namespaces";
+
+/// The namespace type of `name`, for the namespaces a pod's containers may share.
+pub fn pod_namespace_type(name: &str) -> Option<LinuxNamespaceType> {
+    match name {
+        "ipc" => Some(LinuxNamespaceType::Ipc),
+        "uts" => Some(LinuxNamespaceType::Uts),
+        "pid" => Some(LinuxNamespaceType::Pid),
+        _ => None,
+    }
+}
+
 /// The cgroup (under the cgroup2 root) holding one cgroup per container.
 pub const CGROUP_PARENT: &str = "/runvm";
 

@@ -68,6 +68,10 @@ pub struct PreparedSpec {
     pub terminal: bool,
 }
 
+/// In the guest spec of a pod's container: `SANDBOX_CONTAINER_ID:TYPE,TYPE` — the namespaces
+/// (of `ipc`, `uts`, `pid`) the agent makes it join, those of the pod sandbox container's init.
+pub const POD_NAMESPACES_ANNOTATION: &str = "io.runvm.pod-namespaces";
+
 fn invalid(file: &Path, json_path: &str, message: impl Into<String>) -> SpecError {
     SpecError::Invalid {
         file: file.to_path_buf(),
@@ -239,11 +243,24 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
         }
     }
 
+    // A container of a CRI pod: the namespace paths it is given name its pod sandbox
+    // container's (on the host they all lead to the pod's VM).
+    let pod_sandbox = spec
+        .pointer("/annotations/io.kubernetes.cri.container-type")
+        .and_then(Value::as_str)
+        .filter(|t| *t == "container")
+        .and_then(|_| spec.pointer("/annotations/io.kubernetes.cri.sandbox-id"))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty() && *s != container_id)
+        .map(str::to_string);
+    let mut joined = Vec::new();
     if let Some(linux) = guest.get_mut("linux").and_then(Value::as_object_mut) {
         if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
             // A namespace path names a host namespace; the guest cannot join it. The network
             // namespace entry goes entirely (the container shares the VM's network, which is
-            // the pod's); others become new namespaces.
+            // the pod's); others become new namespaces, except that a pod's container joins
+            // its sandbox container's IPC, UTS and PID namespaces in the guest, as it would on
+            // the host (the agent resolves them, see `POD_NAMESPACES_ANNOTATION`).
             namespaces.retain(|ns| {
                 !(ns.get("type").and_then(Value::as_str) == Some("network")
                     && ns.get("path").is_some())
@@ -251,7 +268,12 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
             for ns in namespaces.iter_mut() {
                 if let Some(obj) = ns.as_object_mut() {
                     if obj.remove("path").is_some() {
-                        tracing::debug!(namespace = ?obj.get("type"), "host namespace path dropped");
+                        let typ = obj.get("type").and_then(Value::as_str).unwrap_or_default();
+                        if pod_sandbox.is_some() && matches!(typ, "ipc" | "uts" | "pid") {
+                            joined.push(typ.to_string());
+                        } else {
+                            tracing::debug!(namespace = typ, "host namespace path dropped");
+                        }
                     }
                 }
             }
@@ -260,6 +282,19 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
             "cgroupsPath".into(),
             Value::from(format!("/runvm/{container_id}")),
         );
+    }
+    if let (Some(sandbox), false) = (&pod_sandbox, joined.is_empty()) {
+        if let Some(obj) = guest.as_object_mut() {
+            let annotations = obj
+                .entry("annotations")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(annotations) = annotations.as_object_mut() {
+                annotations.insert(
+                    POD_NAMESPACES_ANNOTATION.into(),
+                    Value::from(format!("{sandbox}:{}", joined.join(","))),
+                );
+            }
+        }
     }
     if let Some(obj) = guest.as_object_mut() {
         if obj.remove("hooks").is_some() {

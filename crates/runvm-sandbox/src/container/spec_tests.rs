@@ -68,6 +68,40 @@ fn host_namespaces_hooks_and_cgroup_path_do_not_cross_into_the_guest() {
 }
 
 #[test]
+fn a_pod_container_is_told_to_join_its_sandbox_containers_ipc_uts_and_pid_namespaces() {
+    let b = bundle();
+    let mut spec = minimal();
+    spec["linux"]["namespaces"] = json!([
+        {"type": "pid", "path": "/proc/42/ns/pid"},
+        {"type": "network", "path": "/var/run/netns/cni-1"},
+        {"type": "ipc", "path": "/proc/42/ns/ipc"},
+        {"type": "uts", "path": "/proc/42/ns/uts"},
+        {"type": "mount"}
+    ]);
+    spec["annotations"] = json!({
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "pod1"
+    });
+    let p = prepare(b.path(), &spec, "c1").unwrap();
+    assert_eq!(
+        p.guest_spec["annotations"][POD_NAMESPACES_ANNOTATION],
+        "pod1:pid,ipc,uts"
+    );
+    let ns = p.guest_spec["linux"]["namespaces"].as_array().unwrap();
+    assert!(ns.iter().all(|n| n.get("path").is_none()), "{ns:?}");
+    assert_eq!(p.host_spec, spec, "the stored spec is the one given");
+
+    // Not for the pod's sandbox container itself, nor outside a CRI pod.
+    spec["annotations"]["io.kubernetes.cri.container-type"] = json!("sandbox");
+    let p = prepare(b.path(), &spec, "pod1").unwrap();
+    assert!(p.guest_spec["annotations"]
+        .get(POD_NAMESPACES_ANNOTATION)
+        .is_none());
+    let p = prepare(b.path(), &minimal(), "c1").unwrap();
+    assert!(p.guest_spec.get("annotations").is_none());
+}
+
+#[test]
 fn spec_without_process_is_refused_with_its_json_path() {
     let b = bundle();
     let mut s = minimal();
