@@ -387,12 +387,12 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
         let c3 = start_container(&mut rt, &pod_id, &pod, "three", &["sleep", "1000"], true).await;
         let (init, _, _) = exec_sync(&mut rt, &c3, &["cat", "/proc/1/cmdline"]).await;
         assert_eq!(
-            init, "sleep\02147483647\0",
+            init, "sleep\x002147483647\x00",
             "PID 1 of a shared PID namespace: the pause"
         );
         let (init, _, _) = exec_sync(&mut rt, &c1, &["cat", "/proc/1/cmdline"]).await;
         assert_eq!(
-            init, "sleep\01000\0",
+            init, "sleep\x001000\x00",
             "PID 1 of container one's own PID namespace"
         );
         // The pod's containers share its UTS and IPC namespaces (CRI's default), in the VM.
