@@ -68,6 +68,40 @@ fn ctr_run_with_a_terminal_relays_the_tty_and_exit_code() {
     env.assert_clean();
 }
 
+/// `ctr run` (ctr 1.6 always attaches stdin): the caller's stdin reaches the container through
+/// containerd's FIFO and the agent, and its end is the container's EOF.
+#[test]
+fn ctr_run_with_stdin_relays_it_and_its_end() {
+    use std::io::Write;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let mut child = std::process::Command::new("ctr")
+        .args(env.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "t5",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo done",
+        ]))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running ctr");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello from stdin\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text, "HELLO FROM STDIN\ndone\n");
+    env.assert_clean();
+}
+
 #[test]
 fn ctr_task_exec_pause_resume_metrics_kill() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
