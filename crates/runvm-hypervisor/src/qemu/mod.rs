@@ -192,16 +192,7 @@ impl Qemu {
         // Macvtaps reach QEMU as open descriptors, in the order of the command line.
         let mut taps = Vec::new();
         for path in config.net_devices.iter().filter_map(|d| d.macvtap.as_ref()) {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|source| HypervisorError::Io {
-                    action: "open macvtap device",
-                    path: path.clone(),
-                    source,
-                })?;
-            taps.push(file);
+            taps.push(open_macvtap(path)?);
         }
         let fds: Vec<(i32, &std::fs::File)> = taps
             .iter()
@@ -523,20 +514,7 @@ impl Hypervisor for Qemu {
                 reason: format!("no free hotplug port (the VM has {})", config.hotplug_ports),
             })?;
         let vhost = config.vhost_net;
-        let macvtap = match &device.macvtap {
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .map_err(|source| HypervisorError::Io {
-                        action: "open macvtap device",
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
+        let macvtap = device.macvtap.as_deref().map(open_macvtap).transpose()?;
         let qmp = self.qmp().await?;
         match &macvtap {
             // A macvtap reaches QEMU as a descriptor over the monitor socket.
@@ -681,6 +659,19 @@ impl Hypervisor for Qemu {
         })
         .collect()
     }
+}
+
+/// Opens a macvtap's character device (`/dev/tapN`) for QEMU to inherit.
+fn open_macvtap(path: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| HypervisorError::Io {
+            action: "open macvtap device",
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 impl Drop for Qemu {
