@@ -44,6 +44,18 @@ pub enum HypervisorError {
         stderr: String,
     },
 
+    /// A process of the VM was started but could not be recorded; it was stopped again.
+    #[error("cannot record {program} (pid {pid}) in the sandbox's state")]
+    RecordFailed {
+        /// The program's role.
+        program: &'static str,
+        /// Its pid.
+        pid: u32,
+        /// Why recording failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// QEMU exited when it should be running.
     #[error("qemu exited ({status}): {stderr}")]
     QemuExited {

@@ -33,6 +33,13 @@ use async_trait::async_trait;
 /// Result of hypervisor operations.
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
+/// Told every process of the VM started so far, each time one was spawned and before `start`
+/// goes on: the caller records them, so that no process of the VM can outlive a creator that
+/// dies (SIGKILL) unrecorded. An error stops the start, and what was started with it.
+pub type OnSpawn<'a> = dyn FnMut(&[SavedProcess]) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+    + Send
+    + 'a;
+
 /// What the sandbox needs from a VM monitor. One value drives one VM for its whole life.
 ///
 /// Lifecycle: `prepare` (checks, no process started) → `start` → (`pause` ⇄ `resume`) → `stop`.
@@ -43,8 +50,9 @@ pub trait Hypervisor: Send + Sync + Debug {
     async fn prepare(&mut self, config: VmConfig) -> Result<()>;
 
     /// Starts the helpers and the VM; returns once the VM runs (its monitor answered).
+    /// `on_spawn` is told the VM's processes right after each is spawned.
     /// On error, everything started so far has been stopped and removed.
-    async fn start(&mut self) -> Result<()>;
+    async fn start(&mut self, on_spawn: &mut OnSpawn<'_>) -> Result<()>;
 
     /// Stops the VM: gracefully first (the guest is asked to power off and given
     /// `graceful_timeout`), then forcefully. Stops the helpers and removes every socket and file
@@ -57,7 +65,9 @@ pub trait Hypervisor: Send + Sync + Debug {
     /// Resumes the VM's vCPUs.
     async fn resume(&mut self) -> Result<()>;
 
-    /// Reports an error if the VM or one of its helpers has exited since `start`.
+    /// Reports an error if the VM or one of its helpers has exited since `start`. Also keeps
+    /// the VM's logs (guest console, helpers' output) within `log_max_bytes` each, dropping
+    /// their oldest part: whoever watches the VM calls this regularly.
     async fn check(&mut self) -> Result<()>;
 
     /// What another process needs to take over this running VM (see `Qemu::attach`).
@@ -107,6 +117,13 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn start_marks(&self) -> Vec<(&'static str, std::time::SystemTime)> {
         Vec::new()
     }
+}
+
+/// An `on_spawn` that records nothing, for callers that keep no state (tests, benchmarks).
+pub fn ignore_spawns(
+    _: &[SavedProcess],
+) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    Ok(())
 }
 
 /// Waits in small steps until `cond` holds or `timeout` elapses; returns whether it held.

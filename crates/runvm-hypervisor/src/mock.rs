@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{AgentAddress, Capabilities, Hypervisor, HypervisorError, Result, VmConfig, VmProcess};
+use crate::{
+    AgentAddress, Capabilities, Hypervisor, HypervisorError, OnSpawn, Result, SavedProcess,
+    VmConfig, VmProcess,
+};
 
 /// The lifecycle state the mock tracks, to refuse calls out of order like a real backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +50,15 @@ pub struct MockLog {
     pub fail_start: Option<String>,
     /// When set, `check` reports the VM exited with this stderr.
     pub vm_died: Option<String>,
+    /// The processes `start` "spawns", one after the other, each told to its `on_spawn`.
+    pub processes: Vec<SavedProcess>,
+    /// What each call of `on_spawn` was told, in order.
+    pub recorded: Vec<Vec<SavedProcess>>,
+    /// A file read right after each `on_spawn` returned (e.g. the sandbox's record, to check
+    /// that the process was on disk before `start` went on); its contents go to `probed`.
+    pub probe: Option<PathBuf>,
+    /// What `probe` held after each `on_spawn`.
+    pub probed: Vec<String>,
 }
 
 /// A hypervisor that starts nothing and records every call.
@@ -129,9 +141,27 @@ impl Hypervisor for MockHypervisor {
         Ok(())
     }
 
-    async fn start(&mut self) -> Result<()> {
+    async fn start(&mut self, on_spawn: &mut OnSpawn<'_>) -> Result<()> {
         self.record("start");
         self.require("start", &[MockState::Prepared])?;
+        let processes = self.log.lock().expect("mock log lock").processes.clone();
+        for n in 1..=processes.len() {
+            let so_far = &processes[..n];
+            if let Err(source) = on_spawn(so_far) {
+                self.state = MockState::Stopped;
+                return Err(HypervisorError::RecordFailed {
+                    program: "mock",
+                    pid: so_far[n - 1].pid,
+                    source,
+                });
+            }
+            let mut log = self.log.lock().expect("mock log lock");
+            log.recorded.push(so_far.to_vec());
+            if let Some(probe) = log.probe.clone() {
+                log.probed
+                    .push(std::fs::read_to_string(probe).unwrap_or_default());
+            }
+        }
         if let Some(stderr) = self.log.lock().expect("mock log lock").fail_start.clone() {
             self.state = MockState::Stopped;
             return Err(HypervisorError::QemuExited {
@@ -205,9 +235,10 @@ impl Hypervisor for MockHypervisor {
                 operation: "save",
                 state: self.state.name(),
             })?;
+        let processes = self.log.lock().expect("mock log lock").processes.clone();
         Ok(crate::VmState {
             config,
-            processes: Vec::new(),
+            processes,
             paused: self.state == MockState::Paused,
         })
     }
@@ -266,10 +297,14 @@ mod tests {
     #[tokio::test]
     async fn mock_refuses_out_of_order_calls_and_records_them() {
         let mut hv = MockHypervisor::new("/tmp/agent.sock");
-        let err = hv.start().await.unwrap_err().to_string();
+        let err = hv
+            .start(&mut crate::ignore_spawns)
+            .await
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "cannot start: the VM is not prepared");
         hv.prepare(config()).await.unwrap();
-        hv.start().await.unwrap();
+        hv.start(&mut crate::ignore_spawns).await.unwrap();
         assert!(hv.resume().await.is_err());
         hv.pause().await.unwrap();
         hv.resume().await.unwrap();
@@ -288,8 +323,32 @@ mod tests {
         let mut hv = MockHypervisor::new("/tmp/agent.sock");
         hv.log().lock().unwrap().fail_start = Some("bad option".into());
         hv.prepare(config()).await.unwrap();
-        let err = hv.start().await.unwrap_err().to_string();
+        let err = hv
+            .start(&mut crate::ignore_spawns)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad option"), "{err}");
+        assert_eq!(hv.state(), MockState::Stopped);
+    }
+
+    #[tokio::test]
+    async fn a_spawn_that_cannot_be_recorded_fails_the_start() {
+        let mut hv = MockHypervisor::new("/tmp/agent.sock");
+        hv.log().lock().unwrap().processes = vec![SavedProcess {
+            name: "qemu".into(),
+            pid: 42,
+            start_time: 1,
+        }];
+        hv.prepare(config()).await.unwrap();
+        let mut refuse = |_: &[SavedProcess]| -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            Err("disk full".into())
+        };
+        let err = hv.start(&mut refuse).await.unwrap_err();
+        assert!(
+            matches!(err, HypervisorError::RecordFailed { pid: 42, .. }),
+            "{err}"
+        );
         assert_eq!(hv.state(), MockState::Stopped);
     }
 }

@@ -63,6 +63,15 @@ pub enum StandaloneError {
     /// `exec` in a stopped container.
     #[error("cannot exec in a stopped state")]
     ExecStopped,
+    /// The container's state cannot be used (torn, garbage or newer-version records, or a
+    /// creation that was interrupted).
+    #[error("container {id} is unusable: {reason}; remove it with `runvm delete --force {id}`")]
+    Unusable {
+        /// The container.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The sandbox library failed.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
@@ -122,6 +131,9 @@ pub struct OciState {
     pub annotations: BTreeMap<String, String>,
     /// The user owning the state.
     pub owner: String,
+    /// Why the state is `unknown` (`list` only: the entry's records cannot be used).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 fn sandbox_id(id: &ContainerId) -> Result<SandboxId, StandaloneError> {
@@ -238,20 +250,82 @@ pub fn set_standin(
 
 /// The stand-in of container `id`, if one was recorded.
 pub fn standin(config: &Config, id: &ContainerId) -> Option<HostProcess> {
-    let text = std::fs::read(standin_path(config, id)).ok()?;
+    use std::io::Read;
+    // A pid and a start time: a few dozen bytes; anything larger is not ours.
+    let mut text = Vec::new();
+    std::fs::File::open(standin_path(config, id))
+        .ok()?
+        .take(4096)
+        .read_to_end(&mut text)
+        .ok()?;
     serde_json::from_slice(&text).ok()
 }
 
-/// The OCI state of container `id`. A container whose stand-in or VM is gone is `stopped`.
+/// Whether a live process holds sandbox `sid`'s lock exclusively (its creator, mid-boot).
+fn being_changed(store: &Store, sid: &SandboxId) -> bool {
+    matches!(
+        store.try_lock_shared(sid),
+        Err(crate::store::StoreError::LockBusy { .. })
+    )
+}
+
+/// The OCI state of container `id`, from its records, as runc reports it:
+/// - `creating` while its creator is still booting the VM;
+/// - `stopped` once its VM (QEMU) is gone or its stand-in (the process callers wait on) is;
+///   the death of a helper alone does not stop it: the stand-in's watcher ends the VM then;
+/// - an error ([`StandaloneError::Unusable`]) naming what is wrong when its records cannot be
+///   read, or its creation was interrupted: `delete --force` removes it.
 pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneError> {
     let store = Store::new(config.runtime.root.clone());
     let sid = sandbox_id(id)?;
-    let not_found = |e: crate::store::StoreError| not_found_as(id, e.into());
-    let sandbox = store.load_sandbox(&sid).map_err(not_found)?;
-    let c = store.load_container(&sid, id).map_err(not_found)?;
+    let unusable = |reason: String| StandaloneError::Unusable {
+        id: id.to_string(),
+        reason,
+    };
+    if std::fs::symlink_metadata(store.sandbox_dir(&sid)).is_err() {
+        return Err(StandaloneError::NotExist(id.to_string()));
+    }
+    let sandbox = match store.load_sandbox(&sid) {
+        Ok(s) => s,
+        Err(e)
+            if e.is_not_found() && std::fs::symlink_metadata(store.sandbox_dir(&sid)).is_err() =>
+        {
+            return Err(StandaloneError::NotExist(id.to_string()))
+        }
+        Err(e) => return Err(unusable(error_chain(&e))),
+    };
+    let c = match store.load_container(&sid, id) {
+        Ok(c) => c,
+        Err(e) if e.is_not_found() => {
+            if being_changed(&store, &sid) {
+                return Ok(OciState {
+                    oci_version: OCI_VERSION.into(),
+                    id: id.to_string(),
+                    status: "creating",
+                    pid: 0,
+                    bundle: PathBuf::new(),
+                    rootfs: PathBuf::new(),
+                    created: rfc3339(sandbox.created_at),
+                    annotations: sandbox.annotations,
+                    owner: owner(&store.sandbox_dir(&sid)),
+                    reason: None,
+                });
+            }
+            return Err(unusable(
+                "its creation was interrupted (the process creating it died before the \
+                 container was made)"
+                    .into(),
+            ));
+        }
+        Err(e) => return Err(unusable(error_chain(&e))),
+    };
     let standin = standin(config, id);
-    let vm_alive = !sandbox.vm.processes.is_empty()
-        && sandbox.vm.processes.iter().all(|p| {
+    let qemu_alive = sandbox
+        .vm
+        .processes
+        .iter()
+        .filter(|p| p.name == "qemu")
+        .any(|p| {
             HostProcess {
                 pid: p.pid,
                 start_time: p.start_time,
@@ -259,7 +333,7 @@ pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneEr
             .alive()
         });
     let standin_alive = standin.is_none_or(|p| p.alive());
-    let state = if c.state != State::Stopped && (!vm_alive || !standin_alive) {
+    let state = if c.state != State::Stopped && (!qemu_alive || !standin_alive) {
         State::Stopped
     } else {
         c.state
@@ -278,18 +352,60 @@ pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneEr
         created: rfc3339(c.created_at),
         annotations: c.annotations,
         owner: owner(&store.sandbox_dir(&sid)),
+        reason: None,
     })
 }
 
-/// The states of every standalone container under the root, by id.
+/// An error with its causes, each once.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// The states of every standalone container under the root, by id. An entry whose records
+/// cannot be used is listed with status `unknown` and the reason, never hidden.
 pub fn list(config: &Config) -> Result<Vec<OciState>, StandaloneError> {
     let store = Store::new(config.runtime.root.clone());
     let ids = store.list_sandboxes().map_err(SandboxError::from)?;
-    Ok(ids
-        .iter()
-        .filter_map(|sid| ContainerId::parse(sid.as_str()).ok())
-        .filter_map(|id| state(config, &id).ok())
-        .collect())
+    let mut out = Vec::new();
+    for sid in &ids {
+        let Ok(id) = ContainerId::parse(sid.as_str()) else {
+            continue;
+        };
+        match state(config, &id) {
+            Ok(st) => out.push(st),
+            // Removed meanwhile.
+            Err(StandaloneError::NotExist(_)) => {}
+            Err(e) => {
+                let reason = match e {
+                    StandaloneError::Unusable { reason, .. } => reason,
+                    other => error_chain(&other),
+                };
+                out.push(OciState {
+                    oci_version: OCI_VERSION.into(),
+                    id: id.to_string(),
+                    status: "unknown",
+                    pid: 0,
+                    bundle: PathBuf::new(),
+                    rootfs: PathBuf::new(),
+                    created: String::new(),
+                    annotations: BTreeMap::new(),
+                    owner: owner(&store.sandbox_dir(sid)),
+                    reason: Some(reason),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A sandbox driven by this process but owned by none: let go of (detached, never stopped)
@@ -343,30 +459,74 @@ pub fn open(config: &Config, id: &ContainerId) -> Result<(Attached, OciState), S
     Ok((Attached::new(sb), st))
 }
 
-/// Removes container `id` and its sandbox: refused unless stopped or `force` (which kills it).
-/// The stand-in is killed, the VM stopped, every file removed.
+/// Removes container `id` and its sandbox: refused unless stopped, or `force`, which removes
+/// whatever is there (see [`force_delete`]). The stand-in is killed, the VM stopped, every
+/// file removed.
 pub async fn delete(config: &Config, id: &ContainerId, force: bool) -> Result<(), StandaloneError> {
-    let (mut sb, st) = open(config, id)?;
+    if force {
+        return force_delete(config, id).await;
+    }
+    let (sb, st) = open(config, id)?;
     if st.status != "stopped" {
-        if !force {
-            return Err(StandaloneError::NotStopped {
-                id: id.to_string(),
-                status: st.status,
-            });
-        }
-        if let Err(e) = sb.signal(id, "", libc::SIGKILL, true).await {
-            tracing::debug!(error = %e, "killing the container before delete");
-        }
+        return Err(StandaloneError::NotStopped {
+            id: id.to_string(),
+            status: st.status,
+        });
     }
     let mut sb = sb.into_inner();
-    if let Some(p) = standin(config, id).filter(HostProcess::alive) {
-        // SAFETY: kill(2) with a pid checked against its start time just now; no memory involved.
-        unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGKILL) };
-    }
+    kill_standin(config, id);
     if let Err(e) = sb.stop().await {
         tracing::warn!(error = %e, "stopping the sandbox before delete");
     }
     sb.delete(true).await.map_err(|e| not_found_as(id, e))
+}
+
+/// Removes container `id` whatever state it is in, as `delete --force`: its stand-in and its
+/// VM's processes are killed (each checked to be what the records say), its pod network,
+/// mounts and files removed, also when its records are torn, unreadable or from a newer
+/// runvm, or its creation was interrupted at any point ([`crate::sandbox::purge`]).
+pub async fn force_delete(config: &Config, id: &ContainerId) -> Result<(), StandaloneError> {
+    let sid = sandbox_id(id)?;
+    // The stand-in first: it would otherwise notice the VM's death and race the removal.
+    kill_standin(config, id);
+    let store = Store::new(config.runtime.root.clone());
+    match crate::sandbox::purge(&store, &sid, config).await {
+        Ok(report) => {
+            if let Some(reason) = report.unreadable {
+                tracing::warn!(container = %id, %reason, "removed a container whose state was unusable");
+            }
+            Ok(())
+        }
+        Err(e) => Err(not_found_as(id, e)),
+    }
+}
+
+/// Kills the stand-in of container `id` if it still runs: the recorded pid is signalled only
+/// when its start time matches and it is a runvm stand-in for this container.
+fn kill_standin(config: &Config, id: &ContainerId) {
+    let Some(p) = standin(config, id).filter(HostProcess::alive) else {
+        return;
+    };
+    if !is_standin_of(p.pid, id) {
+        tracing::warn!(pid = p.pid, container = %id, "the recorded stand-in pid is another process now; not signalling it");
+        return;
+    }
+    // SAFETY: kill(2) with a pid checked against its start time and command line just now; no
+    // memory involved.
+    unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while p.alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` is a runvm stand-in (`__standin`) for container `id`.
+fn is_standin_of(pid: u32, id: &ContainerId) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.contains(&b"__standin".as_slice()) && args.contains(&id.as_str().as_bytes())
 }
 
 /// `ns` (since the Unix epoch) as RFC 3339 in UTC with nanoseconds, as runc prints times.

@@ -11,8 +11,9 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{spawn, Config as ShimConfig, ExitSignal, Flags, Shim, StartOpts};
 use runvm_sandbox::config::Config;
-use runvm_sandbox::sandbox::open_sandbox;
+use runvm_sandbox::sandbox::{open_sandbox, purge};
 use runvm_sandbox::state::unix_now_ns;
+use runvm_sandbox::store::Store;
 use runvm_sandbox::{ContainerId, SandboxError, SandboxId};
 use tokio::sync::Mutex;
 
@@ -141,16 +142,26 @@ async fn cleanup(id: &str, bundle: &Path) -> Result<(), SandboxError> {
     };
     let sandbox = sandbox_of(id, bundle);
     let sid = SandboxId::parse(&sandbox)?;
+    if sandbox == id {
+        // containerd gives `shim delete` a few seconds: no grace, the VM goes at once, in
+        // whatever state the dead shim left it (mid-boot, torn records: purge trusts none).
+        let store = Store::new(config.runtime.root.clone());
+        return match purge(&store, &sid, &config).await {
+            Ok(report) => {
+                if let Some(reason) = report.unreadable {
+                    tracing::warn!(sandbox = %sid, %reason, "removed a sandbox whose state was unusable");
+                }
+                Ok(())
+            }
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        };
+    }
     let mut sb = match open_sandbox(&config, &sid) {
         Ok(sb) => sb,
         Err(e) if e.is_not_found() => return Ok(()),
         Err(e) => return Err(e),
     };
-    if sandbox == id {
-        // containerd gives `shim delete` a few seconds: no grace, the VM goes at once.
-        sb.kill().await?;
-        return sb.delete(true).await;
-    }
     let cid = ContainerId::parse(id)?;
     let result = match sb.delete_container(&cid, true).await {
         Err(e) if e.is_not_found() => Ok(()),

@@ -5,7 +5,9 @@ mod cmdline;
 mod process;
 
 pub use cmdline::{kernel_cmdline, qemu_args, validate, RunDirLayout, BASE_KERNEL_PARAMS};
-pub use process::{proc_start_time, tail};
+pub use process::{
+    cap_log, find_by_argument, proc_exe, proc_start_time, runs_program, tail, FoundProcess,
+};
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -16,8 +18,8 @@ use nix::sys::signal::Signal;
 
 use crate::qmp::{QmpClient, VmRunState};
 use crate::{
-    poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, NetDevice, Result,
-    SavedProcess, VmConfig, VmProcess, VmState, VsockBackend,
+    poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, NetDevice, OnSpawn,
+    Result, SavedProcess, VmConfig, VmProcess, VmState, VsockBackend,
 };
 use process::ManagedChild;
 
@@ -39,6 +41,21 @@ pub struct QemuSettings {
     pub vhost_device_vsock: PathBuf,
     /// How long a helper or QEMU may take to create its socket.
     pub start_timeout: Duration,
+    /// The most each log of the VM (guest console, QEMU's and each helper's output) holds;
+    /// beyond it the oldest part is dropped at the next [`Hypervisor::check`].
+    pub log_max_bytes: u64,
+}
+
+impl QemuSettings {
+    /// The program a process of role `name` runs.
+    pub fn program(&self, name: &str) -> Option<&std::path::Path> {
+        match name {
+            "qemu" => Some(&self.qemu),
+            "virtiofsd" => Some(&self.virtiofsd),
+            "vhost-device-vsock" => Some(&self.vhost_device_vsock),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +134,29 @@ impl Qemu {
         }
     }
 
-    async fn start_helpers(&mut self) -> Result<()> {
+    /// The processes started so far, as saved for another process.
+    fn saved_processes(&self) -> Vec<SavedProcess> {
+        self.qemu
+            .iter()
+            .chain(self.helpers.iter())
+            .map(|c| SavedProcess {
+                name: c.name.to_string(),
+                pid: c.pid(),
+                start_time: c.start_time(),
+            })
+            .collect()
+    }
+
+    /// Tells `on_spawn` about the processes so far; `latest` names the one just spawned.
+    fn record_spawn(&self, on_spawn: &mut OnSpawn<'_>, latest: &ManagedChild) -> Result<()> {
+        on_spawn(&self.saved_processes()).map_err(|source| HypervisorError::RecordFailed {
+            program: latest.name,
+            pid: latest.pid(),
+            source,
+        })
+    }
+
+    async fn start_helpers(&mut self, on_spawn: &mut OnSpawn<'_>) -> Result<()> {
         let (config, layout) = self.prepared()?;
         let mut wanted: Vec<(&'static str, PathBuf, Vec<OsString>, PathBuf, PathBuf)> = Vec::new();
         if let Some(share) = &config.shared_dir {
@@ -157,8 +196,11 @@ impl Qemu {
         // Start all, then wait for all: the helpers come up in parallel.
         let mut sockets = Vec::new();
         for (name, program, args, log, socket) in wanted {
-            self.helpers
-                .push(ManagedChild::spawn(name, &program, &args, &log)?);
+            let child = ManagedChild::spawn(name, &program, &args, &log)?;
+            self.helpers.push(child);
+            if let Some(child) = self.helpers.last() {
+                self.record_spawn(on_spawn, child)?;
+            }
             sockets.push(socket);
         }
         let timeout = self.settings.start_timeout;
@@ -183,7 +225,7 @@ impl Qemu {
         Ok(())
     }
 
-    async fn start_qemu(&mut self) -> Result<()> {
+    async fn start_qemu(&mut self, on_spawn: &mut OnSpawn<'_>) -> Result<()> {
         let (config, layout) = self.prepared()?;
         let args = qemu_args(config, layout)?;
         let qmp_path = layout.qmp_socket();
@@ -210,12 +252,33 @@ impl Qemu {
         drop(fds);
         drop(taps);
         let spawned = SystemTime::now();
+        // Recorded before anything else can fail; a failed record stops it again (`start`).
+        let saved: Vec<SavedProcess> = self
+            .saved_processes()
+            .into_iter()
+            .chain(std::iter::once(SavedProcess {
+                name: qemu.name.to_string(),
+                pid: qemu.pid(),
+                start_time: qemu.start_time(),
+            }))
+            .collect();
+        let recorded = on_spawn(&saved).map_err(|source| HypervisorError::RecordFailed {
+            program: qemu.name,
+            pid: qemu.pid(),
+            source,
+        });
         let timeout = self.settings.start_timeout;
-        poll_until(timeout, || qmp_path.exists() || qemu.exited().is_some()).await;
+        if recorded.is_ok() {
+            poll_until(timeout, || qmp_path.exists() || qemu.exited().is_some()).await;
+        }
         let early_exit = |qemu: &mut ManagedChild| HypervisorError::QemuExited {
             status: qemu.status_text(),
             stderr: qemu.log_tail(10),
         };
+        if let Err(e) = recorded {
+            self.qemu = Some(qemu);
+            return Err(e);
+        }
         if qemu.exited().is_some() {
             let err = early_exit(&mut qemu);
             self.qemu = Some(qemu);
@@ -298,6 +361,24 @@ impl Qemu {
         self.state = State::Stopped;
     }
 
+    /// Keeps every log of the run folder within `log_max_bytes`.
+    fn cap_logs(&self) {
+        let Some(layout) = &self.layout else {
+            return;
+        };
+        for log in [
+            layout.console_log(),
+            layout.qemu_log(),
+            layout.virtiofsd_log(),
+            layout.vsock_log(),
+        ] {
+            let freed = cap_log(&log, self.settings.log_max_bytes);
+            if freed > 0 {
+                tracing::debug!(log = %log.display(), freed, "log capped");
+            }
+        }
+    }
+
     async fn check_children(&mut self) -> Result<()> {
         // virtiofsd and vhost-device-vsock end (cleanly) when QEMU closes their sockets, which
         // QEMU does before its own exit shows; on a loaded host that gap exceeds a second. When
@@ -366,7 +447,13 @@ impl Qemu {
                     )))
                 }
             };
-            let child = ManagedChild::adopt(name, p.pid, p.start_time, &log_of(name));
+            let child = ManagedChild::adopt(
+                name,
+                p.pid,
+                p.start_time,
+                &log_of(name),
+                settings.program(name),
+            );
             if name == "qemu" {
                 qemu = Some(child);
             } else {
@@ -443,13 +530,13 @@ impl Hypervisor for Qemu {
         Ok(())
     }
 
-    async fn start(&mut self) -> Result<()> {
+    async fn start(&mut self, on_spawn: &mut OnSpawn<'_>) -> Result<()> {
         self.require("start", &[State::Prepared])?;
         self.marks.clear();
         let started = async {
-            self.start_helpers().await?;
+            self.start_helpers(on_spawn).await?;
             self.marks.push(("helpers-started", SystemTime::now()));
-            self.start_qemu().await
+            self.start_qemu(on_spawn).await
         }
         .await;
         match started {
@@ -487,6 +574,7 @@ impl Hypervisor for Qemu {
 
     async fn check(&mut self) -> Result<()> {
         self.require("check", &[State::Running, State::Paused])?;
+        self.cap_logs();
         self.check_children().await
     }
 
@@ -581,16 +669,7 @@ impl Hypervisor for Qemu {
         self.require("save", &[State::Running, State::Paused])?;
         Ok(VmState {
             config: config.clone(),
-            processes: self
-                .qemu
-                .iter()
-                .chain(self.helpers.iter())
-                .map(|c| SavedProcess {
-                    name: c.name.to_string(),
-                    pid: c.pid(),
-                    start_time: c.start_time(),
-                })
-                .collect(),
+            processes: self.saved_processes(),
             paused: self.state == State::Paused,
         })
     }

@@ -24,6 +24,8 @@ pub struct ManagedChild {
     pid: u32,
     start_time: u64,
     log: PathBuf,
+    /// The program it must be running (checked before an adopted process is signalled).
+    exe: Option<PathBuf>,
     exit: Option<String>,
 }
 
@@ -38,6 +40,78 @@ pub fn proc_start_time(pid: u32) -> Option<(u64, bool)> {
     let state = fields.first()?;
     let start = fields.get(19)?.parse().ok()?;
     Some((start, *state == "Z"))
+}
+
+/// The program process `pid` runs (`/proc/PID/exe`, without the " (deleted)" the kernel adds
+/// once the binary was replaced on disk); `None` if there is no such process or it is a zombie.
+pub fn proc_exe(pid: u32) -> Option<PathBuf> {
+    let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let text = link.to_string_lossy();
+    Some(match text.strip_suffix(" (deleted)") {
+        Some(stripped) => PathBuf::from(stripped),
+        None => link,
+    })
+}
+
+/// Whether process `pid` runs `program` (compared after resolving symbolic links).
+pub fn runs_program(pid: u32, program: &Path) -> bool {
+    let Some(exe) = proc_exe(pid) else {
+        return false;
+    };
+    let wanted = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_path_buf());
+    exe == wanted || exe == program
+}
+
+/// A live process found by what it was started with (see [`find_by_argument`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time in clock ticks since boot.
+    pub start_time: u64,
+    /// The program it runs.
+    pub exe: PathBuf,
+}
+
+/// The live processes (zombies left out) one of whose arguments contains `needle`, e.g. a VM's
+/// run folder: QEMU and its helpers all name a socket in it. This finds the processes of a VM
+/// whose creator died before it recorded them.
+pub fn find_by_argument(needle: &str) -> Vec<FoundProcess> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let matches = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| String::from_utf8_lossy(arg).contains(needle));
+        if !matches {
+            continue;
+        }
+        let (Some((start_time, false)), Some(exe)) = (proc_start_time(pid), proc_exe(pid)) else {
+            continue;
+        };
+        found.push(FoundProcess {
+            pid,
+            start_time,
+            exe,
+        });
+    }
+    found
 }
 
 impl ManagedChild {
@@ -77,7 +151,13 @@ impl ManagedChild {
             path: log.to_path_buf(),
             source,
         };
-        let out = File::create(log).map_err(io_err)?;
+        // Capped later by punching out its oldest part (see [`cap_log`]).
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(log)
+            .map_err(io_err)?;
         let err = out.try_clone().map_err(io_err)?;
         let mut command = Command::new(program);
         command
@@ -136,18 +216,27 @@ impl ManagedChild {
             pid,
             start_time,
             log: log.to_path_buf(),
+            exe: Some(program.to_path_buf()),
             exit: None,
         })
     }
 
-    /// A process started by another runvm process, known by `pid` and `start_time`.
-    pub fn adopt(name: &'static str, pid: u32, start_time: u64, log: &Path) -> ManagedChild {
+    /// A process started by another runvm process, known by `pid` and `start_time`, and, with
+    /// `exe`, by the program it runs: a recorded pid is never signalled unless all match.
+    pub fn adopt(
+        name: &'static str,
+        pid: u32,
+        start_time: u64,
+        log: &Path,
+        exe: Option<&Path>,
+    ) -> ManagedChild {
         ManagedChild {
             name,
             child: None,
             pid,
             start_time,
             log: log.to_path_buf(),
+            exe: exe.map(Path::to_path_buf),
             exit: None,
         }
     }
@@ -168,9 +257,15 @@ impl ManagedChild {
             self.exit = match self.child.as_mut() {
                 Some(child) => child.try_wait().ok().flatten().map(|s| s.to_string()),
                 None => match proc_start_time(self.pid) {
-                    Some((start, zombie)) if start == self.start_time => {
-                        zombie.then(|| "exited (zombie, not our child)".to_string())
-                    }
+                    Some((_, true)) => Some("exited (zombie, not our child)".to_string()),
+                    Some((start, false)) if start == self.start_time => match &self.exe {
+                        Some(exe) if !runs_program(self.pid, exe) => Some(format!(
+                            "exited (pid {} now runs another program than {})",
+                            self.pid,
+                            exe.display()
+                        )),
+                        _ => None,
+                    },
                     _ => Some("exited (status unknown: not our child)".to_string()),
                 },
             };
@@ -247,6 +342,52 @@ impl ManagedChild {
     }
 }
 
+/// Keeps the log at `path` near `max` bytes: when more than `max` bytes of it hold data, its
+/// oldest part is punched out (`fallocate(PUNCH_HOLE)`), leaving the newest `max / 2` bytes.
+/// Writers are not disturbed (their offset and the file's size stay; the hole takes no space
+/// on tmpfs or a disk), so a guest that floods its console cannot fill the state root.
+/// Returns the bytes freed. Best effort: a file system without hole punching is left alone.
+pub fn cap_log(path: &Path, max: u64) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
+        return 0;
+    };
+    let Ok(meta) = file.metadata() else {
+        return 0;
+    };
+    // Bytes held: st_blocks counts 512-byte units actually allocated.
+    let held = meta.blocks() * 512;
+    if held <= max {
+        return 0;
+    }
+    let keep = (max / 2).max(4096);
+    let end = meta.len().saturating_sub(keep);
+    // Whole pages only: a partial page would be zeroed but stay allocated.
+    let end = end - end % 4096;
+    if end == 0 {
+        return 0;
+    }
+    let Ok(len) = libc::off_t::try_from(end) else {
+        return 0;
+    };
+    // SAFETY: fallocate(2) on a descriptor we own, with plain integer arguments; no memory is
+    // passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            len,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(path = %path.display(), error = %std::io::Error::last_os_error(), "cannot cap the log");
+        return 0;
+    }
+    let after = file.metadata().map(|m| m.blocks() * 512).unwrap_or(held);
+    held.saturating_sub(after)
+}
+
 /// The last `lines` lines of the file at `path`, reading at most its last 4 KiB.
 pub fn tail(path: &Path, lines: usize) -> Vec<String> {
     const MAX: u64 = 4096;
@@ -260,6 +401,8 @@ pub fn tail(path: &Path, lines: usize) -> Vec<String> {
     }
     let mut buf = Vec::new();
     let _ = f.take(MAX).read_to_end(&mut buf);
+    // A capped log reads as zeros where its oldest part was punched out.
+    buf.retain(|b| *b != 0);
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     // A cut first line is partial; drop it when the read started mid-file.
@@ -343,6 +486,48 @@ mod tests {
 }
 
 #[cfg(test)]
+mod cap_tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_log_past_its_cap_keeps_its_newest_part_and_its_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let mut writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .unwrap();
+        let line = format!("{}\n", "x".repeat(99));
+        for _ in 0..5_000 {
+            writer.write_all(line.as_bytes()).unwrap();
+        }
+        writer.write_all(b"newest line\n").unwrap();
+        writer.flush().unwrap();
+        let cap = 64 * 1024;
+        assert!(cap_log(&p, cap) > 0);
+        let held = std::fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(held <= cap + 8192, "{held} bytes held");
+        assert_eq!(cap_log(&p, cap), 0, "under the cap: nothing to do");
+        // The writer goes on at the end; the tail reads the newest lines.
+        writer.write_all(b"after the cap\n").unwrap();
+        assert_eq!(tail(&p, 2), ["newest line", "after the cap"]);
+    }
+
+    #[test]
+    fn a_small_log_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "short\n").unwrap();
+        assert_eq!(cap_log(&p, 4096), 0);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "short\n");
+        assert_eq!(cap_log(&dir.path().join("missing"), 4096), 0);
+    }
+}
+
+#[cfg(test)]
 mod adopt_tests {
     use super::*;
 
@@ -352,11 +537,32 @@ mod adopt_tests {
         let log = dir.path().join("log");
         let mut owner =
             ManagedChild::spawn("sleep", Path::new("/bin/sleep"), &["30".into()], &log).unwrap();
-        let mut adopted = ManagedChild::adopt("sleep", owner.pid(), owner.start_time(), &log);
+        let mut adopted = ManagedChild::adopt(
+            "sleep",
+            owner.pid(),
+            owner.start_time(),
+            &log,
+            Some(Path::new("/bin/sleep")),
+        );
         assert!(adopted.exited().is_none());
         // Same pid but another start time: a reused pid is not the process.
-        let mut impostor = ManagedChild::adopt("sleep", owner.pid(), owner.start_time() + 1, &log);
+        let mut impostor =
+            ManagedChild::adopt("sleep", owner.pid(), owner.start_time() + 1, &log, None);
         assert!(impostor.exited().is_some());
+        // Same pid and start time but another program: not the process either.
+        let mut other = ManagedChild::adopt(
+            "sleep",
+            owner.pid(),
+            owner.start_time(),
+            &log,
+            Some(Path::new("/bin/sh")),
+        );
+        assert!(other.exited().is_some());
+        // It is found by its arguments.
+        let found = find_by_argument(&log.display().to_string());
+        assert!(found.is_empty(), "{found:?}");
+        let found = find_by_argument("30");
+        assert!(found.iter().any(|p| p.pid == owner.pid()), "{found:?}");
         adopted.signal(Signal::SIGKILL);
         assert!(owner.wait_exit(Duration::from_secs(5)).await);
         assert!(adopted.wait_exit(Duration::from_secs(5)).await);

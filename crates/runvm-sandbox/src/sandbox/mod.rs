@@ -9,6 +9,7 @@ mod containers;
 mod factory;
 mod monitor;
 mod network;
+mod purge;
 
 pub use containers::{ContainerStatus, ExecRequest, NewContainer};
 pub use factory::{
@@ -16,6 +17,7 @@ pub use factory::{
     sandbox_settings, SHARED_FS_TAG,
 };
 pub use monitor::VmFailure;
+pub use purge::{purge, PurgeReport};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -178,7 +180,17 @@ impl Sandbox {
             .prepare(self.record.vm.config.clone())
             .await?;
         let ready = self.ready_listener()?;
-        self.hypervisor.start().await?;
+        // Each process of the VM goes into the record the moment it exists: a creator killed
+        // at any point leaves a record that `purge` (delete --force) finds everything from.
+        let store = &self.store;
+        let record = &mut self.record;
+        let mut on_spawn = |processes: &[runvm_hypervisor::SavedProcess]| {
+            record.vm.processes = processes.to_vec();
+            store
+                .save_sandbox(lock, record)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        };
+        self.hypervisor.start(&mut on_spawn).await?;
         let vm_started = t0.elapsed();
         for (phase, at) in self.hypervisor.start_marks() {
             self.record

@@ -107,6 +107,32 @@ impl Fixture {
     }
 }
 
+#[tokio::test]
+async fn each_vm_process_is_in_the_record_on_disk_before_start_goes_on() {
+    let mut f = fixture(Duration::from_secs(5));
+    let procs: Vec<runvm_hypervisor::SavedProcess> = [("virtiofsd", 101), ("qemu", 102)]
+        .into_iter()
+        .map(|(name, pid)| runvm_hypervisor::SavedProcess {
+            name: name.into(),
+            pid,
+            start_time: 7,
+        })
+        .collect();
+    {
+        let mut log = f.vm.lock().unwrap();
+        log.processes = procs.clone();
+        log.probe = Some(f.root.path().join("sb1/sandbox.json"));
+    }
+    let (sb, _) = f.create().await.unwrap();
+    let log = f.vm.lock().unwrap();
+    assert_eq!(log.probed.len(), 2);
+    for (n, on_disk) in log.probed.iter().enumerate() {
+        let record: crate::state::SandboxRecord = serde_json::from_str(on_disk).unwrap();
+        assert_eq!(record.vm.processes, procs[..=n], "after spawn {n}");
+    }
+    assert_eq!(sb.record().vm.processes, procs);
+}
+
 impl Fixture {
     /// A created sandbox running container `c1` (`sleep 100`).
     async fn running_sleeper(&mut self) -> Sandbox {

@@ -355,6 +355,53 @@ impl Store {
         Ok(())
     }
 
+    /// Removes sandbox `id`'s folder whatever it holds (torn, garbage or newer-version records,
+    /// a creation that never finished), and the VM run folder runvm would give it outside the
+    /// folder ([`vm_run_dir`]): for `delete --force`. `lock` is its exclusive lock; `None` only
+    /// when the folder has no lock file to take. Every mount under the folder must be gone
+    /// ([`StoreError::MountsRemain`]). The paths removed are computed from the root and the id,
+    /// never read from a record.
+    pub fn remove_sandbox_forced(
+        &self,
+        id: &SandboxId,
+        lock: Option<SandboxLock>,
+    ) -> Result<(), StoreError> {
+        if let Some(lock) = &lock {
+            self.check_lock(lock, id, "forced removal")?;
+        }
+        let run_dir = vm_run_dir(&self.root, id);
+        if run_dir.parent() == Some(self.root.as_path()) {
+            remove_leftover_dir(&run_dir);
+        }
+        let dir = self.sandbox_dir(id);
+        match fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.sandbox_not_found(id)),
+            Err(e) => return Err(io_error("inspect", &dir)(e)),
+            // Not a folder (a file or a symbolic link put there): remove it, never follow it.
+            Ok(meta) if !meta.is_dir() => {
+                return fs::remove_file(&dir).map_err(io_error("remove", &dir));
+            }
+            Ok(_) => {}
+        }
+        check_no_mounts(&dir)?;
+        let grave = self
+            .root
+            .join(format!("{REMOVING}{id}~{}", fsio::unique_suffix()));
+        fs::rename(&dir, &grave).map_err(io_error("move away the sandbox folder", &dir))?;
+        if let Err(e) = fsio::sync_dir(&self.root) {
+            tracing::warn!(sandbox = %id, error = %e, "cannot sync the state root");
+        }
+        drop(lock);
+        remove_leftover_dir(&grave);
+        tracing::debug!(sandbox = %id, "sandbox state removed by force");
+        Ok(())
+    }
+
+    /// The mount points at or under sandbox `id`'s folder.
+    pub fn mounts_of(&self, id: &SandboxId) -> Vec<PathBuf> {
+        fsio::mounts_under(&self.sandbox_dir(id)).unwrap_or_default()
+    }
+
     fn sandbox_not_found(&self, id: &SandboxId) -> StoreError {
         StoreError::SandboxNotFound {
             id: id.clone(),
