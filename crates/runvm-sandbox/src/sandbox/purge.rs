@@ -69,7 +69,7 @@ fn is_vm_process(pid: u32, start_time: u64, programs: &[String]) -> bool {
     }
     proc_exe(pid)
         .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .is_some_and(|name| programs.iter().any(|p| *p == name))
+        .is_some_and(|name| programs.contains(&name))
 }
 
 /// An error with its causes, each once.
@@ -282,7 +282,7 @@ mod tests {
         let own = proc_exe(me)
             .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap();
-        assert!(is_vm_process(me, start, &[own.clone()]));
+        assert!(is_vm_process(me, start, std::slice::from_ref(&own)));
         assert!(
             !is_vm_process(me, start + 1, &[own]),
             "start time must match"
