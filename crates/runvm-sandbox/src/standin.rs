@@ -4,6 +4,8 @@
 //! [`Sandbox::wait`](crate::Sandbox::wait) and returns the exit code for the stand-in to exit
 //! with. A caller that waits on the stand-in's pid therefore sees the container's exit code.
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
@@ -12,7 +14,7 @@ use crate::config::Config;
 use crate::container::io::{copy_input, copy_output, FirstWrite, OutputStream};
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
-use crate::sandbox::open_sandbox;
+use crate::sandbox::{open_sandbox, VmFailure, KILLED_EXIT_STATUS};
 use crate::standalone::Attached;
 
 /// What the stand-in passes on to the process besides stdio.
@@ -61,7 +63,17 @@ where
         exec_id,
         terminal,
     } = target;
-    let mut sb = Attached::new(open_sandbox(config, &SandboxId::parse(id.as_str())?)?);
+    let sid = SandboxId::parse(id.as_str())?;
+    let mut sb = Attached::new(open_sandbox(config, &sid)?);
+    // The init's stand-in watches the VM (a handle of its own): the CLI has no other process
+    // that would notice QEMU or a helper dying.
+    let watcher = if exec_id.is_empty() {
+        Some(Attached::new(open_sandbox(config, &sid)?))
+    } else {
+        None
+    };
+    let watch = watch_vm(watcher);
+    tokio::pin!(watch);
     let agent = sb.agent().await?;
     let process = ProcessRef::exec(id.as_str(), exec_id);
     let (mut stdout, _, first_output) = FirstWrite::new(stdout);
@@ -103,6 +115,7 @@ where
                 }
                 break;
             }
+            (watcher, failure) = &mut watch => return vm_died(watcher, failure).await,
             Some(control) = controls.recv() => pass_on(&*agent, &process, control).await,
             told = async { first_output.as_mut().expect("guarded").await },
                 if first_output.is_some() =>
@@ -118,14 +131,66 @@ where
     }
     // The output has ended: the process has exited or is about to; keep passing signals on
     // while waiting for its status.
-    let wait = sb.wait(id, exec_id);
-    tokio::pin!(wait);
-    loop {
-        tokio::select! {
-            status = &mut wait => return Ok(status?.code),
-            Some(control) = controls.recv() => pass_on(&*agent, &process, control).await,
+    let waited = {
+        let wait = sb.wait(id, exec_id);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                status = &mut wait => break status,
+                (watcher, failure) = &mut watch => return vm_died(watcher, failure).await,
+                Some(control) = controls.recv() => pass_on(&*agent, &process, control).await,
+            }
+        }
+    };
+    let code = match waited {
+        Ok(status) => status.code,
+        Err(e) => {
+            // The agent went away: if the VM died, that is the container's end (killed with
+            // it); give the watcher a moment to see it.
+            if exec_id.is_empty() {
+                if let Ok((watcher, failure)) =
+                    tokio::time::timeout(Duration::from_secs(6), &mut watch).await
+                {
+                    return vm_died(watcher, failure).await;
+                }
+            }
+            return Err(e);
+        }
+    };
+    if exec_id.is_empty() {
+        // The init has exited: nothing else uses this VM (one per container in the CLI's
+        // model), so it goes now; `state` and `delete` work from the record.
+        if let Err(e) = sb.stop().await {
+            tracing::warn!(error = %e, "stopping the VM after the container's exit");
         }
     }
+    Ok(code)
+}
+
+/// How often the init's stand-in checks the VM's processes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Checks the VM of `watcher` every [`WATCH_INTERVAL`] until it fails; never ends without a
+/// watcher.
+async fn watch_vm(watcher: Option<Attached>) -> (Attached, VmFailure) {
+    let Some(mut watcher) = watcher else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        if let Err(failure) = watcher.check_vm().await {
+            return (watcher, failure);
+        }
+    }
+}
+
+/// After the VM died under a running container: what is left of it is stopped and removed,
+/// the container's exit recorded as killed (137), which the stand-in exits with.
+async fn vm_died(mut watcher: Attached, failure: VmFailure) -> Result<i32, SandboxError> {
+    if let Err(e) = watcher.handle_vm_failure(&failure).await {
+        tracing::warn!(error = %e, "cleaning up after the VM");
+    }
+    Ok(KILLED_EXIT_STATUS)
 }
 
 async fn pass_on(agent: &dyn crate::agent::Agent, process: &ProcessRef, control: Control) {

@@ -38,7 +38,7 @@ async fn qemu_killed_is_noticed_containers_exit_and_nothing_is_left() {
     let st = sb.status().unwrap();
     assert_eq!(st.state, State::Stopped);
     assert_eq!(st.containers[0].state, State::Stopped);
-    assert_eq!(st.containers[0].exit_status, Some(255));
+    assert_eq!(st.containers[0].exit_status, Some(137));
     sb.delete(false).await.unwrap();
     host.assert_nothing_left();
 }

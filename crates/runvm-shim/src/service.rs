@@ -243,7 +243,7 @@ impl Inner {
         }
     }
 
-    /// Every started process that had not exited exits with 255.
+    /// Every started process that had not exited exits with 137: it died with the VM.
     fn vm_died(&self) {
         let running: Vec<(String, String)> = self
             .ctrs()
@@ -256,7 +256,7 @@ impl Inner {
             })
             .collect();
         let exit = Exit {
-            status: 255,
+            status: runvm_sandbox::sandbox::KILLED_EXIT_STATUS.unsigned_abs(),
             at_ns: unix_now_ns(),
         };
         for (id, exec_id) in running {

@@ -15,9 +15,6 @@ use crate::error::SandboxError;
 use crate::id::ContainerId;
 use crate::state::{unix_now_ns, ContainerRecord, ProcessRecord, State, StdioRecord};
 
-/// The exit status given to processes that could not report one (the VM died).
-pub const LOST_EXIT_STATUS: i32 = 255;
-
 /// What a new container is made from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewContainer {

@@ -34,7 +34,8 @@ use crate::state::{system_time_ns, unix_now_ns, SandboxRecord, State};
 use crate::store::{SandboxLock, Store, StoreError};
 use crate::timeline;
 
-/// The exit status of processes ended by [`Sandbox::kill`]: 128 + SIGKILL.
+/// The exit status of processes ended by [`Sandbox::kill`], or by their VM's death: 128 +
+/// SIGKILL.
 pub const KILLED_EXIT_STATUS: i32 = 137;
 /// Lines of guest console quoted in boot errors.
 const CONSOLE_LINES: usize = 20;

@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use super::containers::LOST_EXIT_STATUS;
-use super::Sandbox;
+use super::{Sandbox, KILLED_EXIT_STATUS};
 use crate::error::SandboxError;
 use crate::state::State;
 
@@ -29,6 +28,15 @@ impl std::fmt::Display for VmFailure {
 }
 
 impl Sandbox {
+    /// Checks the VM's host processes only (QEMU and its helpers; no agent call), keeping its
+    /// logs within their cap meanwhile. Cheap enough to run every half second.
+    pub async fn check_vm(&mut self) -> Result<(), VmFailure> {
+        self.hypervisor
+            .check()
+            .await
+            .map_err(|e| VmFailure::VmExited(e.to_string()))
+    }
+
     /// One health check, bounded by `timeout`: the VM's processes, then the agent.
     pub async fn health(&mut self, timeout: Duration) -> Result<(), VmFailure> {
         if let Err(e) = self.hypervisor.check().await {
@@ -86,8 +94,8 @@ impl Sandbox {
         }
     }
 
-    /// After the VM died: every container's processes are reported exited (status 255 where
-    /// none was known), the sandbox becomes stopped, and the VM's processes, sockets, the
+    /// After the VM died: every container's processes are reported exited (status 137, killed,
+    /// where none was known: they died with the VM), the sandbox becomes stopped, and the VM's processes, sockets, the
     /// containers' mounts and the pod network runvm made (taps, qdiscs) are removed.
     pub async fn handle_vm_failure(&mut self, failure: &VmFailure) -> Result<(), SandboxError> {
         tracing::error!(sandbox = %self.record.id, %failure, "sandbox VM failed; cleaning up");
@@ -96,7 +104,7 @@ impl Sandbox {
             tracing::warn!(error = %e, "stopping what is left of the VM");
         }
         self.reload()?;
-        self.mark_all_stopped(Some(LOST_EXIT_STATUS))?;
+        self.mark_all_stopped(Some(KILLED_EXIT_STATUS))?;
         self.unshare_all()?;
         if let Err(e) = self.teardown_network().await {
             tracing::warn!(error = %e, "removing the pod network of the failed VM");

@@ -451,7 +451,7 @@ async fn vm_death_stops_containers_with_lost_status_and_cleans_up() {
     let st = sb.status().unwrap();
     assert_eq!(st.state, State::Stopped);
     assert_eq!(st.containers[0].state, State::Stopped);
-    assert_eq!(st.containers[0].exit_status, Some(255));
+    assert_eq!(st.containers[0].exit_status, Some(137));
     assert!(!is_mounted(&sb.dir().join("shared/c1/rootfs")));
     assert_eq!(f.vm.lock().unwrap().calls.last().unwrap(), "stop");
     sb.delete(false).await.unwrap();
