@@ -6,7 +6,7 @@ use runvm_hypervisor::mock::{MockHypervisor, MockLog};
 use runvm_hypervisor::{Accelerator, SharedDir, VsockBackend};
 
 use super::*;
-use crate::agent::{MockAgentConnector, MockAgentState, ProcessRef, StdioSpec};
+use crate::agent::{MockAgentConnector, MockAgentState, ProcessRef, RpcCode, StdioSpec};
 use crate::config::VsockMode;
 use crate::container::bundle;
 use crate::container::share::is_mounted;
@@ -362,7 +362,7 @@ async fn bad_bundle_leaves_nothing_stored_mounted_or_in_the_guest() {
     )
     .unwrap();
     f.agent().lock().unwrap().fail_create = Some((
-        "INVALID_ARGUMENT".into(),
+        RpcCode::InvalidArgument,
         "user \"nobody2\" not found".into(),
     ));
     let e = sb
