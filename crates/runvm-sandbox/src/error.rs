@@ -1,3 +1,5 @@
+use std::error::Error;
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -47,11 +49,12 @@ pub enum SandboxError {
     #[error(transparent)]
     Hypervisor(HypervisorError),
 
-    /// The VM died while the sandbox waited for it.
-    #[error("the VM exited during boot: {source}\n--- last lines of the guest console ---\n{}", console.join("\n"))]
+    /// The VM died while the sandbox waited for it. The message holds what the hypervisor saw
+    /// (with its causes) before the console lines, so it is not also a `source`.
+    #[error("the VM exited during boot: {}\n--- last lines of the guest console ---\n{}", ErrorChain(cause), console.join("\n"))]
     VmDied {
         /// What the hypervisor saw.
-        source: HypervisorError,
+        cause: HypervisorError,
         /// The end of the guest console.
         console: Vec<String>,
     },
@@ -87,8 +90,8 @@ pub enum SandboxError {
     #[error(transparent)]
     Share(#[from] ShareError),
 
-    /// A state change that the lifecycle does not allow.
-    #[error("{what}: {source}")]
+    /// A state change that the lifecycle does not allow (the source says which).
+    #[error("{what}")]
     Transition {
         /// "sandbox ID" or "container ID".
         what: String,
@@ -237,6 +240,23 @@ fn qmp_kind(e: &QmpError) -> ErrorKind {
         | QmpError::Qemu { .. }
         | QmpError::LineTooLong { .. }
         | QmpError::Desynchronized { .. } => ErrorKind::Internal,
+    }
+}
+
+/// Displays an error and each of its causes, once each, joined by `": "` (what `anyhow`'s
+/// `{:#}` prints). Every error's `Display` leaves its `source` out, so nothing repeats.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
     }
 }
 

@@ -5,12 +5,11 @@
 //! the container, process or file at fault, with the whole chain of causes. The code comes from
 //! the error's [`ErrorKind`], turned into a ttrpc code in one place ([`kind_code`]).
 
-use std::error::Error as _;
-
 use containerd_shim::protos::ttrpc::{self, Code};
-use runvm_sandbox::{ErrorKind, SandboxError};
+use runvm_sandbox::{ErrorChain, ErrorKind, SandboxError};
 
-/// Errors of the task service.
+/// Errors of the task service. Each message leaves its `source` out; [`ShimError::chain`]
+/// adds the causes.
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
     /// The request is malformed (bad id, bad spec, bad option).
@@ -29,7 +28,7 @@ pub enum ShimError {
     #[error("{0}")]
     Unimplemented(String),
     /// Something on the host failed (files, mounts, FIFOs).
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -37,7 +36,7 @@ pub enum ShimError {
         source: std::io::Error,
     },
     /// The sandbox library failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Sandbox {
         /// What the shim was doing.
         context: String,
@@ -80,19 +79,9 @@ impl ShimError {
         kind_code(self.kind())
     }
 
-    /// The message with every cause, one after the other.
+    /// The message with every cause, each once, joined by `": "`.
     pub fn chain(&self) -> String {
-        let mut out = self.to_string();
-        let mut cause = self.source().and_then(|s| s.source());
-        while let Some(c) = cause {
-            let text = c.to_string();
-            if !out.contains(&text) {
-                out.push_str(": ");
-                out.push_str(&text);
-            }
-            cause = c.source();
-        }
-        out
+        ErrorChain(self).to_string()
     }
 }
 
@@ -234,5 +223,30 @@ mod tests {
         };
         assert_eq!(status.code(), Code::ALREADY_EXISTS);
         assert_eq!(status.message(), "task t1 exists");
+    }
+
+    #[test]
+    fn the_chain_prints_each_cause_once() {
+        let e = wrapped(ContainerId::parse("../x").unwrap_err());
+        let text = e.chain();
+        assert!(
+            text.starts_with("creating container c1: invalid id \"../x\": "),
+            "{text}"
+        );
+        assert_eq!(text.matches("invalid id").count(), 1, "{text}");
+
+        let e = wrapped(StoreError::Io {
+            action: "read",
+            path: "/run/runvm/sb1/state.json".into(),
+            source: std::io::Error::other("disk on fire"),
+        });
+        assert_eq!(
+            e.chain(),
+            "creating container c1: cannot read /run/runvm/sb1/state.json: disk on fire"
+        );
+
+        let e = ShimError::io("creating /run/x")(std::io::Error::other("read-only"));
+        assert_eq!(e.to_string(), "creating /run/x");
+        assert_eq!(e.chain(), "creating /run/x: read-only");
     }
 }

@@ -63,7 +63,7 @@ fn sandbox_errors() -> Vec<(SandboxError, ErrorKind)> {
         ),
         (
             SandboxError::VmDied {
-                source: HypervisorError::QemuExited {
+                cause: HypervisorError::QemuExited {
                     status: "exit status: 1".into(),
                     stderr: "boom".into(),
                 },
@@ -484,4 +484,69 @@ fn each_hypervisor_error_has_its_kind() {
     for (e, kind) in table {
         assert_eq!(SandboxError::from(e).kind(), kind);
     }
+}
+
+/// The texts of an error and its causes, outermost first.
+fn texts(e: &(dyn Error + 'static)) -> Vec<String> {
+    let mut out = vec![e.to_string()];
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push(c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[test]
+fn no_message_repeats_its_source() {
+    for (e, _) in sandbox_errors() {
+        let texts = texts(&e);
+        for pair in texts.windows(2) {
+            assert!(
+                !pair[0].contains(&pair[1]),
+                "{:?} repeats its source {:?}",
+                pair[0],
+                pair[1]
+            );
+        }
+    }
+}
+
+#[test]
+fn the_chain_prints_each_cause_once() {
+    let e = SandboxError::Transition {
+        what: "container c1".into(),
+        source: State::Running.transition(State::Running).unwrap_err(),
+    };
+    let text = ErrorChain(&e).to_string();
+    assert!(
+        text.starts_with("container c1: cannot go from running to running;"),
+        "{text}"
+    );
+    assert_eq!(text.matches("cannot go from").count(), 1, "{text}");
+
+    let e = SandboxError::from(HypervisorError::from(QmpError::Io {
+        command: "stop",
+        source: io::Error::new(io::ErrorKind::BrokenPipe, "pipe closed"),
+    }));
+    assert_eq!(
+        ErrorChain(&e).to_string(),
+        "QEMU monitor: I/O error on the QMP socket during stop: pipe closed"
+    );
+
+    // The VM's death is told before the console, with its causes, and is not a source.
+    let e = SandboxError::VmDied {
+        cause: HypervisorError::Spawn {
+            program: "qemu",
+            path: "/bin/qemu".into(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no such file"),
+        },
+        console: vec!["last line".into()],
+    };
+    assert!(e.source().is_none());
+    assert_eq!(
+        ErrorChain(&e).to_string(),
+        "the VM exited during boot: cannot start qemu (/bin/qemu): no such file\n\
+         --- last lines of the guest console ---\nlast line"
+    );
 }

@@ -302,11 +302,9 @@ async fn illegal_container_changes_are_refused_with_both_states() {
         .to_string();
     assert!(e.contains("container c1 is ready"), "{e}");
     sb.start_container(&cid("c1")).await.unwrap();
-    let e = sb
-        .start_container(&cid("c1"))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = sb.start_container(&cid("c1")).await.unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::FailedPrecondition);
+    let e = crate::ErrorChain(&e).to_string();
     assert!(e.contains("cannot go from running to running"), "{e}");
     let e = sb
         .delete_container(&cid("c1"), false)
