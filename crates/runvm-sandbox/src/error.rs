@@ -1,6 +1,9 @@
+use std::error::Error;
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use runvm_hypervisor::qmp::QmpError;
 use runvm_hypervisor::HypervisorError;
 
 use crate::agent::AgentError;
@@ -46,11 +49,12 @@ pub enum SandboxError {
     #[error(transparent)]
     Hypervisor(HypervisorError),
 
-    /// The VM died while the sandbox waited for it.
-    #[error("the VM exited during boot: {source}\n--- last lines of the guest console ---\n{}", console.join("\n"))]
+    /// The VM died while the sandbox waited for it. The message holds what the hypervisor saw
+    /// (with its causes) before the console lines, so it is not also a `source`.
+    #[error("the VM exited during boot: {}\n--- last lines of the guest console ---\n{}", ErrorChain(cause), console.join("\n"))]
     VmDied {
         /// What the hypervisor saw.
-        source: HypervisorError,
+        cause: HypervisorError,
         /// The end of the guest console.
         console: Vec<String>,
     },
@@ -86,8 +90,8 @@ pub enum SandboxError {
     #[error(transparent)]
     Share(#[from] ShareError),
 
-    /// A state change that the lifecycle does not allow.
-    #[error("{what}: {source}")]
+    /// A state change that the lifecycle does not allow (the source says which).
+    #[error("{what}")]
     Transition {
         /// "sandbox ID" or "container ID".
         what: String,
@@ -146,13 +150,115 @@ impl From<HypervisorError> for SandboxError {
 }
 
 impl SandboxError {
-    /// The thing asked for does not exist (sandbox, container, process).
+    /// The thing asked for does not exist (sandbox, container, process, network device).
     pub fn is_not_found(&self) -> bool {
+        self.kind() == ErrorKind::NotFound
+    }
+
+    /// What kind of failure this is; the shim maps it to a ttrpc code.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            SandboxError::Store(e) => e.is_not_found(),
-            SandboxError::ProcessNotFound { .. } => true,
-            SandboxError::Agent(e) => e.rpc_code() == Some("NOT_FOUND"),
-            _ => false,
+            SandboxError::InvalidId(_) | SandboxError::Config(_) | SandboxError::Spec(_) => {
+                ErrorKind::InvalidArgument
+            }
+            SandboxError::AlreadyExists { .. } | SandboxError::ProcessExists { .. } => {
+                ErrorKind::AlreadyExists
+            }
+            // The host lacks what runvm needs: set it up, then try again.
+            SandboxError::MissingProgram { .. } => ErrorKind::FailedPrecondition,
+            SandboxError::Hypervisor(e) => hypervisor_kind(e),
+            SandboxError::VmDied { .. } => ErrorKind::Internal,
+            SandboxError::AgentTimeout { .. } => ErrorKind::DeadlineExceeded,
+            SandboxError::Agent(e) => e.kind(),
+            SandboxError::Store(e) => e.kind(),
+            SandboxError::Network(e) => e.kind(),
+            SandboxError::Share(_) => ErrorKind::Internal,
+            SandboxError::Transition { .. } | SandboxError::WrongState { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            SandboxError::ProcessNotFound { .. } => ErrorKind::NotFound,
+            SandboxError::Io { .. } => ErrorKind::Internal,
         }
     }
 }
+
+/// What kind of failure an error is, whichever layer raised it: the few distinctions a caller
+/// acts on (retry, report the id as missing, refuse the request, ...). Each error type
+/// classifies its variants in one exhaustive `kind()`; the shim turns a kind into a ttrpc code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The sandbox, container or process does not exist.
+    NotFound,
+    /// The sandbox, container or process exists already.
+    AlreadyExists,
+    /// The request is malformed: a bad id, spec, configuration or option.
+    InvalidArgument,
+    /// The object or the host is not in the state the request needs (a wrong lifecycle state,
+    /// a missing program, something still mounted).
+    FailedPrecondition,
+    /// Not possible now, may succeed if tried again (a lock held by another, the agent
+    /// unreachable).
+    Unavailable,
+    /// A time limit passed (waiting for a lock, for the agent).
+    DeadlineExceeded,
+    /// runvm (or its agent, or the hypervisor backend) does not do this.
+    Unimplemented,
+    /// Anything else: I/O, a broken state file, a failed VM, a protocol violation.
+    Internal,
+}
+
+/// The kind of a hypervisor error (the hypervisor crate knows nothing of kinds).
+fn hypervisor_kind(e: &HypervisorError) -> ErrorKind {
+    match e {
+        HypervisorError::InvalidConfig(_) => ErrorKind::InvalidArgument,
+        // The host is not set up (no guest image, no KVM): fix it, then try again.
+        HypervisorError::MissingFile { .. } | HypervisorError::AcceleratorUnavailable(_) => {
+            ErrorKind::FailedPrecondition
+        }
+        HypervisorError::InvalidState { .. } => ErrorKind::FailedPrecondition,
+        // A card id in use, no free hotplug port, no such card, not released in time.
+        HypervisorError::NetDevice { .. } => ErrorKind::FailedPrecondition,
+        HypervisorError::Unsupported { .. } => ErrorKind::Unimplemented,
+        HypervisorError::Qmp(q) => qmp_kind(q),
+        HypervisorError::Spawn { .. }
+        | HypervisorError::HelperFailed { .. }
+        | HypervisorError::QemuExited { .. }
+        | HypervisorError::Netns { .. }
+        | HypervisorError::Io { .. } => ErrorKind::Internal,
+    }
+}
+
+/// The kind of a QEMU monitor error.
+fn qmp_kind(e: &QmpError) -> ErrorKind {
+    match e {
+        QmpError::Timeout { .. } => ErrorKind::DeadlineExceeded,
+        QmpError::Connect { .. }
+        | QmpError::Io { .. }
+        | QmpError::Closed { .. }
+        | QmpError::Malformed { .. }
+        | QmpError::UnexpectedReply { .. }
+        | QmpError::Qemu { .. }
+        | QmpError::LineTooLong { .. }
+        | QmpError::Desynchronized { .. } => ErrorKind::Internal,
+    }
+}
+
+/// Displays an error and each of its causes, once each, joined by `": "` (what `anyhow`'s
+/// `{:#}` prints). Every error's `Display` leaves its `source` out, so nothing repeats.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -24,6 +24,6 @@ pub mod state;
 pub mod store;
 pub mod timeline;
 
-pub use error::SandboxError;
+pub use error::{ErrorChain, ErrorKind, SandboxError};
 pub use id::{ContainerId, InvalidId, SandboxId};
 pub use sandbox::{BootReport, BootTimings, Sandbox, SandboxSettings, SandboxStatus};

@@ -2,14 +2,14 @@
 //!
 //! Every error that reaches containerd carries the code containerd reacts to (`NotFound`,
 //! `AlreadyExists`, `FailedPrecondition`, `InvalidArgument`, ...) and a message that names
-//! the container, process or file at fault, with the whole chain of causes.
-
-use std::error::Error as _;
+//! the container, process or file at fault, with the whole chain of causes. The code comes from
+//! the error's [`ErrorKind`], turned into a ttrpc code in one place ([`kind_code`]).
 
 use containerd_shim::protos::ttrpc::{self, Code};
-use runvm_sandbox::SandboxError;
+use runvm_sandbox::{ErrorChain, ErrorKind, SandboxError};
 
-/// Errors of the task service.
+/// Errors of the task service. Each message leaves its `source` out; [`ShimError::chain`]
+/// adds the causes.
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
     /// The request is malformed (bad id, bad spec, bad option).
@@ -28,7 +28,7 @@ pub enum ShimError {
     #[error("{0}")]
     Unimplemented(String),
     /// Something on the host failed (files, mounts, FIFOs).
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -36,7 +36,7 @@ pub enum ShimError {
         source: std::io::Error,
     },
     /// The sandbox library failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Sandbox {
         /// What the shim was doing.
         context: String,
@@ -61,60 +61,41 @@ impl ShimError {
         move |source| ShimError::Io { what, source }
     }
 
-    /// The ttrpc status code for this error.
-    pub fn code(&self) -> Code {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            ShimError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-            ShimError::NotFound(_) => Code::NOT_FOUND,
-            ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-            ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
-            ShimError::Io { .. } => Code::INTERNAL,
-            ShimError::Sandbox { source, .. } => sandbox_code(source),
+            ShimError::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            ShimError::NotFound(_) => ErrorKind::NotFound,
+            ShimError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            ShimError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            ShimError::Unimplemented(_) => ErrorKind::Unimplemented,
+            ShimError::Io { .. } => ErrorKind::Internal,
+            ShimError::Sandbox { source, .. } => source.kind(),
         }
     }
 
-    /// The message with every cause, one after the other.
+    /// The ttrpc status code for this error.
+    pub fn code(&self) -> Code {
+        kind_code(self.kind())
+    }
+
+    /// The message with every cause, each once, joined by `": "`.
     pub fn chain(&self) -> String {
-        let mut out = self.to_string();
-        let mut cause = self.source().and_then(|s| s.source());
-        while let Some(c) = cause {
-            let text = c.to_string();
-            if !out.contains(&text) {
-                out.push_str(": ");
-                out.push_str(&text);
-            }
-            cause = c.source();
-        }
-        out
+        ErrorChain(self).to_string()
     }
 }
 
-/// The ttrpc code for a sandbox library error.
-pub fn sandbox_code(e: &SandboxError) -> Code {
-    if e.is_not_found() {
-        return Code::NOT_FOUND;
-    }
-    match e {
-        SandboxError::InvalidId(_) | SandboxError::Spec(_) | SandboxError::Config(_) => {
-            Code::INVALID_ARGUMENT
-        }
-        SandboxError::AlreadyExists { .. } | SandboxError::ProcessExists { .. } => {
-            Code::ALREADY_EXISTS
-        }
-        SandboxError::Transition { .. } | SandboxError::WrongState { .. } => {
-            Code::FAILED_PRECONDITION
-        }
-        SandboxError::Agent(a) => match a.rpc_code() {
-            Some("INVALID_ARGUMENT") => Code::INVALID_ARGUMENT,
-            Some("ALREADY_EXISTS") => Code::ALREADY_EXISTS,
-            Some("FAILED_PRECONDITION") => Code::FAILED_PRECONDITION,
-            Some("UNIMPLEMENTED") => Code::UNIMPLEMENTED,
-            Some("DEADLINE_EXCEEDED") => Code::DEADLINE_EXCEEDED,
-            _ => Code::UNAVAILABLE,
-        },
-        SandboxError::MissingProgram { .. } => Code::FAILED_PRECONDITION,
-        _ => Code::INTERNAL,
+/// The ttrpc code containerd gets for each kind of failure.
+pub fn kind_code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::NotFound => Code::NOT_FOUND,
+        ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+        ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
+        ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
+        ErrorKind::Unavailable => Code::UNAVAILABLE,
+        ErrorKind::DeadlineExceeded => Code::DEADLINE_EXCEEDED,
+        ErrorKind::Unimplemented => Code::UNIMPLEMENTED,
+        ErrorKind::Internal => Code::INTERNAL,
     }
 }
 
@@ -132,27 +113,140 @@ pub type Result<T> = std::result::Result<T, ShimError>;
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use runvm_sandbox::ContainerId;
+    use runvm_sandbox::agent::{AgentError, RpcCode};
+    use runvm_sandbox::state::State;
+    use runvm_sandbox::store::{LockMode, StoreError};
+    use runvm_sandbox::{ContainerId, SandboxId};
+
+    fn wrapped(e: impl Into<SandboxError>) -> ShimError {
+        ShimError::sandbox("creating container c1")(e.into())
+    }
+
+    #[test]
+    fn each_kind_has_its_code() {
+        let table = [
+            (ErrorKind::NotFound, Code::NOT_FOUND),
+            (ErrorKind::AlreadyExists, Code::ALREADY_EXISTS),
+            (ErrorKind::InvalidArgument, Code::INVALID_ARGUMENT),
+            (ErrorKind::FailedPrecondition, Code::FAILED_PRECONDITION),
+            (ErrorKind::Unavailable, Code::UNAVAILABLE),
+            (ErrorKind::DeadlineExceeded, Code::DEADLINE_EXCEEDED),
+            (ErrorKind::Unimplemented, Code::UNIMPLEMENTED),
+            (ErrorKind::Internal, Code::INTERNAL),
+        ];
+        for (kind, code) in table {
+            assert_eq!(kind_code(kind), code, "{kind:?}");
+        }
+    }
 
     #[test]
     fn codes_follow_the_kind_of_error() {
-        let bad = ContainerId::parse("../x").unwrap_err();
-        let e = ShimError::Sandbox {
-            context: "creating container ../x".into(),
-            source: Box::new(bad.into()),
-        };
-        assert_eq!(e.code(), Code::INVALID_ARGUMENT);
-        assert!(e.chain().starts_with("creating container ../x: "));
-        assert_eq!(
-            ShimError::NotFound("container c1 not found".into()).code(),
-            Code::NOT_FOUND
-        );
+        let sb = SandboxId::parse("sb1").unwrap();
+        let c1 = ContainerId::parse("c1").unwrap();
+        let table = [
+            (
+                wrapped(ContainerId::parse("../x").unwrap_err()),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                wrapped(StoreError::ContainerExists {
+                    sandbox: sb.clone(),
+                    id: c1.clone(),
+                    path: "/run/runvm/sb1/c1".into(),
+                }),
+                Code::ALREADY_EXISTS,
+            ),
+            (
+                wrapped(StoreError::ContainerNotFound {
+                    sandbox: sb.clone(),
+                    id: c1,
+                    path: "/run/runvm/sb1/c1".into(),
+                }),
+                Code::NOT_FOUND,
+            ),
+            (
+                wrapped(StoreError::LockTimeout {
+                    id: sb.clone(),
+                    path: "/run/runvm/sb1/lock".into(),
+                    mode: LockMode::Exclusive,
+                    timeout: Duration::from_secs(5),
+                }),
+                Code::DEADLINE_EXCEEDED,
+            ),
+            (
+                wrapped(StoreError::LockBusy {
+                    id: sb,
+                    path: "/run/runvm/sb1/lock".into(),
+                    mode: LockMode::Shared,
+                }),
+                Code::UNAVAILABLE,
+            ),
+            (
+                wrapped(SandboxError::WrongState {
+                    what: "container c1".into(),
+                    state: State::Stopped,
+                    operation: "exec in it",
+                    hint: "",
+                }),
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                wrapped(AgentError::Rpc {
+                    method: "CreateContainer",
+                    code: RpcCode::Unimplemented,
+                    message: "later".into(),
+                }),
+                Code::UNIMPLEMENTED,
+            ),
+            (
+                ShimError::io("opening the FIFO")(std::io::Error::other("gone")),
+                Code::INTERNAL,
+            ),
+            (
+                ShimError::NotFound("container c1 not found".into()),
+                Code::NOT_FOUND,
+            ),
+            (
+                ShimError::Unimplemented("checkpoint".into()),
+                Code::UNIMPLEMENTED,
+            ),
+        ];
+        for (e, code) in table {
+            assert_eq!(e.code(), code, "{e:?}");
+        }
         let status = match ttrpc::Error::from(ShimError::AlreadyExists("task t1 exists".into())) {
             ttrpc::Error::RpcStatus(s) => s,
             other => panic!("unexpected {other:?}"),
         };
         assert_eq!(status.code(), Code::ALREADY_EXISTS);
         assert_eq!(status.message(), "task t1 exists");
+    }
+
+    #[test]
+    fn the_chain_prints_each_cause_once() {
+        let e = wrapped(ContainerId::parse("../x").unwrap_err());
+        let text = e.chain();
+        assert!(
+            text.starts_with("creating container c1: invalid id \"../x\": "),
+            "{text}"
+        );
+        assert_eq!(text.matches("invalid id").count(), 1, "{text}");
+
+        let e = wrapped(StoreError::Io {
+            action: "read",
+            path: "/run/runvm/sb1/state.json".into(),
+            source: std::io::Error::other("disk on fire"),
+        });
+        assert_eq!(
+            e.chain(),
+            "creating container c1: cannot read /run/runvm/sb1/state.json: disk on fire"
+        );
+
+        let e = ShimError::io("creating /run/x")(std::io::Error::other("read-only"));
+        assert_eq!(e.to_string(), "creating /run/x");
+        assert_eq!(e.chain(), "creating /run/x: read-only");
     }
 }

@@ -9,7 +9,8 @@ use runvm_hypervisor::AgentAddress;
 
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestDetails, GuestProcess, Interface, Neighbor, OutputChunk, ProcessRef, Route, StdioSpec,
+    GuestDetails, GuestProcess, Interface, Neighbor, OutputChunk, ProcessRef, Route, RpcCode,
+    StdioSpec,
 };
 
 /// A simulated guest process: its scripted output and exit, and what it was sent.
@@ -63,7 +64,7 @@ pub struct MockAgentState {
     /// Processes, scripted in advance or created by start/exec.
     pub processes: BTreeMap<ProcessRef, MockProcess>,
     /// When set, the next `create_container` fails with this code and message.
-    pub fail_create: Option<(String, String)>,
+    pub fail_create: Option<(RpcCode, String)>,
     /// The guest's interfaces (set by `update_interface`, by MAC).
     pub interfaces: Vec<Interface>,
     /// The guest's routes (set by `update_routes`).
@@ -71,7 +72,7 @@ pub struct MockAgentState {
     /// Neighbours added.
     pub neighbors: Vec<Neighbor>,
     /// When set, the next network change fails with this code and message (nothing changes).
-    pub fail_network: Option<(String, String)>,
+    pub fail_network: Option<(RpcCode, String)>,
 }
 
 impl Default for MockAgentState {
@@ -142,10 +143,10 @@ pub struct MockAgent {
     state: Arc<Mutex<MockAgentState>>,
 }
 
-fn rpc(method: &'static str, code: &str, message: String) -> AgentError {
+fn rpc(method: &'static str, code: RpcCode, message: String) -> AgentError {
     AgentError::Rpc {
         method,
-        code: code.into(),
+        code,
         message,
     }
 }
@@ -156,9 +157,13 @@ impl MockAgentState {
         method: &'static str,
         id: &str,
     ) -> Result<&mut MockContainer, AgentError> {
-        self.containers
-            .get_mut(id)
-            .ok_or_else(|| rpc(method, "NOT_FOUND", format!("container {id:?} not found")))
+        self.containers.get_mut(id).ok_or_else(|| {
+            rpc(
+                method,
+                RpcCode::NotFound,
+                format!("container {id:?} not found"),
+            )
+        })
     }
 
     fn process(
@@ -169,7 +174,7 @@ impl MockAgentState {
         self.processes
             .get_mut(p)
             .filter(|proc| proc.started)
-            .ok_or_else(|| rpc(method, "NOT_FOUND", format!("process {p} not found")))
+            .ok_or_else(|| rpc(method, RpcCode::NotFound, format!("process {p} not found")))
     }
 }
 
@@ -183,7 +188,7 @@ impl MockAgent {
 
 fn network_failure(s: &mut MockAgentState, method: &'static str) -> Result<(), AgentError> {
     match s.fail_network.take() {
-        Some((code, message)) => Err(rpc(method, &code, message)),
+        Some((code, message)) => Err(rpc(method, code, message)),
         None => Ok(()),
     }
 }
@@ -262,7 +267,7 @@ impl Agent for MockAgent {
         if s.containers.contains_key(&request.container_id) {
             return Err(rpc(
                 "CreateContainer",
-                "ALREADY_EXISTS",
+                RpcCode::AlreadyExists,
                 format!("container {:?} exists", request.container_id),
             ));
         }
@@ -285,7 +290,7 @@ impl Agent for MockAgent {
         if c.started {
             return Err(rpc(
                 "StartContainer",
-                "FAILED_PRECONDITION",
+                RpcCode::FailedPrecondition,
                 "already started".into(),
             ));
         }
@@ -367,14 +372,14 @@ impl Agent for MockAgent {
         if !s.container("ExecProcess", &process.container_id)?.started {
             return Err(rpc(
                 "ExecProcess",
-                "FAILED_PRECONDITION",
+                RpcCode::FailedPrecondition,
                 format!("container {:?} is not running", process.container_id),
             ));
         }
         if s.processes.get(process).is_some_and(|p| p.started) {
             return Err(rpc(
                 "ExecProcess",
-                "ALREADY_EXISTS",
+                RpcCode::AlreadyExists,
                 format!("{process} exists"),
             ));
         }
@@ -414,7 +419,7 @@ impl Agent for MockAgent {
         if p.stdin_closed {
             return Err(rpc(
                 "WriteStdin",
-                "FAILED_PRECONDITION",
+                RpcCode::FailedPrecondition,
                 "stdin closed".into(),
             ));
         }

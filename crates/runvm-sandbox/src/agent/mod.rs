@@ -24,6 +24,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use runvm_hypervisor::AgentAddress;
 
+use crate::error::ErrorKind;
+
 /// The agent's version report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentVersion {
@@ -87,8 +89,8 @@ pub enum AgentError {
     Rpc {
         /// The RPC.
         method: &'static str,
-        /// The ttrpc code name (e.g. "UNIMPLEMENTED", "NOT_FOUND").
-        code: String,
+        /// The status code.
+        code: RpcCode,
         /// The agent's message (bounded).
         message: String,
     },
@@ -113,16 +115,124 @@ pub enum AgentError {
 impl AgentError {
     /// The agent is reachable but does not implement the request.
     pub fn is_unimplemented(&self) -> bool {
-        self.rpc_code() == Some("UNIMPLEMENTED")
+        self.rpc_code() == Some(RpcCode::Unimplemented)
     }
 
-    /// The ttrpc status code name when the agent answered with an error status
-    /// (`NOT_FOUND`, `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, ...).
-    pub fn rpc_code(&self) -> Option<&str> {
+    /// The status code when the agent answered with an error status.
+    pub fn rpc_code(&self) -> Option<RpcCode> {
         match self {
-            AgentError::Rpc { code, .. } => Some(code),
-            _ => None,
+            AgentError::Rpc { code, .. } => Some(*code),
+            AgentError::Connect { .. }
+            | AgentError::Timeout { .. }
+            | AgentError::Transport { .. }
+            | AgentError::InvalidReply { .. } => None,
         }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::Connect { .. } => ErrorKind::Unavailable,
+            AgentError::Timeout { .. } => ErrorKind::DeadlineExceeded,
+            AgentError::Rpc { code, .. } => code.kind(),
+            AgentError::Transport { .. } => ErrorKind::Unavailable,
+            // The guest broke the protocol: not something the caller can fix or retry.
+            AgentError::InvalidReply { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+/// The status code of an agent reply that failed: the gRPC code set without `OK`.
+///
+/// Converted once from the ttrpc code where replies arrive ([`TtrpcAgent`]); callers match on
+/// it, never on its name. It displays as the gRPC name (`NOT_FOUND`, `UNIMPLEMENTED`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RpcCode {
+    /// The operation was cancelled.
+    Cancelled,
+    /// An unknown error (also: a failed status that claims `OK`).
+    Unknown,
+    /// The request is malformed, whatever the state of the guest.
+    InvalidArgument,
+    /// The deadline passed before the operation completed.
+    DeadlineExceeded,
+    /// The container or process does not exist in the guest.
+    NotFound,
+    /// The container or process exists already.
+    AlreadyExists,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// A resource (memory, processes, ...) is exhausted.
+    ResourceExhausted,
+    /// The guest is not in the state the operation needs.
+    FailedPrecondition,
+    /// The operation was aborted (a conflict).
+    Aborted,
+    /// A value lies outside its valid range.
+    OutOfRange,
+    /// The agent does not implement the request.
+    Unimplemented,
+    /// The agent failed.
+    Internal,
+    /// The agent cannot serve now.
+    Unavailable,
+    /// Data was lost or corrupted.
+    DataLoss,
+    /// The caller is not authenticated.
+    Unauthenticated,
+}
+
+impl RpcCode {
+    /// The gRPC name of the code (`NOT_FOUND`, `UNIMPLEMENTED`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RpcCode::Cancelled => "CANCELLED",
+            RpcCode::Unknown => "UNKNOWN",
+            RpcCode::InvalidArgument => "INVALID_ARGUMENT",
+            RpcCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            RpcCode::NotFound => "NOT_FOUND",
+            RpcCode::AlreadyExists => "ALREADY_EXISTS",
+            RpcCode::PermissionDenied => "PERMISSION_DENIED",
+            RpcCode::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            RpcCode::FailedPrecondition => "FAILED_PRECONDITION",
+            RpcCode::Aborted => "ABORTED",
+            RpcCode::OutOfRange => "OUT_OF_RANGE",
+            RpcCode::Unimplemented => "UNIMPLEMENTED",
+            RpcCode::Internal => "INTERNAL",
+            RpcCode::Unavailable => "UNAVAILABLE",
+            RpcCode::DataLoss => "DATA_LOSS",
+            RpcCode::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+
+    /// The kind of failure the agent reports. runvm's agent sends `INVALID_ARGUMENT`,
+    /// `NOT_FOUND`, `ALREADY_EXISTS`, `FAILED_PRECONDITION`, `INTERNAL` and `UNIMPLEMENTED`; the
+    /// others come from the ttrpc layer or from a foreign agent.
+    pub fn kind(self) -> ErrorKind {
+        match self {
+            RpcCode::InvalidArgument | RpcCode::OutOfRange => ErrorKind::InvalidArgument,
+            RpcCode::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            RpcCode::NotFound => ErrorKind::NotFound,
+            RpcCode::AlreadyExists => ErrorKind::AlreadyExists,
+            RpcCode::FailedPrecondition => ErrorKind::FailedPrecondition,
+            RpcCode::Unimplemented => ErrorKind::Unimplemented,
+            // Transient: trying again later may succeed.
+            RpcCode::Cancelled
+            | RpcCode::Aborted
+            | RpcCode::ResourceExhausted
+            | RpcCode::Unavailable => ErrorKind::Unavailable,
+            RpcCode::Unknown
+            | RpcCode::PermissionDenied
+            | RpcCode::Internal
+            | RpcCode::DataLoss
+            | RpcCode::Unauthenticated => ErrorKind::Internal,
+        }
+    }
+}
+
+impl std::fmt::Display for RpcCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -15,7 +15,7 @@ use super::network;
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
     GuestBootTimes, GuestDetails, GuestProcess, Interface, Neighbor, OutputChunk, ProcessRef,
-    Route, StdioSpec,
+    Route, RpcCode, StdioSpec,
 };
 
 /// Longest text field accepted from the agent (versions, names).
@@ -216,21 +216,41 @@ fn encode(method: &'static str, value: &serde_json::Value) -> Result<Vec<u8>, Ag
 
 fn map_error(method: &'static str, timeout: Duration, e: ttrpc::Error) -> AgentError {
     match e {
-        ttrpc::Error::RpcStatus(status) => {
-            let code = format!("{:?}", status.code());
-            if code == "DEADLINE_EXCEEDED" {
-                return AgentError::Timeout { method, timeout };
-            }
-            AgentError::Rpc {
+        ttrpc::Error::RpcStatus(status) => match rpc_code(status.code()) {
+            RpcCode::DeadlineExceeded => AgentError::Timeout { method, timeout },
+            code => AgentError::Rpc {
                 method,
                 code,
                 message: bounded(status.message(), MAX_MESSAGE),
-            }
-        }
+            },
+        },
         other => AgentError::Transport {
             method,
             reason: bounded(&other.to_string(), MAX_MESSAGE),
         },
+    }
+}
+
+/// The code of a failed ttrpc status. `OK` on a failure breaks the protocol: it is `Unknown`.
+fn rpc_code(code: ttrpc::Code) -> RpcCode {
+    use ttrpc::Code;
+    match code {
+        Code::OK | Code::UNKNOWN => RpcCode::Unknown,
+        Code::CANCELLED => RpcCode::Cancelled,
+        Code::INVALID_ARGUMENT => RpcCode::InvalidArgument,
+        Code::DEADLINE_EXCEEDED => RpcCode::DeadlineExceeded,
+        Code::NOT_FOUND => RpcCode::NotFound,
+        Code::ALREADY_EXISTS => RpcCode::AlreadyExists,
+        Code::PERMISSION_DENIED => RpcCode::PermissionDenied,
+        Code::RESOURCE_EXHAUSTED => RpcCode::ResourceExhausted,
+        Code::FAILED_PRECONDITION => RpcCode::FailedPrecondition,
+        Code::ABORTED => RpcCode::Aborted,
+        Code::OUT_OF_RANGE => RpcCode::OutOfRange,
+        Code::UNIMPLEMENTED => RpcCode::Unimplemented,
+        Code::INTERNAL => RpcCode::Internal,
+        Code::UNAVAILABLE => RpcCode::Unavailable,
+        Code::DATA_LOSS => RpcCode::DataLoss,
+        Code::UNAUTHENTICATED => RpcCode::Unauthenticated,
     }
 }
 
@@ -644,6 +664,69 @@ mod tests {
             "{err}"
         );
         assert!(checked_text("Version", "v", "a\u{1b}[2J".into()).is_err());
+    }
+
+    #[test]
+    fn ttrpc_codes_become_rpc_codes() {
+        use ttrpc::Code;
+        let table = [
+            (Code::OK, RpcCode::Unknown),
+            (Code::CANCELLED, RpcCode::Cancelled),
+            (Code::UNKNOWN, RpcCode::Unknown),
+            (Code::INVALID_ARGUMENT, RpcCode::InvalidArgument),
+            (Code::DEADLINE_EXCEEDED, RpcCode::DeadlineExceeded),
+            (Code::NOT_FOUND, RpcCode::NotFound),
+            (Code::ALREADY_EXISTS, RpcCode::AlreadyExists),
+            (Code::PERMISSION_DENIED, RpcCode::PermissionDenied),
+            (Code::RESOURCE_EXHAUSTED, RpcCode::ResourceExhausted),
+            (Code::FAILED_PRECONDITION, RpcCode::FailedPrecondition),
+            (Code::ABORTED, RpcCode::Aborted),
+            (Code::OUT_OF_RANGE, RpcCode::OutOfRange),
+            (Code::UNIMPLEMENTED, RpcCode::Unimplemented),
+            (Code::INTERNAL, RpcCode::Internal),
+            (Code::UNAVAILABLE, RpcCode::Unavailable),
+            (Code::DATA_LOSS, RpcCode::DataLoss),
+            (Code::UNAUTHENTICATED, RpcCode::Unauthenticated),
+        ];
+        for (code, expected) in table {
+            assert_eq!(rpc_code(code), expected, "{code:?}");
+            if code != Code::OK {
+                // The display name is the ttrpc name.
+                assert_eq!(expected.to_string(), format!("{code:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn failed_statuses_become_typed_agent_errors() {
+        let t = Duration::from_secs(3);
+        let status = |code, msg| ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg));
+        let e = map_error(
+            "RemoveContainer",
+            t,
+            status(ttrpc::Code::NOT_FOUND, "no c1"),
+        );
+        assert_eq!(e.rpc_code(), Some(RpcCode::NotFound));
+        assert_eq!(
+            e.to_string(),
+            "agent request RemoveContainer failed: NOT_FOUND: no c1"
+        );
+        let e = map_error("Stats", t, status(ttrpc::Code::UNIMPLEMENTED, "later"));
+        assert!(e.is_unimplemented());
+        let e = map_error("Check", t, status(ttrpc::Code::DEADLINE_EXCEEDED, "slow"));
+        assert!(
+            matches!(
+                e,
+                AgentError::Timeout {
+                    method: "Check",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = map_error("Check", t, ttrpc::Error::LocalClosed);
+        assert!(matches!(e, AgentError::Transport { .. }), "{e:?}");
+        assert_eq!(e.rpc_code(), None);
     }
 
     #[test]

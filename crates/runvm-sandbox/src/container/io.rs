@@ -93,9 +93,16 @@ pub enum IoError {
     /// The agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
-    /// The host side failed.
+    /// The host side failed. The message holds the I/O error, which is therefore not also
+    /// its `source`.
     #[error("host stream: {0}")]
-    Host(#[from] std::io::Error),
+    Host(std::io::Error),
+}
+
+impl From<std::io::Error> for IoError {
+    fn from(e: std::io::Error) -> Self {
+        IoError::Host(e)
+    }
 }
 
 /// Copies the process's `stream` to `out` until EOF; returns the bytes copied.

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{Interface, IpNet, Neighbor, Route};
+use crate::error::ErrorKind;
 use host::{in_netns, DeviceScan};
 
 /// How the VM is joined to the pod's network.
@@ -78,6 +79,19 @@ pub enum NetworkError {
     /// The request cannot be carried out as asked.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl NetworkError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            NetworkError::NoSuchDevice { .. } => ErrorKind::NotFound,
+            NetworkError::Invalid(_) => ErrorKind::InvalidArgument,
+            NetworkError::Netns { .. }
+            | NetworkError::Netlink { .. }
+            | NetworkError::Tap { .. } => ErrorKind::Internal,
+        }
+    }
 }
 
 /// One device of the pod joined to the VM.

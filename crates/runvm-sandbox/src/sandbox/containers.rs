@@ -7,7 +7,8 @@ use serde_json::Value;
 
 use super::{Sandbox, LOCK_TIMEOUT};
 use crate::agent::{
-    ContainerStats, CreateContainer, ExitStatus, GuestProcess, ProcessRef, StdioSpec, Storage,
+    ContainerStats, CreateContainer, ExitStatus, GuestProcess, ProcessRef, RpcCode, StdioSpec,
+    Storage,
 };
 use crate::container::share;
 use crate::container::spec::{self, GUEST_SHARED_DIR};
@@ -440,7 +441,7 @@ impl Sandbox {
             let agent = self.agent().await?;
             match agent.remove_container(id.as_str(), 0).await {
                 Ok(()) => {}
-                Err(e) if e.rpc_code() == Some("NOT_FOUND") => {}
+                Err(e) if e.rpc_code() == Some(RpcCode::NotFound) => {}
                 Err(e) => return Err(e.into()),
             }
         }

@@ -271,7 +271,7 @@ impl Sandbox {
             }
             if let Err(e) = self.hypervisor.check().await {
                 return Err(SandboxError::VmDied {
-                    source: e,
+                    cause: e,
                     console: self.hypervisor.console_tail(CONSOLE_LINES),
                 });
             }
@@ -300,7 +300,7 @@ impl Sandbox {
         loop {
             if let Err(e) = self.hypervisor.check().await {
                 return Err(SandboxError::VmDied {
-                    source: e,
+                    cause: e,
                     console: self.hypervisor.console_tail(CONSOLE_LINES),
                 });
             }

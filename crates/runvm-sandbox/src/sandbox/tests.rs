@@ -6,7 +6,7 @@ use runvm_hypervisor::mock::{MockHypervisor, MockLog};
 use runvm_hypervisor::{Accelerator, SharedDir, VsockBackend};
 
 use super::*;
-use crate::agent::{MockAgentConnector, MockAgentState, ProcessRef, StdioSpec};
+use crate::agent::{MockAgentConnector, MockAgentState, ProcessRef, RpcCode, StdioSpec};
 use crate::config::VsockMode;
 use crate::container::bundle;
 use crate::container::share::is_mounted;
@@ -328,11 +328,9 @@ async fn illegal_container_changes_are_refused_with_both_states() {
         .to_string();
     assert!(e.contains("container c1 is ready"), "{e}");
     sb.start_container(&cid("c1")).await.unwrap();
-    let e = sb
-        .start_container(&cid("c1"))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = sb.start_container(&cid("c1")).await.unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::FailedPrecondition);
+    let e = crate::ErrorChain(&e).to_string();
     assert!(e.contains("cannot go from running to running"), "{e}");
     let e = sb
         .delete_container(&cid("c1"), false)
@@ -388,7 +386,7 @@ async fn bad_bundle_leaves_nothing_stored_mounted_or_in_the_guest() {
     )
     .unwrap();
     f.agent().lock().unwrap().fail_create = Some((
-        "INVALID_ARGUMENT".into(),
+        RpcCode::InvalidArgument,
         "user \"nobody2\" not found".into(),
     ));
     let e = sb

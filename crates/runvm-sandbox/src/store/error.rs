@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::LockMode;
+use crate::error::ErrorKind;
 use crate::id::{ContainerId, SandboxId};
 
 /// Errors of the state store. Each names the sandbox, container or file at fault.
@@ -160,9 +161,30 @@ fn list(paths: &[PathBuf]) -> String {
 impl StoreError {
     /// Whether this says the sandbox or container does not exist.
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            StoreError::SandboxNotFound { .. } | StoreError::ContainerNotFound { .. }
-        )
+        self.kind() == ErrorKind::NotFound
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::SandboxNotFound { .. } | StoreError::ContainerNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            StoreError::SandboxExists { .. } | StoreError::ContainerExists { .. } => {
+                ErrorKind::AlreadyExists
+            }
+            // Another runvm holds the lock now; it may be free later.
+            StoreError::LockBusy { .. } => ErrorKind::Unavailable,
+            StoreError::LockTimeout { .. } => ErrorKind::DeadlineExceeded,
+            // This runvm cannot handle the sandbox until a newer runvm is used.
+            StoreError::NewerVersion { .. } => ErrorKind::FailedPrecondition,
+            // Someone must unmount first.
+            StoreError::MountsRemain { .. } => ErrorKind::FailedPrecondition,
+            StoreError::Corrupt { .. }
+            | StoreError::Mismatch { .. }
+            | StoreError::LockNotHeld { .. }
+            | StoreError::Io { .. }
+            | StoreError::Encode { .. } => ErrorKind::Internal,
+        }
     }
 }
