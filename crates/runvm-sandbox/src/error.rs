@@ -223,6 +223,7 @@ fn hypervisor_kind(e: &HypervisorError) -> ErrorKind {
         HypervisorError::Spawn { .. }
         | HypervisorError::HelperFailed { .. }
         | HypervisorError::QemuExited { .. }
+        | HypervisorError::RecordFailed { .. }
         | HypervisorError::Netns { .. }
         | HypervisorError::Io { .. } => ErrorKind::Internal,
     }

@@ -292,7 +292,7 @@ pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneEr
         {
             return Err(StandaloneError::NotExist(id.to_string()))
         }
-        Err(e) => return Err(unusable(error_chain(&e))),
+        Err(e) => return Err(unusable(crate::ErrorChain(&e).to_string())),
     };
     let c = match store.load_container(&sid, id) {
         Ok(c) => c,
@@ -317,7 +317,7 @@ pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneEr
                     .into(),
             ));
         }
-        Err(e) => return Err(unusable(error_chain(&e))),
+        Err(e) => return Err(unusable(crate::ErrorChain(&e).to_string())),
     };
     let standin = standin(config, id);
     let qemu_alive = sandbox
@@ -356,21 +356,6 @@ pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneEr
     })
 }
 
-/// An error with its causes, each once.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
-}
-
 /// The states of every standalone container under the root, by id. An entry whose records
 /// cannot be used is listed with status `unknown` and the reason, never hidden.
 pub fn list(config: &Config) -> Result<Vec<OciState>, StandaloneError> {
@@ -388,7 +373,7 @@ pub fn list(config: &Config) -> Result<Vec<OciState>, StandaloneError> {
             Err(e) => {
                 let reason = match e {
                     StandaloneError::Unusable { reason, .. } => reason,
-                    other => error_chain(&other),
+                    other => crate::ErrorChain(&other).to_string(),
                 };
                 out.push(OciState {
                     oci_version: OCI_VERSION.into(),

@@ -72,21 +72,6 @@ fn is_vm_process(pid: u32, start_time: u64, programs: &[String]) -> bool {
         .is_some_and(|name| programs.contains(&name))
 }
 
-/// An error with its causes, each once.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
-}
-
 /// Whether `path` lies strictly under `root` (no `..`, compared component-wise).
 pub(crate) fn lies_under(path: &Path, root: &Path) -> bool {
     use std::path::Component;
@@ -231,7 +216,7 @@ pub async fn purge(
         Ok(r) => Some(r),
         Err(e) => {
             tracing::warn!(error = %e, "the sandbox's record is unusable; removing it anyway");
-            report.unreadable = Some(chain(&e));
+            report.unreadable = Some(crate::ErrorChain(&e).to_string());
             None
         }
     };
