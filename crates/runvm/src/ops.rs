@@ -19,12 +19,39 @@ use crate::args::{ExecArgs, Global, UpdateArgs};
 use crate::oci::block_on;
 use crate::standin::{self, StandinIo};
 
+/// The most bytes of JSON read from a file or stdin given on the command line (`exec
+/// --process`, `update --resources`, `network`'s arguments): they are a few KiB.
+pub const MAX_JSON_INPUT_BYTES: u64 = 1 << 20;
+
+/// Reads the JSON input `what` (a flag's name, or what the argument is) from `path`, or stdin
+/// for `-`: at most [`MAX_JSON_INPUT_BYTES`], more is refused (so `/dev/zero` cannot eat the
+/// memory). A pipe is taken: `--process <(...)` is a caller's right.
+pub fn read_json_input(path: &Path, what: &str) -> Result<String> {
+    let stdin = path == Path::new("-");
+    let name = if stdin {
+        "stdin".to_string()
+    } else {
+        path.display().to_string()
+    };
+    let mut data = Vec::new();
+    let limit = MAX_JSON_INPUT_BYTES + 1;
+    let read = if stdin {
+        std::io::stdin().lock().take(limit).read_to_end(&mut data)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut data))
+    };
+    read.with_context(|| format!("{what}: cannot read {name}"))?;
+    if data.len() as u64 > MAX_JSON_INPUT_BYTES {
+        anyhow::bail!("{what}: {name} is too large: over the cap of {MAX_JSON_INPUT_BYTES} bytes");
+    }
+    String::from_utf8(data).with_context(|| format!("{what}: {name} is not UTF-8 text"))
+}
+
 /// The OCI process `exec` runs: the --process file, or the container's own process with the
 /// command and flags given.
 fn exec_process(base: &Value, a: &ExecArgs) -> Result<Value> {
     if let Some(path) = &a.process {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the process file {}", path.display()))?;
+        let text = read_json_input(path, "--process")?;
         return serde_json::from_str(&text)
             .with_context(|| format!("{}: not a valid OCI process", path.display()));
     }
@@ -239,13 +266,7 @@ pub fn update(config: &Config, a: &UpdateArgs) -> Result<ExitCode> {
     let id = ContainerId::parse(&a.id)?;
     let resources = match &a.resources {
         Some(path) => {
-            let mut text = String::new();
-            if path == Path::new("-") {
-                std::io::stdin().read_to_string(&mut text)?;
-            } else {
-                text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-            }
+            let text = read_json_input(path, "--resources")?;
             serde_json::from_str(&text).with_context(|| {
                 format!("{}: not valid JSON for linux.resources", path.display())
             })?
@@ -370,6 +391,27 @@ mod tests {
             p.unwrap()["user"],
             json!({"uid": 1000, "gid": 4294967294u32})
         );
+    }
+
+    #[test]
+    fn json_inputs_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("process.json");
+        std::fs::write(&p, "{}").unwrap();
+        assert_eq!(read_json_input(&p, "--process").unwrap(), "{}");
+        let err = read_json_input(Path::new("/dev/zero"), "--process")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--process: /dev/zero is too large"), "{err}");
+        assert!(err.contains(&MAX_JSON_INPUT_BYTES.to_string()), "{err}");
+        std::fs::write(&p, vec![b' '; MAX_JSON_INPUT_BYTES as usize + 1]).unwrap();
+        let err = read_json_input(&p, "--resources").unwrap_err().to_string();
+        assert!(err.contains("--resources"), "{err}");
+        assert!(err.contains("too large"), "{err}");
+        let err = read_json_input(dir.path(), "--process")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read"), "{err:#}");
     }
 
     #[test]
