@@ -11,6 +11,8 @@ use std::time::Duration;
 use runvm_hypervisor::AccelMode;
 use serde::{Deserialize, Serialize};
 
+use crate::regular_file::{read_regular_file_to_string, FileError};
+
 /// The default configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runvm/config.toml";
 /// The environment variable that names the configuration file.
@@ -19,19 +21,17 @@ pub const CONFIG_ENV: &str = "RUNVM_CONFIG";
 pub const TOOLS_PREFIX: &str = "/opt/runvm/bin";
 /// Where `cargo xtask guest` writes the guest image.
 pub const DEFAULT_GUEST_DIR: &str = "/var/lib/runvm/guest";
+/// The largest configuration file accepted, bytes (1 MiB; every key written out takes about
+/// 1 KiB).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 
 /// Errors loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The file could not be read, is not a regular file, or is larger than
+    /// [`MAX_CONFIG_FILE_BYTES`].
+    #[error(transparent)]
+    Read(#[from] FileError),
     /// The file is not valid TOML, has an unknown key or a value of the wrong type.
     #[error("config file {}: {message}", path.display())]
     Parse {
@@ -129,7 +129,13 @@ pub struct HypervisorConfig {
     pub start_timeout_ms: u64,
     /// How long a VM may take to power off before it is stopped by force, ms.
     pub stop_timeout_ms: u64,
+    /// The cap, bytes, on the guest console log and on each helper's log in the VM's run folder
+    /// (oldest output is dropped beyond it); [`LOG_MAX_BYTES_RANGE`].
+    pub log_max_bytes: u64,
 }
+
+/// Valid values of `hypervisor.log_max_bytes`: 4 KiB to 1 GiB.
+pub const LOG_MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=1_073_741_824;
 
 impl Default for HypervisorConfig {
     fn default() -> Self {
@@ -145,6 +151,7 @@ impl Default for HypervisorConfig {
             tcg_tb_size_mib: 32,
             start_timeout_ms: 10_000,
             stop_timeout_ms: 5_000,
+            log_max_bytes: 1_048_576,
         }
     }
 }
@@ -231,12 +238,10 @@ impl Config {
         }
     }
 
-    /// Loads and validates one file.
+    /// Loads and validates one file: a regular file (not a FIFO, a device or a folder) of at
+    /// most [`MAX_CONFIG_FILE_BYTES`], read once.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_regular_file_to_string(path, MAX_CONFIG_FILE_BYTES)?;
         let mut config = Config::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),
             message,
@@ -318,6 +323,13 @@ impl Config {
                 "hypervisor.stop_timeout_ms",
                 h.stop_timeout_ms.to_string(),
                 "valid: 0 to 600000 (ms)",
+            ));
+        }
+        if !LOG_MAX_BYTES_RANGE.contains(&h.log_max_bytes) {
+            return Err(invalid(
+                "hypervisor.log_max_bytes",
+                h.log_max_bytes.to_string(),
+                "valid: 4096 to 1073741824 (bytes: 4 KiB to 1 GiB)",
             ));
         }
         if !self.runtime.root.is_absolute() {
@@ -435,6 +447,125 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("runtime.root"));
+    }
+
+    /// Each numeric key, a value just outside its range on each side, and the range's text.
+    #[test]
+    fn every_numeric_key_is_bounded_and_named() {
+        type Set = fn(&mut Config, u64);
+        let cases: &[(&str, Set, &[u64], &str)] = &[
+            (
+                "hypervisor.vcpus",
+                |c, v| c.hypervisor.vcpus = v as u32,
+                &[0, 256],
+                "1 to 255",
+            ),
+            (
+                "hypervisor.memory_mib",
+                |c, v| c.hypervisor.memory_mib = v as u32,
+                &[0, 63, 1_048_577],
+                "64 to 1048576",
+            ),
+            (
+                "hypervisor.tcg_tb_size_mib",
+                |c, v| c.hypervisor.tcg_tb_size_mib = v as u32,
+                &[1, 3, 4097],
+                "4 to 4096",
+            ),
+            (
+                "hypervisor.start_timeout_ms",
+                |c, v| c.hypervisor.start_timeout_ms = v,
+                &[0, 99, 600_001, u64::MAX],
+                "100 to 600000",
+            ),
+            (
+                "hypervisor.stop_timeout_ms",
+                |c, v| c.hypervisor.stop_timeout_ms = v,
+                &[600_001, u64::MAX],
+                "0 to 600000",
+            ),
+            (
+                "hypervisor.log_max_bytes",
+                |c, v| c.hypervisor.log_max_bytes = v,
+                &[0, 4095, 1_073_741_825, u64::MAX],
+                "4096 to 1073741824",
+            ),
+            (
+                "agent.boot_timeout_ms",
+                |c, v| c.agent.boot_timeout_ms = v,
+                &[0, 99, 600_001],
+                "100 to 600000",
+            ),
+            (
+                "agent.request_timeout_ms",
+                |c, v| c.agent.request_timeout_ms = v,
+                &[0, 99, 600_001],
+                "100 to 600000",
+            ),
+        ];
+        for (key, set, bad, valid) in cases {
+            for value in *bad {
+                let mut c = Config::default();
+                set(&mut c, *value);
+                let err = c.validate().unwrap_err().to_string();
+                assert!(err.contains(&format!("{key} = {value}")), "{err}");
+                assert!(err.contains(valid), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn log_max_bytes_defaults_to_one_mib_and_takes_its_range_ends() {
+        assert_eq!(Config::default().hypervisor.log_max_bytes, 1_048_576);
+        for v in [4096, 1_073_741_824] {
+            let c = Config::from_toml(&format!("[hypervisor]\nlog_max_bytes = {v}\n")).unwrap();
+            assert_eq!(c.hypervisor.log_max_bytes, v);
+            c.validate().unwrap();
+        }
+        let err = Config::from_toml("[hypervisor]\nlog_max_bytes = -1\n").unwrap_err();
+        assert!(err.contains("log_max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_fifo_config_file_is_refused_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.toml");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let started = std::time::Instant::now();
+        let err = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(err.contains(&p.display().to_string()), "{err}");
+        assert!(err.contains("FIFO"), "{err}");
+        assert!(err.contains("a regular file is required"), "{err}");
+    }
+
+    #[test]
+    fn a_device_or_folder_config_file_is_refused() {
+        let err = Config::from_file(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/dev/zero is a character device"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::from_file(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+    }
+
+    #[test]
+    fn an_oversize_config_file_is_refused_naming_its_size_and_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.toml");
+        let mut text = String::from("[hypervisor]\nvcpus = 2\n");
+        let size = MAX_CONFIG_FILE_BYTES as usize + 1;
+        text.push_str(&"#".repeat(size - text.len()));
+        std::fs::write(&p, &text).unwrap();
+        let err = Config::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains(&p.display().to_string()), "{err}");
+        assert!(err.contains(&size.to_string()), "{err}");
+        assert!(err.contains(&MAX_CONFIG_FILE_BYTES.to_string()), "{err}");
+        // One byte less, at the cap, is read.
+        text.pop();
+        std::fs::write(&p, &text).unwrap();
+        assert_eq!(Config::from_file(&p).unwrap().hypervisor.vcpus, 2);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! accepts them are rewritten first by [`crate::argv::normalize`]), plus runvm's own.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -217,9 +218,9 @@ pub enum Command {
         /// Print one stats event and exit.
         #[arg(long)]
         stats: bool,
-        /// Time between stats events (e.g. 5s, 500ms).
-        #[arg(long, default_value = "5s", value_name = "DURATION")]
-        interval: String,
+        /// Time between stats events (e.g. 5s, 500ms), 1ms to 24h.
+        #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_interval)]
+        interval: Duration,
         /// Print when each start phase ended, host and guest (config loaded, helpers, QEMU,
         /// guest kernel, init, agent, container created, process started, first output) as a
         /// text waterfall, and exit. Works for stopped containers too.
@@ -273,11 +274,11 @@ pub struct ExecArgs {
     /// Working directory in the container.
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
-    /// User as UID[:GID].
-    #[arg(short, long, value_name = "UID[:GID]")]
-    pub user: Option<String>,
-    /// Additional group ids, repeatable.
-    #[arg(short = 'g', long, value_name = "GID")]
+    /// User as UID[:GID] (ids 0 to 4294967294; GID 0 when not given).
+    #[arg(short, long, value_name = "UID[:GID]", value_parser = parse_user)]
+    pub user: Option<(u32, u32)>,
+    /// Additional group ids, repeatable (0 to 4294967294).
+    #[arg(short = 'g', long, value_name = "GID", value_parser = ranged::<u32>(0, MAX_ID))]
     pub additional_gids: Vec<u32>,
     /// Accepted and ignored: no AppArmor in the guest.
     #[arg(long, value_name = "PROFILE")]
@@ -304,22 +305,22 @@ pub struct UpdateArgs {
     #[arg(short, long, value_name = "PATH")]
     pub resources: Option<PathBuf>,
     /// Block IO weight (10 to 1000).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = ranged::<u16>(10, 1000))]
     pub blkio_weight: Option<u16>,
-    /// CPU CFS period, µs.
-    #[arg(long, value_name = "US")]
+    /// CPU CFS period, µs (1000 to 1000000: 1 ms to 1 s).
+    #[arg(long, value_name = "US", value_parser = ranged::<u64>(1000, 1_000_000))]
     pub cpu_period: Option<u64>,
-    /// CPU CFS quota, µs (-1 for none).
-    #[arg(long, value_name = "US", allow_hyphen_values = true)]
+    /// CPU CFS quota, µs (-1 for none, else 1000 to 17592186044415, the kernel's limits).
+    #[arg(long, value_name = "US", allow_hyphen_values = true, value_parser = none_or(1000, MAX_CPU_US))]
     pub cpu_quota: Option<i64>,
-    /// CPU shares (relative weight).
-    #[arg(long, alias = "cpu-shares", value_name = "N")]
+    /// CPU shares (relative weight, 2 to 262144).
+    #[arg(long, alias = "cpu-shares", value_name = "N", value_parser = ranged::<u64>(2, 262_144))]
     pub cpu_share: Option<u64>,
-    /// CPU realtime period, µs.
-    #[arg(long, value_name = "US")]
+    /// CPU realtime period, µs (1 to 17592186044415).
+    #[arg(long, value_name = "US", value_parser = ranged::<u64>(1, MAX_CPU_US))]
     pub cpu_rt_period: Option<u64>,
-    /// CPU realtime runtime, µs.
-    #[arg(long, value_name = "US")]
+    /// CPU realtime runtime, µs (-1 for none, else 0 to 17592186044415).
+    #[arg(long, value_name = "US", allow_hyphen_values = true, value_parser = none_or(0, MAX_CPU_US))]
     pub cpu_rt_runtime: Option<i64>,
     /// CPUs allowed (0-3, 0,1).
     #[arg(long, value_name = "LIST")]
@@ -327,23 +328,23 @@ pub struct UpdateArgs {
     /// Memory nodes allowed.
     #[arg(long, value_name = "LIST")]
     pub cpuset_mems: Option<String>,
-    /// Memory limit (bytes, or with k, m, g suffix; -1 for none).
-    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
-    pub memory: Option<String>,
+    /// Memory limit (bytes, or with k, m, g, t suffix; -1 for none).
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true, value_parser = parse_bytes)]
+    pub memory: Option<i64>,
     /// Memory soft limit.
-    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
-    pub memory_reservation: Option<String>,
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true, value_parser = parse_bytes)]
+    pub memory_reservation: Option<i64>,
     /// Memory plus swap limit.
-    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
-    pub memory_swap: Option<String>,
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true, value_parser = parse_bytes)]
+    pub memory_swap: Option<i64>,
     /// Accepted and ignored: kernel memory limits are gone from cgroup v2.
     #[arg(long, value_name = "BYTES")]
     pub kernel_memory: Option<String>,
     /// Accepted and ignored: kernel memory limits are gone from cgroup v2.
     #[arg(long, value_name = "BYTES")]
     pub kernel_memory_tcp: Option<String>,
-    /// Maximum number of tasks (-1 for none).
-    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    /// Maximum number of tasks (-1 for none, else 0 to 4194304).
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = none_or(0, MAX_PIDS))]
     pub pids_limit: Option<i64>,
     /// Accepted and ignored: no Intel RDT in the guest.
     #[arg(long, value_name = "SCHEMA")]
@@ -398,4 +399,309 @@ pub enum NetworkCommand {
         #[arg(long, value_name = "JSON")]
         replace: Option<String>,
     },
+}
+
+// Flag values, parsed and bounded. Each error is shown by clap as "invalid value 'VALUE' for
+// '--FLAG <NAME>': ...", so it names the flag and the value; the text here gives the range.
+
+/// The largest user or group id: 2^32 - 1 is `(uid_t) -1`, "no id".
+pub const MAX_ID: i64 = u32::MAX as i64 - 1;
+/// The shortest `events --interval`.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+/// The longest `events --interval`.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// The kernel's largest CPU bandwidth value, µs (`MAX_BW` in kernel/sched: 2^44 - 1).
+pub const MAX_CPU_US: i64 = (1 << 44) - 1;
+/// The kernel's largest pid count (`PID_MAX_LIMIT` on 64-bit).
+pub const MAX_PIDS: i64 = 4_194_304;
+
+/// A duration such as `5s`, `500ms`, `1.5m`, `1h`, or a number of seconds; finite and positive.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| "not a duration: a number with a unit of ms, s, m or h".to_string())?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?}: units are ms, s, m, h")),
+    };
+    // Never NaN or negative from the digits above, but an overflow gives infinity, which
+    // `Duration::from_secs_f64` would panic on.
+    Duration::try_from_secs_f64(secs).map_err(|_| "out of range".to_string())
+}
+
+/// `events --interval`: a duration from [`MIN_INTERVAL`] to [`MAX_INTERVAL`].
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    const VALID: &str = "valid: 1ms to 24h";
+    let d = parse_duration(text).map_err(|e| format!("{e}; {VALID}"))?;
+    if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&d) {
+        return Err(format!("out of range; {VALID}"));
+    }
+    Ok(d)
+}
+
+/// Bytes as docker and runc take them: a number with an optional k, m, g, t suffix (powers of
+/// 1024; `b`, `kb`, `kib` spellings too), or -1 for no limit; at most `i64::MAX`.
+pub fn parse_bytes(text: &str) -> Result<i64, String> {
+    const VALID: &str = "valid: -1 (no limit), or 0 to 9223372036854775807 bytes with an \
+        optional k, m, g or t suffix";
+    let t = text.trim().to_ascii_lowercase();
+    if t == "-1" {
+        return Ok(-1);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit.trim_end_matches('b').trim_end_matches('i') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("not a size; {VALID}")),
+    };
+    let n: i64 = number
+        .parse()
+        .map_err(|_| format!("not a size, or too large; {VALID}"))?;
+    n.checked_mul(1i64 << shift)
+        .ok_or_else(|| format!("too large; {VALID}"))
+}
+
+/// `exec --user`: `UID[:GID]`, ids from 0 to [`MAX_ID`]; the GID is 0 when not given.
+pub fn parse_user(text: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = text.split_once(':').unwrap_or((text, "0"));
+    let id = |s: &str| {
+        s.parse::<u32>()
+            .ok()
+            .filter(|&id| i64::from(id) <= MAX_ID)
+            .ok_or_else(|| format!("expected UID[:GID], numbers from 0 to {MAX_ID}"))
+    };
+    Ok((id(uid)?, id(gid)?))
+}
+
+/// A whole number from `min` to `max`, as a `T`.
+fn ranged<T: TryFrom<i64>>(
+    min: i64,
+    max: i64,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        let valid = || format!("valid: {min} to {max}");
+        let n: i64 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("not a whole number, or too large; {}", valid()))?;
+        if !(min..=max).contains(&n) {
+            return Err(format!("out of range; {}", valid()));
+        }
+        T::try_from(n).map_err(|_| format!("out of range; {}", valid()))
+    }
+}
+
+/// -1 (none), or a whole number from `min` to `max`.
+fn none_or(
+    min: i64,
+    max: i64,
+) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        let valid = || format!("valid: -1 (none), or {min} to {max}");
+        let n: i64 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("not a whole number, or too large; {}", valid()))?;
+        if n == -1 || (min..=max).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("out of range; {}", valid()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        let argv = std::iter::once("runvm").chain(args.iter().copied());
+        Cli::try_parse_from(argv).map_err(|e| e.to_string())
+    }
+
+    /// The error names the flag and the value, and says what is valid.
+    fn refused(args: &[&str], flag: &str, value: &str, valid: &str) {
+        let err = match parse(args) {
+            Ok(cli) => panic!("{args:?} was accepted: {:?}", cli.command),
+            Err(e) => e,
+        };
+        assert!(err.contains(&format!("'{flag} <")), "{args:?}: {err}");
+        assert!(err.contains(&format!("'{value}'")), "{args:?}: {err}");
+        assert!(err.contains(valid), "{args:?}: {err}");
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_like_runc() {
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("2kib").unwrap(), 2048);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("-1").unwrap(), -1);
+        assert!(parse_bytes("12q").is_err());
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_interval("1ms").unwrap(), MIN_INTERVAL);
+        assert_eq!(parse_interval("24h").unwrap(), MAX_INTERVAL);
+        assert_eq!(parse_interval("2").unwrap(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn absurd_intervals_are_refused_by_name() {
+        let huge = "1".repeat(400);
+        for value in [
+            "1e20",
+            "100000000000000000000s",
+            "99999999999999999999999h",
+            huge.as_str(),
+            "0s",
+            "0",
+            "0.0000001ms",
+            "25h",
+            "-1s",
+            "inf",
+            "NaN",
+            "",
+            ".",
+            "5x",
+        ] {
+            refused(
+                &["events", &format!("--interval={value}"), "c1"],
+                "--interval",
+                value,
+                "1ms to 24h",
+            );
+        }
+        let Command::Events { interval, .. } = parse(&["events", "c1"]).unwrap().command else {
+            panic!("not events");
+        };
+        assert_eq!(interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn absurd_update_values_are_refused_by_name() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("--blkio-weight", "9", "10 to 1000"),
+            ("--blkio-weight", "1001", "10 to 1000"),
+            ("--blkio-weight", "70000", "10 to 1000"),
+            ("--cpu-period", "999", "1000 to 1000000"),
+            ("--cpu-period", "1000001", "1000 to 1000000"),
+            ("--cpu-period", "-5", "1000 to 1000000"),
+            ("--cpu-quota", "0", "1000 to 17592186044415"),
+            ("--cpu-quota", "-2", "1000 to 17592186044415"),
+            ("--cpu-quota", "17592186044416", "1000 to 17592186044415"),
+            (
+                "--cpu-quota",
+                "99999999999999999999",
+                "1000 to 17592186044415",
+            ),
+            ("--cpu-share", "1", "2 to 262144"),
+            ("--cpu-share", "262145", "2 to 262144"),
+            ("--cpu-rt-period", "0", "1 to 17592186044415"),
+            ("--cpu-rt-runtime", "-7", "0 to 17592186044415"),
+            ("--cpu-rt-runtime", "17592186044416", "0 to 17592186044415"),
+            ("--memory", "-5", "-1 (no limit)"),
+            ("--memory", "99999999999t", "-1 (no limit)"),
+            ("--memory", "99999999999999999999", "-1 (no limit)"),
+            ("--memory-reservation", "12q", "-1 (no limit)"),
+            ("--memory-swap", "1e20", "-1 (no limit)"),
+            ("--pids-limit", "-2", "0 to 4194304"),
+            ("--pids-limit", "4194305", "0 to 4194304"),
+        ];
+        for (flag, value, valid) in cases {
+            let arg = format!("{flag}={value}");
+            refused(&["update", &arg, "c1"], flag, value, valid);
+        }
+        // Named by the flag's own name when given by its alias.
+        refused(
+            &["update", "--cpu-shares", "0", "c1"],
+            "--cpu-share",
+            "0",
+            "2 to 262144",
+        );
+        // The ends of each range, and -1, are taken.
+        let cli = parse(&[
+            "update",
+            "--blkio-weight",
+            "1000",
+            "--cpu-period",
+            "1000",
+            "--cpu-quota",
+            "-1",
+            "--cpu-share",
+            "262144",
+            "--cpu-rt-period",
+            "1000000",
+            "--cpu-rt-runtime",
+            "0",
+            "--memory",
+            "-1",
+            "--memory-swap",
+            "1g",
+            "--pids-limit",
+            "4194304",
+            "c1",
+        ])
+        .unwrap();
+        let Command::Update(a) = cli.command else {
+            panic!("not update");
+        };
+        assert_eq!(a.cpu_quota, Some(-1));
+        assert_eq!(a.memory, Some(-1));
+        assert_eq!(a.memory_swap, Some(1 << 30));
+        assert_eq!(a.pids_limit, Some(4_194_304));
+    }
+
+    #[test]
+    fn an_absurd_user_is_refused_by_name() {
+        for user in [
+            "4294967295",
+            "0:4294967295",
+            "99999999999",
+            "-1",
+            "root",
+            "1:",
+            "",
+        ] {
+            refused(
+                &["exec", &format!("--user={user}"), "c1", "true"],
+                "--user",
+                user,
+                "0 to 4294967294",
+            );
+        }
+        let Command::Exec(a) = parse(&["exec", "-u", "7", "c1", "true"]).unwrap().command else {
+            panic!("not exec");
+        };
+        assert_eq!(a.user, Some((7, 0)));
+    }
+
+    #[test]
+    fn an_absurd_group_id_is_refused_by_name() {
+        refused(
+            &["exec", "--additional-gids", "4294967295", "c1", "true"],
+            "--additional-gids",
+            "4294967295",
+            "0 to 4294967294",
+        );
+        refused(
+            &["exec", "--additional-gids=-3", "c1", "true"],
+            "--additional-gids",
+            "-3",
+            "0 to 4294967294",
+        );
+    }
 }

@@ -51,7 +51,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             interval,
             id,
             ..
-        } => ops::events(c, &id, stats, &interval),
+        } => ops::events(c, &id, stats, interval),
         Command::Update(a) => ops::update(c, &a),
         Command::Spec { bundle } => oci::spec(&bundle),
         Command::Features => ops::features(),

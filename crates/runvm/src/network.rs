@@ -1,7 +1,6 @@
 //! `runvm network`: the pod network of a running container's VM, JSON in and out. A thin layer
 //! over runvm-sandbox (`Sandbox::add_interface` and friends).
 
-use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -18,15 +17,10 @@ use crate::oci::block_on;
 
 /// Reads JSON of type `T` from `source`: a file, `-` for stdin, or the JSON text itself.
 fn read_json<T: DeserializeOwned>(source: &str, what: &str) -> Result<T> {
-    let text = if source == "-" {
-        let mut t = String::new();
-        std::io::stdin().read_to_string(&mut t)?;
-        t
-    } else if source.trim_start().starts_with(['{', '[']) {
+    let text = if source.trim_start().starts_with(['{', '[']) {
         source.to_owned()
     } else {
-        std::fs::read_to_string(Path::new(source))
-            .with_context(|| format!("cannot read {source}"))?
+        crate::ops::read_json_input(Path::new(source), what)?
     };
     serde_json::from_str(&text).with_context(|| format!("{source}: not valid JSON for {what}"))
 }

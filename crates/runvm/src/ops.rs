@@ -19,12 +19,39 @@ use crate::args::{ExecArgs, Global, UpdateArgs};
 use crate::oci::block_on;
 use crate::standin::{self, StandinIo};
 
+/// The most bytes of JSON read from a file or stdin given on the command line (`exec
+/// --process`, `update --resources`, `network`'s arguments): they are a few KiB.
+pub const MAX_JSON_INPUT_BYTES: u64 = 1 << 20;
+
+/// Reads the JSON input `what` (a flag's name, or what the argument is) from `path`, or stdin
+/// for `-`: at most [`MAX_JSON_INPUT_BYTES`], more is refused (so `/dev/zero` cannot eat the
+/// memory). A pipe is taken: `--process <(...)` is a caller's right.
+pub fn read_json_input(path: &Path, what: &str) -> Result<String> {
+    let stdin = path == Path::new("-");
+    let name = if stdin {
+        "stdin".to_string()
+    } else {
+        path.display().to_string()
+    };
+    let mut data = Vec::new();
+    let limit = MAX_JSON_INPUT_BYTES + 1;
+    let read = if stdin {
+        std::io::stdin().lock().take(limit).read_to_end(&mut data)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut data))
+    };
+    read.with_context(|| format!("{what}: cannot read {name}"))?;
+    if data.len() as u64 > MAX_JSON_INPUT_BYTES {
+        anyhow::bail!("{what}: {name} is too large: over the cap of {MAX_JSON_INPUT_BYTES} bytes");
+    }
+    String::from_utf8(data).with_context(|| format!("{what}: {name} is not UTF-8 text"))
+}
+
 /// The OCI process `exec` runs: the --process file, or the container's own process with the
 /// command and flags given.
 fn exec_process(base: &Value, a: &ExecArgs) -> Result<Value> {
     if let Some(path) = &a.process {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the process file {}", path.display()))?;
+        let text = read_json_input(path, "--process")?;
         return serde_json::from_str(&text)
             .with_context(|| format!("{}: not a valid OCI process", path.display()));
     }
@@ -45,13 +72,8 @@ fn exec_process(base: &Value, a: &ExecArgs) -> Result<Value> {
     if let Some(cwd) = &a.cwd {
         p["cwd"] = json!(cwd);
     }
-    if let Some(user) = &a.user {
-        let (uid, gid) = user.split_once(':').unwrap_or((user, "0"));
-        let parse = |s: &str| {
-            s.parse::<u32>()
-                .with_context(|| format!("user {user:?}: expected UID[:GID] as numbers"))
-        };
-        p["user"] = json!({"uid": parse(uid)?, "gid": parse(gid)?});
+    if let Some((uid, gid)) = a.user {
+        p["user"] = json!({"uid": uid, "gid": gid});
     }
     if !a.additional_gids.is_empty() {
         p["user"]["additionalGids"] = json!(a.additional_gids);
@@ -145,28 +167,6 @@ fn stats_event(id: &ContainerId, s: &ContainerStats) -> Value {
     })
 }
 
-/// A duration such as `5s`, `500ms`, `1m`, or a number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: f64 = number
-        .parse()
-        .with_context(|| format!("invalid duration {text:?}"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => anyhow::bail!("invalid duration {text:?}: units are ms, s, m, h"),
-    };
-    if secs <= 0.0 {
-        anyhow::bail!("duration must be greater than 0");
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// `events --timeline`: the start timeline of the container's sandbox, as a text waterfall
 /// (and SVG into `svg`).
 pub fn timeline(config: &Config, id: &str, svg: Option<&Path>) -> Result<ExitCode> {
@@ -185,9 +185,9 @@ pub fn timeline(config: &Config, id: &str, svg: Option<&Path>) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn events(config: &Config, id: &str, once: bool, interval: &str) -> Result<ExitCode> {
+/// `events`: stats every `interval` (bounded by its flag's parser: 1ms to 24h).
+pub fn events(config: &Config, id: &str, once: bool, interval: Duration) -> Result<ExitCode> {
     let id = ContainerId::parse(id)?;
-    let interval = parse_duration(interval)?;
     block_on(async {
         let (mut sb, st) = standalone::open(config, &id)?;
         if st.status == "stopped" {
@@ -219,39 +219,14 @@ pub fn events(config: &Config, id: &str, once: bool, interval: &str) -> Result<E
     })
 }
 
-/// Bytes as docker and runc take them: a number with an optional k, m, g, t suffix (powers of
-/// 1024; `b`, `kb`, `kib` spellings too), or -1 for no limit.
-pub fn parse_bytes(text: &str) -> Result<i64> {
-    let t = text.trim().to_ascii_lowercase();
-    if t == "-1" {
-        return Ok(-1);
-    }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let n: i64 = number
-        .parse()
-        .with_context(|| format!("invalid size {text:?}"))?;
-    let shift = match unit.trim_end_matches('b').trim_end_matches('i') {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => anyhow::bail!("invalid size {text:?}: suffixes are k, m, g, t"),
-    };
-    n.checked_mul(1i64 << shift)
-        .with_context(|| format!("size {text:?} is too large"))
-}
-
 /// OCI `linux.resources` from `update`'s flags.
 fn resources_from_flags(a: &UpdateArgs) -> Result<Value> {
     let mut r = json!({});
-    let mem = |v: &Option<String>| v.as_deref().map(parse_bytes).transpose();
     let mut memory = serde_json::Map::new();
     for (key, value) in [
-        ("limit", mem(&a.memory)?),
-        ("reservation", mem(&a.memory_reservation)?),
-        ("swap", mem(&a.memory_swap)?),
+        ("limit", a.memory),
+        ("reservation", a.memory_reservation),
+        ("swap", a.memory_swap),
     ] {
         if let Some(v) = value {
             memory.insert(key.into(), json!(v));
@@ -291,13 +266,7 @@ pub fn update(config: &Config, a: &UpdateArgs) -> Result<ExitCode> {
     let id = ContainerId::parse(&a.id)?;
     let resources = match &a.resources {
         Some(path) => {
-            let mut text = String::new();
-            if path == Path::new("-") {
-                std::io::stdin().read_to_string(&mut text)?;
-            } else {
-                text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-            }
+            let text = read_json_input(path, "--resources")?;
             serde_json::from_str(&text).with_context(|| {
                 format!("{}: not valid JSON for linux.resources", path.display())
             })?
@@ -399,17 +368,75 @@ pub fn features() -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+    use crate::{Cli, Command};
+
+    fn exec_args(args: &[&str]) -> ExecArgs {
+        let argv = ["runvm", "exec"].into_iter().chain(args.iter().copied());
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Exec(a) => *a,
+            other => panic!("not exec: {other:?}"),
+        }
+    }
 
     #[test]
-    fn sizes_and_durations_parse_like_runc() {
-        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
-        assert_eq!(parse_bytes("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_bytes("4096").unwrap(), 4096);
-        assert_eq!(parse_bytes("-1").unwrap(), -1);
-        assert!(parse_bytes("12q").is_err());
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("0s").is_err());
+    fn exec_user_becomes_the_process_user() {
+        let p = exec_process(
+            &Value::Null,
+            &exec_args(&["-u", "1000:4294967294", "c1", "id"]),
+        );
+        assert_eq!(
+            p.unwrap()["user"],
+            json!({"uid": 1000, "gid": 4294967294u32})
+        );
+    }
+
+    #[test]
+    fn json_inputs_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("process.json");
+        std::fs::write(&p, "{}").unwrap();
+        assert_eq!(read_json_input(&p, "--process").unwrap(), "{}");
+        let err = read_json_input(Path::new("/dev/zero"), "--process")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--process: /dev/zero is too large"), "{err}");
+        assert!(err.contains(&MAX_JSON_INPUT_BYTES.to_string()), "{err}");
+        std::fs::write(&p, vec![b' '; MAX_JSON_INPUT_BYTES as usize + 1]).unwrap();
+        let err = read_json_input(&p, "--resources").unwrap_err().to_string();
+        assert!(err.contains("--resources"), "{err}");
+        assert!(err.contains("too large"), "{err}");
+        let err = read_json_input(dir.path(), "--process")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read"), "{err:#}");
+    }
+
+    #[test]
+    fn update_flags_become_linux_resources() {
+        let cli = Cli::try_parse_from([
+            "runvm",
+            "update",
+            "--memory",
+            "64m",
+            "--cpu-quota",
+            "-1",
+            "--pids-limit",
+            "100",
+            "--blkio-weight",
+            "500",
+            "c1",
+        ])
+        .unwrap();
+        let Command::Update(a) = cli.command else {
+            panic!("not update");
+        };
+        let r = resources_from_flags(&a).unwrap();
+        assert_eq!(r["memory"]["limit"], 64 << 20);
+        assert_eq!(r["cpu"]["quota"], -1);
+        assert_eq!(r["pids"]["limit"], 100);
+        assert_eq!(r["blockIO"]["weight"], 500);
     }
 }

@@ -32,6 +32,9 @@ pub struct MockProcess {
     pub tty_size: Option<(u32, u32)>,
     /// Whether the process was started.
     pub started: bool,
+    /// Reads of stdout or stderr answered at once with no data and no EOF before the scripted
+    /// output (`u64::MAX`: every read, a hostile guest).
+    pub empty_reads: u64,
 }
 
 /// A simulated container.
@@ -428,15 +431,21 @@ impl Agent for MockAgent {
     }
 
     async fn read_stdout(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
-        let mut s = self.record("read_stdout");
-        let p = s.process("ReadStdout", process)?;
-        Ok(take_chunk(&mut p.stdout, max))
+        let chunk = {
+            let mut s = self.record("read_stdout");
+            let p = s.process("ReadStdout", process)?;
+            take_empty_read(p).unwrap_or_else(|| take_chunk(&mut p.stdout, max))
+        };
+        answered(chunk).await
     }
 
     async fn read_stderr(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
-        let mut s = self.record("read_stderr");
-        let p = s.process("ReadStderr", process)?;
-        Ok(take_chunk(&mut p.stderr, max))
+        let chunk = {
+            let mut s = self.record("read_stderr");
+            let p = s.process("ReadStderr", process)?;
+            take_empty_read(p).unwrap_or_else(|| take_chunk(&mut p.stderr, max))
+        };
+        answered(chunk).await
     }
 
     async fn close_stdin(&self, process: &ProcessRef) -> Result<(), AgentError> {
@@ -463,6 +472,29 @@ impl Agent for MockAgent {
         // No OOM ever happens in the mock: wait forever, like an agent with no event.
         std::future::pending().await
     }
+}
+
+/// An empty, non-EOF answer while the process has `empty_reads` left.
+fn take_empty_read(p: &mut MockProcess) -> Option<OutputChunk> {
+    if p.empty_reads == 0 {
+        return None;
+    }
+    if p.empty_reads != u64::MAX {
+        p.empty_reads -= 1;
+    }
+    Some(OutputChunk {
+        data: Vec::new(),
+        eof: false,
+    })
+}
+
+/// Returns `chunk`; an empty non-EOF one after yielding once, as an answer over a real socket
+/// would, so that a caller that spins on such answers still lets timers run.
+async fn answered(chunk: OutputChunk) -> Result<OutputChunk, AgentError> {
+    if chunk.data.is_empty() && !chunk.eof {
+        tokio::task::yield_now().await;
+    }
+    Ok(chunk)
 }
 
 fn take_chunk(buf: &mut Vec<u8>, max: u32) -> OutputChunk {

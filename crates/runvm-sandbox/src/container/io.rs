@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -14,6 +14,10 @@ use crate::agent::{Agent, AgentError, ProcessRef};
 const READ_CHUNK: u32 = 1024 * 1024;
 /// Bytes sent per write to the guest's stdin.
 const WRITE_CHUNK: usize = 256 * 1024;
+/// The first pause after a read that brought neither data nor EOF.
+const EMPTY_READ_BACKOFF_FIRST: Duration = Duration::from_millis(1);
+/// The longest pause between reads that bring neither data nor EOF.
+const EMPTY_READ_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// Which output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +110,10 @@ impl From<std::io::Error> for IoError {
 }
 
 /// Copies the process's `stream` to `out` until EOF; returns the bytes copied.
+///
+/// The agent's reads wait for data, so an answer with neither data nor EOF should not happen;
+/// a guest that gives such answers at once is not allowed to make the host spin: after each
+/// one the next read waits, 1 ms at first, doubling up to 100 ms, until data comes again.
 pub async fn copy_output<W: AsyncWrite + Unpin>(
     agent: &dyn Agent,
     process: &ProcessRef,
@@ -113,6 +121,7 @@ pub async fn copy_output<W: AsyncWrite + Unpin>(
     out: &mut W,
 ) -> Result<u64, IoError> {
     let mut total = 0u64;
+    let mut backoff = EMPTY_READ_BACKOFF_FIRST;
     loop {
         let chunk = match stream {
             OutputStream::Stdout => agent.read_stdout(process, READ_CHUNK).await?,
@@ -122,6 +131,12 @@ pub async fn copy_output<W: AsyncWrite + Unpin>(
             out.flush().await?;
             return Ok(total);
         }
+        if chunk.data.is_empty() {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(EMPTY_READ_BACKOFF_MAX);
+            continue;
+        }
+        backoff = EMPTY_READ_BACKOFF_FIRST;
         out.write_all(&chunk.data).await?;
         out.flush().await?;
         total += chunk.data.len() as u64;
@@ -160,8 +175,6 @@ pub async fn copy_input<R: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::agent::{AgentConnector, CreateContainer, MockAgentConnector, StdioSpec};
     use runvm_hypervisor::AgentAddress;
@@ -206,6 +219,60 @@ mod tests {
             .unwrap();
         assert_eq!(n, big.len() as u64);
         assert_eq!(out, big);
+    }
+
+    /// Reads made by the copy within `period`, against a guest answering every read at once
+    /// with no data and no EOF.
+    async fn reads_against_an_empty_answering_guest(period: Duration) -> usize {
+        let connector = MockAgentConnector::new();
+        let agent = started(&connector).await;
+        let p = ProcessRef::init("c1");
+        connector
+            .state()
+            .lock()
+            .unwrap()
+            .processes
+            .get_mut(&p)
+            .unwrap()
+            .empty_reads = u64::MAX;
+        let mut out = Vec::new();
+        let copy = copy_output(&*agent, &p, OutputStream::Stdout, &mut out);
+        assert!(tokio::time::timeout(period, copy).await.is_err());
+        assert!(out.is_empty());
+        let state = connector.state();
+        let s = state.lock().unwrap();
+        s.calls.iter().filter(|c| *c == "read_stdout").count()
+    }
+
+    #[tokio::test]
+    async fn empty_reads_back_off_instead_of_spinning() {
+        // 1, 2, 4, ..., 64 ms, then 100 ms: about 11 reads in 500 ms (millions without).
+        let reads = reads_against_an_empty_answering_guest(Duration::from_millis(500)).await;
+        assert!((2..=20).contains(&reads), "{reads} reads in 500 ms");
+    }
+
+    #[tokio::test]
+    async fn data_after_empty_reads_is_copied_and_resets_the_backoff() {
+        let connector = MockAgentConnector::new();
+        let agent = started(&connector).await;
+        let p = ProcessRef::init("c1");
+        {
+            let state = connector.state();
+            let mut s = state.lock().unwrap();
+            let proc_ = s.processes.get_mut(&p).unwrap();
+            proc_.empty_reads = 5;
+            proc_.stdout = b"hello".to_vec();
+        }
+        let mut out = Vec::new();
+        let started = Instant::now();
+        let n = copy_output(&*agent, &p, OutputStream::Stdout, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(out, b"hello");
+        // 1 + 2 + 4 + 8 + 16 ms of pauses, not more.
+        assert!(started.elapsed() >= Duration::from_millis(31));
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[tokio::test]

@@ -9,8 +9,15 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::regular_file::{read_regular_file_to_string, FileError};
+
 /// Where the guest mounts the sandbox's shared folder.
 pub const GUEST_SHARED_DIR: &str = "/run/runvm/shared";
+
+/// The largest `config.json` accepted, bytes (2 MiB). Specs are a few KiB, tens with many
+/// mounts and variables; the spec travels to the agent in one ttrpc message, whose limit is
+/// 4 MiB, so a spec much larger could not be sent anyway.
+pub const MAX_CONFIG_JSON_BYTES: u64 = 2 << 20;
 
 /// Errors in a bundle.
 #[derive(Debug, thiserror::Error)]
@@ -23,15 +30,10 @@ pub enum SpecError {
         /// What is wrong.
         reason: String,
     },
-    /// config.json cannot be read.
-    #[error("cannot read {}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// config.json cannot be read, is not a regular file, or is larger than
+    /// [`MAX_CONFIG_JSON_BYTES`].
+    #[error(transparent)]
+    Read(#[from] FileError),
     /// config.json is not valid JSON or not a valid OCI spec.
     #[error("{}: {json_path}: {message}", file.display())]
     Invalid {
@@ -80,7 +82,7 @@ fn invalid(file: &Path, json_path: &str, message: impl Into<String>) -> SpecErro
     }
 }
 
-/// Reads and checks `BUNDLE/config.json`.
+/// Reads and checks `BUNDLE/config.json`: a regular file of at most [`MAX_CONFIG_JSON_BYTES`].
 pub fn load(bundle: &Path) -> Result<Value, SpecError> {
     if !bundle.is_absolute() {
         return Err(SpecError::Bundle {
@@ -95,10 +97,9 @@ pub fn load(bundle: &Path) -> Result<Value, SpecError> {
         });
     }
     let file = bundle.join("config.json");
-    let text = std::fs::read_to_string(&file).map_err(|source| SpecError::Read {
-        path: file.clone(),
-        source,
-    })?;
+    // Read once, with a cap, refusing anything but a regular file: what is read is what is
+    // checked and used.
+    let text = read_regular_file_to_string(&file, MAX_CONFIG_JSON_BYTES)?;
     parse(&file, &text)
 }
 

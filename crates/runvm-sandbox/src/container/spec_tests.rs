@@ -188,3 +188,49 @@ fn bundle_must_be_an_existing_absolute_folder() {
     let e = load(b.path()).unwrap_err().to_string();
     assert!(e.contains("config.json"), "{e}");
 }
+
+#[test]
+fn a_fifo_config_json_is_refused_without_hanging() {
+    let b = bundle();
+    let file = b.path().join("config.json");
+    nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let started = std::time::Instant::now();
+    let err = load(b.path()).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let text = err.to_string();
+    assert!(text.contains(&file.display().to_string()), "{text}");
+    assert!(text.contains("FIFO"), "{text}");
+    assert!(text.contains("a regular file is required"), "{text}");
+}
+
+#[test]
+fn a_device_or_folder_config_json_is_refused() {
+    let b = bundle();
+    let file = b.path().join("config.json");
+    std::os::unix::fs::symlink("/dev/zero", &file).unwrap();
+    let text = load(b.path()).unwrap_err().to_string();
+    assert!(text.contains("character device"), "{text}");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let text = load(b.path()).unwrap_err().to_string();
+    assert!(text.contains("directory"), "{text}");
+    assert!(text.contains(&file.display().to_string()), "{text}");
+}
+
+#[test]
+fn an_oversize_config_json_is_refused_naming_its_size_and_the_cap() {
+    let b = bundle();
+    let file = b.path().join("config.json");
+    // Valid JSON, padded with spaces past the cap.
+    let mut text = serde_json::to_string(&minimal()).unwrap();
+    text.push_str(&" ".repeat(MAX_CONFIG_JSON_BYTES as usize));
+    std::fs::write(&file, &text).unwrap();
+    let err = load(b.path()).unwrap_err().to_string();
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains(&text.len().to_string()), "{err}");
+    assert!(err.contains(&MAX_CONFIG_JSON_BYTES.to_string()), "{err}");
+    // At the cap it is read.
+    text.truncate(MAX_CONFIG_JSON_BYTES as usize);
+    std::fs::write(&file, &text).unwrap();
+    load(b.path()).unwrap();
+}
