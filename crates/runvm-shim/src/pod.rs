@@ -49,9 +49,12 @@ pub fn placement(container_id: &str, annotations: &BTreeMap<String, String>) -> 
 /// The annotations of the bundle's `config.json` (empty when it has none).
 pub fn bundle_annotations(bundle: &Path) -> Result<BTreeMap<String, String>> {
     let file = bundle.join("config.json");
-    let text = std::fs::read(&file).map_err(|e| {
-        ShimError::InvalidArgument(format!("cannot read the OCI spec {}: {e}", file.display()))
-    })?;
+    // A regular file under the bundle cap, read once (a FIFO or /dev/zero is refused).
+    let text = runvm_sandbox::regular_file::read_regular_file(
+        &file,
+        runvm_sandbox::container::spec::MAX_CONFIG_JSON_BYTES,
+    )
+    .map_err(|e| ShimError::InvalidArgument(format!("cannot read the OCI spec: {e}")))?;
     let spec: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
         ShimError::InvalidArgument(format!("the OCI spec {} is not JSON: {e}", file.display()))
     })?;

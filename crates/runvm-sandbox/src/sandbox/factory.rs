@@ -50,7 +50,7 @@ pub fn qemu_settings(config: &Config) -> Result<QemuSettings, SandboxError> {
             VsockBackend::Vhost { .. } => PathBuf::from(&h.vhost_device_vsock),
         },
         start_timeout: Duration::from_millis(h.start_timeout_ms),
-        log_max_bytes: 1 << 20,
+        log_max_bytes: h.log_max_bytes,
     })
 }
 
