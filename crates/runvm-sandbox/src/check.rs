@@ -128,6 +128,18 @@ pub fn run(config: &Config) -> CheckReport {
         true,
     )];
     let guest_fix = "build the guest image: cargo xtask guest (or make guest)";
+    let root = &config.runtime.root;
+    let root_check = crate::store::check_root(root);
+    items.push(item(
+        "state root",
+        root_check.is_ok(),
+        match &root_check {
+            Ok(()) => format!("{} (owned by root, not writable by others)", root.display()),
+            Err(e) => e.to_string(),
+        },
+        "make it a folder owned by root with mode 0700 (chown root: ROOT && chmod 0700 ROOT)",
+        true,
+    ));
     items.push(file_item("guest kernel", &config.guest.kernel, guest_fix));
     items.push(file_item(
         "guest initramfs",

@@ -140,6 +140,7 @@ async fn cleanup(id: &str, bundle: &Path) -> Result<(), SandboxError> {
             Config::default()
         }
     };
+    runvm_sandbox::store::check_root(&config.runtime.root)?;
     let sandbox = sandbox_of(id, bundle);
     let sid = SandboxId::parse(&sandbox)?;
     if sandbox == id {

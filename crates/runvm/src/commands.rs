@@ -17,6 +17,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         config.validate()?;
     }
     let c = &config;
+    // Records under the root decide what runvm kills and removes: a root others can change
+    // is refused before any command reads or writes there.
+    if !matches!(
+        cli.command,
+        Command::Check | Command::Env | Command::Spec { .. } | Command::Features
+    ) {
+        runvm_sandbox::store::check_root(&config.runtime.root)?;
+    }
     match cli.command {
         Command::Check => Ok(check(&config)),
         Command::Env => {

@@ -9,6 +9,16 @@ use crate::id::{ContainerId, SandboxId};
 /// Errors of the state store. Each names the sandbox, container or file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The state root could be changed by others than root: records there decide what runvm
+    /// kills and removes, so it is not used.
+    #[error("state root {p}: {problem}; runvm keeps the records that decide what it kills and removes there, so it must be a folder owned by root and not writable by group or others (e.g. `chown root: {p} && chmod 0700 {p}`, or another --root)", p = path.display())]
+    UnsafeRoot {
+        /// The root.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+
     /// No such sandbox.
     #[error("sandbox {id} not found in {}", root.display())]
     SandboxNotFound {
@@ -180,6 +190,8 @@ impl StoreError {
             StoreError::NewerVersion { .. } => ErrorKind::FailedPrecondition,
             // Someone must unmount first.
             StoreError::MountsRemain { .. } => ErrorKind::FailedPrecondition,
+            // The administrator must fix the root's owner or mode first.
+            StoreError::UnsafeRoot { .. } => ErrorKind::FailedPrecondition,
             StoreError::Corrupt { .. }
             | StoreError::Mismatch { .. }
             | StoreError::LockNotHeld { .. }

@@ -94,6 +94,48 @@ pub fn vm_run_dir(root: &Path, id: &SandboxId) -> PathBuf {
     root.join(format!("{VM_DIR_PREFIX}{hash}"))
 }
 
+/// Refuses a state root that others than root (or the user runvm runs as) could change: not a
+/// folder (a symbolic link is refused too), owned by another user, or writable by group or
+/// others. A root that does not exist yet is fine: runvm makes it 0700.
+pub fn check_root(root: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match fs::symlink_metadata(root) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error("inspect the state root", root)(e)),
+    };
+    let unsafe_root = |problem: String| StoreError::UnsafeRoot {
+        path: root.to_path_buf(),
+        problem,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_root("is a symbolic link".into()));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_root("is not a folder".into()));
+    }
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(unsafe_root(format!(
+            "is owned by uid {} (runvm runs as uid {me})",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_root(format!(
+            "is writable by {} (mode {mode:04o})",
+            if mode & 0o002 != 0 {
+                "others"
+            } else {
+                "its group"
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// A staging folder that never got its lock file is taken as abandoned after this long.
 const STALE_STAGING: Duration = Duration::from_secs(60);
 
@@ -128,6 +170,7 @@ impl Store {
     /// left alone.
     pub fn open(root: PathBuf) -> Result<Store, StoreError> {
         fsio::create_private_dir_all(&root).map_err(io_error("create the state root", &root))?;
+        check_root(&root)?;
         let store = Store::new(root);
         store.clean_leftovers()?;
         Ok(store)

@@ -657,3 +657,39 @@ fn moved_vm_run_dirs_are_not_listed_as_sandboxes() {
     .unwrap();
     assert!(store.list_sandboxes().unwrap().is_empty());
 }
+
+#[test]
+fn a_root_others_can_change_is_refused_by_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    // Missing: fine, made 0700.
+    check_root(&root).unwrap();
+    Store::open(root.clone()).unwrap();
+    check_root(&root).unwrap();
+    for (mode, word) in [(0o777, "others"), (0o770, "its group"), (0o1777, "others")] {
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = Store::open(root.clone()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&root.display().to_string()) && text.contains(word),
+            "{text}"
+        );
+        assert_eq!(err.kind(), crate::ErrorKind::FailedPrecondition);
+    }
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    check_root(&root).unwrap();
+    // A symbolic link or a file is no root either.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&root, &link).unwrap();
+    assert!(check_root(&link)
+        .unwrap_err()
+        .to_string()
+        .contains("symbolic link"));
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    assert!(check_root(&file)
+        .unwrap_err()
+        .to_string()
+        .contains("not a folder"));
+}
