@@ -112,6 +112,12 @@ pub trait Hypervisor: Send + Sync + Debug {
         Vec::new()
     }
 
+    /// The CPU time the VM (QEMU) has used so far, where the backend can tell: how much work
+    /// the guest got to do, whatever the host's load. `None` when unknown.
+    fn cpu_time(&self) -> Option<Duration> {
+        None
+    }
+
     /// When each phase of the last [`Hypervisor::start`] ended, in order (e.g.
     /// `helpers-started`, `qemu-spawned`, `qmp-connected`), for the boot timeline.
     fn start_marks(&self) -> Vec<(&'static str, std::time::SystemTime)> {

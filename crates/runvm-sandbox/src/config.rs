@@ -79,12 +79,28 @@ pub struct Config {
 pub struct RuntimeConfig {
     /// Root of runvm's state: one folder per sandbox.
     pub root: PathBuf,
+    /// How many VMs of this root boot at once; more wait their turn (they queue, not fail).
+    /// 0: the host's CPU count.
+    pub max_parallel_boots: u32,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             root: PathBuf::from("/run/runvm"),
+            max_parallel_boots: 0,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// [`max_parallel_boots`](Self::max_parallel_boots) resolved: at least 1.
+    pub fn parallel_boots(&self) -> u32 {
+        match self.max_parallel_boots {
+            0 => std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .unwrap_or(1),
+            n => n,
         }
     }
 }
@@ -330,6 +346,13 @@ impl Config {
                 "hypervisor.log_max_bytes",
                 h.log_max_bytes.to_string(),
                 "valid: 4096 to 1073741824 (bytes: 4 KiB to 1 GiB)",
+            ));
+        }
+        if self.runtime.max_parallel_boots > 1024 {
+            return Err(invalid(
+                "runtime.max_parallel_boots",
+                self.runtime.max_parallel_boots.to_string(),
+                "valid: 0 (the host's CPU count) to 1024",
             ));
         }
         if !self.runtime.root.is_absolute() {

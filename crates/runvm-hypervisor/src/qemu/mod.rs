@@ -6,7 +6,8 @@ mod process;
 
 pub use cmdline::{kernel_cmdline, qemu_args, validate, RunDirLayout, BASE_KERNEL_PARAMS};
 pub use process::{
-    cap_log, find_by_argument, proc_exe, proc_start_time, runs_program, tail, FoundProcess,
+    cap_log, find_by_argument, proc_cpu_time, proc_exe, proc_start_time, runs_program, tail,
+    FoundProcess,
 };
 
 use std::ffi::OsString;
@@ -486,6 +487,10 @@ impl Qemu {
 impl Hypervisor for Qemu {
     fn start_marks(&self) -> Vec<(&'static str, SystemTime)> {
         self.marks.clone()
+    }
+
+    fn cpu_time(&self) -> Option<Duration> {
+        self.qemu.as_ref().and_then(|q| proc_cpu_time(q.pid()))
     }
 
     async fn prepare(&mut self, config: VmConfig) -> Result<()> {

@@ -42,6 +42,24 @@ pub fn proc_start_time(pid: u32) -> Option<(u64, bool)> {
     Some((start, *state == "Z"))
 }
 
+/// The CPU time (user + system) process `pid` has used; `None` if there is no such process.
+pub fn proc_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf(3) with a constant name; no memory involved.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
+    let total = utime.saturating_add(stime);
+    Some(
+        Duration::from_secs(total / ticks)
+            + Duration::from_nanos(total % ticks * 1_000_000_000 / ticks),
+    )
+}
+
 /// The program process `pid` runs (`/proc/PID/exe`, without the " (deleted)" the kernel adds
 /// once the binary was replaced on disk); `None` if there is no such process or it is a zombie.
 pub fn proc_exe(pid: u32) -> Option<PathBuf> {

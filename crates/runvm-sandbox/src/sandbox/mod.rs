@@ -5,6 +5,7 @@
 //! VM is re-attached from its saved processes and the agent is reconnected on first use,
 //! without touching the guest.
 
+mod admission;
 mod containers;
 mod factory;
 mod monitor;
@@ -110,6 +111,8 @@ pub struct Sandbox {
     agent: Option<Arc<dyn Agent>>,
     ready_signal: bool,
     netns: Option<(PathBuf, crate::network::NetworkModel)>,
+    /// How many VMs of the root may boot at once (`runtime.max_parallel_boots`).
+    parallel_boots: u32,
 }
 
 impl Sandbox {
@@ -148,6 +151,7 @@ impl Sandbox {
             agent: None,
             ready_signal: settings.ready_signal,
             netns: settings.netns.map(|p| (p, settings.network_model)),
+            parallel_boots: config.runtime.parallel_boots(),
         };
         match sandbox.boot(&lock).await {
             Ok(report) => Ok((sandbox, report)),
@@ -181,6 +185,16 @@ impl Sandbox {
             .prepare(self.record.vm.config.clone())
             .await?;
         let ready = self.ready_listener()?;
+        // Admission: at most `parallel_boots` VMs of this root boot at once; this one may wait.
+        let slot = admission::acquire(self.store.root(), self.parallel_boots).await?;
+        tracing::debug!(
+            slot = slot.index,
+            waited_ms = slot.waited.as_millis() as u64,
+            "boot admitted"
+        );
+        if slot.waited > Duration::from_millis(10) {
+            self.record.mark("boot-admitted");
+        }
         // Each process of the VM goes into the record the moment it exists: a creator killed
         // at any point leaves a record that `purge` (delete --force) finds everything from.
         let store = &self.store;
@@ -201,6 +215,7 @@ impl Sandbox {
         self.record.mark("vm-started");
         tracing::info!(ms = vm_started.as_millis() as u64, "VM started");
         let agent = self.wait_for_agent(ready).await?;
+        drop(slot);
         let total = t0.elapsed();
         self.record.mark("agent-ready");
         tracing::info!(ms = total.as_millis() as u64, "agent answered");
@@ -291,7 +306,8 @@ impl Sandbox {
     ) -> Result<Arc<dyn Agent>, SandboxError> {
         let address = self.hypervisor.agent_address()?;
         let timeout = self.boot_timeout;
-        let deadline = Instant::now() + timeout;
+        // Stretched while a busy host starves the VM (see `admission`).
+        let deadline = admission::BootDeadline::new(timeout, self.hypervisor.cpu_time());
         if let Some(ready) = ready {
             self.wait_ready(ready).await?;
         }
@@ -304,8 +320,7 @@ impl Sandbox {
                     console: self.hypervisor.console_tail(CONSOLE_LINES),
                 });
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if deadline.expired(self.hypervisor.cpu_time()) {
                 let mut console = self.hypervisor.console_tail(CONSOLE_LINES);
                 console.extend(self.hypervisor.helper_log_tails(5));
                 return Err(SandboxError::AgentTimeout {
@@ -319,7 +334,9 @@ impl Sandbox {
             }
             // A guest slowed by load may take seconds to accept; an absent listener is refused
             // at once, so a generous bound per attempt costs nothing while booting.
-            let attempt = left.min(Duration::from_secs(5));
+            let attempt = deadline
+                .left()
+                .clamp(Duration::from_millis(100), Duration::from_secs(5));
             attempts += 1;
             match self.connector.connect(&address, attempt).await {
                 Ok(agent) => match tokio::time::timeout(attempt, agent.check()).await {
@@ -362,6 +379,7 @@ impl Sandbox {
             agent: None,
             ready_signal: false,
             netns: None,
+            parallel_boots: 1,
         })
     }
 

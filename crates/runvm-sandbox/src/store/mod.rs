@@ -74,6 +74,8 @@ pub const CONTAINER_FILE: &str = "container.json";
 /// The prefix of a VM run folder kept outside its sandbox folder (see [`vm_run_dir`]). `~` is
 /// not allowed in ids, so such a folder is never taken for a sandbox.
 pub const VM_DIR_PREFIX: &str = ".vm~";
+/// The folder of boot-slot lock files in the root (see `sandbox::admission`).
+pub const BOOT_SLOTS_DIR: &str = ".boot~slots";
 /// The longest file name runvm or its helpers create as a unix socket in a VM run folder
 /// (`vsock.hv_1025`, with room for any vsock port).
 const LONGEST_SOCKET_NAME: usize = "vsock.hv_4294967295".len();
@@ -575,10 +577,8 @@ fn list_ids<T: Ord, E: std::fmt::Display>(
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(CREATING)
-            || name.starts_with(REMOVING)
-            || name.starts_with(VM_DIR_PREFIX)
-        {
+        // `~` is never in an id: staging, removal, VM run and boot-slot folders.
+        if name.contains('~') {
             continue;
         }
         match parse(&name) {
