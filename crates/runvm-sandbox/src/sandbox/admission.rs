@@ -1,9 +1,10 @@
 //! Admission and boot deadlines that hold under load.
 //!
-//! - At most `runtime.max_parallel_boots` VMs of one state root boot at once: a boot holds one
-//!   of that many slots (`ROOT/.boot~slots/N`, each an `flock`ed file, so a creator that dies
-//!   frees its slot) from QEMU's start until the agent answers; the others wait their turn
-//!   instead of all crawling past their deadlines together.
+//! - At most `runtime.max_parallel_boots` VMs boot at once on the host (the CPUs are the
+//!   host's, whichever state root or front end starts them): a boot holds one of that many
+//!   slots ([`BOOT_SLOTS_DIR`]`/N`, each an `flock`ed file, so a creator that dies frees its
+//!   slot) from QEMU's start until the agent answers; the others wait their turn instead of all
+//!   crawling past their deadlines together.
 //! - The agent's boot deadline counts the work the VM got to do, not only the wall clock: it
 //!   expires once `boot_timeout` has passed *and* QEMU has had half of it in CPU time, or after
 //!   [`HARD_LIMIT_FACTOR`] × `boot_timeout` whatever happened. A guest starved by a busy host
@@ -14,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::SandboxError;
-use crate::store::BOOT_SLOTS_DIR;
+
+/// The host-wide folder of boot-slot lock files.
+pub const BOOT_SLOTS_DIR: &str = "/run/lock/runvm-boot-slots";
 
 /// The boot deadline is never stretched past this many boot timeouts.
 pub const HARD_LIMIT_FACTOR: u32 = 4;
@@ -46,14 +49,10 @@ fn try_lock(file: &File) -> std::io::Result<bool> {
     }
 }
 
-fn slot_path(root: &Path, index: u32) -> PathBuf {
-    root.join(BOOT_SLOTS_DIR).join(index.to_string())
-}
-
-/// Takes one of `slots` boot slots under `root`, waiting (without a deadline: every holder
-/// finishes or fails within its own bounded boot) while all are taken.
-pub async fn acquire(root: &Path, slots: u32) -> Result<BootSlot, SandboxError> {
-    let dir = root.join(BOOT_SLOTS_DIR);
+/// Takes one of `slots` boot slots in folder `dir` ([`BOOT_SLOTS_DIR`] outside tests),
+/// waiting (without a deadline: every holder finishes or fails within its own bounded boot)
+/// while all are taken.
+pub async fn acquire(dir: &Path, slots: u32) -> Result<BootSlot, SandboxError> {
     let io = |action: &'static str, path: PathBuf| {
         move |source| SandboxError::Io {
             action,
@@ -66,15 +65,15 @@ pub async fn acquire(root: &Path, slots: u32) -> Result<BootSlot, SandboxError> 
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&dir)
-            .map_err(io("create the boot slots folder", dir.clone()))?;
+            .create(dir)
+            .map_err(io("create the boot slots folder", dir.to_path_buf()))?;
     }
     let slots = slots.max(1);
     let started = Instant::now();
     let mut told = false;
     loop {
         for index in 0..slots {
-            let path = slot_path(root, index);
+            let path = dir.join(index.to_string());
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)

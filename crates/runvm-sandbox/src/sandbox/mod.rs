@@ -186,7 +186,11 @@ impl Sandbox {
             .await?;
         let ready = self.ready_listener()?;
         // Admission: at most `parallel_boots` VMs of this root boot at once; this one may wait.
-        let slot = admission::acquire(self.store.root(), self.parallel_boots).await?;
+        let slot = admission::acquire(
+            std::path::Path::new(admission::BOOT_SLOTS_DIR),
+            self.parallel_boots,
+        )
+        .await?;
         tracing::debug!(
             slot = slot.index,
             waited_ms = slot.waited.as_millis() as u64,

@@ -74,8 +74,6 @@ pub const CONTAINER_FILE: &str = "container.json";
 /// The prefix of a VM run folder kept outside its sandbox folder (see [`vm_run_dir`]). `~` is
 /// not allowed in ids, so such a folder is never taken for a sandbox.
 pub const VM_DIR_PREFIX: &str = ".vm~";
-/// The folder of boot-slot lock files in the root (see `sandbox::admission`).
-pub const BOOT_SLOTS_DIR: &str = ".boot~slots";
 /// The longest file name runvm or its helpers create as a unix socket in a VM run folder
 /// (`vsock.hv_1025`, with room for any vsock port).
 const LONGEST_SOCKET_NAME: usize = "vsock.hv_4294967295".len();
