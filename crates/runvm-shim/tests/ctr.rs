@@ -168,6 +168,50 @@ fn shim_killed_then_containerd_cleanup_leaves_nothing() {
     assert!(env.run(&["containers", "rm", "t8"]).status.success());
 }
 
+/// The shim killed while the VM boots (QEMU up, the agent not answering yet): containerd's
+/// cleanup (`shim delete`) must still find and remove the VM and its helpers, which the dead
+/// shim had recorded as it spawned them.
+#[test]
+fn shim_killed_while_the_vm_boots_then_containerd_cleanup_leaves_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let mut ctr = std::process::Command::new("ctr")
+        .args(env.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "t10",
+            "sleep",
+            "1000",
+        ]))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running ctr");
+    let me = env.dir.path().to_string_lossy().to_string();
+    let qemu_up = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("qemu-system") && cmd.contains(&me)
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !qemu_up() {
+        assert!(std::time::Instant::now() < deadline, "QEMU never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    kill9(env.pid_of("containerd-shim-runvm-v2", "-id t10"));
+    let _ = ctr.wait();
+    env.assert_clean();
+    let _ = env.run(&["task", "rm", "t10"]);
+    assert!(env.run(&["containers", "rm", "t10"]).status.success());
+    env.assert_clean();
+}
+
 /// The shim's own answers to bad requests, asked over its ttrpc socket directly (containerd
 /// would refuse some of these before they reach the shim).
 #[test]
