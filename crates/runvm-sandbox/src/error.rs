@@ -86,6 +86,10 @@ pub enum SandboxError {
     #[error(transparent)]
     Spec(#[from] SpecError),
 
+    /// An OCI hook failed (createRuntime, prestart); the container was undone.
+    #[error(transparent)]
+    Hook(#[from] crate::container::hooks::HookError),
+
     /// A host path could not be shared with the guest.
     #[error(transparent)]
     Share(#[from] ShareError),
@@ -173,6 +177,8 @@ impl SandboxError {
             SandboxError::Store(e) => e.kind(),
             SandboxError::Network(e) => e.kind(),
             SandboxError::Share(_) => ErrorKind::Internal,
+            // The hook's program refused; what it said is in the message.
+            SandboxError::Hook(_) => ErrorKind::FailedPrecondition,
             SandboxError::Transition { .. } | SandboxError::WrongState { .. } => {
                 ErrorKind::FailedPrecondition
             }

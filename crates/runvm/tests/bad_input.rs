@@ -95,5 +95,15 @@ fn help_names_every_command_and_features_is_json() {
     let f = host.run(&["features"]);
     let f: serde_json::Value = serde_json::from_slice(&f.stdout).unwrap();
     assert_eq!(f["linux"]["cgroup"]["v2"], true);
-    assert_eq!(f["hooks"], serde_json::json!([]));
+    assert_eq!(
+        f["hooks"],
+        serde_json::json!([
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop"
+        ])
+    );
 }

@@ -68,6 +68,9 @@ pub struct PreparedSpec {
     pub binds: Vec<ShareBind>,
     /// Whether `process.terminal` is set.
     pub terminal: bool,
+    /// The hooks the host runs (`createContainer` and `startContainer` stay in the guest spec,
+    /// for libcontainer to run in the container's namespaces).
+    pub hooks: super::hooks::HostHooks,
 }
 
 /// In the guest spec of a pod's container: `SANDBOX_CONTAINER_ID:TYPE,TYPE` — the namespaces
@@ -297,12 +300,19 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
             }
         }
     }
+    let hooks = super::hooks::host_hooks(spec)
+        .map_err(|(json_path, message)| invalid(&file, &json_path, message))?;
     if let Some(obj) = guest.as_object_mut() {
-        if obj.remove("hooks").is_some() {
-            tracing::warn!(
-                container = container_id,
-                "OCI hooks are not run inside the VM; dropped"
-            );
+        // The host runs createRuntime, prestart, poststart and poststop; the guest only the
+        // hooks that run in the container's namespaces.
+        if let Some(Value::Object(all)) = obj.remove("hooks") {
+            let guest_hooks: serde_json::Map<String, Value> = all
+                .into_iter()
+                .filter(|(k, _)| k == "createContainer" || k == "startContainer")
+                .collect();
+            if !guest_hooks.is_empty() {
+                obj.insert("hooks".into(), Value::Object(guest_hooks));
+            }
         }
     }
     Ok(PreparedSpec {
@@ -310,6 +320,7 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
         host_spec: spec.clone(),
         binds,
         terminal,
+        hooks,
     })
 }
 

@@ -64,7 +64,31 @@ fn host_namespaces_hooks_and_cgroup_path_do_not_cross_into_the_guest() {
     );
     assert!(ns.iter().all(|n| n.get("path").is_none()));
     assert_eq!(p.guest_spec["linux"]["cgroupsPath"], "/runvm/c1");
+    // The host's hooks stay on the host.
     assert!(p.guest_spec.get("hooks").is_none());
+    assert_eq!(p.hooks.prestart.len(), 1);
+}
+
+#[test]
+fn container_hooks_go_to_the_guest_and_host_hooks_stay() {
+    let b = bundle();
+    let mut spec = minimal();
+    spec["hooks"] = json!({
+        "createRuntime": [{"path": "/usr/bin/true"}],
+        "createContainer": [{"path": "/bin/true"}],
+        "startContainer": [{"path": "/bin/echo", "args": ["echo", "hi"]}],
+        "poststop": [{"path": "/usr/bin/true"}]
+    });
+    let p = prepare(b.path(), &spec, "c1").unwrap();
+    let guest = p.guest_spec["hooks"].as_object().unwrap();
+    let mut kinds: Vec<&String> = guest.keys().collect();
+    kinds.sort();
+    assert_eq!(kinds, ["createContainer", "startContainer"]);
+    assert_eq!(p.hooks.create_runtime.len(), 1);
+    assert_eq!(p.hooks.poststop.len(), 1);
+    spec["hooks"] = json!({"prestart": [{"path": "true"}]});
+    let err = prepare(b.path(), &spec, "c1").unwrap_err().to_string();
+    assert!(err.contains("hooks.prestart[0].path"), "{err}");
 }
 
 #[test]

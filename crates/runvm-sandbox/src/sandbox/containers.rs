@@ -10,6 +10,7 @@ use crate::agent::{
     ContainerStats, CreateContainer, ExitStatus, GuestProcess, ProcessRef, RpcCode, StdioSpec,
     Storage,
 };
+use crate::container::hooks::{self, Stage};
 use crate::container::share;
 use crate::container::spec::{self, GUEST_SHARED_DIR};
 use crate::error::SandboxError;
@@ -170,6 +171,25 @@ impl Sandbox {
             share::unmount_all(&mounts);
             return Err(e.into());
         }
+        // createRuntime and prestart: the VM, the network and the container exist, its process
+        // has not started. A failure undoes the container.
+        let (pid, netns) = self.hook_context(&host_spec);
+        let state = hooks::state_json(
+            Stage::CreateRuntime,
+            new.id.as_str(),
+            pid,
+            &new.bundle,
+            &new.annotations,
+        );
+        for stage in [Stage::CreateRuntime, Stage::Prestart] {
+            if let Err(e) =
+                hooks::run(stage, prepared.hooks.of(stage), &state, netns.as_deref()).await
+            {
+                let _ = agent.remove_container(new.id.as_str(), 0).await;
+                share::unmount_all(&mounts);
+                return Err(e.into());
+            }
+        }
         let mut record = ContainerRecord::new(
             new.id.clone(),
             self.record.id.clone(),
@@ -219,6 +239,7 @@ impl Sandbox {
         let agent = self.agent().await?;
         agent.start_container(id.as_str()).await?;
         self.container_transition(id, State::Running)?;
+        self.run_warn_hooks(Stage::Poststart, &c).await;
         self.update(|r| {
             r.mark(&format!("process-started:{id}"));
             if r.state == State::Ready {
@@ -454,7 +475,46 @@ impl Sandbox {
         sandbox.containers.retain(|c| c != id);
         self.store.save_sandbox(&lock, &sandbox)?;
         self.record = sandbox;
+        drop(lock);
+        self.run_warn_hooks(Stage::Poststop, &c).await;
         Ok(())
+    }
+
+    /// What hooks are told of the container's host side: QEMU's pid (the VM is the container's
+    /// process on the host) and the network namespace to run in (the pod's, or the spec's).
+    fn hook_context(&self, spec: &Value) -> (u32, Option<PathBuf>) {
+        let pid = self
+            .record
+            .vm
+            .processes
+            .iter()
+            .find(|p| p.name == "qemu")
+            .map(|p| p.pid)
+            .unwrap_or(0);
+        let netns = self
+            .record
+            .network
+            .as_ref()
+            .map(|n| n.netns.clone())
+            .or_else(|| crate::standalone::network_namespace(spec));
+        (pid, netns)
+    }
+
+    /// Runs container `c`'s hooks of `stage` (poststart, poststop), failures being warnings.
+    pub(super) async fn run_warn_hooks(&self, stage: Stage, c: &ContainerRecord) {
+        let hooks = match hooks::host_hooks(&c.spec) {
+            Ok(h) => h,
+            Err((at, why)) => {
+                tracing::warn!(container = %c.id, at, why, "unusable hooks");
+                return;
+            }
+        };
+        if hooks.of(stage).is_empty() {
+            return;
+        }
+        let (pid, netns) = self.hook_context(&c.spec);
+        let state = hooks::state_json(stage, c.id.as_str(), pid, &c.bundle, &c.annotations);
+        hooks::run_warn(stage, hooks.of(stage), &state, netns.as_deref()).await;
     }
 
     /// Moves every container in state `from` to `to` (sandbox pause and resume).

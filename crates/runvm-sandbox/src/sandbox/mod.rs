@@ -623,10 +623,20 @@ impl Sandbox {
         self.unshare_all()?;
         // A sandbox the monitor stopped (its VM died) still has its taps and qdiscs.
         self.teardown_network().await?;
+        let containers: Vec<_> = self
+            .record
+            .containers
+            .iter()
+            .filter_map(|id| self.container(id).ok())
+            .collect();
         let lock = self
             .store
             .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
         self.store.remove_sandbox(lock)?;
+        for c in &containers {
+            self.run_warn_hooks(crate::container::hooks::Stage::Poststop, c)
+                .await;
+        }
         Ok(())
     }
 

@@ -173,6 +173,23 @@ fn unmount_under(store: &Store, id: &SandboxId) -> Vec<PathBuf> {
     mounts
 }
 
+/// Runs container `c`'s poststop hooks (failures are warnings); the state names no process.
+async fn poststop(c: &crate::state::ContainerRecord, sandbox: Option<&SandboxRecord>) {
+    use crate::container::hooks::{self, Stage};
+    let Ok(all) = hooks::host_hooks(&c.spec) else {
+        return;
+    };
+    if all.poststop.is_empty() {
+        return;
+    }
+    let netns = sandbox
+        .and_then(|s| s.network.as_ref())
+        .map(|n| n.netns.clone())
+        .or_else(|| crate::standalone::network_namespace(&c.spec));
+    let state = hooks::state_json(Stage::Poststop, c.id.as_str(), 0, &c.bundle, &c.annotations);
+    hooks::run_warn(Stage::Poststop, &all.poststop, &state, netns.as_deref()).await;
+}
+
 /// Removes sandbox `id` under `store` whatever state it is in: its VM's processes are killed,
 /// its pod network, mounts, folder and VM run folder removed. `config` names the programs to
 /// look for when the record is unreadable. Errors only when the sandbox does not exist, when a
@@ -238,7 +255,16 @@ pub async fn purge(
         }
     }
     report.unmounted = unmount_under(store, id);
+    // Read before the records go: their poststop hooks run once the container is gone.
+    let containers: Vec<_> = record
+        .iter()
+        .flat_map(|r| r.containers.iter())
+        .filter_map(|c| store.load_container(id, c).ok())
+        .collect();
     store.remove_sandbox_forced(id, lock)?;
+    for c in &containers {
+        poststop(c, record.as_ref()).await;
+    }
     tracing::info!(killed = ?report.killed, unmounted = report.unmounted.len(), "sandbox purged");
     Ok(report)
 }
