@@ -26,6 +26,9 @@ pub enum InitProcessError {
     ReopenDevNull(#[source] std::io::Error),
     #[error("failed to unix syscall")]
     NixOther(#[source] nix::Error),
+    // runvm patch: the working directory check names its step and errno.
+    #[error("cannot verify the working directory: getcwd failed: {0}")]
+    VerifyCwd(#[source] nix::Error),
     #[error(transparent)]
     MissingSpec(#[from] crate::error::MissingSpecError),
     #[error("failed to setup tty")]

@@ -353,7 +353,8 @@ pub fn container_init_process(
     // as close to exec as possible.
     #[cfg(feature = "libseccomp")]
     if let Some(seccomp) = ctx.linux.seccomp() {
-        if ctx.process.no_new_privileges().is_none() {
+        // runvm patch: `noNewPrivileges: false` is no different from its absence (runc).
+        if ctx.process.no_new_privileges() != Some(true) {
             let notify_fd = seccomp::initialize_seccomp(seccomp).map_err(|err| {
                 tracing::error!(?err, "failed to initialize seccomp");
                 err
@@ -400,7 +401,7 @@ pub fn container_init_process(
     // notify socket will still need network related syscalls.
     #[cfg(feature = "libseccomp")]
     if let Some(seccomp) = ctx.linux.seccomp() {
-        if ctx.process.no_new_privileges().is_some() {
+        if ctx.process.no_new_privileges() == Some(true) {
             let notify_fd = seccomp::initialize_seccomp(seccomp).map_err(|err| {
                 tracing::error!(?err, "failed to initialize seccomp");
                 err
@@ -1028,7 +1029,9 @@ fn verify_cwd() -> Result<()> {
             // ENOENT The current working directory has been unlinked.
             InitProcessError::InvalidCwd(err)
         } else {
-            InitProcessError::NixOther(err)
+            // runvm patch: say which step failed (a seccomp filter loaded before this step,
+            // without noNewPrivileges, may deny getcwd; runc fails there too).
+            InitProcessError::VerifyCwd(err)
         }
     })?;
 
