@@ -2,5 +2,6 @@
 
 pub mod bundle;
 pub mod io;
+pub mod seccomp;
 pub mod share;
 pub mod spec;

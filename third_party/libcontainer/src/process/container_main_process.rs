@@ -211,8 +211,10 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
             &mut init_sender,
         )?;
 
+        // runvm patch: the container's state is only needed to hand a listener the notify fd;
+        // a tenant (exec) has none, and its filter without SCMP_ACT_NOTIFY needs no listener.
         #[cfg(feature = "libseccomp")]
-        if let Some(seccomp) = linux.seccomp() {
+        if let Some(seccomp) = linux.seccomp().as_ref().filter(|s| crate::seccomp::is_notify(s)) {
             let container = container_args
                 .container
                 .as_ref()
