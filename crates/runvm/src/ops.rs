@@ -329,6 +329,13 @@ pub fn features() -> Result<ExitCode> {
         "CAP_BPF",
         "CAP_CHECKPOINT_RESTORE",
     ];
+    // The filter flags libcontainer sets (through libseccomp) in the guest.
+    const SECCOMP_FLAGS: &[&str] = &[
+        "SECCOMP_FILTER_FLAG_TSYNC",
+        "SECCOMP_FILTER_FLAG_LOG",
+        "SECCOMP_FILTER_FLAG_SPEC_ALLOW",
+        "SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV",
+    ];
     let features = json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": OCI_VERSION,
@@ -347,12 +354,16 @@ pub fn features() -> Result<ExitCode> {
             "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false},
             "seccomp": {
                 "enabled": true,
+                // Loaded in the guest into every process of the container (init and exec'd).
+                // SCMP_ACT_NOTIFY is refused at create: its listener would be on the host.
                 "actions": ["SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL",
                             "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_LOG",
-                            "SCMP_ACT_TRACE", "SCMP_ACT_TRAP", "SCMP_ACT_NOTIFY"],
+                            "SCMP_ACT_TRACE", "SCMP_ACT_TRAP"],
                 "operators": ["SCMP_CMP_EQ", "SCMP_CMP_GE", "SCMP_CMP_GT", "SCMP_CMP_LE",
                               "SCMP_CMP_LT", "SCMP_CMP_MASKED_EQ", "SCMP_CMP_NE"],
-                "archs": ["SCMP_ARCH_X86", "SCMP_ARCH_X86_64", "SCMP_ARCH_X32"]
+                "archs": ["SCMP_ARCH_X86", "SCMP_ARCH_X86_64", "SCMP_ARCH_X32"],
+                "knownFlags": SECCOMP_FLAGS,
+                "supportedFlags": SECCOMP_FLAGS
             },
             "apparmor": {"enabled": false},
             "selinux": {"enabled": false}

@@ -14,6 +14,7 @@ use libcontainer::container::Container;
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 
+use super::executor::RuncExecutor;
 use super::helper::{ErrorKind, Reply, Request, LOG_FD_ENV, RESULT_FD_ENV};
 
 fn env_fd(name: &str) -> Option<RawFd> {
@@ -119,6 +120,7 @@ fn create(
     let container = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
         .with_root_path(root)?
         .with_console_socket(console)
+        .with_executor(RuncExecutor)
         .validate_id()?
         .as_init(bundle)
         .with_systemd(false)
@@ -141,6 +143,7 @@ fn exec(
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
         .with_root_path(root)?
         .with_console_socket(console)
+        .with_executor(RuncExecutor)
         .validate_id()?
         .as_tenant()
         .with_detach(true)
@@ -176,12 +179,8 @@ fn classify(e: &LibcontainerError, message: &str) -> ErrorKind {
         | LibcontainerError::InvalidSpec(_)
         | LibcontainerError::Spec(_) => ErrorKind::InvalidArgument,
         // The executable check runs in the container's init and comes back as text.
-        _ if message.contains("not found in $PATH")
-            || message.contains("does not have correct permissions")
-            || message.contains("PATH environment variable is not set") =>
-        {
-            ErrorKind::InvalidArgument
-        }
+        _ if message.contains("exec: \"") => ErrorKind::InvalidArgument,
+        _ if message.contains("cannot verify the working directory") => ErrorKind::InvalidArgument,
         _ => ErrorKind::Internal,
     }
 }

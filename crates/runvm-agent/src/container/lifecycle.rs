@@ -179,6 +179,13 @@ impl Containers {
             }
         };
         let exit = self.reaper.watch(pid, since);
+        if spec::new_network_namespace(&spec) {
+            let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            if let Err(e) = crate::network::loopback_up_in(netns).await {
+                self.delete_state(id).await;
+                return Err(e.context(format!("container {id:?}")));
+            }
+        }
         let io = match (io, console) {
             (Some(io), _) => io,
             (None, Some(socket)) => match receive_tty(socket, cfg.stdin, size).await {

@@ -7,6 +7,7 @@
 //! Guest layout: libcontainer state in [`STATE_ROOT`], one bundle (config.json, exec process
 //! files) per container in [`BUNDLES`], cgroups under `/sys/fs/cgroup/runvm/<id>`.
 
+pub mod executor;
 mod helper;
 pub mod helper_main;
 mod lifecycle;

@@ -32,6 +32,18 @@ pub fn cgroup_path(id: &str) -> PathBuf {
     Path::new(CGROUP_PARENT).join(id)
 }
 
+/// Whether the container gets a network namespace of its own (a `network` entry without a
+/// path), in which the agent brings `lo` up as runc does.
+pub fn new_network_namespace(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|nss| {
+            nss.iter()
+                .any(|ns| ns.typ() == LinuxNamespaceType::Network && ns.path().is_none())
+        })
+}
+
 fn has_dot_dot(path: &Path) -> bool {
     path.components().any(|c| c == Component::ParentDir)
 }
@@ -282,6 +294,18 @@ mod tests {
             .unwrap()
             .len();
         assert_eq!(n, 3);
+        assert!(new_network_namespace(&spec));
+    }
+
+    #[test]
+    fn only_a_network_namespace_without_a_path_is_a_new_one() {
+        // The host's namespace path is dropped: the container shares the VM's network.
+        let shared = parse_spec(&spec_json(|_| {}), "c1", false).unwrap();
+        assert!(!new_network_namespace(&shared));
+        let none = spec_json(|v| v["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}]));
+        assert!(!new_network_namespace(
+            &parse_spec(&none, "c1", false).unwrap()
+        ));
     }
 
     #[test]

@@ -32,6 +32,38 @@ pub async fn loopback_up() -> Result<()> {
     Ok(())
 }
 
+/// Brings the loopback device up in the network namespace `netns` (a `/proc/PID/ns/net`), as
+/// runc does in every network namespace it creates: a new namespace starts with `lo` down, so
+/// `127.0.0.1` would be unreachable inside. Runs on a thread of its own that joins the
+/// namespace (the netlink socket belongs to the namespace it is opened in) and then ends, so no
+/// thread of the agent stays in the container's namespace.
+pub async fn loopback_up_in(netns: std::path::PathBuf) -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let what = format!("bring up lo in {}", netns.display());
+    std::thread::Builder::new()
+        .name("netns-lo".into())
+        .spawn(move || {
+            let _ = tx.send(loopback_up_on_this_thread(&netns));
+        })
+        .map_err(|e| AgentError::internal(format!("{what}: cannot start a thread: {e}")))?;
+    rx.await
+        .map_err(|_| AgentError::internal(format!("{what}: its thread died")))?
+}
+
+fn loopback_up_on_this_thread(netns: &std::path::Path) -> Result<()> {
+    let what = || format!("bring up lo in {}", netns.display());
+    let ns = std::fs::File::open(netns)
+        .map_err(|e| AgentError::internal(format!("{}: cannot open it: {e}", what())))?;
+    // Only this thread moves: setns(2) changes the calling thread's namespace.
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| AgentError::internal(format!("{}: setns: {e}", what())))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AgentError::internal(format!("{}: no runtime: {e}", what())))?;
+    rt.block_on(loopback_up()).map_err(|e| e.context(what()))
+}
+
 /// "aa:bb:cc:dd:ee:ff" to bytes.
 fn parse_mac(s: &str) -> Result<Vec<u8>> {
     let bytes: Vec<u8> = s

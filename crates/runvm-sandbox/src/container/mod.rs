@@ -3,5 +3,6 @@
 pub mod bundle;
 pub mod hooks;
 pub mod io;
+pub mod seccomp;
 pub mod share;
 pub mod spec;

@@ -163,6 +163,7 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
             ));
         }
     }
+    super::seccomp::check(&file, spec)?;
     let terminal = process
         .get("terminal")
         .and_then(Value::as_bool)
