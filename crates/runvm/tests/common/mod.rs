@@ -115,15 +115,8 @@ pub fn assert_nothing_left(marker: &Path, root: &Path) {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(&marker)).collect();
     assert!(leaked.is_empty(), "mounts left behind: {leaked:#?}");
-    // The boot admission slots (`ROOT/.boot~slots`) stay: they belong to the root, not to a
-    // sandbox.
     let state: Vec<_> = std::fs::read_dir(root)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| !p.ends_with(runvm_sandbox::store::BOOT_SLOTS_DIR))
-                .collect()
-        })
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(state.is_empty(), "state left behind: {state:?}");
 }
