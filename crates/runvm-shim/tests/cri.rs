@@ -16,8 +16,8 @@ use k8s_cri::v1::{
     ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest,
     LinuxContainerConfig, LinuxContainerSecurityContext, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, VersionRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -58,7 +58,8 @@ fn pod_config(env: &Env) -> PodSandboxConfig {
 }
 
 /// A container's config as the kubelet sends it: its own PID namespace unless the pod shares
-/// one (`shareProcessNamespace`, `share_pid`), the pod's network and IPC.
+/// one (`shareProcessNamespace`, `share_pid`), the pod's network and IPC, the runtime's default
+/// seccomp profile (`seccompProfile: RuntimeDefault`).
 fn container_config(name: &str, command: &[&str], share_pid: bool) -> ContainerConfig {
     let pid = if share_pid {
         NamespaceMode::Pod
@@ -72,6 +73,10 @@ fn container_config(name: &str, command: &[&str], share_pid: bool) -> ContainerC
                     network: NamespaceMode::Pod as i32,
                     pid: pid as i32,
                     ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                seccomp: Some(SecurityProfile {
+                    profile_type: k8s_cri::v1::security_profile::ProfileType::RuntimeDefault as i32,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -329,6 +334,18 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
         )
         .await;
         assert_eq!((out.as_str(), err.as_str(), code), ("data\n", "oops\n", 7));
+        // ExecSync (every `kubectl exec`) runs under the container's seccomp filter, as the
+        // container's init does.
+        for pid in ["self", "1"] {
+            let (out, _, code) = exec_sync(
+                &mut rt,
+                &c1,
+                &["grep", "Seccomp:", &format!("/proc/{pid}/status")],
+            )
+            .await;
+            assert_eq!(code, 0);
+            assert!(out.contains("\t2"), "/proc/{pid}: {out:?}");
+        }
         // The containers are separate: two has its own root filesystem.
         let (_, _, code) = exec_sync(&mut rt, &c2, &["test", "-e", "/tmp/f"]).await;
         assert_eq!(

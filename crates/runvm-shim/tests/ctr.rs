@@ -168,6 +168,42 @@ fn shim_killed_then_containerd_cleanup_leaves_nothing() {
     assert!(env.run(&["containers", "rm", "t8"]).status.success());
 }
 
+/// A process exec'd through the shim runs under the container's seccomp filter (`ctr run
+/// --seccomp`: containerd's default profile), as the container's init does.
+#[test]
+fn an_exec_through_the_shim_gets_the_containers_seccomp_filter() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--seccomp",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t11",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success());
+    for (exec_id, pid) in [("e1", "self"), ("e2", "1")] {
+        let out = env.run(&[
+            "task",
+            "exec",
+            "--exec-id",
+            exec_id,
+            "t11",
+            "grep",
+            "Seccomp:",
+            &format!("/proc/{pid}/status"),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("\t2"), "/proc/{pid}: {text:?}");
+    }
+    env.kill_and_remove("t11");
+    env.assert_clean();
+}
+
 /// The shim killed while the VM boots (QEMU up, the agent not answering yet): containerd's
 /// cleanup (`shim delete`) must still find and remove the VM and its helpers, which the dead
 /// shim had recorded as it spawned them.
