@@ -140,13 +140,18 @@ async fn exec_and_signals(g: &Guest) {
         .await
         .unwrap_err();
     assert_eq!(code, Code::ALREADY_EXISTS);
-    let procs = g.list("svc").await.unwrap();
-    let cmds: Vec<&str> = procs.iter().map(|(_, c)| c.as_str()).collect();
-    assert_eq!(
-        cmds.iter().filter(|c| **c == "sleep 1000").count(),
-        2,
-        "{procs:?}"
-    );
+    // A started process execs its program a moment after the start returned.
+    let sleepers =
+        |procs: &[(i32, String)]| procs.iter().filter(|(_, c)| c == "sleep 1000").count();
+    let mut procs = Vec::new();
+    for _ in 0..100 {
+        procs = g.list("svc").await.unwrap();
+        if sleepers(&procs) == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(sleepers(&procs), 2, "{procs:?}");
     g.signal("svc", "e2", 15, false).await;
     assert_eq!(g.wait("svc", "e2").await, 143);
 
@@ -203,7 +208,15 @@ async fn two_containers_at_once(g: &Guest) {
     g.run("two-b", &script, stdio(true, true, false, false))
         .await;
     for cid in ["two-a", "two-b"] {
-        let procs = g.list(cid).await.unwrap();
+        // Start returns once the init was told to go; its exec of the program follows.
+        let mut procs = Vec::new();
+        for _ in 0..100 {
+            procs = g.list(cid).await.unwrap();
+            if procs.iter().any(|(_, c)| c.starts_with("sh -c")) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         assert!(
             procs.iter().any(|(_, c)| c.starts_with("sh -c")),
             "{procs:?}"
