@@ -702,12 +702,11 @@ impl Hypervisor for Qemu {
     }
 
     fn pids(&self) -> Vec<VmProcess> {
-        self.qemu
-            .iter()
-            .chain(self.helpers.iter())
-            .map(|c| VmProcess {
-                name: c.name.to_string(),
-                pid: c.pid(),
+        self.saved_processes()
+            .into_iter()
+            .map(|p| VmProcess {
+                name: p.name,
+                pid: p.pid,
             })
             .collect()
     }
