@@ -196,5 +196,12 @@ fn a_namespace_path_other_than_the_network_is_refused_at_create() {
         assert_fails(&out, "only the network namespace");
         assert_fails(&host.run(&["state", &id]), "does not exist");
     }
+    // features says so.
+    let features: Value = serde_json::from_slice(&host.run(&["features"]).stdout).unwrap();
+    let paths = features["annotations"]["io.runvm.namespace-paths"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(paths.starts_with("network only"), "{features}");
+    assert!(features["annotations"]["io.runvm.mount-propagation"].is_string());
     host.assert_nothing_left();
 }

@@ -2,8 +2,9 @@
 //!
 //! The host validates `config.json` (with the JSON path of any problem), resolves the rootfs and
 //! the bind-mount sources, and rewrites every host path to where the guest sees it through the
-//! sandbox's virtio-fs share. What cannot cross the VM boundary (hooks, namespace paths of the
-//! host) is dropped, and said so in the log.
+//! sandbox's virtio-fs share. Host hooks stay on the host; a network namespace path is the
+//! VM's (dropped from the guest spec); any other namespace path is refused, except the ones a
+//! CRI pod's container gets to join its sandbox container's namespaces in the pod's VM.
 
 use std::path::{Component, Path, PathBuf};
 
