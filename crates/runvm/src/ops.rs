@@ -371,7 +371,10 @@ pub fn features() -> Result<ExitCode> {
         "annotations": {
             "io.runvm.version": env!("CARGO_PKG_VERSION"),
             "io.runvm.isolation": "vm",
-            "io.runvm.hooks": "createRuntime, prestart, poststart and poststop run on the host (prestart in the pod's network namespace, with QEMU's pid in the state); createContainer and startContainer in the guest, in the container's namespaces"
+            "io.runvm.hooks": "createRuntime, prestart, poststart and poststop run on the host (prestart in the pod's network namespace, with QEMU's pid in the state); createContainer and startContainer in the guest, in the container's namespaces",
+            // Every type may be new; only `network` may be given by path (docs/cli.md).
+            "io.runvm.namespace-paths": "network only (the VM runs in it); a path for ipc, uts, pid, mount, cgroup, user or time is refused at create: only containers of a pod, through containerd-shim-runvm-v2, share their pod sandbox container's ipc, uts and pid namespaces",
+            "io.runvm.mount-propagation": "binds show the host folder both ways with every option; host mounts made later under a shared source reach the container unless the bind is private or rprivate; mounts made in the container never reach the host; rootfsPropagation applies in the guest"
         }
     });
     println!("{}", serde_json::to_string_pretty(&features)?);

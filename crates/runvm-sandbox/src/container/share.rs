@@ -46,6 +46,20 @@ fn mount_one(shared_dir: &Path, bind: &ShareBind) -> Result<PathBuf, ShareError>
         None::<&str>,
     )
     .map_err(|e| fail(e.to_string()))?;
+    // The copy must not be a peer of the source: unmounting it (with its submounts) would then
+    // unmount the source's submounts on the host too. As a slave it still receives the mounts
+    // made later under a shared source (the guest sees them as virtio-fs submounts); private,
+    // when the bind asks for it, not even those.
+    let propagation = if bind.private {
+        MsFlags::MS_PRIVATE
+    } else {
+        MsFlags::MS_SLAVE
+    };
+    let flags = propagation | MsFlags::MS_REC;
+    if let Err(e) = mount(None::<&str>, &target, None::<&str>, flags, None::<&str>) {
+        let _ = umount2(&target, MntFlags::MNT_DETACH);
+        return Err(fail(format!("propagation change: {e}")));
+    }
     if bind.readonly {
         let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if let Err(e) = mount(None::<&str>, &target, None::<&str>, ro, None::<&str>) {
@@ -93,9 +107,9 @@ pub fn unmount_all(targets: &[PathBuf]) {
     }
 }
 
-/// Whether `path` is a mount point (listed in /proc/self/mountinfo).
+/// Whether `path` is a mount point (listed in the calling thread's mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
     let wanted = path.display().to_string();
     info.lines()
         .filter_map(|l| l.split_whitespace().nth(4))
@@ -125,11 +139,13 @@ mod tests {
                 source: src.clone(),
                 target: "c1/rootfs".into(),
                 readonly: false,
+                private: false,
             },
             ShareBind {
                 source: dir.path().join("file"),
                 target: "c1/mounts/0-file".into(),
                 readonly: true,
+                private: true,
             },
         ];
         let targets = mount_binds(&shared, &binds).unwrap();
@@ -158,15 +174,84 @@ mod tests {
                 source: src,
                 target: "c1/rootfs".into(),
                 readonly: false,
+                private: false,
             },
             ShareBind {
                 source: "/nonexistent/source".into(),
                 target: "c1/mounts/1-x".into(),
                 readonly: false,
+                private: false,
             },
         ];
         let err = mount_binds(&shared, &binds).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/source"), "{err}");
         assert!(!is_mounted(&shared.join("c1/rootfs")));
+    }
+
+    /// The optional fields (after the mount point) of `path`'s line in mountinfo.
+    fn propagation_of(path: &Path) -> String {
+        let info = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+        let wanted = path.display().to_string();
+        let line = info
+            .lines()
+            .rfind(|l| l.split_whitespace().nth(4) == Some(wanted.as_str()))
+            .unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let end = fields.iter().position(|f| *f == "-").unwrap();
+        fields[6..end].join(" ")
+    }
+
+    #[test]
+    fn unsharing_a_shared_source_leaves_its_submounts_and_later_mounts_reach_the_copy() {
+        // In a mount namespace of its own, so the shared mounts made here stay here.
+        let child = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            let none = None::<&str>;
+            let rprivate = MsFlags::MS_PRIVATE | MsFlags::MS_REC;
+            mount(none, "/", none, rprivate, none).unwrap();
+            let (_dir, src, shared) = setup();
+            let bind = MsFlags::MS_BIND;
+            mount(Some(&src), &src, none, bind, none).unwrap();
+            mount(none, &src, none, MsFlags::MS_SHARED, none).unwrap();
+            std::fs::create_dir_all(src.join("before")).unwrap();
+            std::fs::create_dir_all(src.join("later")).unwrap();
+            mount(
+                Some("tmpfs"),
+                &src.join("before"),
+                Some("tmpfs"),
+                MsFlags::empty(),
+                none,
+            )
+            .unwrap();
+            let binds = [false, true].map(|private| ShareBind {
+                source: src.clone(),
+                target: format!("c1/mounts/{private}").into(),
+                readonly: false,
+                private,
+            });
+            let targets = mount_binds(&shared, &binds).unwrap();
+            assert!(propagation_of(&targets[0]).starts_with("master:"));
+            assert_eq!(propagation_of(&targets[1]), "");
+            // A mount made later under the source reaches the slave copy, not the private one.
+            mount(
+                Some("tmpfs"),
+                &src.join("later"),
+                Some("tmpfs"),
+                MsFlags::empty(),
+                none,
+            )
+            .unwrap();
+            std::fs::write(src.join("later/f"), "later").unwrap();
+            assert_eq!(
+                std::fs::read_to_string(targets[0].join("later/f")).unwrap(),
+                "later"
+            );
+            assert!(!targets[1].join("later/f").exists());
+            unmount_all(&targets);
+            // The source keeps its own submounts.
+            assert!(is_mounted(&src.join("before")));
+            assert!(is_mounted(&src.join("later")));
+        });
+        child.join().unwrap();
     }
 }

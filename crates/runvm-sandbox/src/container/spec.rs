@@ -2,8 +2,9 @@
 //!
 //! The host validates `config.json` (with the JSON path of any problem), resolves the rootfs and
 //! the bind-mount sources, and rewrites every host path to where the guest sees it through the
-//! sandbox's virtio-fs share. What cannot cross the VM boundary (hooks, namespace paths of the
-//! host) is dropped, and said so in the log.
+//! sandbox's virtio-fs share. Host hooks stay on the host; a network namespace path is the
+//! VM's (dropped from the guest spec); any other namespace path is refused, except the ones a
+//! CRI pod's container gets to join its sandbox container's namespaces in the pod's VM.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -55,6 +56,10 @@ pub struct ShareBind {
     pub target: PathBuf,
     /// Mounted read-only on the host side too.
     pub readonly: bool,
+    /// The bind asks for `private` or `rprivate` propagation: the copy in the shared folder is
+    /// made private (mounts made later under the source do not reach the guest); otherwise it
+    /// is a slave of the source (they do, when the source is a shared mount).
+    pub private: bool,
 }
 
 /// A bundle ready for the guest.
@@ -201,6 +206,7 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
         source: root_path,
         target: share.join("rootfs"),
         readonly: false,
+        private: false,
     }];
     guest["root"]["path"] = Value::from(guest_share.join("rootfs").display().to_string());
 
@@ -243,6 +249,7 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
                 source: host_source,
                 target: share.join("mounts").join(&name),
                 readonly,
+                private: options.iter().any(|o| *o == "private" || *o == "rprivate"),
             });
             m["source"] = Value::from(guest_share.join("mounts").join(&name).display().to_string());
         }
@@ -258,28 +265,21 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty() && *s != container_id)
         .map(str::to_string);
-    let mut joined = Vec::new();
+    let joined = namespaces_to_join(&file, spec, pod_sandbox.is_some())?;
     if let Some(linux) = guest.get_mut("linux").and_then(Value::as_object_mut) {
         if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
             // A namespace path names a host namespace; the guest cannot join it. The network
             // namespace entry goes entirely (the container shares the VM's network, which is
-            // the pod's); others become new namespaces, except that a pod's container joins
-            // its sandbox container's IPC, UTS and PID namespaces in the guest, as it would on
-            // the host (the agent resolves them, see `POD_NAMESPACES_ANNOTATION`).
+            // the pod's); a pod's container joins its sandbox container's IPC, UTS and PID
+            // namespaces in the guest, as it would on the host (the agent resolves them, see
+            // `POD_NAMESPACES_ANNOTATION`). Any other path was refused above.
             namespaces.retain(|ns| {
                 !(ns.get("type").and_then(Value::as_str) == Some("network")
                     && ns.get("path").is_some())
             });
             for ns in namespaces.iter_mut() {
                 if let Some(obj) = ns.as_object_mut() {
-                    if obj.remove("path").is_some() {
-                        let typ = obj.get("type").and_then(Value::as_str).unwrap_or_default();
-                        if pod_sandbox.is_some() && matches!(typ, "ipc" | "uts" | "pid") {
-                            joined.push(typ.to_string());
-                        } else {
-                            tracing::debug!(namespace = typ, "host namespace path dropped");
-                        }
-                    }
+                    obj.remove("path");
                 }
             }
         }
@@ -323,6 +323,48 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
         terminal,
         hooks,
     })
+}
+
+/// The namespaces a pod's container joins in the guest (of `ipc`, `uts`, `pid`: those given by
+/// path). Any other namespace path than the network's is refused, naming it: it names a host
+/// namespace, which the guest cannot join, and joining another runvm container's namespaces
+/// would need the container in that container's VM, which only the shim does (for a pod).
+fn namespaces_to_join(
+    file: &Path,
+    spec: &Value,
+    pod_container: bool,
+) -> Result<Vec<String>, SpecError> {
+    let mut joined = Vec::new();
+    let namespaces = spec
+        .pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (i, ns) in namespaces.iter().enumerate() {
+        let typ = ns.get("type").and_then(Value::as_str).unwrap_or_default();
+        let Some(path) = ns.get("path").and_then(Value::as_str) else {
+            continue;
+        };
+        if typ == "network" {
+            continue;
+        }
+        if pod_container && matches!(typ, "ipc" | "uts" | "pid") {
+            joined.push(typ.to_string());
+            continue;
+        }
+        return Err(invalid(
+            file,
+            &format!("linux.namespaces[{i}].path"),
+            format!(
+                "cannot join the {typ} namespace at {path}: a runvm container runs in a VM of \
+                 its own, where host namespaces do not exist; only the network namespace may be \
+                 given by path (the VM runs in it), and only containers of a pod, through \
+                 containerd-shim-runvm-v2, share ipc, uts and pid namespaces (of the pod's \
+                 sandbox container); leave out the path for a new {typ} namespace"
+            ),
+        ));
+    }
+    Ok(joined)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ fn minimal() -> Value {
             "namespaces": [
                 {"type": "pid"},
                 {"type": "network", "path": "/var/run/netns/cni-1"},
-                {"type": "ipc", "path": "/proc/42/ns/ipc"}
+                {"type": "ipc"}
             ],
             "cgroupsPath": "/kubepods/pod1/c1"
         },
@@ -58,9 +58,9 @@ fn host_namespaces_hooks_and_cgroup_path_do_not_cross_into_the_guest() {
     let p = prepare(b.path(), &minimal(), "c1").unwrap();
     let ns = p.guest_spec["linux"]["namespaces"].as_array().unwrap();
     assert_eq!(
-        ns.len(),
-        2,
-        "network namespace with a host path removed: {ns:?}"
+        ns,
+        &[json!({"type": "pid"}), json!({"type": "ipc"})],
+        "network namespace with a host path removed"
     );
     assert!(ns.iter().all(|n| n.get("path").is_none()));
     assert_eq!(p.guest_spec["linux"]["cgroupsPath"], "/runvm/c1");
@@ -115,14 +115,63 @@ fn a_pod_container_is_told_to_join_its_sandbox_containers_ipc_uts_and_pid_namesp
     assert!(ns.iter().all(|n| n.get("path").is_none()), "{ns:?}");
     assert_eq!(p.host_spec, spec, "the stored spec is the one given");
 
-    // Not for the pod's sandbox container itself, nor outside a CRI pod.
+    // Not for the pod's sandbox container itself, nor outside a CRI pod: refused there.
     spec["annotations"]["io.kubernetes.cri.container-type"] = json!("sandbox");
-    let p = prepare(b.path(), &spec, "pod1").unwrap();
-    assert!(p.guest_spec["annotations"]
-        .get(POD_NAMESPACES_ANNOTATION)
-        .is_none());
+    let err = prepare(b.path(), &spec, "pod1").unwrap_err().to_string();
+    assert!(err.contains("linux.namespaces[0].path"), "{err}");
     let p = prepare(b.path(), &minimal(), "c1").unwrap();
     assert!(p.guest_spec.get("annotations").is_none());
+}
+
+#[test]
+fn a_pod_container_may_not_join_other_namespaces_by_path() {
+    let b = bundle();
+    let mut spec = minimal();
+    spec["linux"]["namespaces"] = json!([
+        {"type": "ipc", "path": "/proc/42/ns/ipc"},
+        {"type": "mount", "path": "/proc/42/ns/mnt"}
+    ]);
+    spec["annotations"] = json!({
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "pod1"
+    });
+    let err = prepare(b.path(), &spec, "c1").unwrap_err().to_string();
+    assert!(err.contains("linux.namespaces[1].path"), "{err}");
+    assert!(err.contains("mount namespace at /proc/42/ns/mnt"), "{err}");
+}
+
+#[test]
+fn a_namespace_path_outside_a_pod_is_refused_naming_it_and_what_is_valid() {
+    let b = bundle();
+    for (typ, path) in [
+        ("ipc", "/proc/42/ns/ipc"),
+        ("uts", "/proc/42/ns/uts"),
+        ("pid", "/proc/42/ns/pid"),
+        ("mount", "/proc/42/ns/mnt"),
+        ("cgroup", "/proc/42/ns/cgroup"),
+        ("user", "/proc/42/ns/user"),
+        ("time", "/proc/42/ns/time"),
+    ] {
+        let mut spec = minimal();
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": typ, "path": path}));
+        let err = prepare(b.path(), &spec, "c1").unwrap_err().to_string();
+        assert!(
+            err.contains("config.json: linux.namespaces[3].path"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("cannot join the {typ} namespace at {path}")),
+            "{err}"
+        );
+        assert!(
+            err.contains("only the network namespace may be given by path"),
+            "{err}"
+        );
+        assert!(err.contains("only containers of a pod"), "{err}");
+    }
 }
 
 #[test]
