@@ -113,7 +113,7 @@ pub(super) async fn receive_tty(
 }
 
 impl Containers {
-    /// ExecProcess: runs an OCI process in a running container, started at once.
+    /// ExecProcess: runs an OCI process in a created or running container, started at once.
     pub async fn exec(self: &Arc<Self>, req: agent::ExecProcessRequest) -> Result<()> {
         let me = Arc::clone(self);
         detached("ExecProcess", async move { me.exec_inner(req).await }).await
@@ -127,7 +127,10 @@ impl Containers {
         let process = spec::parse_process(&req.oci_process_json, id, exec_id, cfg.terminal)?;
         let _op = c.lock_op().await?;
         let status = c.status();
-        if status != Status::Running {
+        // As runc: a created container (its init waiting for start) takes new processes. A
+        // paused one does not: the new process would freeze before it reports to this call,
+        // which holds the container's operation lock that resume needs.
+        if !matches!(status, Status::Running | Status::Created) {
             return Err(AgentError::precondition(format!(
                 "cannot exec {exec_id:?} in container {id:?}: it is {status}"
             )));
