@@ -8,6 +8,7 @@ mod logging;
 mod network;
 mod oci;
 mod ops;
+mod ps;
 mod standin;
 
 use std::process::ExitCode;

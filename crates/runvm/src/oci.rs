@@ -362,11 +362,11 @@ pub fn ps(config: &Config, id: &str, format: Format) -> Result<ExitCode> {
         let pids: Vec<i32> = processes.iter().map(|p| p.pid).collect();
         println!("{}", serde_json::to_string(&pids)?);
     } else {
-        let rows: Vec<Vec<String>> = processes
-            .iter()
-            .map(|p| vec![p.pid.to_string(), p.cmd.clone()])
-            .collect();
-        print!("{}", tabwriter(&["PID".into(), "CMD".into()], &rows, 1));
+        let now = runvm_sandbox::state::unix_now_ns();
+        print!(
+            "{}",
+            crate::ps::table(&processes, now, crate::ps::host_user)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
