@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// runvm runs containers in lightweight virtual machines (one QEMU VM per container or pod),
 /// with the command line of runc.
 #[derive(Debug, Parser)]
-#[command(name = "runvm", version, about, long_about = None)]
+#[command(name = "runvm", about, long_about = None)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -154,6 +154,10 @@ pub enum Command {
         /// Detach: return once the container runs, leaving it for `kill` and `delete`.
         #[arg(short, long)]
         detach: bool,
+        /// In the foreground: keep the container (stopped) after it exits, for `state` and
+        /// `delete`, instead of removing it.
+        #[arg(long)]
+        keep: bool,
     },
     /// Prints the OCI state of a container as JSON.
     State {
@@ -188,10 +192,14 @@ pub enum Command {
         format: Format,
         /// The container id.
         id: String,
-        /// Accepted for runc compatibility and ignored (runc passes them to ps(1)).
+        /// Accepted for runc compatibility and ignored (runc passes them to ps(1); the guest
+        /// has no ps).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         ps_args: Vec<String>,
     },
+    /// Prints runvm's version, its commit and the OCI runtime spec version (as `--version`).
+    #[command(hide = true)]
+    Version,
     /// Freezes every process of a container.
     Pause {
         /// The container id.
@@ -268,6 +276,9 @@ pub struct ExecArgs {
     /// Detach: return once the process runs.
     #[arg(short, long)]
     pub detach: bool,
+    /// Allow exec in a paused container (refused without it, as by runc).
+    #[arg(long)]
+    pub ignore_paused: bool,
     /// Set an environment variable (NAME=VALUE), repeatable.
     #[arg(short, long, value_name = "NAME=VALUE")]
     pub env: Vec<String>,

@@ -120,6 +120,32 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
     out
 }
 
+/// Whether the global flags (before the command) ask for the version: `-v`, `--version` (runc's)
+/// or `-V`.
+pub fn asks_version(argv: &[OsString]) -> bool {
+    const WITH_VALUE: &[&str] = &[
+        "--root",
+        "--log",
+        "--log-format",
+        "--config",
+        "--log-level",
+        "--criu",
+    ];
+    let mut args = argv.iter().skip(1);
+    while let Some(a) = args.next() {
+        let Some(a) = a.to_str() else { return false };
+        match a {
+            "-v" | "--version" | "-V" => return true,
+            _ if WITH_VALUE.contains(&a) => {
+                args.next();
+            }
+            _ if a.starts_with('-') => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +196,16 @@ mod tests {
             norm(&["runvm", "exec", "-e", "A=1", "-cwd", "/", "c1", "-debug"]),
             ["runvm", "exec", "-e", "A=1", "--cwd", "/", "c1", "-debug"]
         );
+    }
+
+    #[test]
+    fn version_is_asked_only_before_the_command() {
+        let v = |args: &[&str]| asks_version(&args.iter().map(OsString::from).collect::<Vec<_>>());
+        assert!(v(&["runvm", "--version"]));
+        assert!(v(&["runvm", "-v"]));
+        assert!(v(&["runvm", "--root", "/x", "-v"]));
+        assert!(!v(&["runvm", "--root", "-v", "list"]));
+        assert!(!v(&["runvm", "exec", "c1", "ls", "-v"]));
+        assert!(!v(&["runvm", "list"]));
     }
 }

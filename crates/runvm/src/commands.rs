@@ -19,9 +19,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let c = &config;
     // Records under the root decide what runvm kills and removes: a root others can change
     // is refused before any command reads or writes there.
+    tracing::debug!(command = ?cli.command, "runvm {}", env!("CARGO_PKG_VERSION"));
     if !matches!(
         cli.command,
-        Command::Check | Command::Env | Command::Spec { .. } | Command::Features
+        Command::Check | Command::Env | Command::Spec { .. } | Command::Features | Command::Version
     ) {
         runvm_sandbox::store::check_root(&config.runtime.root)?;
     }
@@ -39,7 +40,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Network(n) => crate::network::run(c, n),
         Command::Create(a) => oci::create(g, c, &a),
         Command::Start { id } => oci::start(c, &id),
-        Command::Run { create, detach } => oci::run(g, c, &create, detach),
+        Command::Run {
+            create,
+            detach,
+            keep,
+        } => oci::run(g, c, &create, detach, keep),
         Command::State { id } => oci::state(c, &id),
         Command::Kill { all, id, signal } => oci::kill(c, &id, &signal, all),
         Command::Delete { force, id } => oci::delete(c, &id, force),
@@ -63,6 +68,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Update(a) => ops::update(c, &a),
         Command::Spec { bundle } => oci::spec(&bundle),
         Command::Features => ops::features(),
+        Command::Version => {
+            println!("{}", crate::version_text());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Standin { exec, terminal, id } => standin::main(c, &id, &exec, terminal),
     }
 }

@@ -1,9 +1,9 @@
 //! Logging as runc does it: to stderr, or with `--log FILE` to that file, as text
 //! (`time="..." level=info msg="..."`) or JSON lines (`{"level":"error","msg":"...","time":"..."}`,
-//! what containerd's runc shim reads back to report a failure).
+//! what containerd's runc shim reads back to report a failure); never with terminal colours.
 
 use std::fmt::Write as _;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
@@ -17,64 +17,79 @@ use tracing_subscriber::Layer;
 
 use crate::args::LogFormat;
 
-struct LogFile {
-    file: Mutex<File>,
+/// Where log lines go: the `--log` file, or stderr.
+struct LogSink {
+    out: Mutex<Box<dyn std::io::Write + Send>>,
     json: bool,
+    /// The `--log` file (errors are written there as well as to stderr).
+    file: bool,
 }
 
-static LOG_FILE: OnceLock<LogFile> = OnceLock::new();
+static LOG: OnceLock<LogSink> = OnceLock::new();
 
-/// Sets up logging. With `log`, events go to that file; else to stderr unless `quiet` (the
-/// stand-in, whose stderr is the container's).
+/// Sets up logging, as runc's logrus: with `log`, events go to that file; else to stderr unless
+/// `quiet` (the stand-in, whose stderr is the container's). Either way a line is logrus text
+/// (`time="..." level=warning msg="..."`, never terminal colour codes) or, with `--log-format
+/// json`, a JSON object.
 pub fn init(log: Option<&Path>, format: LogFormat, level: &str, quiet: bool) {
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env()
             .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
     };
+    let json = format == LogFormat::Json;
+    let mut sink = None;
     if let Some(path) = log {
         match OpenOptions::new().create(true).append(true).open(path) {
             Ok(file) => {
-                let _ = LOG_FILE.set(LogFile {
-                    file: Mutex::new(file),
-                    json: format == LogFormat::Json,
-                });
-                tracing_subscriber::registry()
-                    .with(FileLayer.with_filter(filter()))
-                    .init();
-                return;
+                let out: Box<dyn std::io::Write + Send> = Box::new(file);
+                sink = Some((out, true));
             }
             Err(e) => eprintln!("runvm: cannot open the log file {}: {e}", path.display()),
         }
     }
-    if quiet {
-        return;
+    if sink.is_none() && !quiet {
+        sink = Some((Box::new(std::io::stderr()), false));
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter())
-        .with_writer(std::io::stderr)
-        .init();
+    let Some((out, file)) = sink else { return };
+    let _ = LOG.set(LogSink {
+        out: Mutex::new(out),
+        json,
+        file,
+    });
+    let _ = tracing_subscriber::registry()
+        .with(SinkLayer.with_filter(filter()))
+        .try_init();
 }
 
-/// Writes `msg` at error level to the log file, if there is one.
+/// Writes `msg` at error level to the log file, if there is one (stderr gets the error from
+/// `main`).
 pub fn error(msg: &str) {
-    write_line("error", msg);
+    if LOG.get().is_some_and(|l| l.file) {
+        write_line("error", msg);
+    }
 }
 
-fn write_line(level: &str, msg: &str) {
-    let Some(log) = LOG_FILE.get() else { return };
-    let time = rfc3339(unix_now_ns());
-    let line = if log.json {
+/// One log line in logrus's text format or as JSON. logrus calls `warn` `warning`.
+fn format_line(json: bool, time: &str, level: &str, msg: &str) -> String {
+    let level = if level == "warn" { "warning" } else { level };
+    if json {
         serde_json::json!({"level": level, "msg": msg, "time": time}).to_string()
     } else {
         format!("time={time:?} level={level} msg={msg:?}")
-    };
-    let mut file = log.file.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = writeln!(file, "{line}");
+    }
 }
 
-/// Writes tracing events to the log file.
-struct FileLayer;
+fn write_line(level: &str, msg: &str) {
+    let Some(log) = LOG.get() else { return };
+    let line = format_line(log.json, &rfc3339(unix_now_ns()), level, msg);
+    let mut out = log.out.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Writes tracing events to the log sink.
+struct SinkLayer;
 
 #[derive(Default)]
 struct Message(String);
@@ -89,11 +104,32 @@ impl Visit for Message {
     }
 }
 
-impl<S: tracing::Subscriber> Layer<S> for FileLayer {
+impl<S: tracing::Subscriber> Layer<S> for SinkLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
         let mut msg = Message::default();
         event.record(&mut msg);
         let level = event.metadata().level().as_str().to_ascii_lowercase();
         write_line(&level, msg.0.trim_start());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_logrus_text_or_json_without_colour() {
+        let t = format_line(false, "2024-01-01T00:00:00Z", "warn", "a \"b\"");
+        assert_eq!(
+            t,
+            r#"time="2024-01-01T00:00:00Z" level=warning msg="a \"b\"""#
+        );
+        assert!(!t.contains('\x1b'));
+        let j: serde_json::Value =
+            serde_json::from_str(&format_line(true, "T", "debug", "m")).unwrap();
+        assert_eq!(
+            j,
+            serde_json::json!({"level": "debug", "msg": "m", "time": "T"})
+        );
     }
 }

@@ -8,6 +8,7 @@ mod logging;
 mod network;
 mod oci;
 mod ops;
+mod ps;
 mod standin;
 
 use std::process::ExitCode;
@@ -16,8 +17,24 @@ use clap::Parser;
 
 pub use args::{Cli, Command};
 
+/// runc's version lines: its own version, the commit, the OCI runtime spec version.
+pub fn version_text() -> String {
+    format!(
+        "runvm version {}\ncommit: {}\nspec: {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("RUNVM_COMMIT"),
+        runvm_sandbox::standalone::OCI_VERSION
+    )
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(argv::normalize(std::env::args_os().collect()));
+    let argv = argv::normalize(std::env::args_os().collect());
+    // runc's `-v`/`--version` (urfave/cli's global flag), with clap's `-V` too.
+    if argv::asks_version(&argv) {
+        println!("{}", version_text());
+        return ExitCode::SUCCESS;
+    }
+    let cli = Cli::parse_from(argv);
     let level = if cli.global.debug {
         "debug"
     } else {

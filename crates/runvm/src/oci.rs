@@ -107,7 +107,14 @@ pub fn start(config: &Config, id: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn run(global: &Global, config: &Config, a: &CreateArgs, detach: bool) -> Result<ExitCode> {
+/// `run`: create and start; in the foreground, wait and remove the container unless `keep`.
+pub fn run(
+    global: &Global,
+    config: &Config,
+    a: &CreateArgs,
+    detach: bool,
+    keep: bool,
+) -> Result<ExitCode> {
     let (id, child, terminal) = create_with_standin(global, config, a, !detach)?;
     if let Err(e) = block_on(start_container(config, &id)) {
         let _ = block_on(async { Ok(standalone::delete(config, &id, true).await?) });
@@ -117,20 +124,87 @@ pub fn run(global: &Global, config: &Config, a: &CreateArgs, detach: bool) -> Re
         return Ok(ExitCode::SUCCESS);
     }
     let code = standin::wait_foreground(child, terminal && a.io.console_socket.is_none())?;
-    block_on(async { Ok(standalone::delete(config, &id, true).await?) })?;
+    if !keep {
+        block_on(async { Ok(standalone::delete(config, &id, true).await?) })?;
+    }
     Ok(ExitCode::from(code))
+}
+
+/// Go's RFC 3339 with nanoseconds (`time.RFC3339Nano`): the fraction without trailing zeros,
+/// none at all when zero.
+fn rfc3339_nano(text: &str) -> String {
+    match text.split_once('.') {
+        Some((secs, rest)) => {
+            let (fraction, zone) = rest.split_at(
+                rest.find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(rest.len()),
+            );
+            let fraction = fraction.trim_end_matches('0');
+            if fraction.is_empty() {
+                format!("{secs}{zone}")
+            } else {
+                format!("{secs}.{fraction}{zone}")
+            }
+        }
+        None => text.to_string(),
+    }
+}
+
+/// runc's `containerState`, which `state` and `list --format json` print: its fields in its
+/// order, `annotations` left out when empty, `created` as Go prints it, an owner without a
+/// name as `#UID`. (`reason` is runvm's, for an entry whose records cannot be used.)
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RuncState<'a> {
+    oci_version: &'a str,
+    id: &'a str,
+    pid: u32,
+    status: &'a str,
+    bundle: &'a Path,
+    rootfs: &'a Path,
+    created: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
+    owner: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+fn runc_state(st: &standalone::OciState) -> RuncState<'_> {
+    RuncState {
+        oci_version: &st.oci_version,
+        id: &st.id,
+        pid: st.pid,
+        status: st.status,
+        bundle: &st.bundle,
+        rootfs: &st.rootfs,
+        created: rfc3339_nano(&st.created),
+        annotations: &st.annotations,
+        owner: owner_name(&st.owner),
+        reason: st.reason.as_deref(),
+    }
+}
+
+/// runc names an owner missing from /etc/passwd `#UID`.
+fn owner_name(owner: &str) -> String {
+    if !owner.is_empty() && owner.bytes().all(|b| b.is_ascii_digit()) {
+        format!("#{owner}")
+    } else {
+        owner.to_string()
+    }
 }
 
 pub fn state(config: &Config, id: &str) -> Result<ExitCode> {
     let st = standalone::state(config, &cid(id)?)?;
-    println!("{}", serde_json::to_string_pretty(&st)?);
+    println!("{}", serde_json::to_string_pretty(&runc_state(&st))?);
     Ok(ExitCode::SUCCESS)
 }
 
-/// A signal by name (`KILL`, `SIGKILL`, `kill`) or number.
+/// A signal by name (`KILL`, `SIGKILL`, `kill`) or number; `0` checks that the container's
+/// process is alive, as with kill(2).
 pub fn parse_signal(text: &str) -> Result<i32> {
     if let Ok(n) = text.parse::<i32>() {
-        if (1..=64).contains(&n) {
+        if (0..=64).contains(&n) {
             return Ok(n);
         }
     }
@@ -223,42 +297,56 @@ pub fn list(config: &Config, format: Format, quiet: bool) -> Result<ExitCode> {
             println!("{}", s.id);
         }
     } else if format == Format::Json {
-        println!("{}", serde_json::to_string(&states)?);
+        // Go's encoder: an empty list is `null`.
+        let list: Vec<RuncState> = states.iter().map(runc_state).collect();
+        if list.is_empty() {
+            println!("null");
+        } else {
+            println!("{}", serde_json::to_string(&list)?);
+        }
     } else {
-        let rows: Vec<[String; 6]> = states
+        let rows: Vec<Vec<String>> = states
             .iter()
             .map(|s| {
-                [
+                vec![
                     s.id.clone(),
                     s.pid.to_string(),
                     s.status.to_string(),
                     s.bundle.display().to_string(),
-                    s.created.clone(),
-                    s.owner.clone(),
+                    rfc3339_nano(&s.created),
+                    owner_name(&s.owner),
                 ]
             })
             .collect();
         let header = ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"].map(String::from);
-        print_table(&header, &rows);
+        print!("{}", tabwriter(&header, &rows, 12));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table<const N: usize>(header: &[String; N], rows: &[[String; N]]) {
-    let mut widths = header.clone().map(|h| h.len());
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
+/// Go's `tabwriter.NewWriter(out, minwidth, 1, 3, ' ', 0)` as runc uses it: every column but
+/// the last padded with spaces to the widest cell plus 3, at least `minwidth`; the last column
+/// as it is.
+fn tabwriter(header: &[String], rows: &[Vec<String>], minwidth: usize) -> String {
+    let columns = header.len();
+    let mut widths = vec![minwidth; columns];
+    for row in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
+        for (w, cell) in widths.iter_mut().zip(row).take(columns - 1) {
+            *w = (*w).max(cell.chars().count() + 3);
         }
     }
-    for row in std::iter::once(header).chain(rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:w$}"))
-            .collect();
-        println!("{}", cells.join("   ").trim_end());
+    let mut out = String::new();
+    for row in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 < columns {
+                out.push_str(&format!("{cell:w$}", w = widths[i]));
+            } else {
+                out.push_str(cell);
+            }
+        }
+        out.push('\n');
     }
+    out
 }
 
 pub fn ps(config: &Config, id: &str, format: Format) -> Result<ExitCode> {
@@ -274,11 +362,11 @@ pub fn ps(config: &Config, id: &str, format: Format) -> Result<ExitCode> {
         let pids: Vec<i32> = processes.iter().map(|p| p.pid).collect();
         println!("{}", serde_json::to_string(&pids)?);
     } else {
-        let rows: Vec<[String; 2]> = processes
-            .iter()
-            .map(|p| [p.pid.to_string(), p.cmd.clone()])
-            .collect();
-        print_table(&["PID".into(), "CMD".into()], &rows);
+        let now = runvm_sandbox::state::unix_now_ns();
+        print!(
+            "{}",
+            crate::ps::table(&processes, now, crate::ps::host_user)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -295,4 +383,66 @@ pub fn spec(bundle: &Path) -> Result<ExitCode> {
     ))?;
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_zero_is_a_liveness_check() {
+        assert_eq!(parse_signal("0").unwrap(), 0);
+        assert_eq!(parse_signal("KILL").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("sigterm").unwrap(), libc::SIGTERM);
+        assert!(parse_signal("65").is_err());
+        assert!(parse_signal("-1").is_err());
+    }
+
+    #[test]
+    fn times_are_printed_as_go_prints_them() {
+        assert_eq!(
+            rfc3339_nano("2024-05-01T10:00:00.120000000Z"),
+            "2024-05-01T10:00:00.12Z"
+        );
+        assert_eq!(
+            rfc3339_nano("2024-05-01T10:00:00.000000000Z"),
+            "2024-05-01T10:00:00Z"
+        );
+        assert_eq!(owner_name("1234"), "#1234");
+        assert_eq!(owner_name("root"), "root");
+    }
+
+    #[test]
+    fn tables_are_aligned_as_gos_tabwriter() {
+        let header = ["ID", "PID", "STATUS"].map(String::from);
+        let rows = vec![vec![
+            "a-very-long-id".to_string(),
+            "7".into(),
+            "running".into(),
+        ]];
+        assert_eq!(
+            tabwriter(&header, &rows, 12),
+            "ID               PID         STATUS\na-very-long-id   7           running\n"
+        );
+    }
+
+    #[test]
+    fn state_has_runcs_fields_in_runcs_order() {
+        let st = standalone::OciState {
+            oci_version: "1.0.2".into(),
+            id: "c1".into(),
+            status: "running",
+            pid: 42,
+            bundle: "/b".into(),
+            rootfs: "/b/rootfs".into(),
+            created: "2024-05-01T10:00:00.500000000Z".into(),
+            annotations: Default::default(),
+            owner: "root".into(),
+            reason: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&runc_state(&st)).unwrap(),
+            r#"{"ociVersion":"1.0.2","id":"c1","pid":42,"status":"running","bundle":"/b","rootfs":"/b/rootfs","created":"2024-05-01T10:00:00.5Z","owner":"root"}"#
+        );
+    }
 }

@@ -52,8 +52,9 @@ pub fn read_json_input(path: &Path, what: &str) -> Result<String> {
 fn exec_process(base: &Value, a: &ExecArgs) -> Result<Value> {
     if let Some(path) = &a.process {
         let text = read_json_input(path, "--process")?;
-        return serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a valid OCI process", path.display()));
+        let p: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid OCI process", path.display()))?;
+        return process_with_defaults(p).with_context(|| path.display().to_string());
     }
     if a.command.is_empty() {
         anyhow::bail!("exec args cannot be empty");
@@ -81,14 +82,43 @@ fn exec_process(base: &Value, a: &ExecArgs) -> Result<Value> {
     Ok(p)
 }
 
+/// An `exec --process` object with what it leaves out filled in as runc's Go decoding does
+/// (user 0:0, no env, no terminal) and `cwd` `/`; `args` must be there.
+fn process_with_defaults(mut p: Value) -> Result<Value> {
+    let Some(o) = p.as_object_mut() else {
+        anyhow::bail!("not a valid OCI process: not a JSON object");
+    };
+    if o.get("args")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty)
+    {
+        anyhow::bail!("args must not be empty");
+    }
+    let user = o.entry("user").or_insert_with(|| json!({}));
+    if let Some(u) = user.as_object_mut() {
+        u.entry("uid").or_insert(json!(0));
+        u.entry("gid").or_insert(json!(0));
+    }
+    o.entry("cwd").or_insert(json!("/"));
+    o.entry("env").or_insert(json!([]));
+    o.entry("terminal").or_insert(json!(false));
+    Ok(p)
+}
+
 pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> {
     let id = ContainerId::parse(&a.id)?;
     let nanos = runvm_sandbox::state::unix_now_ns() % 1_000_000_000;
     let exec_id = format!("exec-{}-{nanos:x}", std::process::id());
     let terminal = block_on(async {
         let (mut sb, st) = standalone::open(config, &id)?;
+        // As runc: a created container takes new processes too; a paused one only with
+        // --ignore-paused (and then the guest refuses it: see docs/cli.md).
         match st.status {
-            "running" => {}
+            "running" | "created" => {}
+            "paused" if a.ignore_paused => {}
+            "paused" => {
+                anyhow::bail!("cannot exec in a paused container (use --ignore-paused to override)")
+            }
             "stopped" => return Err(StandaloneError::ExecStopped.into()),
             _ => return Err(StandaloneError::NotRunning.into()),
         }
@@ -128,41 +158,96 @@ pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> 
     Ok(ExitCode::from(code))
 }
 
-/// runc's stats event for `stats`.
+/// An object with the fields Go's `omitempty` leaves out (zero numbers, empty lists) removed.
+fn omit_empty(pairs: &[(&str, Value)], omitempty: &[&str]) -> Value {
+    let mut m = serde_json::Map::new();
+    for (key, value) in pairs {
+        let empty = value.as_u64() == Some(0) || value.as_array().is_some_and(Vec::is_empty);
+        if !(empty && omitempty.contains(key)) {
+            m.insert((*key).to_string(), value.clone());
+        }
+    }
+    Value::Object(m)
+}
+
+/// runc's stats event (`types.Event` with `types.Stats`): the same keys, Go's `omitempty`
+/// respected (a zero counter is left out where runc leaves it out), the network interfaces
+/// with Go's field names. What the guest does not measure (per-CPU usage, swap, PSI) is
+/// absent, as runc leaves it when its cgroup lacks it.
 fn stats_event(id: &ContainerId, s: &ContainerStats) -> Value {
     let network: Vec<Value> = s
         .network
         .iter()
         .map(|n| {
-            json!({"name": n.name, "rx_bytes": n.rx_bytes, "rx_packets": n.rx_packets,
-                "rx_errors": n.rx_errors, "rx_dropped": n.rx_dropped, "tx_bytes": n.tx_bytes,
-                "tx_packets": n.tx_packets, "tx_errors": n.tx_errors, "tx_dropped": n.tx_dropped})
+            json!({"Name": n.name, "RxBytes": n.rx_bytes, "RxPackets": n.rx_packets,
+                "RxErrors": n.rx_errors, "RxDropped": n.rx_dropped, "TxBytes": n.tx_bytes,
+                "TxPackets": n.tx_packets, "TxErrors": n.tx_errors, "TxDropped": n.tx_dropped})
         })
+        .collect();
+    let usage = omit_empty(
+        &[
+            ("total", json!(s.cpu.usage_total_ns)),
+            ("kernel", json!(s.cpu.usage_kernel_ns)),
+            ("user", json!(s.cpu.usage_user_ns)),
+        ],
+        &["total"],
+    );
+    let throttling = omit_empty(
+        &[
+            ("throttledPeriods", json!(s.cpu.throttled_periods)),
+            ("throttledTime", json!(s.cpu.throttled_time_ns)),
+        ],
+        &["throttledPeriods", "throttledTime"],
+    );
+    let entry = |limit: u64, usage: u64, max: u64| {
+        omit_empty(
+            &[
+                ("limit", json!(limit)),
+                ("usage", json!(usage)),
+                ("max", json!(max)),
+                ("failcnt", json!(0)),
+            ],
+            &["usage", "max"],
+        )
+    };
+    let mut memory = omit_empty(
+        &[
+            ("cache", json!(s.memory.cache_bytes)),
+            (
+                "usage",
+                entry(
+                    s.memory.limit_bytes,
+                    s.memory.usage_bytes,
+                    s.memory.max_usage_bytes,
+                ),
+            ),
+            ("swap", entry(0, 0, 0)),
+            ("kernel", entry(0, 0, 0)),
+            ("kernelTCP", entry(0, 0, 0)),
+        ],
+        &["cache"],
+    );
+    memory["raw"] = json!({"oom_kill": s.memory.oom_kills});
+    let blkio: Vec<Value> = [("Read", s.io_read_bytes), ("Write", s.io_write_bytes)]
+        .iter()
+        .map(|(op, v)| omit_empty(&[("op", json!(op)), ("value", json!(v))], &["value"]))
         .collect();
     json!({
         "type": "stats",
         "id": id.as_str(),
         "data": {
-            "cpu": {
-                "usage": {"total": s.cpu.usage_total_ns, "percpu": [],
-                          "kernel": s.cpu.usage_kernel_ns, "user": s.cpu.usage_user_ns},
-                "throttling": {"throttledPeriods": s.cpu.throttled_periods,
-                               "throttledTime": s.cpu.throttled_time_ns}
-            },
-            "memory": {
-                "cache": s.memory.cache_bytes,
-                "usage": {"limit": s.memory.limit_bytes, "usage": s.memory.usage_bytes,
-                          "max": s.memory.max_usage_bytes},
-                "raw": {"oom_kill": s.memory.oom_kills}
-            },
-            "pids": {"current": s.pids_current, "limit": s.pids_limit},
-            "blkio": {"ioServiceBytesRecursive": [
-                {"major": 0, "minor": 0, "op": "Read", "value": s.io_read_bytes},
-                {"major": 0, "minor": 0, "op": "Write", "value": s.io_write_bytes}
-            ]},
+            "cpu": {"usage": usage, "throttling": throttling},
+            "cpuset": {"cpu_exclusive": 0, "mem_hardwall": 0, "mem_exclusive": 0,
+                       "memory_migrate": 0, "memory_spread_page": 0, "memory_spread_slab": 0,
+                       "memory_pressure": 0, "sched_load_balance": 0,
+                       "sched_relax_domain_level": 0},
+            "memory": memory,
+            "pids": omit_empty(&[("current", json!(s.pids_current)), ("limit", json!(s.pids_limit))],
+                               &["current", "limit"]),
+            "blkio": {"ioServiceBytesRecursive": blkio},
             "hugetlb": {},
             "intel_rdt": {},
-            "network_interfaces": network
+            "network_interfaces": if network.is_empty() { Value::Null } else { json!(network) }
         }
     })
 }
@@ -406,6 +491,50 @@ mod tests {
             p.unwrap()["user"],
             json!({"uid": 1000, "gid": 4294967294u32})
         );
+    }
+
+    #[test]
+    fn a_process_file_gets_runcs_defaults() {
+        let p = process_with_defaults(json!({"args": ["id"]})).unwrap();
+        assert_eq!(p["user"], json!({"uid": 0, "gid": 0}));
+        assert_eq!(p["cwd"], "/");
+        assert_eq!(p["env"], json!([]));
+        assert_eq!(p["terminal"], false);
+        let p = process_with_defaults(json!({"args": ["id"], "user": {"uid": 7}, "cwd": "/tmp"}))
+            .unwrap();
+        assert_eq!(p["user"], json!({"uid": 7, "gid": 0}));
+        assert_eq!(p["cwd"], "/tmp");
+        let err = process_with_defaults(json!({"cwd": "/"})).unwrap_err();
+        assert!(err.to_string().contains("args must not be empty"), "{err}");
+        assert!(process_with_defaults(json!([1])).is_err());
+    }
+
+    #[test]
+    fn stats_events_have_runcs_shape() {
+        let id = ContainerId::parse("c1").unwrap();
+        let mut st = ContainerStats::default();
+        st.cpu.usage_total_ns = 5;
+        st.pids_current = 2;
+        st.memory.limit_bytes = 100;
+        let e = stats_event(&id, &st);
+        assert_eq!(e["type"], "stats");
+        assert_eq!(e["id"], "c1");
+        let d = &e["data"];
+        assert_eq!(
+            d["cpu"]["usage"],
+            json!({"total": 5, "kernel": 0, "user": 0})
+        );
+        assert_eq!(d["cpu"]["throttling"], json!({}));
+        assert_eq!(d["pids"], json!({"current": 2}));
+        assert_eq!(d["memory"]["usage"], json!({"limit": 100, "failcnt": 0}));
+        assert_eq!(d["memory"]["swap"], json!({"limit": 0, "failcnt": 0}));
+        assert_eq!(
+            d["blkio"]["ioServiceBytesRecursive"][0],
+            json!({"op": "Read"})
+        );
+        assert_eq!(d["network_interfaces"], Value::Null);
+        assert_eq!(d["hugetlb"], json!({}));
+        assert!(d["cpuset"].is_object());
     }
 
     #[test]

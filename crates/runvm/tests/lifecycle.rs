@@ -66,7 +66,8 @@ fn one_container_through_its_whole_lifecycle() {
     assert!(!pids.is_empty(), "{}", text(&ps.stderr));
     let table = text(&host.run(&["ps", "c1"]).stdout);
     assert!(
-        table.starts_with("PID") && table.contains("sleep 600"),
+        table.starts_with("UID          PID    PPID  C STIME TTY          TIME CMD")
+            && table.contains("sleep 600"),
         "{table}"
     );
 

@@ -179,6 +179,11 @@ impl Containers {
             }
         };
         let exit = self.reaper.watch(pid, since);
+        if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+            let path = spec::cgroup_path(id);
+            let relative = path.strip_prefix("/").unwrap_or(Path::new(id));
+            fix_io_weight(&Path::new(CGROUP_ROOT).join(relative), r);
+        }
         if spec::new_network_namespace(&spec) {
             let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
             if let Err(e) = crate::network::loopback_up_in(netns).await {
@@ -317,6 +322,7 @@ impl Containers {
             })?;
             let _op = c.lock_op().await?;
             let sid = id.clone();
+            let dir = c.cgroup_dir.clone();
             blocking("UpdateContainer", move || {
                 let manager = libcgroups::v2::manager::Manager::new(
                     PathBuf::from(CGROUP_ROOT),
@@ -335,7 +341,9 @@ impl Containers {
                             "cannot apply the resources to container {sid:?}: {}",
                             error_chain(&e)
                         ))
-                    })
+                    })?;
+                fix_io_weight(&dir, &resources);
+                Ok(())
             })
             .await?;
             tracing::info!(container = %id, "resources updated");
@@ -411,4 +419,38 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     message
+}
+
+/// runc's `blockIO.weight` (10 to 1000) as `io.weight` (1 to 10000) when the guest has no BFQ:
+/// `1 + (w - 10) * 9999 / 990`. libcgroups 0.7 computes it in 16 bits, which overflows (500
+/// became 51), so the right value is written over it. Errors are logged: libcgroups already
+/// wrote the file once.
+fn fix_io_weight(dir: &Path, resources: &LinuxResources) {
+    let Some(weight) = resources.block_io().as_ref().and_then(|b| b.weight()) else {
+        return;
+    };
+    if weight == 0 || dir.join("io.bfq.weight").exists() {
+        return;
+    }
+    let value = io_weight(weight);
+    if let Err(e) = std::fs::write(dir.join("io.weight"), value.to_string()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot set io.weight");
+    }
+}
+
+/// runc's `ConvertBlkIOToIOWeightValue`.
+fn io_weight(blkio_weight: u16) -> u32 {
+    1 + u32::from(blkio_weight.saturating_sub(10)) * 9999 / 990
+}
+
+#[cfg(test)]
+mod io_weight_tests {
+    use super::*;
+
+    #[test]
+    fn blkio_weights_scale_to_io_weights_as_runcs() {
+        assert_eq!(io_weight(10), 1);
+        assert_eq!(io_weight(500), 4950);
+        assert_eq!(io_weight(1000), 10000);
+    }
 }

@@ -113,7 +113,7 @@ pub(super) async fn receive_tty(
 }
 
 impl Containers {
-    /// ExecProcess: runs an OCI process in a running container, started at once.
+    /// ExecProcess: runs an OCI process in a created or running container, started at once.
     pub async fn exec(self: &Arc<Self>, req: agent::ExecProcessRequest) -> Result<()> {
         let me = Arc::clone(self);
         detached("ExecProcess", async move { me.exec_inner(req).await }).await
@@ -127,7 +127,10 @@ impl Containers {
         let process = spec::parse_process(&req.oci_process_json, id, exec_id, cfg.terminal)?;
         let _op = c.lock_op().await?;
         let status = c.status();
-        if status != Status::Running {
+        // As runc: a created container (its init waiting for start) takes new processes. A
+        // paused one does not: the new process would freeze before it reports to this call,
+        // which holds the container's operation lock that resume needs.
+        if !matches!(status, Status::Running | Status::Created) {
             return Err(AgentError::precondition(format!(
                 "cannot exec {exec_id:?} in container {id:?}: it is {status}"
             )));
@@ -313,10 +316,18 @@ impl Containers {
         pids.dedup();
         let processes = pids
             .into_iter()
-            .map(|pid| agent::ProcessInfo {
-                pid,
-                cmd: command_line(pid),
-                ..Default::default()
+            .map(|pid| {
+                let info = ps_info(pid).unwrap_or_default();
+                agent::ProcessInfo {
+                    pid,
+                    cmd: command_line(pid),
+                    ppid: info.ppid,
+                    uid: info.uid,
+                    started_unix_ns: info.started_unix_ns,
+                    tty: info.tty,
+                    cpu_time_ns: info.cpu_time_ns,
+                    ..Default::default()
+                }
             })
             .collect();
         Ok(agent::ListProcessesResponse {
@@ -337,6 +348,72 @@ impl Containers {
             Ok(stats::read_stats(&dir, &net_dev))
         })
         .await
+    }
+}
+
+/// What `ps -ef` shows of a process besides its pid and command line.
+#[derive(Debug, Default, PartialEq)]
+struct PsInfo {
+    ppid: i32,
+    uid: u32,
+    started_unix_ns: u64,
+    tty: String,
+    cpu_time_ns: u64,
+}
+
+/// Reads [`PsInfo`] from `/proc`: `stat` (parent, terminal, CPU time, start in clock ticks
+/// since boot), `status` (real uid) and `/proc/stat`'s boot time.
+fn ps_info(pid: i32) -> Option<PsInfo> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let boot = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: u64 = boot
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf reads a constant of the system and has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
+    parse_ps_info(&stat, &status, btime, ticks)
+}
+
+fn parse_ps_info(stat: &str, status: &str, btime: u64, ticks: u64) -> Option<PsInfo> {
+    // The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    let tty_nr = num(4)?;
+    let cpu_ticks = num(11)? + num(12)?;
+    let start_ticks = num(19)?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())?;
+    let to_ns = |t: u64| t.saturating_mul(1_000_000_000) / ticks;
+    Some(PsInfo {
+        ppid: f.get(1)?.parse().ok()?,
+        uid,
+        started_unix_ns: btime
+            .saturating_mul(1_000_000_000)
+            .saturating_add(to_ns(start_ticks)),
+        tty: tty_name(tty_nr),
+        cpu_time_ns: to_ns(cpu_ticks),
+    })
+}
+
+/// The name ps gives a `tty_nr` (`pts/N`, `ttyN`, `console`), empty for none or another.
+fn tty_name(tty_nr: u64) -> String {
+    let major = (tty_nr >> 8) & 0xfff;
+    let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
+    match major {
+        0 => String::new(),
+        136..=143 => format!("pts/{}", (major - 136) * 256 + minor),
+        4 if minor < 64 => format!("tty{minor}"),
+        5 if minor == 1 => "console".into(),
+        _ => String::new(),
     }
 }
 
@@ -367,6 +444,27 @@ mod tests {
         let err = signal_from(999).unwrap_err();
         assert_eq!(err.code, ttrpc::Code::INVALID_ARGUMENT);
         assert!(err.message.contains("999"));
+    }
+
+    #[test]
+    fn ps_columns_are_read_from_proc() {
+        let stat = "42 (my (odd) cmd) S 7 42 42 34817 42 4194560 1 0 0 0 150 50 0 0 20 0 1 0 \
+                    1000 1 1";
+        let status = "Name:\tsh\nUid:\t1000\t1000\t1000\t1000\n";
+        let info = parse_ps_info(stat, status, 1_700_000_000, 100).unwrap();
+        assert_eq!(
+            info,
+            PsInfo {
+                ppid: 7,
+                uid: 1000,
+                started_unix_ns: 1_700_000_010_000_000_000,
+                tty: "pts/1".into(),
+                cpu_time_ns: 2_000_000_000,
+            }
+        );
+        assert_eq!(tty_name(0), "");
+        let me = ps_info(std::process::id() as i32).unwrap();
+        assert!(me.started_unix_ns > 0);
     }
 
     #[test]

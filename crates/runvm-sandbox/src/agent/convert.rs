@@ -13,6 +13,8 @@ pub const MAX_CHUNK: u32 = 1 << 20;
 const MAX_PROCESSES: usize = 65_536;
 /// Longest command line accepted for a listed process.
 const MAX_CMD: usize = 4096;
+/// The longest terminal name a process list may give (`pts/N` is a few bytes).
+const MAX_TTY_NAME: usize = 32;
 /// Most network interfaces accepted in stats.
 const MAX_INTERFACES: usize = 256;
 /// Longest id or interface name accepted.
@@ -100,9 +102,24 @@ pub fn processes(r: pb::ListProcessesResponse) -> Result<Vec<GuestProcess>, Agen
                     ),
                 ));
             }
+            if p.tty.len() > MAX_TTY_NAME {
+                return Err(reject(
+                    "ListProcesses",
+                    format!(
+                        "terminal of pid {} is {} bytes (limit {MAX_TTY_NAME})",
+                        p.pid,
+                        p.tty.len()
+                    ),
+                ));
+            }
             Ok(GuestProcess {
                 pid: p.pid,
                 cmd: p.cmd.chars().filter(|c| !c.is_control()).collect(),
+                ppid: p.ppid,
+                uid: p.uid,
+                started_unix_ns: p.started_unix_ns,
+                tty: p.tty.chars().filter(|c| !c.is_control()).collect(),
+                cpu_time_ns: p.cpu_time_ns,
             })
         })
         .collect()

@@ -361,6 +361,7 @@ impl Agent for MockAgent {
                 } else {
                     p.exec_id.clone()
                 },
+                ..Default::default()
             })
             .collect())
     }

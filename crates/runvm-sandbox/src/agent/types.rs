@@ -109,13 +109,23 @@ pub struct OutputChunk {
     pub eof: bool,
 }
 
-/// A process as the guest lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A process as the guest lists it (what `ps -ef` shows of it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestProcess {
     /// Its pid in the guest.
     pub pid: i32,
     /// Its command line.
     pub cmd: String,
+    /// Its parent's pid in the guest.
+    pub ppid: i32,
+    /// Its real uid.
+    pub uid: u32,
+    /// When it started (guest clock), ns since the Unix epoch.
+    pub started_unix_ns: u64,
+    /// Its terminal as ps names it (`pts/0`), empty for none.
+    pub tty: String,
+    /// CPU time used, ns.
+    pub cpu_time_ns: u64,
 }
 
 /// CPU statistics of a container.

@@ -263,16 +263,17 @@ impl Sandbox {
         })
     }
 
-    /// Runs another process in a running container.
+    /// Runs another process in a created or running container (runc allows both; a paused
+    /// one's new process would freeze before the guest can report it started).
     pub async fn exec(&mut self, id: &ContainerId, req: ExecRequest) -> Result<(), SandboxError> {
         exec_id_ok(&req.exec_id)?;
         let c = self.container(id)?;
-        if c.state != State::Running {
+        if !matches!(c.state, State::Running | State::Ready) {
             return Err(SandboxError::WrongState {
                 what: Sandbox::container_what(id),
                 state: c.state,
                 operation: "exec a process",
-                hint: " (only a running container takes new processes)",
+                hint: " (only a created or running container takes new processes)",
             });
         }
         if c.execs.contains_key(&req.exec_id) {

@@ -377,7 +377,9 @@ impl TenantContainerBuilder {
         let container = Container::load(container_dir)?;
 
         match container.status() {
-            ContainerStatus::Running => Ok(container),
+            // runvm patch: a created container (its init waiting for start) takes new
+            // processes too, as runc allows.
+            ContainerStatus::Running | ContainerStatus::Created => Ok(container),
             ContainerStatus::Paused if self.ignore_paused => Ok(container),
             _ => {
                 tracing::error!(status = ?container.status(), "cannot exec: invalid container state");

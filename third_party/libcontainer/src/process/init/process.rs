@@ -241,6 +241,10 @@ pub fn container_init_process(
                 err
             })?;
         }
+
+        // runvm patch: a `/dev` mount with `ro` is made read-only last, once the devices and
+        // the console are in it, as runc's finalizeRootfs does (upstream dropped the `ro`).
+        remount_dev_readonly(ctx.spec, ctx.syscall.as_ref())?;
     }
 
     let cwd = format!("{}", ctx.process.cwd().display());
@@ -259,6 +263,10 @@ pub fn container_init_process(
             }
         }
     };
+
+    // runvm patch: the stdio (a terminal above all) belongs to the process's user, as runc's
+    // fixStdioPermissions makes it, so that a non-root process can use its own terminal.
+    fix_stdio_permissions(ctx.process.user().uid());
 
     set_supplementary_gids(
         ctx.process.user(),
@@ -517,6 +525,59 @@ fn sysctl(kernel_params: &HashMap<String, String>) -> Result<()> {
 }
 
 // make a read only path
+/// runvm patch: remounts `/dev` read-only when the spec's `/dev` mount says `ro` (runc's
+/// finalizeRootfs), keeping its other flags.
+fn remount_dev_readonly(spec: &Spec, syscall: &dyn Syscall) -> Result<()> {
+    let Some(mounts) = spec.mounts() else {
+        return Ok(());
+    };
+    for m in mounts {
+        if m.destination() != Path::new("/dev") {
+            continue;
+        }
+        let ro = m
+            .options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|o| o == "ro"));
+        if !ro {
+            continue;
+        }
+        let current = statfs("/dev")
+            .map_err(|err| InitProcessError::SyscallOther(SyscallError::Nix(err)))?
+            .flags()
+            .bits();
+        let flags = MsFlags::from_bits_truncate(current)
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY;
+        syscall
+            .mount(None, Path::new("/dev"), None, flags, None)
+            .map_err(|err| {
+                tracing::error!(?err, "failed to remount /dev read-only");
+                InitProcessError::MountPathReadonly(err)
+            })?;
+    }
+    Ok(())
+}
+
+/// runvm patch: runc's fixStdioPermissions: stdin, stdout and stderr, unless they are
+/// `/dev/null` or already the user's, get the process's uid (their group is kept). Failures are
+/// ignored, as runc ignores EINVAL, EPERM and EROFS: the process then keeps them as they are.
+fn fix_stdio_permissions(uid: u32) {
+    let null = nix::sys::stat::stat("/dev/null").ok().map(|s| s.st_rdev);
+    for fd in 0..=2 {
+        let Ok(st) = nix::sys::stat::fstat(fd) else {
+            continue;
+        };
+        let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+        if (is_char && Some(st.st_rdev) == null) || st.st_uid == uid {
+            continue;
+        }
+        if let Err(err) = unistd::fchown(fd, Some(Uid::from_raw(uid)), None) {
+            tracing::debug!(?err, fd, uid, "cannot give the stdio to the process's user");
+        }
+    }
+}
+
 // The first time we bind mount, other flags are ignored,
 // so we need to mount it once and then remount it with the necessary flags specified.
 // https://man7.org/linux/man-pages/man2/mount.2.html
