@@ -48,19 +48,15 @@ where
     E: AsyncWrite + Unpin + Send,
 {
     let start = Instant::now();
-    // Check the bundle before booting a VM for it.
-    let spec = crate::container::spec::load(bundle)?;
-    crate::container::spec::prepare(bundle, &spec, id.as_str())?;
-    let terminal = spec
-        .pointer("/process/terminal")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+    // Check the bundle (once) before booting a VM for it.
+    let bundle = crate::container::spec::Bundle::load(bundle, id.as_str())?;
+    let terminal = bundle.terminal();
     let sandbox_id = SandboxId::parse(id.as_str())?;
     let (mut sb, boot) = create_qemu_sandbox(config, sandbox_id, BTreeMap::new()).await?;
     let result = async {
         sb.create_container(NewContainer {
             id: id.clone(),
-            bundle: bundle.to_path_buf(),
+            bundle: bundle.clone(),
             stdio: StdioSpec::attached(terminal),
             stdio_paths: StdioRecord::default(),
             annotations: BTreeMap::new(),

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::StdioSpec;
 use crate::config::Config;
-use crate::container::spec;
+use crate::container::spec::Bundle;
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
 use crate::sandbox::{create_qemu_sandbox_in, open_sandbox, NewContainer, Sandbox};
@@ -148,40 +148,22 @@ fn not_found_as(id: &ContainerId, e: SandboxError) -> StandaloneError {
     }
 }
 
-/// The path of the spec's network namespace (`linux.namespaces[type=network].path`), where
-/// containerd and CNI put the pod's devices; the VM joins it.
-pub fn network_namespace(spec: &serde_json::Value) -> Option<std::path::PathBuf> {
-    spec.pointer("/linux/namespaces")?
-        .as_array()?
-        .iter()
-        .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))?
-        .get("path")?
-        .as_str()
-        .filter(|p| !p.is_empty())
-        .map(Into::into)
+pub use crate::container::spec::network_namespace;
+
+/// Reads and checks bundle `bundle` for container `id`, once, without booting anything: the
+/// value [`create`] takes.
+pub fn check_bundle(bundle: &Path, id: &ContainerId) -> Result<Bundle, StandaloneError> {
+    Ok(Bundle::load(bundle, id.as_str()).map_err(SandboxError::from)?)
 }
 
-/// Checks bundle `bundle` for container `id` without booting anything; returns whether its
-/// process has a terminal.
-pub fn check_bundle(bundle: &Path, id: &ContainerId) -> Result<bool, StandaloneError> {
-    let spec = spec::load(bundle).map_err(SandboxError::from)?;
-    let prepared = spec::prepare(bundle, &spec, id.as_str()).map_err(SandboxError::from)?;
-    Ok(prepared.terminal)
-}
-
-/// Creates container `id` from `bundle` in a new sandbox of the same id: the bundle is checked
-/// first, then the VM boots and the container is created (OCI `created`), its stdio attached
-/// for a stand-in. On error nothing is left.
+/// Creates container `id` from `bundle` (read and checked once by [`check_bundle`]) in a new
+/// sandbox of the same id: the VM boots and the container is created (OCI `created`), its
+/// stdio attached for a stand-in. On error nothing is left.
 pub async fn create(
     config: &Config,
     id: &ContainerId,
-    bundle: &Path,
-    annotations: BTreeMap<String, String>,
+    bundle: Bundle,
 ) -> Result<Sandbox, StandaloneError> {
-    let terminal = check_bundle(bundle, id)?;
-    let netns = spec::load(bundle)
-        .ok()
-        .and_then(|spec| network_namespace(&spec));
     let sid = sandbox_id(id)?;
     if Store::new(config.runtime.root.clone())
         .load_sandbox(&sid)
@@ -189,16 +171,19 @@ pub async fn create(
     {
         return Err(StandaloneError::Exists(id.to_string()));
     }
-    let (mut sb, _) = create_qemu_sandbox_in(config, sid, annotations.clone(), netns)
-        .await
-        .map_err(|e| match e {
-            SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
-            e => e.into(),
-        })?;
+    let annotations = bundle.annotations.clone();
+    let (mut sb, _) =
+        create_qemu_sandbox_in(config, sid, annotations.clone(), bundle.netns.clone())
+            .await
+            .map_err(|e| match e {
+                SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
+                e => e.into(),
+            })?;
+    let terminal = bundle.terminal();
     let made = sb
         .create_container(NewContainer {
             id: id.clone(),
-            bundle: bundle.to_path_buf(),
+            bundle,
             stdio: StdioSpec::attached(terminal),
             stdio_paths: StdioRecord::default(),
             annotations,

@@ -145,7 +145,7 @@ async fn containers_in_one_vm() {
     let e = sb
         .create_container(NewContainer {
             id: cid("nocwd"),
-            bundle,
+            bundle: runvm_sandbox::container::spec::Bundle::load(&bundle, "nocwd").unwrap(),
             stdio: stdio(false, false),
             stdio_paths: StdioRecord::default(),
             annotations: BTreeMap::new(),

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use containerd_shim::api::CreateTaskRequest;
 use runvm_sandbox::agent::{ProcessRef, StdioSpec};
+use runvm_sandbox::container::spec::Bundle;
 use runvm_sandbox::sandbox::{create_qemu_sandbox_in, NewContainer};
-use runvm_sandbox::standalone::network_namespace;
 use runvm_sandbox::SandboxId;
 
 use crate::error::{Result, ShimError};
@@ -37,8 +37,18 @@ impl Inner {
                 req.bundle, req.id
             )));
         }
-        let annotations = pod::bundle_annotations(&bundle)?;
-        let placement = pod::placement(&req.id, &annotations);
+        if !req.rootfs.is_empty() {
+            // The mount point of the rootfs the shim mounts later: the bundle check wants it.
+            let target = rootfs_of(&req.bundle);
+            std::fs::create_dir_all(&target)
+                .map_err(ShimError::io(format!("creating {}", target.display())))?;
+        }
+        // config.json is read and checked once; the value goes on to the VM and the container.
+        let loaded = Bundle::load(&bundle, cid.as_str()).map_err(|e| ShimError::Sandbox {
+            context: format!("reading the bundle of container {}", req.id),
+            source: Box::new(e.into()),
+        })?;
+        let placement = pod::placement(&req.id, &loaded.annotations);
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -63,7 +73,7 @@ impl Inner {
             );
         }
         let made = self
-            .create_in_vm(req, cid, &placement, annotations, &stdio)
+            .create_in_vm(req, cid, &placement, loaded, &stdio)
             .await;
         if let Err(e) = made {
             if let Some(ctr) = self.ctrs().remove(&req.id) {
@@ -89,9 +99,10 @@ impl Inner {
         req: &CreateTaskRequest,
         cid: runvm_sandbox::ContainerId,
         placement: &Placement,
-        annotations: std::collections::BTreeMap<String, String>,
+        bundle: Bundle,
         stdio: &Stdio,
     ) -> Result<()> {
+        let annotations = bundle.annotations.clone();
         if !req.rootfs.is_empty() {
             let target = rootfs_of(&req.bundle);
             std::fs::create_dir_all(&target)
@@ -122,9 +133,7 @@ impl Inner {
                 let sid = SandboxId::parse(&req.id)
                     .map_err(|e| ShimError::InvalidArgument(format!("sandbox id: {e}")))?;
                 // The pod's network namespace, as CNI set it up: the VM joins it.
-                let netns = runvm_sandbox::container::spec::load(std::path::Path::new(&req.bundle))
-                    .ok()
-                    .and_then(|spec| network_namespace(&spec));
+                let netns = bundle.netns.clone();
                 tracing::info!(sandbox = %sid, netns = ?netns, "booting the sandbox VM");
                 let (mut sb, report) =
                     create_qemu_sandbox_in(&self.config, sid, annotations.clone(), netns)
@@ -165,7 +174,7 @@ impl Inner {
         };
         let new = NewContainer {
             id: cid,
-            bundle: PathBuf::from(&req.bundle),
+            bundle,
             stdio: StdioSpec {
                 stdin: !stdio.stdin.is_empty(),
                 stdout: !stdio.stdout.is_empty(),

@@ -8,7 +8,6 @@ use std::process::{Child, ExitCode};
 
 use anyhow::{Context, Result};
 use runvm_sandbox::config::Config;
-use runvm_sandbox::container::spec;
 use runvm_sandbox::standalone::{self, HostProcess, StandaloneError};
 use runvm_sandbox::ContainerId;
 
@@ -39,20 +38,17 @@ fn create_with_standin(
     let id = cid(&a.id)?;
     let bundle = std::path::absolute(&a.bundle)
         .with_context(|| format!("bundle path {}", a.bundle.display()))?;
-    let terminal = standalone::check_bundle(&bundle, &id)?;
+    // Read and checked once: the value goes on to the VM and the container.
+    let loaded = standalone::check_bundle(&bundle, &id)?;
+    let terminal = loaded.terminal();
     if terminal && !foreground && a.io.console_socket.is_none() {
         anyhow::bail!("cannot allocate tty if runvm will detach without setting console socket");
     }
     if !terminal && a.io.console_socket.is_some() {
         anyhow::bail!("cannot use console socket if runvm will not detach or allocate tty");
     }
-    let annotations: BTreeMap<String, String> = spec::load(&bundle)
-        .ok()
-        .and_then(|s| s.get("annotations").cloned())
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or_default();
     block_on(async {
-        let sb = standalone::create(config, &id, &bundle, annotations).await?;
+        let sb = standalone::create(config, &id, loaded).await?;
         let started = (|| {
             let io = match &a.io.console_socket {
                 Some(socket) => standin::console(socket)?,

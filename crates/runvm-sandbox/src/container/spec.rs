@@ -90,6 +90,66 @@ fn invalid(file: &Path, json_path: &str, message: impl Into<String>) -> SpecErro
     }
 }
 
+/// An OCI bundle read and validated once, for one container: every later step (the VM's
+/// network namespace, annotations, the terminal, the guest spec, the hooks) uses this value, so
+/// what was validated is what is used, whatever happens to `config.json` meanwhile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bundle {
+    /// The bundle folder (absolute).
+    pub path: PathBuf,
+    /// The spec as given (validated).
+    pub spec: Value,
+    /// The spec prepared for the guest.
+    pub prepared: PreparedSpec,
+    /// The spec's annotations (string values).
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// The network namespace the spec names (`linux.namespaces[type=network].path`).
+    pub netns: Option<PathBuf>,
+}
+
+impl Bundle {
+    /// Reads `BUNDLE/config.json` once and checks and prepares it for container
+    /// `container_id`.
+    pub fn load(path: &Path, container_id: &str) -> Result<Bundle, SpecError> {
+        let spec = load(path)?;
+        let prepared = prepare(path, &spec, container_id)?;
+        let annotations = spec
+            .get("annotations")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Bundle {
+            path: path.to_path_buf(),
+            netns: network_namespace(&spec),
+            annotations,
+            prepared,
+            spec,
+        })
+    }
+
+    /// Whether the container's process has a terminal.
+    pub fn terminal(&self) -> bool {
+        self.prepared.terminal
+    }
+}
+
+/// The path of the spec's network namespace (`linux.namespaces[type=network].path`), where
+/// containerd and CNI put the pod's devices; the VM joins it.
+pub fn network_namespace(spec: &Value) -> Option<PathBuf> {
+    spec.pointer("/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))?
+        .get("path")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(Into::into)
+}
+
 /// Reads and checks `BUNDLE/config.json`: a regular file of at most [`MAX_CONFIG_JSON_BYTES`].
 pub fn load(bundle: &Path) -> Result<Value, SpecError> {
     if !bundle.is_absolute() {

@@ -12,18 +12,18 @@ use crate::agent::{
 };
 use crate::container::hooks::{self, Stage};
 use crate::container::share;
-use crate::container::spec::{self, GUEST_SHARED_DIR};
+use crate::container::spec::{Bundle, GUEST_SHARED_DIR};
 use crate::error::SandboxError;
 use crate::id::ContainerId;
 use crate::state::{unix_now_ns, ContainerRecord, ProcessRecord, State, StdioRecord};
 
 /// What a new container is made from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewContainer {
     /// Its id.
     pub id: ContainerId,
-    /// The OCI bundle folder (absolute).
-    pub bundle: PathBuf,
+    /// The OCI bundle, read and checked once ([`Bundle::load`]).
+    pub bundle: Bundle,
     /// Which stdio streams of the init process the caller attaches.
     pub stdio: StdioSpec,
     /// Where the caller's streams are (fifo paths, URIs), kept for other processes.
@@ -131,8 +131,12 @@ impl Sandbox {
         if !matches!(self.record.state, State::Ready | State::Running) {
             return Err(self.wrong_state("create a container", " (it must be ready or running)"));
         }
-        let host_spec = spec::load(&new.bundle)?;
-        let prepared = spec::prepare(&new.bundle, &host_spec, new.id.as_str())?;
+        let Bundle {
+            path: bundle_path,
+            spec: host_spec,
+            prepared,
+            ..
+        } = new.bundle;
         let agent = self.agent().await?;
         let lock = self
             .store
@@ -178,7 +182,7 @@ impl Sandbox {
             Stage::CreateRuntime,
             new.id.as_str(),
             pid,
-            &new.bundle,
+            &bundle_path,
             &new.annotations,
         );
         for stage in [Stage::CreateRuntime, Stage::Prestart] {
@@ -193,7 +197,7 @@ impl Sandbox {
         let mut record = ContainerRecord::new(
             new.id.clone(),
             self.record.id.clone(),
-            new.bundle.clone(),
+            bundle_path,
             prepared.binds[0].source.clone(),
             host_spec,
         );
@@ -497,7 +501,7 @@ impl Sandbox {
             .network
             .as_ref()
             .map(|n| n.netns.clone())
-            .or_else(|| crate::standalone::network_namespace(spec));
+            .or_else(|| crate::container::spec::network_namespace(spec));
         (pid, netns)
     }
 

@@ -185,7 +185,7 @@ async fn poststop(c: &crate::state::ContainerRecord, sandbox: Option<&SandboxRec
     let netns = sandbox
         .and_then(|s| s.network.as_ref())
         .map(|n| n.netns.clone())
-        .or_else(|| crate::standalone::network_namespace(&c.spec));
+        .or_else(|| crate::container::spec::network_namespace(&c.spec));
     let state = hooks::state_json(Stage::Poststop, c.id.as_str(), 0, &c.bundle, &c.annotations);
     hooks::run_warn(Stage::Poststop, &all.poststop, &state, netns.as_deref()).await;
 }

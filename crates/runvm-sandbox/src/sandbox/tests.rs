@@ -153,7 +153,7 @@ fn cid(s: &str) -> ContainerId {
 fn new_container(id: &str, bundle: PathBuf) -> NewContainer {
     NewContainer {
         id: cid(id),
-        bundle,
+        bundle: crate::container::spec::Bundle::load(&bundle, id).unwrap(),
         stdio: StdioSpec {
             stdout: true,
             stderr: true,
@@ -374,10 +374,8 @@ async fn bad_bundle_leaves_nothing_stored_mounted_or_in_the_guest() {
     let mut spec = bundle::default_spec(&["true"], false);
     spec.as_object_mut().unwrap().remove("process");
     std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
-    let e = sb
-        .create_container(new_container("c1", bundle.clone()))
-        .await
-        .unwrap_err();
+    // Refused when the bundle is read, before anything reaches the sandbox.
+    let e = crate::container::spec::Bundle::load(&bundle, "c1").unwrap_err();
     assert!(e.to_string().contains("process: missing"), "{e}");
     // The agent refusing (e.g. an unknown user) undoes the shares too.
     std::fs::write(

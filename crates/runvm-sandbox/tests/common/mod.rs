@@ -76,7 +76,7 @@ pub fn stdio(stdin: bool, terminal: bool) -> StdioSpec {
 pub async fn create(sb: &mut Sandbox, id: &str, bundle: PathBuf, stdio: StdioSpec) {
     sb.create_container(NewContainer {
         id: cid(id),
-        bundle,
+        bundle: runvm_sandbox::container::spec::Bundle::load(&bundle, id).unwrap(),
         stdio,
         stdio_paths: StdioRecord::default(),
         annotations: BTreeMap::new(),
