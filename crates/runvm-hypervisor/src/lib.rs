@@ -21,8 +21,8 @@ mod vm;
 pub use accel::{AccelMode, Accelerator, HostCpu};
 pub use error::HypervisorError;
 pub use vm::{
-    AgentAddress, Capabilities, NetDevice, SavedProcess, SharedDir, VmConfig, VmProcess, VmState,
-    VsockBackend,
+    AgentAddress, Capabilities, NetDevice, SavedProcess, SharedDir, VirtiofsCache, VmConfig,
+    VmProcess, VmState, VsockBackend,
 };
 
 use std::fmt::Debug;

@@ -77,6 +77,39 @@ pub struct SharedDir {
     pub tag: String,
 }
 
+/// virtiofsd's caching policy (`--cache`): what the guest kernel may keep of the shared files.
+///
+/// With `never` and `metadata` the guest opens files for direct I/O, which a guest kernel before
+/// 6.6 (no `FUSE_DIRECT_IO_ALLOW_MMAP`) cannot map `MAP_SHARED` (`ENODEV`). With `auto` the guest
+/// caches file data while a file is open and drops it at each open, and attributes and names for
+/// about a second (virtiofsd's timeout); `always` keeps both much longer (a day), so a change made
+/// on the host may stay unseen in the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VirtiofsCache {
+    /// Data cached while open; attributes and names for about a second.
+    #[default]
+    Auto,
+    /// Data, attributes and names cached for long: host-side changes may stay unseen.
+    Always,
+    /// Attributes and names cached, no data: no shared mappings on a guest kernel before 6.6.
+    Metadata,
+    /// Nothing cached: no shared mappings on a guest kernel before 6.6.
+    Never,
+}
+
+impl VirtiofsCache {
+    /// The value of virtiofsd's `--cache`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            VirtiofsCache::Auto => "auto",
+            VirtiofsCache::Always => "always",
+            VirtiofsCache::Metadata => "metadata",
+            VirtiofsCache::Never => "never",
+        }
+    }
+}
+
 /// How the VM's vsock device is provided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

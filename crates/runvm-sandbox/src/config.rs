@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use runvm_hypervisor::AccelMode;
+use runvm_hypervisor::{AccelMode, VirtiofsCache};
 use serde::{Deserialize, Serialize};
 
 use crate::regular_file::{read_regular_file_to_string, FileError};
@@ -128,6 +128,9 @@ pub struct HypervisorConfig {
     pub virtiofsd: String,
     /// vhost-device-vsock binary, looked up like `qemu`.
     pub vhost_device_vsock: String,
+    /// virtiofsd's caching policy for the shared folder: `auto`, `always`, `metadata` or
+    /// `never` (see docs/configuration.md).
+    pub virtiofs_cache: VirtiofsCache,
     /// `auto`, `kvm` or `tcg`.
     pub accelerator: AccelMode,
     /// `auto`, `vhost` or `vhost-user`.
@@ -159,6 +162,7 @@ impl Default for HypervisorConfig {
             qemu: "qemu-system-x86_64".into(),
             virtiofsd: "virtiofsd".into(),
             vhost_device_vsock: "vhost-device-vsock".into(),
+            virtiofs_cache: VirtiofsCache::Auto,
             accelerator: AccelMode::Auto,
             vsock: VsockMode::Auto,
             vcpus: 1,
@@ -453,6 +457,9 @@ mod tests {
         assert!(err.contains("vcpus"), "{err}");
         let err = Config::from_toml("[hypervisor]\naccelerator = \"hvf\"\n").unwrap_err();
         assert!(err.contains("hvf") || err.contains("accelerator"), "{err}");
+        let err = Config::from_toml("[hypervisor]\nvirtiofs_cache = \"dax\"\n").unwrap_err();
+        assert!(err.contains("virtiofs_cache"), "{err}");
+        assert!(err.contains("auto") && err.contains("never"), "{err}");
     }
 
     #[test]

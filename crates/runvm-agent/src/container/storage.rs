@@ -1,6 +1,8 @@
 //! Storages: what the agent mounts before creating a container (the virtio-fs share holding the
 //! rootfs). A storage serves many containers: it is mounted by the first that lists it and
 //! unmounted when the last of them is removed. A mount the agent did not make is left alone.
+//! A virtio-fs share is always mounted `nosuid,nodev`: its files come from the host, and a
+//! set-user-id program or a device node in them grants nothing in the guest.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
@@ -56,6 +58,9 @@ fn mount_options(fstype: &str, options: &[String]) -> (MsFlags, Option<String>) 
     }
     if fstype == "bind" {
         flags |= MsFlags::MS_BIND;
+    }
+    if fstype == "virtiofs" {
+        flags |= MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     }
     let data = (!data.is_empty()).then(|| data.join(","));
     (flags, data)
@@ -204,13 +209,19 @@ mod tests {
     }
 
     #[test]
-    fn options_split_into_flags_and_data() {
+    fn options_split_into_flags_and_data_and_virtiofs_is_nosuid_nodev() {
         let (f, d) = mount_options(
             "virtiofs",
             &["ro".into(), "nodev".into(), "dax=never".into(), "x".into()],
         );
-        assert_eq!(f, MsFlags::MS_RDONLY | MsFlags::MS_NODEV);
+        assert_eq!(
+            f,
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID
+        );
         assert_eq!(d.as_deref(), Some("dax=never,x"));
+        let (f, d) = mount_options("bind", &["nosuid".into()]);
+        assert_eq!(f, MsFlags::MS_BIND | MsFlags::MS_NOSUID);
+        assert_eq!(d, None);
         let (f, d) = mount_options("bind", &[]);
         assert_eq!(f, MsFlags::MS_BIND);
         assert_eq!(d, None);

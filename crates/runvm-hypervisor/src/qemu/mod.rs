@@ -20,7 +20,7 @@ use nix::sys::signal::Signal;
 use crate::qmp::{QmpClient, VmRunState};
 use crate::{
     poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, NetDevice, OnSpawn,
-    Result, SavedProcess, VmConfig, VmProcess, VmState, VsockBackend,
+    Result, SavedProcess, VirtiofsCache, VmConfig, VmProcess, VmState, VsockBackend,
 };
 use process::ManagedChild;
 
@@ -40,6 +40,8 @@ pub struct QemuSettings {
     pub virtiofsd: PathBuf,
     /// `vhost-device-vsock`.
     pub vhost_device_vsock: PathBuf,
+    /// virtiofsd's `--cache`.
+    pub virtiofs_cache: VirtiofsCache,
     /// How long a helper or QEMU may take to create its socket.
     pub start_timeout: Duration,
     /// The most each log of the VM (guest console, QEMU's and each helper's output) holds;
@@ -172,7 +174,7 @@ impl Qemu {
                     "--sandbox".into(),
                     "none".into(),
                     "--cache".into(),
-                    "never".into(),
+                    self.settings.virtiofs_cache.as_arg().into(),
                 ],
                 layout.virtiofsd_log(),
                 layout.virtiofsd_socket(),

@@ -49,6 +49,7 @@ pub fn qemu_settings(config: &Config) -> Result<QemuSettings, SandboxError> {
             // Not run with the kernel's vhost-vsock; keep the configured name for messages.
             VsockBackend::Vhost { .. } => PathBuf::from(&h.vhost_device_vsock),
         },
+        virtiofs_cache: h.virtiofs_cache,
         start_timeout: Duration::from_millis(h.start_timeout_ms),
         log_max_bytes: h.log_max_bytes,
     })
