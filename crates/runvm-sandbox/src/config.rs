@@ -82,6 +82,9 @@ pub struct RuntimeConfig {
     /// How many VMs of this root boot at once; more wait their turn (they queue, not fail).
     /// 0: the host's CPU count.
     pub max_parallel_boots: u32,
+    /// The configuration keys a sandbox's `io.runvm.config.<key>` annotations may set: patterns
+    /// where `*` matches any run of characters (see [`crate::pod_config`]).
+    pub enable_annotations: Vec<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -89,6 +92,10 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             root: PathBuf::from("/run/runvm"),
             max_parallel_boots: 0,
+            enable_annotations: crate::pod_config::DEFAULT_ENABLE_ANNOTATIONS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
         }
     }
 }
@@ -139,6 +146,11 @@ pub struct HypervisorConfig {
     pub vcpus: u32,
     /// Guest RAM per sandbox VM, MiB.
     pub memory_mib: u32,
+    /// The most vCPUs a sandbox VM boots with (its base plus what the pod asks for); 0: the
+    /// host's CPU count.
+    pub max_vcpus: u32,
+    /// The most guest RAM a sandbox VM boots with, MiB; 0: the host's RAM.
+    pub max_memory_mib: u32,
     /// Extra kernel parameters.
     pub kernel_params: Vec<String>,
     /// Under TCG, QEMU's translation cache in MiB (0: QEMU's default, 1 GiB of address space
@@ -167,6 +179,8 @@ impl Default for HypervisorConfig {
             vsock: VsockMode::Auto,
             vcpus: 1,
             memory_mib: 512,
+            max_vcpus: 0,
+            max_memory_mib: 0,
             kernel_params: Vec::new(),
             tcg_tb_size_mib: 32,
             start_timeout_ms: 10_000,
@@ -311,6 +325,32 @@ impl Config {
                 "hypervisor.memory_mib",
                 h.memory_mib.to_string(),
                 "valid: 64 to 1048576",
+            ));
+        }
+        if h.max_vcpus > 255 {
+            return Err(invalid(
+                "hypervisor.max_vcpus",
+                h.max_vcpus.to_string(),
+                "valid: 0 (the host's CPU count) to 255",
+            ));
+        }
+        if h.max_memory_mib != 0 && !(64..=1_048_576).contains(&h.max_memory_mib) {
+            return Err(invalid(
+                "hypervisor.max_memory_mib",
+                h.max_memory_mib.to_string(),
+                "valid: 0 (the host's RAM) or 64 to 1048576",
+            ));
+        }
+        if let Some(bad) = self
+            .runtime
+            .enable_annotations
+            .iter()
+            .find(|p| !crate::pod_config::valid_pattern(p))
+        {
+            return Err(invalid(
+                "runtime.enable_annotations",
+                format!("{bad:?}"),
+                "valid: patterns of a-z, 0-9, `_`, `.` and `*` (e.g. \"hypervisor.vcpus\")",
             ));
         }
         if h.tcg_tb_size_mib != 0 && !(4..=4096).contains(&h.tcg_tb_size_mib) {

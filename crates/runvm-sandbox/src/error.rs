@@ -25,6 +25,10 @@ pub enum SandboxError {
     #[error(transparent)]
     Config(#[from] ConfigError),
 
+    /// The sandbox's configuration annotations or size were refused.
+    #[error(transparent)]
+    PodConfig(#[from] crate::pod_config::PodConfigError),
+
     /// A sandbox with this id exists already.
     #[error("sandbox {id:?} exists already ({})", path.display())]
     AlreadyExists {
@@ -162,9 +166,10 @@ impl SandboxError {
     /// What kind of failure this is; the shim maps it to a ttrpc code.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            SandboxError::InvalidId(_) | SandboxError::Config(_) | SandboxError::Spec(_) => {
-                ErrorKind::InvalidArgument
-            }
+            SandboxError::InvalidId(_)
+            | SandboxError::Config(_)
+            | SandboxError::PodConfig(_)
+            | SandboxError::Spec(_) => ErrorKind::InvalidArgument,
             SandboxError::AlreadyExists { .. } | SandboxError::ProcessExists { .. } => {
                 ErrorKind::AlreadyExists
             }

@@ -16,6 +16,7 @@ pub mod container;
 mod error;
 mod id;
 pub mod network;
+pub mod pod_config;
 pub mod regular_file;
 pub mod run;
 pub mod sandbox;

@@ -52,7 +52,8 @@ where
     let bundle = crate::container::spec::Bundle::load(bundle, id.as_str())?;
     let terminal = bundle.terminal();
     let sandbox_id = SandboxId::parse(id.as_str())?;
-    let (mut sb, boot) = create_qemu_sandbox(config, sandbox_id, BTreeMap::new()).await?;
+    let (mut sb, boot) =
+        create_qemu_sandbox(config, sandbox_id, bundle.annotations.clone()).await?;
     let result = async {
         sb.create_container(NewContainer {
             id: id.clone(),

@@ -13,6 +13,7 @@ use crate::agent::TtrpcConnector;
 use crate::config::{resolve_program, Config, VsockMode};
 use crate::error::SandboxError;
 use crate::id::SandboxId;
+use crate::pod_config::{pod_config, HostCapacity};
 use crate::state::State;
 use crate::store::Store;
 
@@ -127,13 +128,20 @@ pub async fn create_qemu_sandbox(
 
 /// As [`create_qemu_sandbox`], the VM joining the pod's network namespace `netns` (the path
 /// of the OCI spec's network namespace) in the configured network model.
+///
+/// The sandbox's `annotations` set its configuration and boot size ([`crate::pod_config`]):
+/// an annotation not allowed, or a size past the maximum, is refused before anything is made.
 pub async fn create_qemu_sandbox_in(
     config: &Config,
     id: SandboxId,
     annotations: BTreeMap<String, String>,
     netns: Option<PathBuf>,
 ) -> Result<(Sandbox, BootReport), SandboxError> {
+    let (config, size) = pod_config(config, &annotations, HostCapacity::detect())?;
+    let config = &config;
     let mut settings = sandbox_settings(config, &id)?;
+    settings.vm.vcpus = size.vcpus;
+    settings.vm.memory_mib = size.memory_mib;
     settings.netns = netns;
     let qemu = Qemu::new(qemu_settings(config)?);
     let store = Store::open(config.runtime.root.clone())?;
