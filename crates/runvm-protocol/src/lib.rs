@@ -33,3 +33,8 @@ pub const READY_VSOCK_PORT: u32 = 1025;
 
 /// Raised on an incompatible change of `agent.proto`; reported by `Version`.
 pub const API_VERSION: u32 = 1;
+
+/// In the guest spec of a pod's container: `SANDBOX_CONTAINER_ID:TYPE,TYPE` — the namespaces
+/// (of `ipc`, `uts`, `pid`) the agent makes it join, those of the pod sandbox container's init.
+/// The host writes it, the agent reads it: one name for both.
+pub const POD_NAMESPACES_ANNOTATION: &str = "io.runvm.pod-namespaces";

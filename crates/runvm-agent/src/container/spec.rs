@@ -11,8 +11,8 @@ use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 use crate::error::{AgentError, Result};
 
 /// The annotation by which the host asks a pod's container to join namespaces of its pod
-/// sandbox container: `SANDBOX_CONTAINER_ID:TYPE,...` (the host's `POD_NAMESPACES_ANNOTATION`).
-pub const POD_NAMESPACES: &str = "io.runvm.pod-namespaces";
+/// sandbox container: `SANDBOX_CONTAINER_ID:TYPE,...`.
+pub use runvm_protocol::POD_NAMESPACES_ANNOTATION as POD_NAMESPACES;
 
 /// The namespace type of `name`, for the namespaces a pod's containers may share.
 pub fn pod_namespace_type(name: &str) -> Option<LinuxNamespaceType> {

@@ -78,9 +78,7 @@ pub struct PreparedSpec {
     pub hooks: super::hooks::HostHooks,
 }
 
-/// In the guest spec of a pod's container: `SANDBOX_CONTAINER_ID:TYPE,TYPE` — the namespaces
-/// (of `ipc`, `uts`, `pid`) the agent makes it join, those of the pod sandbox container's init.
-pub const POD_NAMESPACES_ANNOTATION: &str = "io.runvm.pod-namespaces";
+pub use runvm_protocol::POD_NAMESPACES_ANNOTATION;
 
 fn invalid(file: &Path, json_path: &str, message: impl Into<String>) -> SpecError {
     SpecError::Invalid {
