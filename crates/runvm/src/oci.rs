@@ -316,6 +316,16 @@ pub fn list(config: &Config, format: Format, quiet: bool) -> Result<ExitCode> {
             .collect();
         let header = ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"].map(String::from);
         print!("{}", tabwriter(&header, &rows, 12));
+        // The table has no column for why an entry is `unknown`: say it beside.
+        for s in &states {
+            if let Some(reason) = &s.reason {
+                tracing::warn!(
+                    container = %s.id,
+                    %reason,
+                    "unusable container; remove it with `runvm delete --force`"
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
