@@ -553,8 +553,15 @@ mod adopt_tests {
     async fn adopted_process_is_watched_by_pid_and_start_time() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        let mut owner =
-            ManagedChild::spawn("sleep", Path::new("/bin/sleep"), &["30".into()], &log).unwrap();
+        // A duration no other process of the host has as an argument.
+        let unique = format!("30.{}", std::process::id());
+        let mut owner = ManagedChild::spawn(
+            "sleep",
+            Path::new("/bin/sleep"),
+            &[unique.clone().into()],
+            &log,
+        )
+        .unwrap();
         let mut adopted = ManagedChild::adopt(
             "sleep",
             owner.pid(),
@@ -579,8 +586,17 @@ mod adopt_tests {
         // It is found by its arguments.
         let found = find_by_argument(&log.display().to_string());
         assert!(found.is_empty(), "{found:?}");
-        let found = find_by_argument("30");
-        assert!(found.iter().any(|p| p.pid == owner.pid()), "{found:?}");
+        let mut found = Vec::new();
+        let seen = crate::poll_until(Duration::from_secs(5), || {
+            found = find_by_argument(&unique);
+            found.iter().any(|p| p.pid == owner.pid())
+        })
+        .await;
+        assert!(
+            seen,
+            "sleep {unique} (pid {}) not found: {found:?}",
+            owner.pid()
+        );
         adopted.signal(Signal::SIGKILL);
         assert!(owner.wait_exit(Duration::from_secs(5)).await);
         assert!(adopted.wait_exit(Duration::from_secs(5)).await);
