@@ -14,10 +14,11 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest,
     ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest,
-    LinuxContainerConfig, LinuxContainerSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    SecurityProfile, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -53,6 +54,17 @@ fn pod_config(env: &Env) -> PodSandboxConfig {
         }),
         hostname: "web-pod".into(),
         log_directory: env.dir.path().join("pod-logs").display().to_string(),
+        // The pod's resources, as kubelet sends them: containerd passes them to the sandbox as
+        // `io.kubernetes.cri.sandbox-*` annotations, and the VM boots at that size.
+        linux: Some(LinuxPodSandboxConfig {
+            resources: Some(LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 100_000,
+                memory_limit_in_bytes: 256 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -334,6 +346,19 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
         )
         .await;
         assert_eq!((out.as_str(), err.as_str(), code), ("data\n", "oops\n", 7));
+        // The VM booted at the pod's size: the base (1 vCPU, 512 MiB) plus its resources.
+        let (cpus, _, _) = exec_sync(&mut rt, &c1, &["nproc"]).await;
+        assert_eq!(cpus.trim(), "2", "vCPUs of a pod with a 1-CPU limit");
+        let (meminfo, _, _) = exec_sync(&mut rt, &c1, &["head", "-1", "/proc/meminfo"]).await;
+        let kib: u64 = meminfo
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            (600 << 10..=768 << 10).contains(&kib),
+            "MemTotal of a pod with a 256 MiB limit: {meminfo:?}"
+        );
         // ExecSync (every `kubectl exec`) runs under the container's seccomp filter, as the
         // container's init does.
         for pid in ["self", "1"] {
