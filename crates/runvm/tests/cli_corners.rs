@@ -3,39 +3,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, IoSliceMut, Read};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{assert_fails, spec, text, Host};
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use common::{assert_fails, receive_master, spec, text, Host};
 use serde_json::{json, Value};
-
-/// Receives the terminal master runvm sends over a console socket.
-fn receive_master(listener: &UnixListener) -> OwnedFd {
-    use std::os::fd::AsRawFd;
-    let (stream, _) = listener.accept().unwrap();
-    let mut buf = [0u8; 256];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        stream.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::empty(),
-    )
-    .unwrap();
-    for c in msg.cmsgs().unwrap() {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            // SAFETY: the fd was just received over SCM_RIGHTS and is owned by nobody else.
-            return unsafe { OwnedFd::from_raw_fd(fds[0]) };
-        }
-    }
-    panic!("no file descriptor received");
-}
 
 /// Everything a terminal master gives until the last holder of its slave goes (EIO).
 fn read_master(master: OwnedFd) -> String {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_fails, spec, text, Host};
+use common::{assert_fails, run_detached, spec, text, Host};
 use serde_json::Value;
 
 /// Processes with an argument under `dir` (a VM run folder): QEMU and its helpers.
@@ -296,30 +296,6 @@ fn reap(pid: u32, timeout: Duration) -> Option<i32> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// `runvm run -d`; the stand-in's pid (from --pid-file: the container may be gone already).
-fn run_detached(host: &Host, id: &str, args: &[&str]) -> u32 {
-    let b = host.bundle(id, &spec(args));
-    let pid_file = host.dir.path().join(format!("{id}.pid"));
-    let (code, _, err) = host.run_to_files(
-        &[
-            "run",
-            "-d",
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-            "--bundle",
-            b.to_str().unwrap(),
-            id,
-        ],
-        id,
-    );
-    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(err).unwrap());
-    std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{spec, text, Host};
+use common::{exec_sh, spec, text, wait_for_output, Host};
 use serde_json::json;
 
 /// A program that writes through a `MAP_SHARED` mapping of `argv[1]`, syncs and unmaps it, maps
@@ -71,25 +71,6 @@ fn build_mmap_check(dir: &Path, out: &Path) {
         .output()
         .expect("run gcc");
     assert!(gcc.status.success(), "gcc: {}", text(&gcc.stderr));
-}
-
-/// Waits until the file holds `needle`; returns its text.
-fn wait_for_output(file: &Path, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = std::fs::read_to_string(file).unwrap_or_default();
-        if out.contains(needle) {
-            return out;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?} in: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// `runvm exec ID sh -c SCRIPT`: (exit code, stdout, stderr).
-fn exec_sh(host: &Host, id: &str, script: &str) -> (Option<i32>, String, String) {
-    let out = host.run(&["exec", id, "/bin/sh", "-c", script]);
-    (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
 /// Runs mount(8) or umount(8) with `args` and `path`.

@@ -2,12 +2,10 @@
 
 mod common;
 
-use std::io::{IoSliceMut, Read};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::io::Read;
 use std::os::unix::net::UnixListener;
 
-use common::{assert_fails, spec, text, Host};
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use common::{assert_fails, receive_master, spec, text, Host};
 use serde_json::Value;
 
 #[test]
@@ -109,29 +107,6 @@ fn one_container_through_its_whole_lifecycle() {
         "container \"c1\" does not exist",
     );
     host.assert_nothing_left();
-}
-
-/// Receives the terminal master runvm sends over a console socket.
-fn receive_master(listener: &UnixListener) -> OwnedFd {
-    use std::os::fd::AsRawFd;
-    let (stream, _) = listener.accept().unwrap();
-    let mut buf = [0u8; 256];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        stream.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::empty(),
-    )
-    .unwrap();
-    for c in msg.cmsgs().unwrap() {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            // SAFETY: the fd was just received over SCM_RIGHTS and is owned by nobody else.
-            return unsafe { OwnedFd::from_raw_fd(fds[0]) };
-        }
-    }
-    panic!("no file descriptor received");
 }
 
 #[test]

@@ -6,13 +6,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{spec, text, Host};
-
-fn run_detached(host: &Host, id: &str, args: &[&str]) {
-    let b = host.bundle(id, &spec(args));
-    let (code, _, err) = host.run_to_files(&["run", "-d", "--bundle", b.to_str().unwrap(), id], id);
-    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(err).unwrap());
-}
+use common::{run_detached, spec, text, Host};
 
 #[test]
 fn twenty_execs_and_twenty_states_at_once_on_one_container_all_answer() {

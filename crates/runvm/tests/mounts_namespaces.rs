@@ -4,32 +4,12 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use common::{assert_fails, spec, text, Host};
+use common::{assert_fails, exec_sh, spec, text, wait_for_output, Host};
 use serde_json::{json, Value};
 
 /// The propagation options a bind may carry, each on its own host folder.
 const PROPAGATIONS: [&str; 4] = ["shared", "rshared", "slave", "rslave"];
-
-/// Waits until the file holds `needle`; returns its text.
-fn wait_for_output(file: &Path, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = std::fs::read_to_string(file).unwrap_or_default();
-        if out.contains(needle) {
-            return out;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?} in: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// `runvm exec ID sh -c SCRIPT`: (exit code, stdout, stderr).
-fn exec_sh(host: &Host, id: &str, script: &str) -> (Option<i32>, String, String) {
-    let out = host.run(&["exec", id, "/bin/sh", "-c", script]);
-    (out.status.code(), text(&out.stdout), text(&out.stderr))
-}
 
 #[test]
 fn binds_with_each_propagation_option_show_the_host_folder_both_ways() {

@@ -5,10 +5,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
-
-use common::{spec, text, Host};
+use common::{exec_sh, spec, text, wait_for_output, Host};
 use serde_json::{json, Value};
 
 /// SIGSYS's exit status: a process killed by its seccomp filter (KILL, KILL_PROCESS, TRAP).
@@ -25,25 +22,6 @@ fn create_and_start(host: &Host, id: &str, config: &Value) -> std::path::PathBuf
     let start = host.run(&["start", id]);
     assert!(start.status.success(), "{}", text(&start.stderr));
     out
-}
-
-/// Waits until the file holds `needle`; returns its text.
-fn wait_for_output(file: &Path, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = std::fs::read_to_string(file).unwrap_or_default();
-        if out.contains(needle) {
-            return out;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?} in: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// `runvm exec ID sh -c SCRIPT`: (exit code, stdout, stderr).
-fn exec_sh(host: &Host, id: &str, script: &str) -> (Option<i32>, String, String) {
-    let out = host.run(&["exec", id, "/bin/sh", "-c", script]);
-    (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
 fn remove(host: &Host, id: &str) {

@@ -136,3 +136,70 @@ pub fn assert_fails(out: &Output, message: &str) {
 pub fn spec(args: &[&str]) -> Value {
     runvm_sandbox::container::bundle::default_spec(args, false)
 }
+
+/// Waits until the file holds `needle`; returns its text.
+pub fn wait_for_output(file: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = std::fs::read_to_string(file).unwrap_or_default();
+        if out.contains(needle) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} in: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `runvm exec ID sh -c SCRIPT`: (exit code, stdout, stderr).
+pub fn exec_sh(host: &Host, id: &str, script: &str) -> (Option<i32>, String, String) {
+    let out = host.run(&["exec", id, "/bin/sh", "-c", script]);
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// `runvm run -d`; the stand-in's pid (from --pid-file: the container may be gone already).
+pub fn run_detached(host: &Host, id: &str, args: &[&str]) -> u32 {
+    let b = host.bundle(id, &spec(args));
+    let pid_file = host.dir.path().join(format!("{id}.pid"));
+    let (code, _, err) = host.run_to_files(
+        &[
+            "run",
+            "-d",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "--bundle",
+            b.to_str().unwrap(),
+            id,
+        ],
+        id,
+    );
+    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(err).unwrap());
+    std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Receives the terminal master runvm sends over a console socket (SCM_RIGHTS, as runc).
+pub fn receive_master(listener: &std::os::unix::net::UnixListener) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (stream, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    for c in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: the fd was just received over SCM_RIGHTS and is owned by nobody else.
+            return unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+        }
+    }
+    panic!("no file descriptor received");
+}
