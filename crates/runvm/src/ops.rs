@@ -458,7 +458,7 @@ pub fn features() -> Result<ExitCode> {
             "io.runvm.isolation": "vm",
             "io.runvm.hooks": "createRuntime, prestart, poststart and poststop run on the host (prestart in the pod's network namespace, with QEMU's pid in the state); createContainer and startContainer in the guest, in the container's namespaces",
             // Every type may be new; only `network` may be given by path (docs/cli.md).
-            "io.runvm.namespace-paths": "network only (the VM runs in it); a path for ipc, uts, pid, mount, cgroup, user or time is refused at create: only containers of a pod, through containerd-shim-runvm-v2, share their pod sandbox container's ipc, uts and pid namespaces",
+            "io.runvm.namespace-paths": "network only (the VM runs in it) for host namespaces; /proc/PID/ns/TYPE of another runvm container (PID as `runvm state` prints it) joins its ipc, uts, pid, network or cgroup namespace, the container being made in that container's VM; any other path (a host ipc, uts, pid, mount, cgroup, user or time namespace, or another container's mount, user or time namespace) is refused at create",
             "io.runvm.mount-propagation": "binds show the host folder both ways with every option; host mounts made later under a shared source reach the container unless the bind is private or rprivate; mounts made in the container never reach the host; rootfsPropagation applies in the guest"
         }
     });

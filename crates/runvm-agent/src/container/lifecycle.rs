@@ -66,8 +66,9 @@ impl Containers {
         }
     }
 
-    /// A pod's container joins the namespaces its spec's [`spec::POD_NAMESPACES`] annotation
-    /// names, those of the pod sandbox container's init (`SANDBOX:ipc,uts,pid`).
+    /// A container joins the namespaces its spec's [`spec::POD_NAMESPACES`] annotation names,
+    /// those of another container's init in this VM (`CONTAINER:ipc,uts,pid`): a pod's
+    /// sandbox container, or the container a command-line container named by its pid.
     fn join_pod_namespaces(&self, mut spec: Spec, id: &str) -> Result<Spec> {
         let Some(value) = spec
             .annotations()
@@ -100,15 +101,15 @@ impl Containers {
             return Ok(spec);
         };
         for name in types.split(',').filter(|t| !t.is_empty()) {
-            let typ = spec::pod_namespace_type(name).ok_or_else(|| {
+            let (typ, proc_name) = spec::joinable_namespace(name).ok_or_else(|| {
                 AgentError::invalid(format!(
                     "annotation {}={value:?} of container {id:?}: namespace {name:?} cannot \
-                     be shared; valid: ipc, uts, pid",
+                     be shared; valid: ipc, uts, pid, network, cgroup",
                     spec::POD_NAMESPACES
                 ))
             })?;
             for ns in namespaces.iter_mut().filter(|ns| ns.typ() == typ) {
-                ns.set_path(Some(PathBuf::from(format!("/proc/{init}/ns/{name}"))));
+                ns.set_path(Some(PathBuf::from(format!("/proc/{init}/ns/{proc_name}"))));
             }
         }
         tracing::debug!(
