@@ -105,7 +105,24 @@ fn process_with_defaults(mut p: Value) -> Result<Value> {
     Ok(p)
 }
 
+/// The exit status of `exec` when the process could not be started, as runc's (`exec failed:
+/// ...`, 255), so that a caller tells it from the process's own exit status.
+pub const EXEC_FAILED_STATUS: u8 = 255;
+
+/// `exec`: a new process in the container; its exit status, or 255 when it could not start.
 pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> {
+    match exec_process_in(global, config, a) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            let message = format!("exec failed: {e:#}");
+            crate::logging::error(&message);
+            eprintln!("runvm: error: {message}");
+            Ok(ExitCode::from(EXEC_FAILED_STATUS))
+        }
+    }
+}
+
+fn exec_process_in(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> {
     let id = ContainerId::parse(&a.id)?;
     let nanos = runvm_sandbox::state::unix_now_ns() % 1_000_000_000;
     let exec_id = format!("exec-{}-{nanos:x}", std::process::id());

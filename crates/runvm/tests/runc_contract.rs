@@ -144,6 +144,9 @@ fn default_spec_without_path_or_no_new_privileges_has_loopback_and_filters_execs
         &missing,
         "exec: \"nosuch\": executable file not found in $PATH",
     );
+    common::assert_fails(&missing, "runvm: error: exec failed: ");
+    // As runc: a process that could not start is 255, not a status of its own.
+    assert_eq!(missing.status.code(), Some(255));
     let missing = host.run(&["exec", "lo", "/bin/nosuch"]);
     common::assert_fails(&missing, "/bin/nosuch: no such file or directory");
     // A bare name is looked up in the process's own PATH.
