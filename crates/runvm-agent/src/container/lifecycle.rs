@@ -465,7 +465,7 @@ fn with_current_memory_limit(
     dir: &Path,
     id: &str,
 ) -> Result<LinuxResources> {
-    let Some(memory) = resources.memory().clone() else {
+    let Some(memory) = *resources.memory() else {
         return Ok(resources);
     };
     if memory.swap().is_none() || memory.limit().is_some() {
@@ -507,13 +507,13 @@ mod swap_tests {
         std::fs::write(dir.path().join("memory.max"), "268435456\n").unwrap();
         let r = resources(r#"{"memory": {"swap": 536870912}}"#);
         let merged = with_current_memory_limit(r, dir.path(), "c1").unwrap();
-        let memory = merged.memory().clone().unwrap();
+        let memory = merged.memory().unwrap();
         assert_eq!(memory.limit(), Some(268435456));
         assert_eq!(memory.swap(), Some(536870912));
         // Given both, nothing is read.
         let r = resources(r#"{"memory": {"limit": 1, "swap": 2}}"#);
         let kept = with_current_memory_limit(r, Path::new("/nonexistent"), "c1").unwrap();
-        assert_eq!(kept.memory().clone().unwrap().limit(), Some(1));
+        assert_eq!(kept.memory().unwrap().limit(), Some(1));
     }
 
     #[test]
@@ -527,6 +527,6 @@ mod swap_tests {
         // Unlimited swap with unlimited memory is fine.
         let r = resources(r#"{"memory": {"swap": -1}}"#);
         let merged = with_current_memory_limit(r, dir.path(), "c1").unwrap();
-        assert_eq!(merged.memory().clone().unwrap().limit(), Some(-1));
+        assert_eq!(merged.memory().unwrap().limit(), Some(-1));
     }
 }
