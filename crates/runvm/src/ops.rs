@@ -109,7 +109,7 @@ pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> 
     let id = ContainerId::parse(&a.id)?;
     let nanos = runvm_sandbox::state::unix_now_ns() % 1_000_000_000;
     let exec_id = format!("exec-{}-{nanos:x}", std::process::id());
-    let terminal = block_on(async {
+    let (terminal, cgroup) = block_on(async {
         let (mut sb, st) = standalone::open(config, &id)?;
         // As runc: a created container takes new processes too; a paused one only with
         // --ignore-paused (and then the guest refuses it: see docs/cli.md).
@@ -141,13 +141,13 @@ pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> 
             stdio_paths: StdioRecord::default(),
         };
         sb.exec(&id, request).await?;
-        Ok(terminal)
+        Ok((terminal, sb.record().vm.config.cgroup_procs.clone()))
     })?;
     let io = match &a.io.console_socket {
         Some(socket) => standin::console(socket)?,
         None => StandinIo::Inherit,
     };
-    let child = standin::spawn(global, config, &id, &exec_id, terminal, io)?;
+    let child = standin::spawn(global, config, &id, &exec_id, terminal, io, &cgroup)?;
     if let Some(path) = &a.io.pid_file {
         standin::write_pid_file(path, child.id())?;
     }
