@@ -538,6 +538,47 @@ mod tests {
         assert!(c.exited().is_some());
         assert_eq!(c.log_tail(1), "started");
     }
+
+    #[tokio::test]
+    async fn a_placed_child_writes_itself_to_each_cgroup_file_before_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        // Stand-ins for two hierarchies' cgroup.procs: the child writes "0" (itself) to each.
+        let files = [dir.path().join("a.procs"), dir.path().join("b.procs")];
+        for f in &files {
+            std::fs::write(f, "").unwrap();
+        }
+        let mut c = ManagedChild::spawn_placed(
+            "sh",
+            Path::new("/bin/sh"),
+            &[
+                "-c".into(),
+                format!("cat {} >&2", files[0].display()).into(),
+            ],
+            &log,
+            None,
+            &[],
+            &files,
+        )
+        .unwrap();
+        assert!(c.wait_exit(Duration::from_secs(5)).await);
+        assert_eq!(c.log_tail(1), "0", "written before the program ran");
+        assert_eq!(std::fs::read_to_string(&files[1]).unwrap(), "0");
+
+        let missing = dir.path().join("gone/cgroup.procs");
+        let err = ManagedChild::spawn_placed(
+            "sh",
+            Path::new("/bin/sh"),
+            &["-c".into(), "true".into()],
+            &log,
+            None,
+            &[],
+            std::slice::from_ref(&missing),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+    }
 }
 
 #[cfg(test)]
