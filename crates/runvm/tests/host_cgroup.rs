@@ -163,6 +163,31 @@ fn the_vm_lives_in_its_host_cgroup_with_the_spec_limits_until_delete() {
     remove_parents(&parents);
     assert!(left.is_empty(), "host cgroup left after delete: {left:?}");
     host.assert_nothing_left();
+
+    // A relative cgroupfs path (under the root), removed by `delete --force` of a live VM.
+    let forced = format!("runvmtest{}/forced", std::process::id());
+    let mut s = spec(&["sleep", "1000"]);
+    s["linux"]["cgroupsPath"] = json!(forced);
+    let b = host.bundle("forced", &s);
+    let (code, _, err) = host.run_to_files(
+        &["create", "--bundle", b.to_str().unwrap(), "forced"],
+        "forced",
+    );
+    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(err).unwrap());
+    let absolute = format!("/{forced}");
+    assert!(
+        !procs("memory", &absolute).is_empty(),
+        "the VM in /{forced}"
+    );
+    let out = host.run(&["delete", "--force", "forced"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let left = exists_anywhere(&absolute);
+    remove_parents(&[&format!("/runvmtest{}", std::process::id())]);
+    assert!(
+        left.is_empty(),
+        "host cgroup left after delete --force: {left:?}"
+    );
+    host.assert_nothing_left();
 }
 
 #[test]
