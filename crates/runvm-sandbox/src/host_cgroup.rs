@@ -332,6 +332,21 @@ pub fn request_from_spec(spec: &Value, overhead_mib: u32) -> Result<Option<HostC
     }))
 }
 
+/// The host cgroup `record` with new `resources` (a `linux.resources` object, as `update`
+/// takes it; only what it names is written), checked: nothing is written yet ([`apply`]).
+pub fn update_request(
+    record: &HostCgroupRecord,
+    resources: &Value,
+    overhead_mib: u32,
+) -> Result<HostCgroupRequest> {
+    let spec = serde_json::from_value::<LinuxResources>(resources.clone())
+        .map_err(|e| HostCgroupError::Resources(e.to_string()))?;
+    Ok(HostCgroupRequest {
+        record: record.clone(),
+        resources: host_resources(Some(&spec), overhead_mib)?,
+    })
+}
+
 /// The host's cgroup layout.
 fn setup() -> Result<CgroupSetup> {
     quiet(libcgroups::common::get_cgroup_setup).map_err(|e| HostCgroupError::Io {
@@ -465,7 +480,8 @@ fn inherit(parent: &Path, child: &Path, file: &str) -> Result<()> {
         .map_err(io(child.join(file), "copy the parent's cpuset"))
 }
 
-fn apply(request: &HostCgroupRequest) -> Result<()> {
+/// Writes `request`'s resources to its cgroup, which exists.
+pub fn apply(request: &HostCgroupRequest) -> Result<()> {
     let path = &request.record.path;
     let options = ControllerOpt {
         resources: &request.resources,

@@ -363,7 +363,21 @@ pub fn update(config: &Config, a: &UpdateArgs) -> Result<ExitCode> {
         if st.status == "stopped" {
             return Err(StandaloneError::NotRunning.into());
         }
-        Ok(sb.update_resources(&id, &resources).await?)
+        // The VM's host cgroup follows (memory + the VM overhead), checked before either side
+        // changes.
+        let host = match &sb.record().host_cgroup {
+            Some(cgroup) => Some(runvm_sandbox::host_cgroup::update_request(
+                cgroup,
+                &resources,
+                sb.record().config.runtime.vm_memory_overhead_mib,
+            )?),
+            None => None,
+        };
+        sb.update_resources(&id, &resources).await?;
+        if let Some(request) = &host {
+            runvm_sandbox::host_cgroup::apply(request)?;
+        }
+        Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }

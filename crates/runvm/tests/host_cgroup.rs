@@ -130,6 +130,18 @@ fn the_vm_lives_in_its_host_cgroup_with_the_spec_limits_until_delete() {
             );
         }
     }
+    // `update` changes the host cgroup too (memory plus the overhead).
+    let out = host.run(&["update", "--memory", "128m", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let memory: u64 = read("memory", &path, "memory.limit_in_bytes", "memory.max")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        memory,
+        (128 << 20) + overhead,
+        "updated memory limit plus overhead"
+    );
+
     // A process the container execs gets a stand-in there too.
     let pid_file = host.dir.path().join("exec.pid");
     let (code, _, err) = host.run_to_files(
