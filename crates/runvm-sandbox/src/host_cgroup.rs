@@ -395,6 +395,8 @@ pub fn procs_files(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Makes the cgroup and writes its resources. On error whatever was made is removed again.
 pub fn create(request: &HostCgroupRequest) -> Result<()> {
+    // Refused before anything is made, so the undo below never touches another's cgroup.
+    refuse_in_use(&request.record.path)?;
     let made = make_dirs(&request.record.path).and_then(|()| apply(request));
     if let Err(e) = made {
         if let Err(rm) = remove(&request.record) {
@@ -403,6 +405,24 @@ pub fn create(request: &HostCgroupRequest) -> Result<()> {
         return Err(e);
     }
     tracing::debug!(path = %request.record.path.display(), "host cgroup made");
+    Ok(())
+}
+
+/// An existing cgroup is taken over only when empty: its processes would be killed with it.
+fn refuse_in_use(path: &Path) -> Result<()> {
+    for dir in cgroup_dirs(path)? {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            return Err(HostCgroupError::Io {
+                path: dir,
+                action: "take it over",
+                reason: format!(
+                    "it exists with processes in it ({})",
+                    procs.split_whitespace().collect::<Vec<_>>().join(" ")
+                ),
+            });
+        }
+    }
     Ok(())
 }
 
@@ -534,6 +554,19 @@ fn remove_dir(dir: &Path) -> Result<()> {
         action,
         reason: e.to_string(),
     };
+    // Only a leaf is runvm's: a record naming a parent (kubelet's pod cgroup) kills nothing.
+    let children = std::fs::read_dir(dir)
+        .map_err(|e| io("read the folder", e))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .count();
+    if children > 0 {
+        return Err(HostCgroupError::Io {
+            path: dir.to_path_buf(),
+            action: "remove it",
+            reason: format!("it holds {children} child cgroup(s): not a VM's cgroup"),
+        });
+    }
     let mut last = None;
     // The kernel frees a cgroup only once its last process is reaped: retry a while.
     for attempt in 0..50u32 {

@@ -257,5 +257,25 @@ fn bad_cgroups_paths_and_resources_are_refused_by_name_leaving_nothing() {
         assert!(left.is_empty(), "{path}: cgroup left: {left:?}");
         host.assert_nothing_left();
     }
+    // A cgroup someone else's process is in is not taken over (nor killed on the way out).
+    let busy = format!("/runvmbad{pid}/busy");
+    let busy_dir = dir("memory", &busy);
+    std::fs::create_dir_all(&busy_dir).unwrap();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    std::fs::write(busy_dir.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    let mut s = spec(&["true"]);
+    s["linux"]["cgroupsPath"] = json!(busy);
+    let b = host.bundle("busy", &s);
+    let out = host.run(&["create", "--bundle", b.to_str().unwrap(), "busy"]);
+    assert_fails(&out, "exists with processes in it");
+    let untouched = sleeper.try_wait().unwrap().is_none() && busy_dir.exists();
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    let _ = std::fs::remove_dir(&busy_dir);
     remove_parents(&[&format!("/runvmbad{pid}")]);
+    assert!(untouched, "the busy cgroup or its process was touched");
+    host.assert_nothing_left();
 }
