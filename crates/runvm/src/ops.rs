@@ -364,14 +364,16 @@ pub fn update(config: &Config, a: &UpdateArgs) -> Result<ExitCode> {
             return Err(StandaloneError::NotRunning.into());
         }
         // The VM's host cgroup follows (memory + the VM overhead), checked before either side
-        // changes.
+        // changes; only for the container the VM was made for (one that joined another's VM
+        // does not set that VM's limits).
+        let own = sb.id().as_str() == id.as_str();
         let host = match &sb.record().host_cgroup {
-            Some(cgroup) => Some(runvm_sandbox::host_cgroup::update_request(
+            Some(cgroup) if own => Some(runvm_sandbox::host_cgroup::update_request(
                 cgroup,
                 &resources,
                 sb.record().config.runtime.vm_memory_overhead_mib,
             )?),
-            None => None,
+            _ => None,
         };
         sb.update_resources(&id, &resources).await?;
         if let Some(request) = &host {
