@@ -54,7 +54,8 @@ fn create_with_standin(
                 Some(socket) => standin::console(socket)?,
                 None => StandinIo::Inherit,
             };
-            let mut child = standin::spawn(global, config, &id, "", terminal, io)?;
+            let cgroup = sb.record().vm.config.cgroup_procs.clone();
+            let mut child = standin::spawn(global, config, &id, "", terminal, io, &cgroup)?;
             let recorded = HostProcess::of(child.id())
                 .context("the stand-in process exited at once")
                 .and_then(|p| Ok(standalone::set_standin(config, &id, p)?))

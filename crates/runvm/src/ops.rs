@@ -126,7 +126,7 @@ fn exec_process_in(global: &Global, config: &Config, a: &ExecArgs) -> Result<Exi
     let id = ContainerId::parse(&a.id)?;
     let nanos = runvm_sandbox::state::unix_now_ns() % 1_000_000_000;
     let exec_id = format!("exec-{}-{nanos:x}", std::process::id());
-    let terminal = block_on(async {
+    let (terminal, cgroup) = block_on(async {
         let (mut sb, st) = standalone::open(config, &id)?;
         // As runc: a created container takes new processes too; a paused one only with
         // --ignore-paused (and then the guest refuses it: see docs/cli.md).
@@ -158,13 +158,13 @@ fn exec_process_in(global: &Global, config: &Config, a: &ExecArgs) -> Result<Exi
             stdio_paths: StdioRecord::default(),
         };
         sb.exec(&id, request).await?;
-        Ok(terminal)
+        Ok((terminal, sb.record().vm.config.cgroup_procs.clone()))
     })?;
     let io = match &a.io.console_socket {
         Some(socket) => standin::console(socket)?,
         None => StandinIo::Inherit,
     };
-    let child = standin::spawn(global, config, &id, &exec_id, terminal, io)?;
+    let child = standin::spawn(global, config, &id, &exec_id, terminal, io, &cgroup)?;
     if let Some(path) = &a.io.pid_file {
         standin::write_pid_file(path, child.id())?;
     }
@@ -380,7 +380,23 @@ pub fn update(config: &Config, a: &UpdateArgs) -> Result<ExitCode> {
         if st.status == "stopped" {
             return Err(StandaloneError::NotRunning.into());
         }
-        Ok(sb.update_resources(&id, &resources).await?)
+        // The VM's host cgroup follows (memory + the VM overhead), checked before either side
+        // changes; only for the container the VM was made for (one that joined another's VM
+        // does not set that VM's limits).
+        let own = sb.id().as_str() == id.as_str();
+        let host = match &sb.record().host_cgroup {
+            Some(cgroup) if own => Some(runvm_sandbox::host_cgroup::update_request(
+                cgroup,
+                &resources,
+                sb.record().config.runtime.vm_memory_overhead_mib,
+            )?),
+            _ => None,
+        };
+        sb.update_resources(&id, &resources).await?;
+        if let Some(request) = &host {
+            runvm_sandbox::host_cgroup::apply(request)?;
+        }
+        Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
