@@ -30,8 +30,11 @@ pub const LOG_FILTER: &str = "info,libcgroups=error,libcontainer=warn";
 fn main() {
     // The agent re-executed as the single-threaded libcontainer helper (container/helper.rs).
     let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(std::ffi::OsStr::new(container::HIDDEN_ARG)) {
-        container::helper_main::main(args.next());
+    match args.next() {
+        Some(a) if a == container::HIDDEN_ARG => container::helper_main::main(args.next()),
+        // A createContainer hook, started by libcontainer (container/hook_root.rs).
+        Some(a) if a == container::hook_root::HOOK_ARG => container::hook_root::main(args),
+        _ => {}
     }
     let pid1 = std::process::id() == 1;
     let init_entered_us = init::boottime_us();

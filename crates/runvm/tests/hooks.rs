@@ -37,7 +37,15 @@ fn every_hook_runs_at_its_stage_with_the_containers_state() {
         )],
         "poststart": [saving_hook(&d.join("poststart.json"), "")],
         "poststop": [saving_hook(&d.join("poststop.json"), "")],
-        // In the guest, in the container's namespaces, from its root file system.
+        // In the guest, in the container's namespaces, from its root file system: the
+        // createContainer hook before the container's root becomes `/` (its program is the
+        // image's, run in that root), the startContainer hook inside it.
+        "createContainer": [{
+            "path": "/bin/sh",
+            "args": ["sh", "-c", "cat > /create-hook.json; echo \"$HOOK_ENV $(hostname)\" > /create-hook.env"],
+            "env": ["HOOK_ENV=in-the-guest"],
+            "timeout": 20
+        }],
         "startContainer": [{
             "path": "/bin/sh",
             "args": ["sh", "-c", "echo start-hook-ran > /dev/shm/start-hook"]
@@ -67,6 +75,16 @@ fn every_hook_runs_at_its_stage_with_the_containers_state() {
     assert_eq!(
         std::fs::read_to_string(d.join("prestart.env")).unwrap(),
         "from-the-spec sh\n"
+    );
+    // The createContainer hook wrote into the container's root (shared with the host's
+    // rootfs folder), with its environment, in the container's UTS namespace.
+    let rootfs = b.join("rootfs");
+    let st = saved(&rootfs.join("create-hook.json"));
+    assert_eq!(st["id"], "h1", "{st}");
+    assert_eq!(st["status"], "creating", "{st}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("create-hook.env")).unwrap(),
+        "in-the-guest runvm\n"
     );
     assert!(
         !d.join("poststart.json").exists(),
@@ -109,5 +127,23 @@ fn a_failing_prestart_hook_fails_create_and_leaves_nothing() {
     assert_fails(&out, "exit status: 7");
     assert_fails(&out, "network setup refused");
     assert_fails(&host.run(&["state", "bad"]), "does not exist");
+
+    // A failing createContainer hook (in the guest) fails create too, named with its status.
+    let mut s = spec(&["sh", "-c", "echo never"]);
+    s["hooks"] = json!({
+        "createContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 9"]}]
+    });
+    let b = host.bundle("badcc", &s);
+    let out = host.run(&["create", "--bundle", b.to_str().unwrap(), "badcc"]);
+    assert_fails(
+        &out,
+        "hook /bin/sh failed: hook command exited with non-zero exit code: 9",
+    );
+    assert_fails(&host.run(&["state", "badcc"]), "does not exist");
+    // One whose program the image lacks is named too.
+    s["hooks"] = json!({"createContainer": [{"path": "/usr/bin/no-such-hook"}]});
+    let b = host.bundle("nohook", &s);
+    let out = host.run(&["create", "--bundle", b.to_str().unwrap(), "nohook"]);
+    assert_fails(&out, "hook /usr/bin/no-such-hook failed");
     host.assert_nothing_left();
 }

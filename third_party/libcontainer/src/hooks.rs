@@ -29,6 +29,14 @@ pub enum HookError {
     WriteContainerState(#[source] std::io::Error),
     #[error("failed to convert state to OCI format")]
     StateConversion(#[from] StateConversionError),
+    // runvm patch: which hook failed, by the program the spec names (its absolute `args[0]`,
+    // else its `path`), with the cause in the message.
+    #[error("hook {program} failed: {source}")]
+    Hook {
+        program: String,
+        #[source]
+        source: Box<HookError>,
+    },
 }
 
 type Result<T> = std::result::Result<T, HookError>;
@@ -57,6 +65,31 @@ pub fn run_hooks(
 
     if let Some(hooks) = hooks {
         for hook in hooks {
+            run_hook(hook, &oci_state, cwd, default_env).map_err(|source| {
+                let program = match hook.args().as_ref().and_then(|a| a.first()) {
+                    Some(arg0) if arg0.starts_with('/') => arg0.clone(),
+                    _ => hook.path().display().to_string(),
+                };
+                HookError::Hook {
+                    program,
+                    source: Box::new(source),
+                }
+            })?;
+        }
+    }
+
+    Ok(())
+}
+
+// runvm patch: one hook, as upstream's loop body.
+fn run_hook(
+    hook: &oci_spec::runtime::Hook,
+    oci_state: &OciState,
+    cwd: Option<&Path>,
+    default_env: Option<&HashMap<String, String>>,
+) -> Result<()> {
+    {
+        {
             let mut hook_command = process::Command::new(hook.path());
 
             if let Some(cwd) = cwd {
@@ -106,7 +139,7 @@ pub fn run_hooks(
                 // error, in the case that the hook command is waiting for us to
                 // write to stdin.
                 let encoded_state =
-                    serde_json::to_string(&oci_state).map_err(HookError::EncodeContainerState)?;
+                    serde_json::to_string(oci_state).map_err(HookError::EncodeContainerState)?;
                 if let Err(e) = stdin.write_all(encoded_state.as_bytes()) {
                     if e.kind() != ErrorKind::BrokenPipe {
                         // Not a broken pipe. The hook command may be waiting

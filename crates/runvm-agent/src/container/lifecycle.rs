@@ -40,6 +40,9 @@ impl Containers {
         let cfg = req.stdio.clone().unwrap_or_default();
         let spec = spec::parse_spec(&req.oci_spec_json, &id, cfg.terminal)?;
         let spec = self.join_pod_namespaces(spec, &id)?;
+        let agent = std::env::current_exe()
+            .map_err(|e| AgentError::internal(format!("the agent's own path: {e}")))?;
+        let spec = super::hook_root::create_hooks_from_rootfs(spec, &agent);
         let reservation = self.reserve(&id)?;
         let me = Arc::clone(&self);
         let (sid, storages) = (id.clone(), req.storages.clone());

@@ -10,6 +10,7 @@
 pub mod executor;
 mod helper;
 pub mod helper_main;
+pub mod hook_root;
 mod lifecycle;
 mod oom;
 mod process;

@@ -33,7 +33,9 @@ pub enum InitProcessError {
     MissingSpec(#[from] crate::error::MissingSpecError),
     #[error("failed to setup tty")]
     Tty(#[source] tty::TTYError),
-    #[error("failed to run hooks")]
+    // runvm patch: the hook that failed and how, in the message (the init's error crosses to
+    // the main process as text, without its sources).
+    #[error("failed to run hooks: {0}")]
     Hooks(#[from] hooks::HookError),
     #[error("failed to prepare rootfs")]
     RootFS(#[source] rootfs::RootfsError),
