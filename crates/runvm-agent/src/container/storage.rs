@@ -3,6 +3,9 @@
 //! unmounted when the last of them is removed. A mount the agent did not make is left alone.
 //! A virtio-fs share is always mounted `nosuid,nodev`: its files come from the host, and a
 //! set-user-id program or a device node in them grants nothing in the guest.
+//! A tmpfs storage (a pod's `/dev/shm`, a memory-backed emptyDir) is the pod's, not its
+//! containers': it stays mounted, with its data, until the VM ends, so that a container that
+//! restarts finds it as it left it (as kubelet keeps an emptyDir across restarts).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
@@ -154,6 +157,10 @@ impl Storages {
         })?;
         tracing::info!(container = id, source = %s.source, fstype = %s.fstype,
             mount_point = %mp.display(), "storage mounted");
+        if s.fstype == "tmpfs" {
+            // The pod's: never released, so not held (see the module's documentation).
+            return Ok(());
+        }
         users.insert(mp.clone(), HashSet::from([id.to_string()]));
         held.push(mp);
         Ok(())
