@@ -246,6 +246,29 @@ mod tests {
     }
 
     #[test]
+    fn a_tmpfs_is_the_pods_and_outlives_the_containers_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mp = dir.path().join("tmpfs/0123");
+        let tmpfs = agent::Storage {
+            source: "tmpfs".into(),
+            fstype: "tmpfs".into(),
+            options: vec!["nosuid".into(), "size=1m".into()],
+            mount_point: mp.display().to_string(),
+            ..Default::default()
+        };
+        let s = Storages::default();
+        let held = s.acquire("c1", std::slice::from_ref(&tmpfs)).unwrap();
+        assert!(held.is_empty(), "a tmpfs is never held: {held:?}");
+        assert!(is_mounted(&mp));
+        std::fs::write(mp.join("f"), "kept").unwrap();
+        s.release("c1", &held);
+        // A later container gets the same tmpfs, with its content.
+        assert!(s.acquire("c2", &[tmpfs]).unwrap().is_empty());
+        assert_eq!(std::fs::read_to_string(mp.join("f")).unwrap(), "kept");
+        umount2(&mp, MntFlags::MNT_DETACH).unwrap();
+    }
+
+    #[test]
     fn failed_acquire_holds_nothing() {
         let s = Storages::default();
         let err = s.acquire("c1", &[storage("relative")]).unwrap_err();
