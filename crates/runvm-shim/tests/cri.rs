@@ -524,3 +524,270 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
         "network namespaces left: {new_netns:?}"
     );
 }
+
+/// POSIX shared memory as applications use it: `write NAME TEXT` creates the object
+/// (`shm_open` + `ftruncate` + `mmap(MAP_SHARED)`), puts TEXT in it, says `wrote`, and waits (up
+/// to 60 s) for a reader's answer to appear in its own mapping, which it prints (`answer: ...`);
+/// `read NAME` maps the existing object, prints its text and writes `ack TEXT` into it.
+const SHM_CHECK_C: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define SIZE 4096
+
+static int fail(const char *what) {
+    printf("%s: %s\n", what, strerror(errno));
+    return 1;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    int writer = strcmp(argv[1], "write") == 0;
+    int fd = shm_open(argv[2], writer ? O_RDWR | O_CREAT : O_RDWR, 0666);
+    if (fd < 0) return fail("shm_open");
+    if (writer && ftruncate(fd, SIZE) != 0) return fail("ftruncate");
+    volatile char *p = mmap(NULL, SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) return fail("mmap");
+    if (writer) {
+        if (argc < 4) return 2;
+        strcpy((char *)p, argv[3]);
+        printf("wrote\n");
+        fflush(stdout);
+        for (int i = 0; i < 600 && strncmp((char *)p, "ack ", 4) != 0; i++) usleep(100000);
+        printf("answer: %s\n", (char *)p);
+        return 0;
+    }
+    char text[256];
+    snprintf(text, sizeof text, "%s", (char *)p);
+    printf("%s\n", text);
+    snprintf((char *)p, SIZE, "ack %s", text);
+    return 0;
+}
+"#;
+
+/// Unmounts a host mount when dropped (a failed test leaves no mount behind).
+struct HostMount(std::path::PathBuf);
+
+impl Drop for HostMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The mount on `dest` in a container's mountinfo: (fs type, super options).
+async fn guest_mount(rt: &mut Runtime, id: &str, dest: &str) -> (String, String) {
+    let (info, _, _) = exec_sync(rt, id, &["cat", "/proc/self/mountinfo"]).await;
+    let line = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(dest))
+        .unwrap_or_else(|| panic!("no mount on {dest} in {id}: {info}"))
+        .to_string();
+    let after: Vec<&str> = line
+        .split(" - ")
+        .nth(1)
+        .unwrap_or_default()
+        .split(' ')
+        .collect();
+    (
+        after[0].to_string(),
+        after.get(2).unwrap_or(&"").to_string(),
+    )
+}
+
+/// Creates and starts container `name` (running `sh -c command`) with `mounts` in the pod.
+async fn start_with_mounts(
+    rt: &mut Runtime,
+    (pod_id, pod): (&str, &PodSandboxConfig),
+    mounts: &[k8s_cri::v1::Mount],
+    name: &str,
+    command: &str,
+) -> String {
+    let mut config = container_config(name, &["sh", "-c", command], false);
+    config.mounts = mounts.to_vec();
+    let id = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(config),
+            sandbox_config: Some(pod.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    id
+}
+
+#[test]
+fn cri_pods_shm_and_memory_empty_dir_are_guest_memory_shared_by_its_containers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start_cri(BRIDGE, SUBNET);
+    // The test program, in a folder every container gets read-only.
+    let tools = env.dir.path().join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::write(tools.join("shm_check.c"), SHM_CHECK_C).unwrap();
+    let gcc = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(tools.join("shm_check"))
+        .arg(tools.join("shm_check.c"))
+        .output()
+        .expect("run gcc");
+    assert!(
+        gcc.status.success(),
+        "gcc: {}",
+        String::from_utf8_lossy(&gcc.stderr)
+    );
+    // A memory-backed emptyDir as kubelet makes it: a tmpfs mount point under the pod's
+    // volumes, with the volume's sizeLimit as its size.
+    let empty_dir = env
+        .dir
+        .path()
+        .join("kubelet/pods/4b1c7f36/volumes/kubernetes.io~empty-dir/cache");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&empty_dir)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs on {empty_dir:?}");
+    let _unmount = HostMount(empty_dir.clone());
+    let mounts = vec![
+        k8s_cri::v1::Mount {
+            container_path: "/opt/tools".into(),
+            host_path: tools.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        },
+        k8s_cri::v1::Mount {
+            container_path: "/cache".into(),
+            host_path: empty_dir.display().to_string(),
+            ..Default::default()
+        },
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut rt = RuntimeServiceClient::new(channel(&env.socket).await);
+        let pod = pod_config(&env);
+        let pod_id = rt
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod.clone()),
+                runtime_handler: "runvm".into(),
+            })
+            .await
+            .expect("RunPodSandbox")
+            .into_inner()
+            .pod_sandbox_id;
+        let writer = start_with_mounts(
+            &mut rt,
+            (&pod_id, &pod),
+            &mounts,
+            "writer",
+            "echo from-writer > /cache/f && /opt/tools/shm_check write runvm-pod hello-shm; \
+             exec sleep 1000",
+        )
+        .await;
+        let reader = start_with_mounts(
+            &mut rt,
+            (&pod_id, &pod),
+            &mounts,
+            "reader",
+            "exec sleep 1000",
+        )
+        .await;
+        let log = env.dir.path().join("pod-logs/writer.log");
+        let text = wait_for_text(&log, "wrote");
+        assert!(text.contains("stdout F wrote"), "{text:?}");
+        assert_eq!(qemus(&env), 1, "one VM for the pod");
+
+        // /dev/shm is one guest tmpfs of the pod's size (containerd's 64 MiB), and POSIX shared
+        // memory made in one container is the same memory in the other: the reader's answer
+        // shows in the writer's mapping.
+        for id in [&writer, &reader] {
+            let (fstype, options) = guest_mount(&mut rt, id, "/dev/shm").await;
+            assert_eq!(fstype, "tmpfs", "/dev/shm of {id}");
+            assert!(
+                options.contains("size=65536k"),
+                "/dev/shm of {id}: {options}"
+            );
+        }
+        let (out, err, code) = exec_sync(
+            &mut rt,
+            &reader,
+            &["/opt/tools/shm_check", "read", "runvm-pod"],
+        )
+        .await;
+        assert_eq!((out.as_str(), code), ("hello-shm\n", 0), "{err}");
+        let text = wait_for_text(&log, "answer:");
+        assert!(text.contains("answer: ack hello-shm"), "{text:?}");
+
+        // The memory-backed emptyDir is one guest tmpfs of the volume's size, shared by the
+        // pod's containers; its data stays in the guest (the host's tmpfs never sees it).
+        let (fstype, options) = guest_mount(&mut rt, &reader, "/cache").await;
+        assert_eq!(fstype, "tmpfs", "/cache");
+        assert!(options.contains("size=8192k"), "/cache: {options}");
+        let (out, _, _) = exec_sync(&mut rt, &reader, &["cat", "/cache/f"]).await;
+        assert_eq!(out, "from-writer\n");
+        assert!(
+            !empty_dir.join("f").exists(),
+            "the emptyDir's data reached the host"
+        );
+
+        // Both outlive the containers: they are the pod's, and a container created after the
+        // others were removed (as a restarted one is) finds their data.
+        for id in [&writer, &reader] {
+            rt.stop_container(StopContainerRequest {
+                container_id: id.to_string(),
+                timeout: 1,
+            })
+            .await
+            .expect("StopContainer");
+            rt.remove_container(RemoveContainerRequest {
+                container_id: id.to_string(),
+            })
+            .await
+            .expect("RemoveContainer");
+        }
+        let later = start_with_mounts(
+            &mut rt,
+            (&pod_id, &pod),
+            &mounts,
+            "later",
+            "exec sleep 1000",
+        )
+        .await;
+        let (out, _, _) = exec_sync(&mut rt, &later, &["cat", "/dev/shm/runvm-pod"]).await;
+        assert!(out.starts_with("ack hello-shm"), "{out:?}");
+        let (out, _, _) = exec_sync(&mut rt, &later, &["cat", "/cache/f"]).await;
+        assert_eq!(
+            out, "from-writer\n",
+            "the emptyDir after its containers went"
+        );
+        assert_eq!(qemus(&env), 1, "one VM for the pod");
+
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+    });
+    env.assert_clean();
+}

@@ -1,7 +1,9 @@
 //! Files in a container behave as on runc, through the `runvm` binary with a real VM (one boot,
 //! one container for every check): shared mappings on the root file system, on a bind volume and
 //! on `/dev/shm`; a ConfigMap-style `..data` swap made on the host seen in the container; the
-//! shares `nosuid,nodev`; a read-only volume read-only down to its submounts.
+//! shares `nosuid,nodev`; a read-only volume read-only down to its submounts, those made on the
+//! host after the start too; a mount made on the host after the start under an `rshared` or
+//! `rslave` volume seen in the container (what CSI drivers rely on).
 
 mod common;
 
@@ -119,6 +121,12 @@ fn shared_mappings_host_updates_and_mount_flags_behave_as_on_runc() {
     // A read-only volume with a submount of its own.
     run_mount("mount", &["-t", "tmpfs", "tmpfs"], &ro_vol.join("sub"));
     std::fs::write(ro_vol.join("sub/f"), "submount\n").unwrap();
+    // A volume on a shared mount, as kubelet's pod folders are: mounts made under it later
+    // propagate to its binds.
+    let prop_vol = host.dir.path().join("prop");
+    std::fs::create_dir_all(prop_vol.join("later")).unwrap();
+    run_mount("mount", &["--bind", prop_vol.to_str().unwrap()], &prop_vol);
+    run_mount("mount", &["--make-shared"], &prop_vol);
 
     let mut config = spec(&["sh", "-c", "echo ready; exec sleep 600"]);
     // A writable root, as a Kubernetes container's.
@@ -128,6 +136,9 @@ fn shared_mappings_host_updates_and_mount_flags_behave_as_on_runc() {
         ("/vol", &vol, json!(["rbind", "rw"])),
         ("/etc/config", &config_vol, json!(["rbind", "ro"])),
         ("/ro", &ro_vol, json!(["rbind", "ro"])),
+        ("/prop-shared", &prop_vol, json!(["rbind", "rshared"])),
+        ("/prop-slave", &prop_vol, json!(["rbind", "rslave"])),
+        ("/prop-ro", &prop_vol, json!(["rbind", "ro", "rslave"])),
     ] {
         mounts.push(json!({
             "destination": dest,
@@ -211,8 +222,43 @@ fn shared_mappings_host_updates_and_mount_flags_behave_as_on_runc() {
         "submount\n"
     );
 
+    // A mount made on the host after the start under an rshared or rslave volume shows in the
+    // container (as a CSI driver's), read-only under a read-only bind.
+    run_mount("mount", &["-t", "tmpfs", "tmpfs"], &prop_vol.join("later"));
+    std::fs::write(prop_vol.join("later/f"), "later mount\n").unwrap();
+    let mounted = Instant::now();
+    let all = "cat /prop-shared/later/f /prop-slave/later/f /prop-ro/later/f";
+    loop {
+        let (_, stdout, stderr) = exec_sh(&host, "files", all);
+        if stdout == "later mount\n".repeat(3) {
+            break;
+        }
+        assert!(
+            mounted.elapsed() < HOST_CHANGE_DEADLINE,
+            "after {:?}: {stdout:?} {stderr:?}",
+            mounted.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("host mount seen after {:?}", mounted.elapsed());
+    let (code, _, stderr) = exec_sh(&host, "files", "echo x > /prop-ro/later/g");
+    assert_ne!(
+        code,
+        Some(0),
+        "a later submount of a read-only volume was writable"
+    );
+    assert!(stderr.contains("Read-only file system"), "{stderr}");
+    let (code, _, stderr) = exec_sh(&host, "files", "echo x > /prop-shared/later/g");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(prop_vol.join("later/g")).unwrap(),
+        "x\n"
+    );
+
     let del = host.run(&["delete", "--force", "files"]);
     assert!(del.status.success(), "{}", text(&del.stderr));
     run_mount("umount", &["-l"], &ro_vol.join("sub"));
+    run_mount("umount", &["-l"], &prop_vol.join("later"));
+    run_mount("umount", &["-l"], &prop_vol);
     host.assert_nothing_left();
 }

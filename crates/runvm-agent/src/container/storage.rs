@@ -3,6 +3,9 @@
 //! unmounted when the last of them is removed. A mount the agent did not make is left alone.
 //! A virtio-fs share is always mounted `nosuid,nodev`: its files come from the host, and a
 //! set-user-id program or a device node in them grants nothing in the guest.
+//! A tmpfs storage (a pod's `/dev/shm`, a memory-backed emptyDir) is the pod's, not its
+//! containers': it stays mounted, with its data, until the VM ends, so that a container that
+//! restarts finds it as it left it (as kubelet keeps an emptyDir across restarts).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
@@ -154,6 +157,10 @@ impl Storages {
         })?;
         tracing::info!(container = id, source = %s.source, fstype = %s.fstype,
             mount_point = %mp.display(), "storage mounted");
+        if s.fstype == "tmpfs" {
+            // The pod's: never released, so not held (see the module's documentation).
+            return Ok(());
+        }
         users.insert(mp.clone(), HashSet::from([id.to_string()]));
         held.push(mp);
         Ok(())
@@ -236,6 +243,29 @@ mod tests {
         assert!(mountinfo_has(text, Path::new("/mnt/a b")));
         assert!(!mountinfo_has(text, Path::new("/run/runvm")));
         assert_eq!(unescape_mountinfo("a\\134b\\"), "a\\b\\");
+    }
+
+    #[test]
+    fn a_tmpfs_is_the_pods_and_outlives_the_containers_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mp = dir.path().join("tmpfs/0123");
+        let tmpfs = agent::Storage {
+            source: "tmpfs".into(),
+            fstype: "tmpfs".into(),
+            options: vec!["nosuid".into(), "size=1m".into()],
+            mount_point: mp.display().to_string(),
+            ..Default::default()
+        };
+        let s = Storages::default();
+        let held = s.acquire("c1", std::slice::from_ref(&tmpfs)).unwrap();
+        assert!(held.is_empty(), "a tmpfs is never held: {held:?}");
+        assert!(is_mounted(&mp));
+        std::fs::write(mp.join("f"), "kept").unwrap();
+        s.release("c1", &held);
+        // A later container gets the same tmpfs, with its content.
+        assert!(s.acquire("c2", &[tmpfs]).unwrap().is_empty());
+        assert_eq!(std::fs::read_to_string(mp.join("f")).unwrap(), "kept");
+        umount2(&mp, MntFlags::MNT_DETACH).unwrap();
     }
 
     #[test]

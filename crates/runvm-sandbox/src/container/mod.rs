@@ -6,3 +6,4 @@ pub mod io;
 pub mod seccomp;
 pub mod share;
 pub mod spec;
+pub mod tmpfs;

@@ -61,13 +61,50 @@ fn mount_one(shared_dir: &Path, bind: &ShareBind) -> Result<PathBuf, ShareError>
         return Err(fail(format!("propagation change: {e}")));
     }
     if bind.readonly {
-        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = mount(None::<&str>, &target, None::<&str>, ro, None::<&str>) {
+        if let Err(e) = make_readonly_recursively(&target) {
             let _ = umount2(&target, MntFlags::MNT_DETACH);
-            return Err(fail(format!("read-only remount: {e}")));
+            return Err(fail(format!("read-only remount (with its submounts): {e}")));
         }
     }
     Ok(target)
+}
+
+/// `mount_setattr(2)`'s argument (linux/mount.h).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Makes the mount on `target` and every mount under it read-only, in one step
+/// (`mount_setattr(2)` with `AT_RECURSIVE`, Linux 5.12): virtiofsd then cannot write into a
+/// read-only volume's submounts either.
+fn make_readonly_recursively(target: &Path) -> nix::Result<()> {
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| nix::errno::Errno::EINVAL)?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is a valid NUL-terminated string and `attr` a valid `mount_attr` of the
+    // size passed; both outlive the call, which only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    nix::errno::Errno::result(rc).map(drop)
 }
 
 /// Bind-mounts each of `binds` under `shared_dir`, in order. Returns the mount points made. On
@@ -199,6 +236,36 @@ mod tests {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let end = fields.iter().position(|f| *f == "-").unwrap();
         fields[6..end].join(" ")
+    }
+
+    #[test]
+    fn a_read_only_share_is_read_only_with_its_submounts() {
+        let child = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            let none = None::<&str>;
+            let rprivate = MsFlags::MS_PRIVATE | MsFlags::MS_REC;
+            mount(none, "/", none, rprivate, none).unwrap();
+            let (_dir, src, shared) = setup();
+            std::fs::create_dir_all(src.join("sub")).unwrap();
+            let tmpfs = Some("tmpfs");
+            mount(tmpfs, &src.join("sub"), tmpfs, MsFlags::empty(), none).unwrap();
+            let bind = ShareBind {
+                source: src.clone(),
+                target: "c1/mounts/0-src".into(),
+                readonly: true,
+                private: false,
+            };
+            let targets = mount_binds(&shared, &[bind]).unwrap();
+            for file in ["f", "sub/f"] {
+                let err = std::fs::write(targets[0].join(file), "x").unwrap_err();
+                assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{file}: {err}");
+            }
+            // The source itself stays writable.
+            std::fs::write(src.join("sub/f"), "x").unwrap();
+            unmount_all(&targets);
+            assert!(is_mounted(&src.join("sub")));
+        });
+        child.join().unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
 
+use super::tmpfs::{guest_tmpfs, GuestTmpfs};
 use crate::regular_file::{read_regular_file_to_string, FileError};
 
 /// Where the guest mounts the sandbox's shared folder.
@@ -69,8 +70,11 @@ pub struct PreparedSpec {
     pub guest_spec: Value,
     /// The spec as given (stored with the container).
     pub host_spec: Value,
-    /// The rootfs first, then each bind-mount source.
+    /// The rootfs first, then each bind-mount source shared through virtio-fs.
     pub binds: Vec<ShareBind>,
+    /// The bind mounts whose source is the pod's `/dev/shm` or a memory-backed emptyDir: a
+    /// tmpfs in the guest instead (see [`super::tmpfs`]).
+    pub tmpfs: Vec<GuestTmpfs>,
     /// Whether `process.terminal` is set.
     pub terminal: bool,
     /// The hooks the host runs (`createContainer` and `startContainer` stay in the guest spec,
@@ -310,13 +314,21 @@ pub fn prepare_resolving(
     }];
     guest["root"]["path"] = Value::from(guest_share.join("rootfs").display().to_string());
 
+    let mut tmpfs: Vec<GuestTmpfs> = Vec::new();
+    let mountinfo = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
     if let Some(mounts) = guest.get_mut("mounts").and_then(Value::as_array_mut) {
         for (i, m) in mounts.iter_mut().enumerate() {
-            let options: Vec<&str> = m
+            let options: Vec<String> = m
                 .get("options")
                 .and_then(Value::as_array)
-                .map(|o| o.iter().filter_map(Value::as_str).collect())
+                .map(|o| {
+                    o.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default();
+            let options: Vec<&str> = options.iter().map(String::as_str).collect();
             let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
                 || options.iter().any(|o| *o == "bind" || *o == "rbind");
             if !is_bind {
@@ -337,6 +349,24 @@ pub fn prepare_resolving(
                     &format!("mounts[{i}].source"),
                     format!("bind-mount source {} does not exist", host_source.display()),
                 ));
+            }
+            if readonly && !options.contains(&"rro") {
+                // Read-only all the way down: the volume's submounts too, in the guest (the
+                // host's copy is made read-only recursively as well, see `share`).
+                if let Some(o) = m.get_mut("options").and_then(Value::as_array_mut) {
+                    o.push(Value::from("rro"));
+                }
+            }
+            let destination = m
+                .get("destination")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if let Some(t) = guest_tmpfs(destination, &host_source, &mountinfo) {
+                m["source"] = Value::from(t.mount_point.clone());
+                if !tmpfs.iter().any(|known| known.mount_point == t.mount_point) {
+                    tmpfs.push(t);
+                }
+                continue;
             }
             let name = format!(
                 "{i}-{}",
@@ -425,6 +455,7 @@ pub fn prepare_resolving(
         guest_spec: guest,
         host_spec: spec.clone(),
         binds,
+        tmpfs,
         terminal,
         hooks,
         member_of: joined.member_of,

@@ -415,3 +415,53 @@ fn joining_another_containers_namespaces_refuses_what_cannot_be_done_naming_it()
         assert!(err.contains(expected), "{err}\nexpected: {expected}");
     }
 }
+
+#[test]
+fn a_read_only_bind_is_read_only_recursively_in_the_guest() {
+    let b = bundle();
+    let p = prepare(b.path(), &minimal(), "c1").unwrap();
+    assert_eq!(
+        p.guest_spec["mounts"][1]["options"],
+        json!(["rbind", "ro", "rro"])
+    );
+    assert!(p.tmpfs.is_empty(), "{:?}", p.tmpfs);
+    let mut spec = minimal();
+    spec["mounts"][1]["options"] = json!(["rbind", "rw"]);
+    let p = prepare(b.path(), &spec, "c1").unwrap();
+    assert_eq!(p.guest_spec["mounts"][1]["options"], json!(["rbind", "rw"]));
+}
+
+#[test]
+fn a_tmpfs_bound_at_dev_shm_becomes_a_guest_tmpfs_and_is_not_shared() {
+    // In a mount namespace of its own, so the tmpfs made here stays here.
+    std::thread::spawn(|| {
+        use nix::mount::{mount, MsFlags};
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+        let none = None::<&str>;
+        mount(none, "/", none, MsFlags::MS_PRIVATE | MsFlags::MS_REC, none).unwrap();
+        let b = bundle();
+        let shm = b.path().join("shm");
+        std::fs::create_dir_all(&shm).unwrap();
+        let tmpfs = Some("tmpfs");
+        let flags = MsFlags::MS_NOEXEC;
+        mount(tmpfs, &shm, tmpfs, flags, Some("size=1m,mode=0755")).unwrap();
+        let mut spec = minimal();
+        spec["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/dev/shm", "type": "bind", "source": "shm",
+            "options": ["rbind", "ro"]
+        }));
+        let p = prepare(b.path(), &spec, "c1").unwrap();
+        assert_eq!(p.binds.len(), 2, "the shm is not shared: {:?}", p.binds);
+        assert_eq!(p.tmpfs.len(), 1);
+        let t = &p.tmpfs[0];
+        assert_eq!(
+            t.options,
+            ["nosuid", "nodev", "noexec", "size=1024k", "mode=755"]
+        );
+        assert_eq!(p.guest_spec["mounts"][2]["source"], t.mount_point.as_str());
+        assert!(t.mount_point.starts_with("/run/runvm/tmpfs/"));
+        nix::mount::umount2(&shm, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    })
+    .join()
+    .unwrap();
+}

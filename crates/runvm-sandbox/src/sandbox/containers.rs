@@ -160,12 +160,21 @@ impl Sandbox {
             container_id: new.id.to_string(),
             sandbox_id: self.record.id.to_string(),
             spec: prepared.guest_spec.clone(),
-            storages: vec![Storage {
+            storages: std::iter::once(Storage {
                 source: super::SHARED_FS_TAG.into(),
                 fstype: "virtiofs".into(),
                 options: Vec::new(),
                 mount_point: GUEST_SHARED_DIR.into(),
-            }],
+            })
+            // The pod's /dev/shm and memory-backed emptyDirs: a tmpfs in the guest, made by
+            // the first container naming it, kept by the agent while the VM lives.
+            .chain(prepared.tmpfs.iter().map(|t| Storage {
+                source: "tmpfs".into(),
+                fstype: "tmpfs".into(),
+                options: t.options.clone(),
+                mount_point: t.mount_point.clone(),
+            }))
+            .collect(),
             stdio: StdioSpec {
                 terminal: new.stdio.terminal || prepared.terminal,
                 ..new.stdio
