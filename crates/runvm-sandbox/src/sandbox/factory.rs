@@ -13,7 +13,7 @@ use crate::agent::TtrpcConnector;
 use crate::config::{resolve_program, Config, VsockMode};
 use crate::error::SandboxError;
 use crate::id::SandboxId;
-use crate::pod_config::{pod_config, HostCapacity};
+use crate::pod_config::{max_size, pod_config, HostCapacity};
 use crate::state::State;
 use crate::store::Store;
 
@@ -108,6 +108,10 @@ pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettin
             // vhost-net needs KVM's ioeventfds; under TCG QEMU does the work itself.
             vhost_net: accelerator == Accelerator::Kvm && Path::new("/dev/vhost-net").exists(),
             tcg_tb_size_mib: config.hypervisor.tcg_tb_size_mib,
+            // No hotplug unless the caller sets maxima (`create_qemu_sandbox_in` does).
+            max_vcpus: 0,
+            max_memory_mib: 0,
+            hotplugged: Default::default(),
         },
         boot_timeout: config.agent.boot_timeout(),
         stop_timeout: Duration::from_millis(config.hypervisor.stop_timeout_ms),
@@ -137,11 +141,16 @@ pub async fn create_qemu_sandbox_in(
     annotations: BTreeMap<String, String>,
     netns: Option<PathBuf>,
 ) -> Result<(Sandbox, BootReport), SandboxError> {
-    let (config, size) = pod_config(config, &annotations, HostCapacity::detect())?;
-    let config = &config;
+    let host = HostCapacity::detect();
+    let (effective, size) = pod_config(config, &annotations, host)?;
+    // Room to hot-plug up to the maxima (vCPUs at most 255, QEMU's limit without an IOMMU).
+    let (max_vcpus, max_memory_mib) = max_size(config, &effective, host);
+    let config = &effective;
     let mut settings = sandbox_settings(config, &id)?;
     settings.vm.vcpus = size.vcpus;
     settings.vm.memory_mib = size.memory_mib;
+    settings.vm.max_vcpus = max_vcpus.min(255);
+    settings.vm.max_memory_mib = u32::try_from(max_memory_mib).unwrap_or(u32::MAX);
     settings.netns = netns;
     let qemu = Qemu::new(qemu_settings(config)?);
     let store = Store::open(config.runtime.root.clone())?;

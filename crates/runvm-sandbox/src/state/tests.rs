@@ -29,6 +29,9 @@ pub(crate) fn sample_sandbox(id: &str) -> SandboxRecord {
         hotplug_ports: 0,
         vhost_net: false,
         tcg_tb_size_mib: 0,
+        max_vcpus: 0,
+        max_memory_mib: 0,
+        hotplugged: Default::default(),
     };
     let mut config = Config::default();
     config.hypervisor.vcpus = 2;
