@@ -248,3 +248,117 @@ async fn a_container_with_limits_grows_the_vm_and_its_deletion_gives_memory_back
     sb.delete(false).await.unwrap();
     host.assert_nothing_left();
 }
+
+/// Host PSS of the VM's processes (QEMU and its helpers), KiB.
+fn vm_pss_kib(sb: &Sandbox) -> u64 {
+    sb.pids()
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(format!("/proc/{}/smaps_rollup", p.pid))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Polls the guest's MemTotal until `done` holds it (60 s at most).
+async fn wait_mem_total(sb: &mut Sandbox, done: impl Fn(u64) -> bool) -> u64 {
+    let agent = sb.agent().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = agent.guest_details().await.unwrap().mem_total_bytes;
+        if done(now) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "MemTotal stuck at {} MiB",
+            now / MIB
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The figures of docs/kubernetes.md ("Hot-plug"): the time `update` takes to grow a running
+/// VM by 1 vCPU and 1 GiB, agent onlining included (median of 5), and the host PSS of a pod
+/// with a 1 GiB limit, idle, then after its container touched 800 MiB and freed it. A
+/// measurement, not a check of behaviour:
+/// `cargo test -p runvm-sandbox --test hotplug -- --ignored --nocapture hotplug_figures`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand (see the doc comment)"]
+async fn hotplug_figures() {
+    let mut host = Host::new();
+    host.config.hypervisor.max_vcpus = 6;
+    host.config.hypervisor.tcg_tb_size_mib = 32;
+    host.config.hypervisor.max_memory_mib = 2560;
+    let id = SandboxId::parse("hpbench").unwrap();
+    let (mut sb, report) = create_qemu_sandbox(&host.config, id, BTreeMap::new())
+        .await
+        .expect("boot");
+    let boot_total = report.guest.mem_total_bytes;
+    let mut spec = default_spec(&["sleep", "1000"], false);
+    spec["linux"]["resources"] = json!({"memory": {"limit": -1}});
+    let bundle = host.bundle("w", &spec);
+    build_touch(&bundle.join("rootfs"), host.dir.path());
+    create(&mut sb, "w", bundle, stdio(false, false)).await;
+    sb.start_container(&cid("w")).await.unwrap();
+
+    let mut times = Vec::new();
+    for n in 1..=5u32 {
+        let grow = json!({
+            "cpu": {"quota": i64::from(n) * 100_000, "period": 100_000},
+            "memory": {"limit": GIB}
+        });
+        let t = Instant::now();
+        sb.update_resources(&cid("w"), &grow).await.unwrap();
+        times.push(t.elapsed());
+        assert_eq!(
+            sb.vm_size(),
+            VmSize {
+                vcpus: 1 + n,
+                memory_mib: 1536
+            }
+        );
+        wait_mem_total(&mut sb, |m| m >= boot_total + 1000 * MIB).await;
+        // Back to no memory limit: the 1 GiB is unplugged before the next round.
+        sb.update_resources(&cid("w"), &json!({"memory": {"limit": -1}}))
+            .await
+            .unwrap();
+        wait_mem_total(&mut sb, |m| m <= boot_total + 64 * MIB).await;
+    }
+    let mut sorted = times.clone();
+    sorted.sort();
+    eprintln!(
+        "FIGURE hot-add 1 vCPU + 1 GiB: median {:?} of {times:?}",
+        sorted[2]
+    );
+
+    // A pod with a 1 GiB limit: idle, then after 800 MiB touched and freed.
+    sb.update_resources(&cid("w"), &json!({"memory": {"limit": GIB}}))
+        .await
+        .unwrap();
+    wait_mem_total(&mut sb, |m| m >= boot_total + 1000 * MIB).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = vm_pss_kib(&sb);
+    let (out, code) = run(&mut sb, "w", "touch", &["/bin/touchmem", "800"]).await;
+    assert_eq!(code, 0, "{out}");
+    let touched_at = Instant::now();
+    let mut after = vm_pss_kib(&sb);
+    // Free page reporting hands freed pages back in batches, seconds after the free.
+    while touched_at.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        after = vm_pss_kib(&sb);
+    }
+    eprintln!(
+        "FIGURE host PSS of the VM (qemu + helpers), 1 GiB limit: idle {} MiB, 30 s after \
+         800 MiB touched and freed {} MiB",
+        idle / 1024,
+        after / 1024
+    );
+    sb.stop().await.unwrap();
+    sb.delete(false).await.unwrap();
+    host.assert_nothing_left();
+}
