@@ -8,7 +8,7 @@
 use runvm_hypervisor::VmSize;
 use serde_json::Value;
 
-use crate::pod_config::{PodConfigError, Workload};
+use crate::pod_config::{BootSize, PodConfigError, Workload};
 
 const MIB: u64 = 1 << 20;
 
@@ -149,6 +149,47 @@ pub fn target(
     })
 }
 
+/// `size` (the boot size from the configuration and the CRI pod annotations) plus the limits
+/// of the container the VM is booted for (`runvm create`/`run`, a shim container with its own
+/// VM), so that it needs no hot-plug right after boot; past the maxima it is refused by name.
+pub fn boot_with_container(
+    size: BootSize,
+    container: Workload,
+    max: (u32, u64),
+) -> Result<BootSize, PodConfigError> {
+    let vcpus = u64::from(size.vcpus) + container.vcpus;
+    if vcpus > u64::from(max.0) {
+        return Err(PodConfigError::TooLarge {
+            requested: vcpus,
+            unit: "vCPUs",
+            from: format!(
+                "a boot size of {} plus the container's CPU limit of {}",
+                size.vcpus, container.vcpus
+            ),
+            key: "hypervisor.max_vcpus",
+            max: u64::from(max.0),
+        });
+    }
+    let memory = u64::from(size.memory_mib) + container.memory_mib;
+    if memory > max.1 {
+        return Err(PodConfigError::TooLarge {
+            requested: memory,
+            unit: "MiB",
+            from: format!(
+                "a boot size of {} MiB plus the container's memory limit of {} MiB",
+                size.memory_mib, container.memory_mib
+            ),
+            key: "hypervisor.max_memory_mib",
+            max: max.1,
+        });
+    }
+    // Both fit in u32: bounded by maxima that are u32 (or the host's RAM).
+    Ok(BootSize {
+        vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
+        memory_mib: u32::try_from(memory).unwrap_or(u32::MAX),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -240,6 +281,40 @@ mod tests {
                 vcpus: 3,
                 memory_mib: 768
             }
+        );
+    }
+
+    #[test]
+    fn a_vm_booted_for_one_container_boots_with_its_limits_within_the_maxima() {
+        let size = BootSize {
+            vcpus: 1,
+            memory_mib: 512,
+        };
+        let w = Workload {
+            vcpus: 2,
+            memory_mib: 1024,
+        };
+        assert_eq!(
+            boot_with_container(size, w, (4, 2048)).unwrap(),
+            BootSize {
+                vcpus: 3,
+                memory_mib: 1536
+            }
+        );
+        let e = boot_with_container(size, w, (2, 2048))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("3 vCPUs asked for") && e.contains("hypervisor.max_vcpus = 2"),
+            "{e}"
+        );
+        let e = boot_with_container(size, w, (4, 1024))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("memory limit of 1024 MiB")
+                && e.contains("hypervisor.max_memory_mib = 1024"),
+            "{e}"
         );
     }
 

@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::container::spec::Bundle;
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
-use crate::sandbox::{create_qemu_sandbox_in, open_sandbox, NewContainer, Sandbox};
+use crate::sandbox::{create_qemu_sandbox_for, open_sandbox, NewContainer, Sandbox};
 use crate::state::{State, StdioRecord};
 use crate::store::Store;
 
@@ -172,13 +172,20 @@ pub async fn create(
         return Err(StandaloneError::Exists(id.to_string()));
     }
     let annotations = bundle.annotations.clone();
-    let (mut sb, _) =
-        create_qemu_sandbox_in(config, sid, annotations.clone(), bundle.netns.clone())
-            .await
-            .map_err(|e| match e {
-                SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
-                e => e.into(),
-            })?;
+    // The VM is this container's: it boots with the container's limits.
+    let first = crate::sizing::spec_workload(&bundle.spec);
+    let (mut sb, _) = create_qemu_sandbox_for(
+        config,
+        sid,
+        annotations.clone(),
+        bundle.netns.clone(),
+        first,
+    )
+    .await
+    .map_err(|e| match e {
+        SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
+        e => e.into(),
+    })?;
     let terminal = bundle.terminal();
     let made = sb
         .create_container(NewContainer {

@@ -292,7 +292,6 @@ async fn wait_mem_total(sb: &mut Sandbox, done: impl Fn(u64) -> bool) -> u64 {
 async fn hotplug_figures() {
     let mut host = Host::new();
     host.config.hypervisor.max_vcpus = 6;
-    host.config.hypervisor.tcg_tb_size_mib = 32;
     host.config.hypervisor.max_memory_mib = 2560;
     let id = SandboxId::parse("hpbench").unwrap();
     let (mut sb, report) = create_qemu_sandbox(&host.config, id, BTreeMap::new())

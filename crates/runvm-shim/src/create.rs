@@ -8,7 +8,7 @@ use std::sync::Arc;
 use containerd_shim::api::CreateTaskRequest;
 use runvm_sandbox::agent::{ProcessRef, StdioSpec};
 use runvm_sandbox::container::spec::Bundle;
-use runvm_sandbox::sandbox::{create_qemu_sandbox_in, NewContainer};
+use runvm_sandbox::sandbox::{create_qemu_sandbox_for, NewContainer};
 use runvm_sandbox::SandboxId;
 
 use crate::error::{Result, ShimError};
@@ -135,8 +135,11 @@ impl Inner {
                 // The pod's network namespace, as CNI set it up: the VM joins it.
                 let netns = bundle.netns.clone();
                 tracing::info!(sandbox = %sid, netns = ?netns, "booting the sandbox VM");
+                // A pod's sandbox container has no limits (the pod's size comes from
+                // containerd's sizing annotations); a container with its own VM boots with its.
+                let first = runvm_sandbox::sizing::spec_workload(&bundle.spec);
                 let (mut sb, report) =
-                    create_qemu_sandbox_in(&self.config, sid, annotations.clone(), netns)
+                    create_qemu_sandbox_for(&self.config, sid, annotations.clone(), netns, first)
                         .await
                         .map_err(ShimError::sandbox(format!(
                             "creating the VM of container {}",

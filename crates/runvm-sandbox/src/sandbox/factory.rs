@@ -13,7 +13,7 @@ use crate::agent::TtrpcConnector;
 use crate::config::{resolve_program, Config, VsockMode};
 use crate::error::SandboxError;
 use crate::id::SandboxId;
-use crate::pod_config::{max_size, pod_config, HostCapacity};
+use crate::pod_config::{max_size, pod_config, HostCapacity, Workload};
 use crate::state::State;
 use crate::store::Store;
 
@@ -141,10 +141,24 @@ pub async fn create_qemu_sandbox_in(
     annotations: BTreeMap<String, String>,
     netns: Option<PathBuf>,
 ) -> Result<(Sandbox, BootReport), SandboxError> {
+    create_qemu_sandbox_for(config, id, annotations, netns, Workload::default()).await
+}
+
+/// As [`create_qemu_sandbox_in`], for a VM made for one container whose limits are `first`
+/// ([`crate::sizing::spec_workload`] of its spec): the VM boots with them added, rather than
+/// hot-plugging them right after the boot.
+pub async fn create_qemu_sandbox_for(
+    config: &Config,
+    id: SandboxId,
+    annotations: BTreeMap<String, String>,
+    netns: Option<PathBuf>,
+    first: Workload,
+) -> Result<(Sandbox, BootReport), SandboxError> {
     let host = HostCapacity::detect();
     let (effective, size) = pod_config(config, &annotations, host)?;
     // Room to hot-plug up to the maxima (vCPUs at most 255, QEMU's limit without an IOMMU).
     let (max_vcpus, max_memory_mib) = max_size(config, &effective, host);
+    let size = crate::sizing::boot_with_container(size, first, (max_vcpus, max_memory_mib))?;
     let config = &effective;
     let mut settings = sandbox_settings(config, &id)?;
     settings.vm.vcpus = size.vcpus;

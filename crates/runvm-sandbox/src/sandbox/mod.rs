@@ -15,8 +15,8 @@ mod resize;
 
 pub use containers::{ContainerStatus, ExecRequest, NewContainer};
 pub use factory::{
-    create_qemu_sandbox, create_qemu_sandbox_in, open_sandbox, qemu_settings, resolve_vsock,
-    sandbox_settings, SHARED_FS_TAG,
+    create_qemu_sandbox, create_qemu_sandbox_for, create_qemu_sandbox_in, open_sandbox,
+    qemu_settings, resolve_vsock, sandbox_settings, SHARED_FS_TAG,
 };
 pub use monitor::VmFailure;
 pub use purge::{purge, PurgeReport};
