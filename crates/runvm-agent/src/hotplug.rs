@@ -2,8 +2,10 @@
 //! memory blocks (`/sys/devices/system/memory/memoryN/state`).
 //!
 //! A hot-added vCPU reaches the guest as an ACPI event the kernel handles asynchronously, and
-//! then stays offline until someone onlines it: the agent waits for as many CPUs as the host
-//! says the VM has. Memory from the virtio-mem device is onlined by the kernel itself
+//! then stays offline until someone onlines it; under TCG the vCPUs are present from boot and
+//! the kernel brings up only the boot count (`maxcpus=`). Either way the agent makes as many
+//! CPUs online as the host says the VM has: onlining them as they appear, or offlining extra
+//! ones when the size drops. Memory from the virtio-mem device is onlined by the kernel itself
 //! (`memhp_default_state=online_movable` on the command line); blocks left offline are onlined
 //! here, movable where the kernel allows, so they can be unplugged again.
 
@@ -56,21 +58,47 @@ fn online_cpu_count() -> u32 {
         .unwrap_or(0)
 }
 
-/// Onlines every offline CPU present; returns how many it onlined.
-fn online_present_cpus() -> u32 {
-    let mut onlined = 0;
-    for (n, dir) in numbered(Path::new(CPU_DIR), "cpu") {
-        let online = dir.join("online");
-        // cpu0 (and any CPU that cannot go offline) has no `online` file.
-        match std::fs::read_to_string(&online) {
-            Ok(state) if state.trim() == "0" => match std::fs::write(&online, "1") {
-                Ok(()) => onlined += 1,
-                Err(e) => tracing::warn!(cpu = n, error = %e, "cannot online the CPU"),
-            },
-            _ => {}
+/// Brings the number of online CPUs towards `want`: onlines offline CPUs present (lowest
+/// first) while fewer are online, offlines the highest-numbered ones while more are; returns
+/// how many it changed.
+fn set_online_cpus(want: u32) -> u32 {
+    let cpus = numbered(Path::new(CPU_DIR), "cpu");
+    let mut changed = 0;
+    let mut online = online_cpu_count();
+    // cpu0 (and any CPU that cannot go offline) has no `online` file.
+    let state = |dir: &Path| std::fs::read_to_string(dir.join("online")).ok();
+    if online < want {
+        for (n, dir) in &cpus {
+            if online >= want {
+                break;
+            }
+            if state(dir).as_deref().map(str::trim) == Some("0") {
+                match std::fs::write(dir.join("online"), "1") {
+                    Ok(()) => {
+                        online += 1;
+                        changed += 1;
+                    }
+                    Err(e) => tracing::warn!(cpu = n, error = %e, "cannot online the CPU"),
+                }
+            }
+        }
+    } else if online > want {
+        for (n, dir) in cpus.iter().rev() {
+            if online <= want {
+                break;
+            }
+            if state(dir).as_deref().map(str::trim) == Some("1") {
+                match std::fs::write(dir.join("online"), "0") {
+                    Ok(()) => {
+                        online -= 1;
+                        changed += 1;
+                    }
+                    Err(e) => tracing::warn!(cpu = n, error = %e, "cannot offline the CPU"),
+                }
+            }
         }
     }
-    onlined
+    changed
 }
 
 /// Onlines every offline memory block (movable first, else as the kernel chooses); returns
@@ -104,8 +132,9 @@ pub struct Onlined {
     pub memory_blocks: u32,
 }
 
-/// Onlines CPUs as they appear until `cpus` are online or `wait` passed, then offline memory
-/// blocks. Runs on a blocking thread (sysfs writes that online a CPU take milliseconds).
+/// Onlines CPUs as they appear (or offlines extra ones) until `cpus` are online or `wait`
+/// passed, then onlines offline memory blocks. Runs on a blocking thread (a sysfs write that
+/// onlines a CPU takes milliseconds).
 pub fn online_cpu_mem(cpus: u32, wait: Duration) -> Result<Onlined> {
     if wait > MAX_WAIT {
         return Err(AgentError::invalid(format!(
@@ -117,8 +146,8 @@ pub fn online_cpu_mem(cpus: u32, wait: Duration) -> Result<Onlined> {
     let deadline = Instant::now() + wait;
     let mut onlined_cpus = 0;
     loop {
-        onlined_cpus += online_present_cpus();
-        if online_cpu_count() >= cpus || Instant::now() >= deadline {
+        onlined_cpus += set_online_cpus(cpus);
+        if online_cpu_count() == cpus || Instant::now() >= deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -127,11 +156,11 @@ pub fn online_cpu_mem(cpus: u32, wait: Duration) -> Result<Onlined> {
     let memory_blocks = online_memory_blocks();
     tracing::info!(
         online_cpus,
-        onlined_cpus,
+        changed_cpus = onlined_cpus,
         memory_blocks,
-        "hot-plugged CPUs and memory onlined"
+        "CPUs and hot-plugged memory onlined"
     );
-    if online_cpus < cpus {
+    if online_cpus != cpus {
         return Err(AgentError::new(
             ttrpc::Code::DEADLINE_EXCEEDED,
             format!(

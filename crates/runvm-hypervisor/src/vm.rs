@@ -65,7 +65,8 @@ impl VmConfig {
         VmSize {
             vcpus: self
                 .vcpus
-                .saturating_add(u32::try_from(self.hotplugged.cpus.len()).unwrap_or(u32::MAX)),
+                .saturating_add(u32::try_from(self.hotplugged.cpus.len()).unwrap_or(u32::MAX))
+                .saturating_add(self.hotplugged.onlined_cpus),
             memory_mib: self.memory_mib.saturating_add(self.hotplugged.memory_mib),
         }
     }
@@ -76,6 +77,13 @@ impl VmConfig {
             vcpus: self.max_vcpus.max(self.vcpus),
             memory_mib: self.memory_mib + self.hotplug_memory_mib(),
         }
+    }
+
+    /// Whether vCPUs above `vcpus` are all present from boot and only onlined by the guest
+    /// (TCG), instead of hot-added: QEMU 7.2 under TCG has died on vCPU `device_add` and
+    /// `device_del`. The kernel then boots with `maxcpus=vcpus`.
+    pub fn cpus_by_onlining(&self) -> bool {
+        self.accelerator == crate::Accelerator::Tcg && self.max_vcpus > self.vcpus
     }
 
     /// The size of the virtio-mem device, MiB: `max_memory_mib - memory_mib`, rounded down to
@@ -100,6 +108,10 @@ pub struct Hotplugged {
     /// The ids of the hot-added CPU devices, in the order they were added.
     #[serde(default)]
     pub cpus: Vec<String>,
+    /// vCPUs present since boot but offline then ([`VmConfig::cpus_by_onlining`]) that the
+    /// guest is to have online now.
+    #[serde(default)]
+    pub onlined_cpus: u32,
     /// The virtio-mem device's requested size, MiB (what the guest was asked to plug; it may
     /// hold less while it plugs or cannot unplug).
     #[serde(default)]

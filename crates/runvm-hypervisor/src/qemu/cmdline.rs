@@ -240,10 +240,14 @@ fn path_str(p: &Path) -> Result<&str> {
 /// The full kernel command line for `config`.
 pub fn kernel_cmdline(config: &VmConfig) -> String {
     let hotplug = config.hotplug_memory_mib() > 0;
+    let maxcpus = config
+        .cpus_by_onlining()
+        .then(|| format!("maxcpus={}", config.vcpus));
     BASE_KERNEL_PARAMS
         .iter()
         .map(|s| s.to_string())
         .chain(hotplug.then(|| MEMORY_HOTPLUG_PARAM.to_string()))
+        .chain(maxcpus)
         .chain(config.kernel_params.iter().cloned())
         .collect::<Vec<_>>()
         .join(" ")
@@ -274,7 +278,10 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
         ]),
         Accelerator::Tcg => args.extend(["-accel".into(), "tcg".into()]),
     }
-    let smp = if config.max_vcpus > config.vcpus {
+    let smp = if config.cpus_by_onlining() {
+        // All present, the guest brings up `vcpus` of them (`maxcpus=`), onlines more later.
+        config.max_vcpus.to_string()
+    } else if config.max_vcpus > config.vcpus {
         format!("{},maxcpus={}", config.vcpus, config.max_vcpus)
     } else {
         config.vcpus.to_string()
@@ -449,7 +456,13 @@ mod tests {
         c.max_vcpus = 4;
         c.max_memory_mib = 2561;
         let a = args(&c);
-        assert_eq!(values(&a, "-smp"), ["2,maxcpus=4"]);
+        // Under TCG all vCPUs are present and the guest boots with 2 of them.
+        assert_eq!(values(&a, "-smp"), ["4"]);
+        assert!(values(&a, "-append")[0].contains(" maxcpus=2"));
+        let mut kvm = c.clone();
+        kvm.accelerator = Accelerator::Kvm;
+        assert_eq!(values(&args(&kvm), "-smp"), ["2,maxcpus=4"]);
+        assert!(!values(&args(&kvm), "-append")[0].contains("maxcpus"));
         assert_eq!(values(&a, "-m"), ["512M,maxmem=2560M"], "2 MiB blocks");
         assert!(values(&a, "-object")
             .contains(&"memory-backend-memfd,id=vmem0-mem,size=2048M,share=on"));

@@ -2,7 +2,10 @@
 //! `-smp N,maxcpus=M`, memory through the virtio-mem device's `requested-size`.
 //!
 //! Hot-added vCPUs are not removed: QEMU 7.2 under TCG aborts (`malloc(): unsorted double
-//! linked list corrupted`) when a vCPU is unplugged with `device_del`. Memory shrinks: the guest
+//! linked list corrupted`) when a vCPU is unplugged with `device_del`, and it has died on
+//! `device_add` too. So under TCG the VM has all its vCPUs from boot, the kernel brings up only
+//! the boot count (`maxcpus=`), and resizing is the guest onlining or offlining them
+//! ([`crate::VmConfig::cpus_by_onlining`]); hot-add is for KVM. Memory shrinks: the guest
 //! unplugs the blocks it can empty, in the background.
 
 use std::time::Duration;
@@ -71,7 +74,13 @@ impl Qemu {
         let device_mib = config.hotplug_memory_mib();
         let old_mib = config.hotplugged.memory_mib;
         let new_mib = requested_mib(boot.memory_mib, target.memory_mib, device_mib);
-        if target.vcpus > current.vcpus {
+        if config.cpus_by_onlining() {
+            // The vCPUs are there: the guest onlines or offlines them (the agent).
+            let onlined = target.vcpus - boot.vcpus;
+            if let Some(config) = self.config.as_mut() {
+                config.hotplugged.onlined_cpus = onlined;
+            }
+        } else if target.vcpus > current.vcpus {
             self.add_cpus(target.vcpus - current.vcpus).await?;
         } else if target.vcpus < current.vcpus {
             tracing::debug!(
@@ -116,25 +125,6 @@ impl Qemu {
                 reason: format!("QEMU has {} free CPU slots, {count} are needed", free.len()),
             });
         }
-        // Under TCG, QEMU 7.2 corrupts its heap when a vCPU is realized while others run
-        // (seen as `malloc(): unsorted double linked list corrupted` on the third hot-add):
-        // the vCPUs are stopped around the adds.
-        let tcg = self.prepared()?.0.accelerator == crate::Accelerator::Tcg;
-        if tcg {
-            self.qmp().await?.stop().await?;
-        }
-        let added = self.add_cpu_devices(free, count).await;
-        if tcg {
-            self.qmp().await?.cont().await?;
-        }
-        added
-    }
-
-    async fn add_cpu_devices(
-        &mut self,
-        free: Vec<crate::qmp::HotpluggableCpu>,
-        count: u32,
-    ) -> Result<()> {
         for slot in free.into_iter().take(count as usize) {
             let (config, _) = self.prepared()?;
             let id = format!("vcpu{}", config.size().vcpus);

@@ -100,7 +100,7 @@ impl Sandbox {
             from_memory_mib = before.memory_mib,
             "VM resized"
         );
-        if reached.vcpus > before.vcpus || reached.memory_mib > before.memory_mib {
+        if reached.vcpus != before.vcpus || reached.memory_mib > before.memory_mib {
             let agent = self.agent().await?;
             let onlined = agent.online_cpu_mem(reached.vcpus, ONLINE_WAIT).await?;
             tracing::debug!(?onlined, "guest onlined the hot-plugged resources");
