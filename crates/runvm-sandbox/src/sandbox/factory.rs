@@ -164,7 +164,11 @@ pub async fn create_qemu_sandbox_for(
     settings.vm.vcpus = size.vcpus;
     settings.vm.memory_mib = size.memory_mib;
     settings.vm.max_vcpus = max_vcpus.min(255);
-    settings.vm.max_memory_mib = u32::try_from(max_memory_mib).unwrap_or(u32::MAX);
+    settings.vm.max_memory_mib = if config.hypervisor.memory_hotplug {
+        u32::try_from(max_memory_mib).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
     settings.netns = netns;
     let qemu = Qemu::new(qemu_settings(config)?);
     let store = Store::open(config.runtime.root.clone())?;
