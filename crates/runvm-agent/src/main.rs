@@ -10,6 +10,7 @@
 
 mod container;
 mod error;
+mod hotplug;
 mod init;
 mod network;
 mod reaper;

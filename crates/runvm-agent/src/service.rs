@@ -150,6 +150,27 @@ impl agent_ttrpc::AgentService for Agent {
         Ok(agent::Empty::new())
     }
 
+    async fn online_cpu_mem(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::OnlineCPUMemRequest,
+    ) -> ttrpc::Result<agent::OnlineCPUMemResponse> {
+        let wait = std::time::Duration::from_millis(u64::from(req.timeout_ms));
+        let cpus = req.cpus;
+        let done = tokio::task::spawn_blocking(move || crate::hotplug::online_cpu_mem(cpus, wait))
+            .await
+            .map_err(|e| AgentError::internal(format!("onlining CPUs and memory: {e}")))
+            .and_then(|r| r);
+        let done = answer("OnlineCPUMem", "", done)?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Ok(agent::OnlineCPUMemResponse {
+            online_cpus: done.online_cpus,
+            onlined_memory_blocks: done.memory_blocks,
+            mem_total_bytes: parse_meminfo(&meminfo).0,
+            ..Default::default()
+        })
+    }
+
     // --- containers ---------------------------------------------------------------------
 
     async fn create_container(

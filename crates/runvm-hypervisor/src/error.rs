@@ -87,6 +87,18 @@ pub enum HypervisorError {
         id: String,
     },
 
+    /// A resize the VM cannot take (past its maxima, or refused by QEMU); the VM is unchanged
+    /// unless `reason` says otherwise.
+    #[error("cannot resize the VM to {vcpus} vCPUs and {memory_mib} MiB: {reason}")]
+    Resize {
+        /// vCPUs asked for.
+        vcpus: u32,
+        /// RAM asked for, MiB.
+        memory_mib: u32,
+        /// Why, naming the bound.
+        reason: String,
+    },
+
     /// A network card operation was refused.
     #[error("network card {id:?}: {reason}")]
     NetDevice {

@@ -21,8 +21,8 @@ mod vm;
 pub use accel::{AccelMode, Accelerator, HostCpu};
 pub use error::HypervisorError;
 pub use vm::{
-    AgentAddress, Capabilities, NetDevice, SavedProcess, SharedDir, VirtiofsCache, VmConfig,
-    VmProcess, VmState, VsockBackend,
+    AgentAddress, Capabilities, Hotplugged, NetDevice, SavedProcess, SharedDir, VirtiofsCache,
+    VmConfig, VmProcess, VmSize, VmState, VsockBackend,
 };
 
 use std::fmt::Debug;
@@ -103,6 +103,20 @@ pub trait Hypervisor: Send + Sync + Debug {
         Err(HypervisorError::Unsupported {
             operation: "hot-remove a network card",
             id: id.to_owned(),
+        })
+    }
+
+    /// Resizes the running VM to `target`: hot-adds vCPUs (and removes hot-added ones where
+    /// the backend can), sets the virtio-mem device's size and waits a bounded time for the
+    /// guest to plug added memory. `target` must lie between the boot size and
+    /// [`VmConfig::max_size`]; otherwise it is refused (`Resize`) with the VM unchanged. Returns
+    /// the size reached, which the config [`save`](Self::save) returns records; the guest
+    /// still has to online added vCPUs (the agent's `OnlineCPUMem`).
+    async fn resize(&mut self, target: VmSize) -> Result<VmSize> {
+        Err(HypervisorError::Resize {
+            vcpus: target.vcpus,
+            memory_mib: target.memory_mib,
+            reason: "not supported by this hypervisor".into(),
         })
     }
 

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::{
     AgentAddress, Capabilities, Hypervisor, HypervisorError, OnSpawn, Result, SavedProcess,
-    VmConfig, VmProcess,
+    VmConfig, VmProcess, VmSize,
 };
 
 /// The lifecycle state the mock tracks, to refuse calls out of order like a real backend.
@@ -59,6 +59,8 @@ pub struct MockLog {
     pub probe: Option<PathBuf>,
     /// What `probe` held after each `on_spawn`.
     pub probed: Vec<String>,
+    /// When set, `resize` fails with this reason, the VM unchanged.
+    pub fail_resize: Option<String>,
 }
 
 /// A hypervisor that starts nothing and records every call.
@@ -204,6 +206,42 @@ impl Hypervisor for MockHypervisor {
         Ok(())
     }
 
+    async fn resize(&mut self, target: VmSize) -> Result<VmSize> {
+        self.record(&format!("resize {} {}", target.vcpus, target.memory_mib));
+        self.require("resize", &[MockState::Running])?;
+        let mut log = self.log.lock().expect("mock log lock");
+        let config = log.config.as_mut().ok_or(HypervisorError::InvalidState {
+            operation: "resize",
+            state: "not prepared",
+        })?;
+        let boot = VmSize {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+        };
+        crate::qemu::resize::check_target(boot, config.max_size(), target)?;
+        if let Some(reason) = log.fail_resize.clone() {
+            return Err(HypervisorError::Resize {
+                vcpus: target.vcpus,
+                memory_mib: target.memory_mib,
+                reason,
+            });
+        }
+        let Some(config) = log.config.as_mut() else {
+            return Ok(target);
+        };
+        // As QEMU: vCPUs are only added, memory follows the target.
+        while config.size().vcpus < target.vcpus {
+            let id = format!("vcpu{}", config.size().vcpus);
+            config.hotplugged.cpus.push(id);
+        }
+        config.hotplugged.memory_mib = crate::qemu::resize::requested_mib(
+            boot.memory_mib,
+            target.memory_mib,
+            config.hotplug_memory_mib(),
+        );
+        Ok(config.size())
+    }
+
     async fn add_net_device(&mut self, device: &crate::NetDevice) -> Result<()> {
         self.record(&format!("add_net_device {}", device.id));
         self.require("hot-add a network card", &[MockState::Running])?;
@@ -292,6 +330,9 @@ mod tests {
             vhost_net: false,
             tcg_tb_size_mib: 0,
             cgroup_procs: Vec::new(),
+            max_vcpus: 0,
+            max_memory_mib: 0,
+            hotplugged: Default::default(),
         }
     }
 

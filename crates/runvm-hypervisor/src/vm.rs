@@ -50,6 +50,77 @@ pub struct VmConfig {
     /// anything (empty: they stay in their parent's cgroups).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cgroup_procs: Vec<PathBuf>,
+    /// The most vCPUs the VM may have (`-smp vcpus,maxcpus=max_vcpus`): above `vcpus`, CPUs
+    /// are hot-added by [`Hypervisor::resize`](crate::Hypervisor::resize). 0 or `vcpus`: none.
+    #[serde(default)]
+    pub max_vcpus: u32,
+    /// The most RAM the VM may have, MiB (`-m memory_mib,maxmem=max_memory_mib`): above
+    /// `memory_mib`, a virtio-mem device of the difference, plugged by
+    /// [`Hypervisor::resize`](crate::Hypervisor::resize). 0 or `memory_mib`: none.
+    #[serde(default)]
+    pub max_memory_mib: u32,
+    /// What was hot-plugged since boot; the VM's size is the boot size plus this.
+    #[serde(default)]
+    pub hotplugged: Hotplugged,
+}
+
+impl VmConfig {
+    /// The VM's size now: the boot size plus what was hot-plugged.
+    pub fn size(&self) -> VmSize {
+        VmSize {
+            vcpus: self
+                .vcpus
+                .saturating_add(u32::try_from(self.hotplugged.cpus.len()).unwrap_or(u32::MAX))
+                .saturating_add(self.hotplugged.onlined_cpus),
+            memory_mib: self.memory_mib.saturating_add(self.hotplugged.memory_mib),
+        }
+    }
+
+    /// The largest size the VM can be resized to (its boot size where it has no hotplug).
+    pub fn max_size(&self) -> VmSize {
+        VmSize {
+            vcpus: self.max_vcpus.max(self.vcpus),
+            memory_mib: self.memory_mib + self.hotplug_memory_mib(),
+        }
+    }
+
+    /// Whether vCPUs above `vcpus` are all present from boot and only onlined by the guest
+    /// (TCG), instead of hot-added: QEMU 7.2 under TCG has died on vCPU `device_add` and
+    /// `device_del`. The kernel then boots with `maxcpus=vcpus`.
+    pub fn cpus_by_onlining(&self) -> bool {
+        self.accelerator == crate::Accelerator::Tcg && self.max_vcpus > self.vcpus
+    }
+
+    /// The size of the virtio-mem device, MiB: `max_memory_mib - memory_mib`, rounded down to
+    /// the device's 2 MiB blocks; 0 without one.
+    pub fn hotplug_memory_mib(&self) -> u32 {
+        self.max_memory_mib.saturating_sub(self.memory_mib) & !1
+    }
+}
+
+/// A VM's size: vCPUs and RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSize {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// RAM, MiB.
+    pub memory_mib: u32,
+}
+
+/// What was hot-plugged into a VM since its boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hotplugged {
+    /// The ids of the hot-added CPU devices, in the order they were added.
+    #[serde(default)]
+    pub cpus: Vec<String>,
+    /// vCPUs present since boot but offline then ([`VmConfig::cpus_by_onlining`]) that the
+    /// guest is to have online now.
+    #[serde(default)]
+    pub onlined_cpus: u32,
+    /// The virtio-mem device's requested size, MiB (what the guest was asked to plug; it may
+    /// hold less while it plugs or cannot unplug).
+    #[serde(default)]
+    pub memory_mib: u32,
 }
 
 /// A virtio-net card backed by a tap device in the VM's network namespace.

@@ -160,6 +160,10 @@ pub struct HypervisorConfig {
     pub max_vcpus: u32,
     /// The most guest RAM a sandbox VM boots with, MiB; 0: the host's RAM.
     pub max_memory_mib: u32,
+    /// Whether a running VM's memory follows its containers' limits (a virtio-mem device up to
+    /// `max_memory_mib`); it costs about 64 MiB of QEMU memory per VM under TCG (measured in
+    /// docs/configuration.md, "Hot-plug"). vCPUs follow regardless.
+    pub memory_hotplug: bool,
     /// Extra kernel parameters.
     pub kernel_params: Vec<String>,
     /// Under TCG, QEMU's translation cache in MiB (0: QEMU's default, 1 GiB of address space
@@ -190,6 +194,7 @@ impl Default for HypervisorConfig {
             memory_mib: 512,
             max_vcpus: 0,
             max_memory_mib: 0,
+            memory_hotplug: true,
             kernel_params: Vec::new(),
             tcg_tb_size_mib: 32,
             start_timeout_ms: 10_000,

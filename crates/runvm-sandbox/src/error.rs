@@ -238,6 +238,8 @@ fn hypervisor_kind(e: &HypervisorError) -> ErrorKind {
         // A card id in use, no free hotplug port, no such card, not released in time.
         HypervisorError::NetDevice { .. } => ErrorKind::FailedPrecondition,
         HypervisorError::Unsupported { .. } => ErrorKind::Unimplemented,
+        // Past the VM's maxima (the sandbox refuses those first, by configuration key).
+        HypervisorError::Resize { .. } => ErrorKind::InvalidArgument,
         HypervisorError::Qmp(q) => qmp_kind(q),
         HypervisorError::Spawn { .. }
         | HypervisorError::HelperFailed { .. }

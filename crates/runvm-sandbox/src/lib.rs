@@ -21,6 +21,7 @@ pub mod pod_config;
 pub mod regular_file;
 pub mod run;
 pub mod sandbox;
+pub mod sizing;
 pub mod standalone;
 pub mod standin;
 pub mod state;

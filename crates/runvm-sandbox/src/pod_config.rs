@@ -345,10 +345,7 @@ pub fn boot_size(
         }
     };
     let vcpus = u64::from(h.vcpus) + work.vcpus;
-    let max_vcpus = match h.max_vcpus {
-        0 => host.cpus.max(configured.hypervisor.vcpus),
-        n => n,
-    };
+    let (max_vcpus, max_memory) = max_size(configured, config, host);
     if vcpus > u64::from(max_vcpus) {
         return Err(PodConfigError::TooLarge {
             requested: vcpus,
@@ -364,12 +361,6 @@ pub fn boot_size(
         });
     }
     let memory = u64::from(h.memory_mib) + work.memory_mib;
-    let max_memory = match h.max_memory_mib {
-        0 => host
-            .memory_mib
-            .max(u64::from(configured.hypervisor.memory_mib)),
-        n => u64::from(n),
-    };
     if memory > max_memory {
         return Err(PodConfigError::TooLarge {
             requested: memory,
@@ -389,6 +380,24 @@ pub fn boot_size(
         vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
         memory_mib: u32::try_from(memory).unwrap_or(u32::MAX),
     })
+}
+
+/// The most vCPUs and MiB a sandbox VM may have: `hypervisor.max_vcpus` and
+/// `hypervisor.max_memory_mib` of `config`, where 0 stands for the host's capacity (or the
+/// base of `configured`, the operator's own file, if larger).
+pub fn max_size(configured: &Config, config: &Config, host: HostCapacity) -> (u32, u64) {
+    let h = &config.hypervisor;
+    let vcpus = match h.max_vcpus {
+        0 => host.cpus.max(configured.hypervisor.vcpus),
+        n => n,
+    };
+    let memory = match h.max_memory_mib {
+        0 => host
+            .memory_mib
+            .max(u64::from(configured.hypervisor.memory_mib)),
+        n => u64::from(n),
+    };
+    (vcpus, memory)
 }
 
 /// A sandbox's effective configuration and boot size from its annotations: the one entry point

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::container::io::{copy_input, copy_output, FirstWrite, OutputStream};
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
-use crate::sandbox::{create_qemu_sandbox, BootReport, NewContainer};
+use crate::sandbox::{BootReport, NewContainer};
 use crate::state::StdioRecord;
 
 /// What a foreground run reports.
@@ -52,8 +52,15 @@ where
     let bundle = crate::container::spec::Bundle::load(bundle, id.as_str())?;
     let terminal = bundle.terminal();
     let sandbox_id = SandboxId::parse(id.as_str())?;
-    let (mut sb, boot) =
-        create_qemu_sandbox(config, sandbox_id, bundle.annotations.clone()).await?;
+    // The VM is this container's: in its host cgroup, booted with its limits.
+    let (mut sb, boot) = crate::sandbox::create_qemu_sandbox_for(
+        config,
+        sandbox_id,
+        bundle.annotations.clone(),
+        None,
+        Some(&bundle.spec),
+    )
+    .await?;
     let result = async {
         sb.create_container(NewContainer {
             id: id.clone(),

@@ -266,6 +266,7 @@ pub async fn create(
         return Err(StandaloneError::Exists(id.to_string()));
     }
     let annotations = bundle.annotations.clone();
+    // The VM is this container's: in its host cgroup, booted with its limits.
     let (mut sb, _) = create_qemu_sandbox_for(
         config,
         sid,

@@ -135,7 +135,9 @@ impl Inner {
                 // The pod's network namespace, as CNI set it up: the VM joins it.
                 let netns = bundle.netns.clone();
                 tracing::info!(sandbox = %sid, netns = ?netns, "booting the sandbox VM");
-                // The VM goes into the pod's host cgroup (the sandbox container's cgroupsPath).
+                // The VM goes into the pod's host cgroup (the sandbox container's cgroupsPath);
+                // a pod's sandbox container has no limits (the pod's size comes from
+                // containerd's sizing annotations), a container with its own VM boots with its.
                 let (mut sb, report) = create_qemu_sandbox_for(
                     &self.config,
                     sid,

@@ -4,6 +4,8 @@
 //! The test boots one VM (about 5 s under TCG) and shares it between all its checks.
 
 mod common;
+#[path = "cri/hotplug.rs"]
+mod hotplug;
 
 use std::time::{Duration, Instant};
 
@@ -477,6 +479,7 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
         assert!(ipc1.starts_with("ipc:["), "{ipc1:?}");
         assert_eq!(ipc1, ipc3, "the pod's containers share its IPC namespace");
         assert_eq!(qemus(&env), 1, "the new container joined the pod's VM");
+        hotplug::check(&mut rt, &pod_id, &pod, env.dir.path(), &c1).await;
 
         rt.stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: pod_id.clone(),

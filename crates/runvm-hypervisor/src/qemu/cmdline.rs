@@ -30,6 +30,13 @@ pub const BASE_KERNEL_PARAMS: &[&str] = &[
     "cryptomgr.notests",
 ];
 
+/// The kernel parameter that onlines memory as it is hot-plugged (into the movable zone, so
+/// that it can be unplugged again), for VMs with a virtio-mem device.
+pub const MEMORY_HOTPLUG_PARAM: &str = "memhp_default_state=online_movable";
+
+/// The id of the virtio-mem device (and `vmem-mem` its memory backend).
+pub const VIRTIO_MEM_ID: &str = "vmem0";
+
 /// The files of a VM's run folder. Fixed names, so any process can find them again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunDirLayout {
@@ -82,6 +89,12 @@ pub fn validate(config: &VmConfig) -> Result<()> {
         return Err(HypervisorError::InvalidConfig(format!(
             "vcpus = {} is out of range; valid: 1 to 255",
             config.vcpus
+        )));
+    }
+    if config.max_vcpus > 255 {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "max_vcpus = {} is out of range; valid: 0 (no CPU hotplug) to 255",
+            config.max_vcpus
         )));
     }
     if config.memory_mib < 64 {
@@ -226,9 +239,15 @@ fn path_str(p: &Path) -> Result<&str> {
 
 /// The full kernel command line for `config`.
 pub fn kernel_cmdline(config: &VmConfig) -> String {
+    let hotplug = config.hotplug_memory_mib() > 0;
+    let maxcpus = config
+        .cpus_by_onlining()
+        .then(|| format!("maxcpus={}", config.vcpus));
     BASE_KERNEL_PARAMS
         .iter()
         .map(|s| s.to_string())
+        .chain(hotplug.then(|| MEMORY_HOTPLUG_PARAM.to_string()))
+        .chain(maxcpus)
         .chain(config.kernel_params.iter().cloned())
         .collect::<Vec<_>>()
         .join(" ")
@@ -259,11 +278,25 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
         ]),
         Accelerator::Tcg => args.extend(["-accel".into(), "tcg".into()]),
     }
+    let smp = if config.cpus_by_onlining() {
+        // All present, the guest brings up `vcpus` of them (`maxcpus=`), onlines more later.
+        config.max_vcpus.to_string()
+    } else if config.max_vcpus > config.vcpus {
+        format!("{},maxcpus={}", config.vcpus, config.max_vcpus)
+    } else {
+        config.vcpus.to_string()
+    };
+    let hotplug_mib = config.hotplug_memory_mib();
+    let memory = if hotplug_mib > 0 {
+        format!("{mem}M,maxmem={}M", mem + hotplug_mib)
+    } else {
+        format!("{mem}M")
+    };
     args.extend([
         "-smp".into(),
-        config.vcpus.to_string(),
+        smp,
         "-m".into(),
-        format!("{mem}M"),
+        memory,
         // vhost-user devices need guest RAM in a shared memfd.
         "-object".into(),
         format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
@@ -281,6 +314,20 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
         "-device".into(),
         "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
     ]);
+    if hotplug_mib > 0 {
+        // Memory to plug later: shared like the boot memory (vhost-user devices map it), taken
+        // from the host only as the guest touches what was plugged; unplugged blocks are
+        // given back (the device discards them).
+        args.extend([
+            "-object".into(),
+            format!("memory-backend-memfd,id={VIRTIO_MEM_ID}-mem,size={hotplug_mib}M,share=on"),
+            "-device".into(),
+            format!(
+                "virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-mem,requested-size={}M",
+                config.hotplugged.memory_mib
+            ),
+        ]);
+    }
     match config.vsock {
         VsockBackend::Vhost { guest_cid } => args.extend([
             "-device".into(),
@@ -368,6 +415,9 @@ mod tests {
             vhost_net: false,
             tcg_tb_size_mib: 0,
             cgroup_procs: Vec::new(),
+            max_vcpus: 0,
+            max_memory_mib: 0,
+            hotplugged: Default::default(),
         }
     }
 
@@ -399,6 +449,39 @@ mod tests {
         assert!(values(&a, "-object").contains(&"memory-backend-memfd,id=mem,size=512M,share=on"));
         assert_eq!(values(&a, "-machine"), ["q35,memory-backend=mem"]);
         assert!(a.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn a_vm_with_maxima_gets_cpu_slots_and_a_shared_virtio_mem_device() {
+        let mut c = config();
+        c.max_vcpus = 4;
+        c.max_memory_mib = 2561;
+        let a = args(&c);
+        // Under TCG all vCPUs are present and the guest boots with 2 of them.
+        assert_eq!(values(&a, "-smp"), ["4"]);
+        assert!(values(&a, "-append")[0].contains(" maxcpus=2"));
+        let mut kvm = c.clone();
+        kvm.accelerator = Accelerator::Kvm;
+        assert_eq!(values(&args(&kvm), "-smp"), ["2,maxcpus=4"]);
+        assert!(!values(&args(&kvm), "-append")[0].contains("maxcpus"));
+        assert_eq!(values(&a, "-m"), ["512M,maxmem=2560M"], "2 MiB blocks");
+        assert!(values(&a, "-object")
+            .contains(&"memory-backend-memfd,id=vmem0-mem,size=2048M,share=on"));
+        assert!(values(&a, "-device")
+            .contains(&"virtio-mem-pci,id=vmem0,memdev=vmem0-mem,requested-size=0M"));
+        assert!(values(&a, "-append")[0].contains(" memhp_default_state=online_movable "));
+        // Without maxima (or maxima at the boot size): no hotplug at all.
+        c.max_vcpus = 2;
+        c.max_memory_mib = 512;
+        let a = args(&c);
+        assert_eq!(values(&a, "-smp"), ["2"]);
+        assert_eq!(values(&a, "-m"), ["512M"]);
+        assert!(!values(&a, "-append")[0].contains("memhp"));
+        c.max_vcpus = 256;
+        assert!(validate(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("max_vcpus = 256"));
     }
 
     #[test]

@@ -3,12 +3,17 @@
 
 mod cmdline;
 mod process;
+pub(crate) mod resize;
 
-pub use cmdline::{kernel_cmdline, qemu_args, validate, RunDirLayout, BASE_KERNEL_PARAMS};
+pub use cmdline::{
+    kernel_cmdline, qemu_args, validate, RunDirLayout, BASE_KERNEL_PARAMS, MEMORY_HOTPLUG_PARAM,
+    VIRTIO_MEM_ID,
+};
 pub use process::{
     cap_log, find_by_argument, proc_cpu_time, proc_exe, proc_start_time, runs_program, tail,
     FoundProcess,
 };
+pub use resize::PLUG_TIMEOUT;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -586,6 +591,10 @@ impl Hypervisor for Qemu {
         self.require("check", &[State::Running, State::Paused])?;
         self.cap_logs();
         self.check_children().await
+    }
+
+    async fn resize(&mut self, target: crate::VmSize) -> Result<crate::VmSize> {
+        self.resize_vm(target).await
     }
 
     async fn add_net_device(&mut self, device: &NetDevice) -> Result<()> {

@@ -131,3 +131,46 @@ impl QmpClient {
         Ok(())
     }
 }
+
+/// A CPU slot of the machine, as `query-hotpluggable-cpus` lists it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct HotpluggableCpu {
+    /// The CPU device's QOM type (for `device_add`'s `driver`), e.g. `qemu64-x86_64-cpu`.
+    #[serde(rename = "type")]
+    pub cpu_type: String,
+    /// Where the slot is (`socket-id`, `core-id`, `thread-id`, `node-id`...): the properties a
+    /// `device_add` of this slot takes.
+    pub props: serde_json::Map<String, serde_json::Value>,
+    /// The QOM path of the CPU in the slot; `None` while the slot is free.
+    #[serde(rename = "qom-path", default)]
+    pub qom_path: Option<String>,
+}
+
+impl QmpClient {
+    /// Runs `query-hotpluggable-cpus`: the machine's CPU slots, taken or free.
+    pub async fn query_hotpluggable_cpus(&mut self) -> Result<Vec<HotpluggableCpu>, QmpError> {
+        self.execute("query-hotpluggable-cpus", None).await
+    }
+
+    /// Runs `qom-set`: sets `property` of the object at `path`.
+    pub async fn qom_set(
+        &mut self,
+        path: &str,
+        property: &str,
+        value: serde_json::Value,
+    ) -> Result<(), QmpError> {
+        let args = json!({ "path": path, "property": property, "value": value });
+        self.execute::<IgnoredAny>("qom-set", Some(args)).await?;
+        Ok(())
+    }
+
+    /// Runs `qom-get`: reads `property` of the object at `path`.
+    pub async fn qom_get<T: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        property: &str,
+    ) -> Result<T, QmpError> {
+        let args = json!({ "path": path, "property": property });
+        self.execute("qom-get", Some(args)).await
+    }
+}

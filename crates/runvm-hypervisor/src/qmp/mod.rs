@@ -784,3 +784,4 @@ fn excerpt(bytes: &[u8]) -> String {
 mod tests;
 
 mod devices;
+pub use devices::HotpluggableCpu;

@@ -9,8 +9,8 @@ use runvm_hypervisor::AgentAddress;
 
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestDetails, GuestProcess, Interface, Neighbor, OutputChunk, ProcessRef, Route, RpcCode,
-    StdioSpec,
+    GuestDetails, GuestProcess, Interface, Neighbor, OnlinedCpuMem, OutputChunk, ProcessRef, Route,
+    RpcCode, StdioSpec,
 };
 
 /// A simulated guest process: its scripted output and exit, and what it was sent.
@@ -76,6 +76,8 @@ pub struct MockAgentState {
     pub neighbors: Vec<Neighbor>,
     /// When set, the next network change fails with this code and message (nothing changes).
     pub fail_network: Option<(RpcCode, String)>,
+    /// The CPUs `online_cpu_mem` was last asked to have online.
+    pub online_cpus: u32,
 }
 
 impl Default for MockAgentState {
@@ -97,6 +99,7 @@ impl Default for MockAgentState {
             routes: Vec::new(),
             neighbors: Vec::new(),
             fail_network: None,
+            online_cpus: 0,
         }
     }
 }
@@ -249,6 +252,19 @@ impl Agent for MockAgent {
                 agent_listening_us: 1_000_000,
                 now_us: 1_500_000,
             },
+            ..Default::default()
+        })
+    }
+
+    async fn online_cpu_mem(
+        &self,
+        cpus: u32,
+        _wait: Duration,
+    ) -> Result<OnlinedCpuMem, AgentError> {
+        let mut s = self.record(&format!("online_cpu_mem {cpus}"));
+        s.online_cpus = cpus;
+        Ok(OnlinedCpuMem {
+            online_cpus: cpus,
             ..Default::default()
         })
     }

@@ -65,6 +65,17 @@ pub struct GuestDetails {
     pub boot_times: GuestBootTimes,
 }
 
+/// What the guest reports after onlining hot-added vCPUs and memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OnlinedCpuMem {
+    /// CPUs online.
+    pub online_cpus: u32,
+    /// Memory blocks the agent onlined (the kernel onlines most itself).
+    pub onlined_memory_blocks: u32,
+    /// MemTotal, bytes.
+    pub mem_total_bytes: u64,
+}
+
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -251,6 +262,9 @@ pub trait Agent: Send + Sync + Debug {
     async fn guest_details(&self) -> Result<GuestDetails, AgentError>;
     /// Asks the guest to sync and power off. The VM exits shortly after the reply.
     async fn shutdown(&self) -> Result<(), AgentError>;
+    /// Onlines hot-added vCPUs (waiting up to `wait` for `cpus` to be online) and memory
+    /// blocks, after the VM was resized.
+    async fn online_cpu_mem(&self, cpus: u32, wait: Duration) -> Result<OnlinedCpuMem, AgentError>;
 
     /// Creates a container; its init process waits for `start_container`.
     async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError>;

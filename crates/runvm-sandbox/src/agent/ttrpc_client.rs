@@ -14,8 +14,8 @@ use super::convert::{self, MAX_CHUNK};
 use super::network;
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestBootTimes, GuestDetails, GuestProcess, Interface, Neighbor, OutputChunk, ProcessRef,
-    Route, RpcCode, StdioSpec,
+    GuestBootTimes, GuestDetails, GuestProcess, Interface, Neighbor, OnlinedCpuMem, OutputChunk,
+    ProcessRef, Route, RpcCode, StdioSpec,
 };
 
 /// Longest text field accepted from the agent (versions, names).
@@ -302,6 +302,34 @@ impl Agent for TtrpcAgent {
                 agent_listening_us: boot.agent_listening_us,
                 now_us: boot.now_us,
             },
+        })
+    }
+
+    async fn online_cpu_mem(&self, cpus: u32, wait: Duration) -> Result<OnlinedCpuMem, AgentError> {
+        let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+        let req = agent::OnlineCPUMemRequest {
+            cpus,
+            timeout_ms: wait_ms,
+            ..Default::default()
+        };
+        // The agent may wait `wait` for the CPUs to appear: the request may take that long.
+        let context = ttrpc::context::with_timeout(
+            i64::try_from((self.request_timeout + wait).as_nanos()).unwrap_or(i64::MAX),
+        );
+        let resp = tokio::time::timeout(
+            self.request_timeout + wait + Duration::from_millis(100),
+            self.client.online_cpu_mem(context, &req),
+        )
+        .await
+        .map_err(|_| AgentError::Timeout {
+            method: "OnlineCPUMem",
+            timeout: self.request_timeout + wait,
+        })?
+        .map_err(|e| map_error("OnlineCPUMem", self.request_timeout + wait, e))?;
+        Ok(OnlinedCpuMem {
+            online_cpus: resp.online_cpus,
+            onlined_memory_blocks: resp.onlined_memory_blocks,
+            mem_total_bytes: resp.mem_total_bytes,
         })
     }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
+use super::resize::Change;
 use super::{Sandbox, LOCK_TIMEOUT};
 use crate::agent::{
     ContainerStats, CreateContainer, ExitStatus, GuestProcess, ProcessRef, RpcCode, StdioSpec,
@@ -154,8 +155,29 @@ impl Sandbox {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
+        // The VM grows to the base plus every container's limits before the container exists;
+        // a need past the maxima is refused here, with nothing changed.
+        let workload = crate::sizing::spec_workload(&host_spec);
+        let resized = match self.plan_size(Change::Set(&new.id, workload))? {
+            Some(target) => {
+                if let Err(e) = self.apply_size(&lock, target).await {
+                    self.resize_best_effort(&lock).await;
+                    return Err(e);
+                }
+                true
+            }
+            None => false,
+        };
         let shared = self.shared_dir()?.to_path_buf();
-        let mounts = share::mount_binds(&shared, &prepared.binds)?;
+        let mounts = match share::mount_binds(&shared, &prepared.binds) {
+            Ok(m) => m,
+            Err(e) => {
+                if resized {
+                    self.resize_best_effort(&lock).await;
+                }
+                return Err(e.into());
+            }
+        };
         let request = CreateContainer {
             container_id: new.id.to_string(),
             sandbox_id: self.record.id.to_string(),
@@ -182,6 +204,9 @@ impl Sandbox {
         };
         if let Err(e) = agent.create_container(request).await {
             share::unmount_all(&mounts);
+            if resized {
+                self.resize_best_effort(&lock).await;
+            }
             return Err(e.into());
         }
         // createRuntime and prestart: the VM, the network and the container exist, its process
@@ -200,6 +225,9 @@ impl Sandbox {
             {
                 let _ = agent.remove_container(new.id.as_str(), 0).await;
                 share::unmount_all(&mounts);
+                if resized {
+                    self.resize_best_effort(&lock).await;
+                }
                 return Err(e.into());
             }
         }
@@ -230,6 +258,9 @@ impl Sandbox {
                 let _ = agent.remove_container(new.id.as_str(), 0).await;
                 share::unmount_all(&mounts);
                 let _ = self.store.remove_container(&lock, &new.id);
+                if resized {
+                    self.resize_best_effort(&lock).await;
+                }
                 return Err(e.into());
             }
         }
@@ -435,18 +466,47 @@ impl Sandbox {
         Ok(self.agent().await?.stats_container(id.as_str()).await?)
     }
 
-    /// Applies OCI `linux.resources` to a container.
+    /// Applies OCI `linux.resources` to a container (only what `resources` names changes), and
+    /// resizes the VM to the sandbox's new needs: grown before the container's limits are
+    /// raised, shrunk after they are lowered. A need past the VM's maxima is refused by name,
+    /// with the VM and the container unchanged.
     pub async fn update_resources(
         &mut self,
         id: &ContainerId,
         resources: &Value,
     ) -> Result<(), SandboxError> {
-        self.container(id)?;
-        Ok(self
-            .agent()
-            .await?
-            .update_container(id.as_str(), resources)
-            .await?)
+        self.reload()?;
+        let agent = self.agent().await?;
+        let lock = self
+            .store
+            .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
+        let mut c = self.store.load_container(&self.record.id, id)?;
+        let merged = crate::sizing::merge_resources(&c.spec["linux"]["resources"], resources);
+        let workload = crate::sizing::resources_workload(&merged);
+        let target = self.plan_size(Change::Set(id, workload))?;
+        let current = self.vm_size();
+        let grows =
+            target.is_some_and(|t| t.vcpus > current.vcpus || t.memory_mib > current.memory_mib);
+        if let (Some(t), true) = (target, grows) {
+            self.apply_size(&lock, t).await?;
+        }
+        if let Err(e) = agent.update_container(id.as_str(), resources).await {
+            if grows {
+                self.resize_best_effort(&lock).await;
+            }
+            return Err(e.into());
+        }
+        if c.spec.is_object() {
+            if !c.spec["linux"].is_object() {
+                c.spec["linux"] = Value::Object(Default::default());
+            }
+            c.spec["linux"]["resources"] = merged;
+            self.store.save_container(&lock, &c)?;
+        }
+        if let (Some(t), false) = (target, grows) {
+            self.apply_size(&lock, t).await?;
+        }
+        Ok(())
     }
 
     /// The processes of a container.
@@ -489,6 +549,8 @@ impl Sandbox {
         sandbox.containers.retain(|c| c != id);
         self.store.save_sandbox(&lock, &sandbox)?;
         self.record = sandbox;
+        // The VM gives back what the container's limits took, where the devices allow.
+        self.resize_best_effort(&lock).await;
         drop(lock);
         self.run_warn_hooks(Stage::Poststop, &c).await;
         Ok(())

@@ -14,7 +14,7 @@ use crate::config::{resolve_program, Config, VsockMode};
 use crate::error::SandboxError;
 use crate::host_cgroup;
 use crate::id::SandboxId;
-use crate::pod_config::{pod_config, HostCapacity};
+use crate::pod_config::{max_size, pod_config, HostCapacity};
 use crate::state::State;
 use crate::store::Store;
 
@@ -110,6 +110,10 @@ pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettin
             vhost_net: accelerator == Accelerator::Kvm && Path::new("/dev/vhost-net").exists(),
             tcg_tb_size_mib: config.hypervisor.tcg_tb_size_mib,
             cgroup_procs: Vec::new(),
+            // No hotplug unless the caller sets maxima (`create_qemu_sandbox_in` does).
+            max_vcpus: 0,
+            max_memory_mib: 0,
+            hotplugged: Default::default(),
         },
         boot_timeout: config.agent.boot_timeout(),
         stop_timeout: Duration::from_millis(config.hypervisor.stop_timeout_ms),
@@ -143,9 +147,11 @@ pub async fn create_qemu_sandbox_in(
     create_qemu_sandbox_for(config, id, annotations, netns, None).await
 }
 
-/// As [`create_qemu_sandbox_in`], the VM's processes in the host cgroup the sandbox
-/// container's OCI `spec` names (`linux.cgroupsPath`, `linux.resources`; see
-/// [`crate::host_cgroup`]): a bad path or value is refused before anything is made.
+/// As [`create_qemu_sandbox_in`], for a VM made for one container whose OCI `spec` is given:
+/// the VM's processes go into the host cgroup the spec names (`linux.cgroupsPath`,
+/// `linux.resources`; see [`crate::host_cgroup`]: a bad path or value is refused before
+/// anything is made), and the VM boots with the container's limits added
+/// ([`crate::sizing::spec_workload`]) rather than hot-plugging them right after the boot.
 pub async fn create_qemu_sandbox_for(
     config: &Config,
     id: SandboxId,
@@ -153,11 +159,22 @@ pub async fn create_qemu_sandbox_for(
     netns: Option<PathBuf>,
     spec: Option<&serde_json::Value>,
 ) -> Result<(Sandbox, BootReport), SandboxError> {
-    let (config, size) = pod_config(config, &annotations, HostCapacity::detect())?;
-    let config = &config;
+    let first = spec.map(crate::sizing::spec_workload).unwrap_or_default();
+    let host = HostCapacity::detect();
+    let (effective, size) = pod_config(config, &annotations, host)?;
+    // Room to hot-plug up to the maxima (vCPUs at most 255, QEMU's limit without an IOMMU).
+    let (max_vcpus, max_memory_mib) = max_size(config, &effective, host);
+    let size = crate::sizing::boot_with_container(size, first, (max_vcpus, max_memory_mib))?;
+    let config = &effective;
     let mut settings = sandbox_settings(config, &id)?;
     settings.vm.vcpus = size.vcpus;
     settings.vm.memory_mib = size.memory_mib;
+    settings.vm.max_vcpus = max_vcpus.min(255);
+    settings.vm.max_memory_mib = if config.hypervisor.memory_hotplug {
+        u32::try_from(max_memory_mib).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
     settings.netns = netns;
     if let Some(spec) = spec {
         settings.host_cgroup =

@@ -11,6 +11,7 @@ mod factory;
 mod monitor;
 mod network;
 mod purge;
+mod resize;
 
 pub use containers::{ContainerStatus, ExecRequest, NewContainer};
 pub use factory::{
@@ -726,5 +727,7 @@ pub fn list(store: &Store) -> Result<Vec<SandboxId>, SandboxError> {
     Ok(store.list_sandboxes()?)
 }
 
+#[cfg(test)]
+mod resize_tests;
 #[cfg(test)]
 mod tests;

@@ -13,16 +13,16 @@ use crate::container::share::is_mounted;
 use crate::id::ContainerId;
 use crate::state::StdioRecord;
 
-struct Fixture {
-    root: tempfile::TempDir,
-    config: Config,
-    settings: SandboxSettings,
-    vm: Arc<Mutex<MockLog>>,
-    connector: MockAgentConnector,
+pub(super) struct Fixture {
+    pub(super) root: tempfile::TempDir,
+    pub(super) config: Config,
+    pub(super) settings: SandboxSettings,
+    pub(super) vm: Arc<Mutex<MockLog>>,
+    pub(super) connector: MockAgentConnector,
     hv: Option<MockHypervisor>,
 }
 
-fn fixture(boot_timeout: Duration) -> Fixture {
+pub(super) fn fixture(boot_timeout: Duration) -> Fixture {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("sb1");
     let settings = SandboxSettings {
@@ -45,6 +45,9 @@ fn fixture(boot_timeout: Duration) -> Fixture {
             vhost_net: false,
             tcg_tb_size_mib: 0,
             cgroup_procs: Vec::new(),
+            max_vcpus: 0,
+            max_memory_mib: 0,
+            hotplugged: Default::default(),
         },
         boot_timeout,
         stop_timeout: Duration::from_secs(1),
@@ -67,15 +70,15 @@ fn fixture(boot_timeout: Duration) -> Fixture {
 }
 
 impl Fixture {
-    fn store(&self) -> Store {
+    pub(super) fn store(&self) -> Store {
         Store::new(self.root.path().to_path_buf())
     }
 
-    fn agent(&self) -> Arc<Mutex<MockAgentState>> {
+    pub(super) fn agent(&self) -> Arc<Mutex<MockAgentState>> {
         self.connector.state()
     }
 
-    async fn create(&mut self) -> Result<(Sandbox, BootReport), SandboxError> {
+    pub(super) async fn create(&mut self) -> Result<(Sandbox, BootReport), SandboxError> {
         Sandbox::create(
             self.store(),
             SandboxId::parse("sb1").unwrap(),
@@ -89,7 +92,7 @@ impl Fixture {
     }
 
     /// A second handle on the same sandbox, as another process would get it.
-    fn fetch(&self, paused: bool) -> Sandbox {
+    pub(super) fn fetch(&self, paused: bool) -> Sandbox {
         let vm = Arc::clone(&self.vm);
         let socket = self.root.path().join("sb1/vm/vsock.hv");
         Sandbox::fetch(
@@ -148,11 +151,11 @@ impl Fixture {
     }
 }
 
-fn cid(s: &str) -> ContainerId {
+pub(super) fn cid(s: &str) -> ContainerId {
     ContainerId::parse(s).unwrap()
 }
 
-fn new_container(id: &str, bundle: PathBuf) -> NewContainer {
+pub(super) fn new_container(id: &str, bundle: PathBuf) -> NewContainer {
     NewContainer {
         id: cid(id),
         bundle: crate::container::spec::Bundle::load(&bundle, id).unwrap(),

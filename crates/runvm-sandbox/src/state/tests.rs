@@ -30,6 +30,9 @@ pub(crate) fn sample_sandbox(id: &str) -> SandboxRecord {
         vhost_net: false,
         tcg_tb_size_mib: 0,
         cgroup_procs: Vec::new(),
+        max_vcpus: 0,
+        max_memory_mib: 0,
+        hotplugged: Default::default(),
     };
     let mut config = Config::default();
     config.hypervisor.vcpus = 2;

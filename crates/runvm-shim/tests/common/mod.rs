@@ -54,7 +54,11 @@ impl Env {
         let config = d.join("runvm.toml");
         std::fs::write(
             &config,
-            format!("[runtime]\nroot = \"{}\"\n", d.join("runvm").display()),
+            // Room to hot-plug (tests/cri/hotplug.rs): up to 4 vCPUs and 2.5 GiB.
+            format!(
+                "[runtime]\nroot = \"{}\"\n[hypervisor]\nmax_vcpus = 4\nmax_memory_mib = 2560\n",
+                d.join("runvm").display()
+            ),
         )
         .unwrap();
         let busybox = d.join("busybox.tar");
