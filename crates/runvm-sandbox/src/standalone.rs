@@ -265,12 +265,11 @@ pub async fn create(
     {
         return Err(StandaloneError::Exists(id.to_string()));
     }
-    let annotations = bundle.annotations.clone();
     // The VM is this container's: in its host cgroup, booted with its limits.
     let (mut sb, _) = create_qemu_sandbox_for(
         config,
         sid,
-        annotations.clone(),
+        bundle.annotations.clone(),
         bundle.netns.clone(),
         Some(&bundle.spec),
     )
@@ -279,16 +278,7 @@ pub async fn create(
         SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
         e => e.into(),
     })?;
-    let terminal = bundle.terminal();
-    let made = sb
-        .create_container(NewContainer {
-            id: id.clone(),
-            bundle,
-            stdio: StdioSpec::attached(terminal),
-            stdio_paths: StdioRecord::default(),
-            annotations,
-        })
-        .await;
+    let made = sb.create_container(attached_container(id, bundle)).await;
     match made {
         Ok(_) => Ok(sb),
         Err(e) => {
@@ -353,17 +343,7 @@ async fn create_member(
         let _ = std::fs::remove_file(&link);
         return Err(StandaloneError::Exists(id.to_string()));
     }
-    let terminal = bundle.terminal();
-    let annotations = bundle.annotations.clone();
-    let made = sb
-        .create_container(NewContainer {
-            id: id.clone(),
-            bundle,
-            stdio: StdioSpec::attached(terminal),
-            stdio_paths: StdioRecord::default(),
-            annotations,
-        })
-        .await;
+    let made = sb.create_container(attached_container(id, bundle)).await;
     match made {
         Ok(_) => Ok(sb),
         Err(e) => {
@@ -371,6 +351,18 @@ async fn create_member(
             sb.detach();
             Err(e.into())
         }
+    }
+}
+
+/// Container `id` of `bundle`, its stdio attached for a stand-in to relay.
+fn attached_container(id: &ContainerId, bundle: Bundle) -> NewContainer {
+    let terminal = bundle.terminal();
+    NewContainer {
+        id: id.clone(),
+        annotations: bundle.annotations.clone(),
+        bundle,
+        stdio: StdioSpec::attached(terminal),
+        stdio_paths: StdioRecord::default(),
     }
 }
 

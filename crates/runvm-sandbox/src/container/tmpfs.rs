@@ -60,39 +60,13 @@ pub fn guest_tmpfs(destination: &str, source: &Path, mountinfo: &str) -> Option<
     })
 }
 
-/// Undoes the octal escapes (`\040` for a space, ...) of a mountinfo field.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let digits = bytes.get(i + 1..i + 4).unwrap_or_default();
-        if bytes[i] == b'\\'
-            && digits.len() == 3
-            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
-        {
-            let v = digits
-                .iter()
-                .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-            if let Ok(v) = u8::try_from(v) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// When the topmost mount on `path` (a mount point itself, not a folder in one) is a tmpfs:
 /// the guest options that reproduce it.
 fn tmpfs_options(mountinfo: &str, path: &Path) -> Option<Vec<String>> {
     let line = mountinfo.lines().rfind(|l| {
         l.split(' ')
             .nth(4)
-            .is_some_and(|mp| Path::new(&unescape(mp)) == path)
+            .is_some_and(|mp| Path::new(&crate::store::unescape_mountinfo_field(mp)) == path)
     })?;
     let fields: Vec<&str> = line.split(' ').collect();
     let dash = fields.iter().position(|f| *f == "-")?;

@@ -270,7 +270,8 @@ pub(crate) fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn unescape_octal(field: &str) -> OsString {
+/// Undoes the octal escapes (`\040` for a space, ...) of a mountinfo field.
+pub(crate) fn unescape_octal(field: &str) -> OsString {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

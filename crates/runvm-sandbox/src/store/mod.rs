@@ -54,6 +54,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use error::StoreError;
+/// Decodes a field of `/proc/PID/mountinfo` (its `\NNN` escapes).
+pub(crate) use fsio::unescape_octal as unescape_mountinfo_field;
 pub use lock::{LockMode, SandboxLock};
 
 use sha2::Digest;
