@@ -17,6 +17,7 @@ mod error;
 mod id;
 pub mod network;
 pub mod pod_config;
+pub mod portfwd;
 pub mod regular_file;
 pub mod run;
 pub mod sandbox;
