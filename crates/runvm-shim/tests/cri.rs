@@ -736,13 +736,14 @@ fn cri_port_forward_reaches_a_loopback_port_in_the_pod_vm_and_leaves_nothing() {
         let listen_port = listen_port.expect("a recorded port-forward rule");
         let rules = nat_output_rules(&netns);
         let expected = format!(
-            "-A OUTPUT -d 127.0.0.1/32 -o lo -p tcp -m comment --comment runvm-portfwd:{pod_id} \
+            "-A OUTPUT -d 127.0.0.1/32 -o lo -p tcp -m comment --comment \"runvm-portfwd:{pod_id}\" \
              -j REDIRECT --to-ports {listen_port}"
         );
         assert!(rules.contains(&expected), "{rules}");
         assert!(
-            !nat_output_rules("/proc/1/ns/net").contains("runvm-portfwd"),
-            "a rule in the host's namespace"
+            !nat_output_rules(&format!("/proc/{}/ns/net", std::process::id()))
+                .contains("runvm-portfwd"),
+            "a rule in the host's (the test's) namespace"
         );
 
         // Data both ways through containerd's streaming server, twice (two connections).
