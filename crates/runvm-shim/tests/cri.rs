@@ -693,6 +693,31 @@ async fn port_forward_get(rt: &mut Runtime, pod_id: &str, port: i32) -> String {
     panic!("port-forward to {port} never carried the page: {last}");
 }
 
+/// As containerd's forwarder does: connects to `127.0.0.1:port` inside the network namespace
+/// `netns` (on a thread that joined it), sends `data`, half-closes, reads to the end.
+fn loopback_exchange_in_netns(netns: &str, port: u16, data: &[u8]) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(netns)?;
+    let data = data.to_vec();
+    std::thread::spawn(move || {
+        // SAFETY: setns only changes this short-lived thread's namespace; `ns` is an open
+        // namespace file.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .expect("the netns thread")
+}
+
 #[test]
 fn cri_port_forward_reaches_a_loopback_port_in_the_pod_vm_and_leaves_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -751,6 +776,37 @@ fn cri_port_forward_reaches_a_loopback_port_in_the_pod_vm_and_leaves_nothing() {
             let page = port_forward_get(&mut rt, &pod_id, 8080).await;
             assert!(page.starts_with("HTTP/1."), "{page:?}");
             assert!(page.contains("portfwd-page"), "{page:?}");
+        }
+
+        // A half-close crosses the VM boundary: the guest's `wc -c` reads to EOF, then answers
+        // on the same connection (200,000 bytes: many frames, vsock credit updates).
+        let _echo = start_container(
+            &mut rt,
+            &pod_id,
+            &pod,
+            "count",
+            &[
+                "sh",
+                "-c",
+                "printf '#!/bin/sh\\nwc -c\\necho done\\n' > /count && chmod +x /count && \
+                 exec nc -ll -p 9090 -e /count",
+            ],
+            false,
+        )
+        .await;
+        let data = vec![b'x'; 200_000];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let started = Instant::now();
+            let got = loopback_exchange_in_netns(&netns, 9090, &data);
+            match &got {
+                Ok(text) if text.split_whitespace().eq(["200000", "done"]) => {
+                    eprintln!("port-forward: 200,000 bytes in, answer out in {:?}", started.elapsed());
+                    break;
+                }
+                _ => assert!(Instant::now() < deadline, "half-close exchange: {got:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
 
         // Keep the namespace alive past the pod, to see that runvm removed its rule (rather
