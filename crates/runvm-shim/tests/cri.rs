@@ -794,14 +794,22 @@ fn cri_port_forward_reaches_a_loopback_port_in_the_pod_vm_and_leaves_nothing() {
             false,
         )
         .await;
-        let data = vec![b'x'; 200_000];
+        // RUNVM_PORTFWD_BYTES sends more, to measure (docs/networking.md).
+        let size: usize = std::env::var("RUNVM_PORTFWD_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        let data = vec![b'x'; size];
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let started = Instant::now();
             let got = loopback_exchange_in_netns(&netns, 9090, &data);
             match &got {
-                Ok(text) if text.split_whitespace().eq(["200000", "done"]) => {
-                    eprintln!("port-forward: 200,000 bytes in, answer out in {:?}", started.elapsed());
+                Ok(text) if text.split_whitespace().eq([size.to_string().as_str(), "done"]) => {
+                    eprintln!(
+                        "port-forward: {size} bytes in, answer out in {:?}",
+                        started.elapsed()
+                    );
                     break;
                 }
                 _ => assert!(Instant::now() < deadline, "half-close exchange: {got:?}"),
