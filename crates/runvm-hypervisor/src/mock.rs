@@ -291,6 +291,7 @@ mod tests {
             hotplug_ports: 0,
             vhost_net: false,
             tcg_tb_size_mib: 0,
+            cgroup_procs: Vec::new(),
         }
     }
 

@@ -45,6 +45,11 @@ pub struct VmConfig {
     /// of QEMU's own memory under TCG.
     #[serde(default)]
     pub tcg_tb_size_mib: u32,
+    /// The `cgroup.procs` files of the host cgroup the VM's processes (QEMU and its helpers)
+    /// go into: each process writes itself there between fork and exec, before it allocates
+    /// anything (empty: they stay in their parent's cgroups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 /// A virtio-net card backed by a tap device in the VM's network namespace.

@@ -29,6 +29,10 @@ pub enum SandboxError {
     #[error(transparent)]
     PodConfig(#[from] crate::pod_config::PodConfigError),
 
+    /// The sandbox's host cgroup (`linux.cgroupsPath`, `linux.resources`).
+    #[error(transparent)]
+    HostCgroup(#[from] crate::host_cgroup::HostCgroupError),
+
     /// A sandbox with this id exists already.
     #[error("sandbox {id:?} exists already ({})", path.display())]
     AlreadyExists {
@@ -189,6 +193,10 @@ impl SandboxError {
             }
             SandboxError::ProcessNotFound { .. } => ErrorKind::NotFound,
             SandboxError::Io { .. } => ErrorKind::Internal,
+            SandboxError::HostCgroup(crate::host_cgroup::HostCgroupError::Io { .. }) => {
+                ErrorKind::Internal
+            }
+            SandboxError::HostCgroup(_) => ErrorKind::InvalidArgument,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod check;
 pub mod config;
 pub mod container;
 mod error;
+pub mod host_cgroup;
 mod id;
 pub mod network;
 pub mod pod_config;

@@ -7,6 +7,13 @@
 //! (a file of this module, next to `sandbox.json`), so that [`state`] can report the pid and
 //! tell a dead stand-in (or a dead VM) from a live container.
 //!
+//! A container whose spec names another container's namespaces (`/proc/PID/ns/TYPE`, PID
+//! being that container's pid as [`state`] reports it) is made in that container's VM, a
+//! *member* of its sandbox: `ROOT/joined~ID` (a symlink to the sandbox id; `~` is never in an
+//! id, so the store never takes it for a sandbox) leads from its id to its sandbox, and its
+//! stand-in is recorded in its container folder. A VM lives while any container in it has
+//! not stopped: the last init stand-in to see its process exit stops it.
+//!
 //! Errors carry runc's messages, which callers such as containerd's runc shim match on
 //! (`does not exist`, `container not running`).
 
@@ -21,7 +28,7 @@ use crate::config::Config;
 use crate::container::spec::Bundle;
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
-use crate::sandbox::{create_qemu_sandbox_in, open_sandbox, NewContainer, Sandbox};
+use crate::sandbox::{create_qemu_sandbox_for, open_sandbox, NewContainer, Sandbox};
 use crate::state::{State, StdioRecord};
 use crate::store::Store;
 
@@ -70,6 +77,26 @@ pub enum StandaloneError {
         /// The container.
         id: String,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// `delete` of a container whose VM holds other containers (that joined its namespaces).
+    #[error(
+        "cannot delete container {id}: containers {} run in its VM (they joined its \
+         namespaces); delete them first, or use --force to remove them all",
+        members.join(", ")
+    )]
+    HasMembers {
+        /// The container.
+        id: String,
+        /// The containers in its VM.
+        members: Vec<String>,
+    },
+    /// A namespace path names a container that cannot be joined.
+    #[error("cannot join the namespaces of container {owner}: {reason}")]
+    CannotJoin {
+        /// The container named.
+        owner: String,
+        /// Why.
         reason: String,
     },
     /// The sandbox library failed.
@@ -136,8 +163,38 @@ pub struct OciState {
     pub reason: Option<String>,
 }
 
-fn sandbox_id(id: &ContainerId) -> Result<SandboxId, StandaloneError> {
-    Ok(SandboxId::parse(id.as_str()).map_err(SandboxError::from)?)
+/// The prefix of a member's link to its sandbox, in the state root (see the module's doc).
+pub const MEMBER_LINK_PREFIX: &str = "joined~";
+
+fn member_link(config: &Config, id: &ContainerId) -> PathBuf {
+    config
+        .runtime
+        .root
+        .join(format!("{MEMBER_LINK_PREFIX}{}", id.as_str()))
+}
+
+/// The sandbox of container `id`: its own (same id), or, for a container that joined another
+/// one's namespaces, that container's.
+pub fn sandbox_of(config: &Config, id: &ContainerId) -> Result<SandboxId, StandaloneError> {
+    let own = || Ok(SandboxId::parse(id.as_str()).map_err(SandboxError::from)?);
+    match std::fs::read_link(member_link(config, id)) {
+        Ok(target) => match target.to_str().map(SandboxId::parse) {
+            Some(Ok(sid)) => Ok(sid),
+            _ => Err(StandaloneError::Unusable {
+                id: id.to_string(),
+                reason: format!(
+                    "its link {} names no sandbox ({})",
+                    member_link(config, id).display(),
+                    target.display()
+                ),
+            }),
+        },
+        Err(_) => own(),
+    }
+}
+
+fn sandbox_id(config: &Config, id: &ContainerId) -> Result<SandboxId, StandaloneError> {
+    sandbox_of(config, id)
 }
 
 fn not_found_as(id: &ContainerId, e: SandboxError) -> StandaloneError {
@@ -151,9 +208,40 @@ fn not_found_as(id: &ContainerId, e: SandboxError) -> StandaloneError {
 pub use crate::container::spec::network_namespace;
 
 /// Reads and checks bundle `bundle` for container `id`, once, without booting anything: the
-/// value [`create`] takes.
-pub fn check_bundle(bundle: &Path, id: &ContainerId) -> Result<Bundle, StandaloneError> {
-    Ok(Bundle::load(bundle, id.as_str()).map_err(SandboxError::from)?)
+/// value [`create`] takes. A namespace path `/proc/PID/ns/TYPE` where PID is another
+/// container's pid (as [`state`] reports it) makes the container a member of that container's
+/// sandbox.
+pub fn check_bundle(
+    config: &Config,
+    bundle: &Path,
+    id: &ContainerId,
+) -> Result<Bundle, StandaloneError> {
+    let owner = |path: &Path| container_of_namespace(config, path).map(|c| c.to_string());
+    Ok(Bundle::load_resolving(bundle, id.as_str(), &owner).map_err(SandboxError::from)?)
+}
+
+/// The container whose init's stand-in is PID in namespace path `/proc/PID/ns/NAME`, if any.
+fn container_of_namespace(config: &Config, path: &Path) -> Option<ContainerId> {
+    let mut parts = path.strip_prefix("/proc").ok()?.components();
+    let pid: u32 = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+    if parts.next()?.as_os_str() != "ns" || parts.next().is_none() || parts.next().is_some() {
+        return None;
+    }
+    let store = Store::new(config.runtime.root.clone());
+    for sid in store.list_sandboxes().ok()? {
+        let Ok(record) = store.load_sandbox(&sid) else {
+            continue;
+        };
+        for cid in &record.containers {
+            let Some(p) = standin_in(config, &sid, cid) else {
+                continue;
+            };
+            if p.pid == pid && p.alive() && is_standin_of(pid, cid) {
+                return Some(cid.clone());
+            }
+        }
+    }
+    None
 }
 
 /// Creates container `id` from `bundle` (read and checked once by [`check_bundle`]) in a new
@@ -164,7 +252,13 @@ pub async fn create(
     id: &ContainerId,
     bundle: Bundle,
 ) -> Result<Sandbox, StandaloneError> {
-    let sid = sandbox_id(id)?;
+    if std::fs::symlink_metadata(member_link(config, id)).is_ok() {
+        return Err(StandaloneError::Exists(id.to_string()));
+    }
+    if let Some(owner) = bundle.prepared.member_of.clone() {
+        return create_member(config, id, &owner, bundle).await;
+    }
+    let sid = SandboxId::parse(id.as_str()).map_err(SandboxError::from)?;
     if Store::new(config.runtime.root.clone())
         .load_sandbox(&sid)
         .is_ok()
@@ -172,13 +266,18 @@ pub async fn create(
         return Err(StandaloneError::Exists(id.to_string()));
     }
     let annotations = bundle.annotations.clone();
-    let (mut sb, _) =
-        create_qemu_sandbox_in(config, sid, annotations.clone(), bundle.netns.clone())
-            .await
-            .map_err(|e| match e {
-                SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
-                e => e.into(),
-            })?;
+    let (mut sb, _) = create_qemu_sandbox_for(
+        config,
+        sid,
+        annotations.clone(),
+        bundle.netns.clone(),
+        Some(&bundle.spec),
+    )
+    .await
+    .map_err(|e| match e {
+        SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
+        e => e.into(),
+    })?;
     let terminal = bundle.terminal();
     let made = sb
         .create_container(NewContainer {
@@ -198,6 +297,104 @@ pub async fn create(
     }
 }
 
+/// Creates container `id` in the sandbox of container `owner`, whose namespaces it joins (the
+/// agent joins them in the guest). Refused when `owner` has stopped, or when the spec names a
+/// host network namespace other than the one its VM runs in. On error nothing is left.
+async fn create_member(
+    config: &Config,
+    id: &ContainerId,
+    owner: &str,
+    bundle: Bundle,
+) -> Result<Sandbox, StandaloneError> {
+    let cannot = |reason: String| StandaloneError::CannotJoin {
+        owner: owner.to_string(),
+        reason,
+    };
+    let owner_id = ContainerId::parse(owner).map_err(SandboxError::from)?;
+    let st = state(config, &owner_id)?;
+    if !matches!(st.status, "created" | "running" | "paused") {
+        return Err(cannot(format!(
+            "it is {} (a container can join the namespaces of a created, running or paused \
+             one)",
+            st.status
+        )));
+    }
+    let sid = sandbox_id(config, &owner_id)?;
+    let mut sb = open_sandbox(config, &sid).map_err(|e| not_found_as(&owner_id, e))?;
+    if let Some(wanted) = &bundle.netns {
+        let vm_netns = sb.record().network.as_ref().map(|n| n.netns.clone());
+        if !vm_netns.as_deref().is_some_and(|ns| same_file(ns, wanted)) {
+            return Err(cannot(format!(
+                "the spec asks for network namespace {}, and its VM runs in {} (leave the \
+                 network namespace's path out, or give that one)",
+                wanted.display(),
+                vm_netns
+                    .map(|n| n.display().to_string())
+                    .unwrap_or_else(|| "the host's".into())
+            )));
+        }
+    }
+    // The link to the sandbox first (made at once or not at all, never over anything): the id
+    // is then taken, and `delete --force` finds whatever follows.
+    let link = member_link(config, id);
+    if let Err(e) = std::os::unix::fs::symlink(sid.as_str(), &link) {
+        return Err(match e.kind() {
+            std::io::ErrorKind::AlreadyExists => StandaloneError::Exists(id.to_string()),
+            _ => StandaloneError::Io {
+                action: "create",
+                path: link,
+                source: e,
+            },
+        });
+    }
+    // A sandbox of the same id appearing meanwhile takes the id first.
+    if std::fs::symlink_metadata(config.runtime.root.join(id.as_str())).is_ok() {
+        let _ = std::fs::remove_file(&link);
+        return Err(StandaloneError::Exists(id.to_string()));
+    }
+    let terminal = bundle.terminal();
+    let annotations = bundle.annotations.clone();
+    let made = sb
+        .create_container(NewContainer {
+            id: id.clone(),
+            bundle,
+            stdio: StdioSpec::attached(terminal),
+            stdio_paths: StdioRecord::default(),
+            annotations,
+        })
+        .await;
+    match made {
+        Ok(_) => Ok(sb),
+        Err(e) => {
+            let _ = std::fs::remove_file(&link);
+            sb.detach();
+            Err(e.into())
+        }
+    }
+}
+
+/// Whether `a` and `b` are the same file (a namespace named by two paths).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => a == b,
+    }
+}
+
+/// Undoes a [`create`] whose caller failed afterwards: a container of its own sandbox takes
+/// the sandbox (VM) with it; a member only itself. Problems are only logged.
+pub async fn abort_container(config: &Config, mut sb: Sandbox, id: &ContainerId) {
+    if sb.id().as_str() == id.as_str() {
+        return abort(sb).await;
+    }
+    if let Err(e) = sb.delete_container(id, true).await {
+        tracing::warn!(container = %id, error = %e, "removing the container after a failed create");
+    }
+    let _ = std::fs::remove_file(member_link(config, id));
+    sb.detach();
+}
+
 /// Stops and removes a sandbox whose creation failed half-way; problems are only logged.
 pub async fn abort(mut sb: Sandbox) {
     if let Err(e) = sb.stop().await {
@@ -208,8 +405,15 @@ pub async fn abort(mut sb: Sandbox) {
     }
 }
 
-fn standin_path(config: &Config, id: &ContainerId) -> PathBuf {
-    config.runtime.root.join(id.as_str()).join(STANDIN_FILE)
+/// Where the stand-in of container `id` in sandbox `sid` is recorded: the sandbox folder for
+/// the container owning it, its container folder for a member.
+fn standin_path(config: &Config, sid: &SandboxId, id: &ContainerId) -> PathBuf {
+    let store = Store::new(config.runtime.root.clone());
+    if sid.as_str() == id.as_str() {
+        store.sandbox_dir(sid).join(STANDIN_FILE)
+    } else {
+        store.container_dir(sid, id).join(STANDIN_FILE)
+    }
 }
 
 /// Records the stand-in of container `id` (written atomically).
@@ -218,7 +422,7 @@ pub fn set_standin(
     id: &ContainerId,
     process: HostProcess,
 ) -> Result<(), StandaloneError> {
-    let path = standin_path(config, id);
+    let path = standin_path(config, &sandbox_id(config, id)?, id);
     let tmp = path.with_extension("tmp");
     let io = |action| {
         let path = path.clone();
@@ -235,10 +439,14 @@ pub fn set_standin(
 
 /// The stand-in of container `id`, if one was recorded.
 pub fn standin(config: &Config, id: &ContainerId) -> Option<HostProcess> {
+    standin_in(config, &sandbox_id(config, id).ok()?, id)
+}
+
+fn standin_in(config: &Config, sid: &SandboxId, id: &ContainerId) -> Option<HostProcess> {
     use std::io::Read;
     // A pid and a start time: a few dozen bytes; anything larger is not ours.
     let mut text = Vec::new();
-    std::fs::File::open(standin_path(config, id))
+    std::fs::File::open(standin_path(config, sid, id))
         .ok()?
         .take(4096)
         .read_to_end(&mut text)
@@ -262,7 +470,7 @@ fn being_changed(store: &Store, sid: &SandboxId) -> bool {
 ///   read, or its creation was interrupted: `delete --force` removes it.
 pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneError> {
     let store = Store::new(config.runtime.root.clone());
-    let sid = sandbox_id(id)?;
+    let sid = sandbox_id(config, id)?;
     let unusable = |reason: String| StandaloneError::Unusable {
         id: id.to_string(),
         reason,
@@ -304,7 +512,7 @@ pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneEr
         }
         Err(e) => return Err(unusable(crate::ErrorChain(&e).to_string())),
     };
-    let standin = standin(config, id);
+    let standin = standin_in(config, &sid, id);
     let qemu_alive = sandbox
         .vm
         .processes
@@ -341,17 +549,32 @@ pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneEr
     })
 }
 
-/// The states of every standalone container under the root, by id. An entry whose records
-/// cannot be used is listed with status `unknown` and the reason, never hidden.
+/// The states of every standalone container under the root: each sandbox's own container,
+/// then the containers that joined it, then any member whose creation was cut short. An entry
+/// whose records cannot be used is listed with status `unknown` and the reason, never hidden.
 pub fn list(config: &Config) -> Result<Vec<OciState>, StandaloneError> {
     let store = Store::new(config.runtime.root.clone());
-    let ids = store.list_sandboxes().map_err(SandboxError::from)?;
-    let mut out = Vec::new();
-    for sid in &ids {
+    let sids = store.list_sandboxes().map_err(SandboxError::from)?;
+    let mut ids: Vec<ContainerId> = Vec::new();
+    for sid in &sids {
         let Ok(id) = ContainerId::parse(sid.as_str()) else {
             continue;
         };
-        match state(config, &id) {
+        let members = store
+            .load_sandbox(sid)
+            .map(|r| r.containers)
+            .unwrap_or_default();
+        ids.push(id.clone());
+        ids.extend(members.into_iter().filter(|c| *c != id));
+    }
+    for id in member_links(config) {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let mut out = Vec::new();
+    for id in &ids {
+        match state(config, id) {
             Ok(st) => out.push(st),
             // Removed meanwhile.
             Err(StandaloneError::NotExist(_)) => {}
@@ -360,6 +583,9 @@ pub fn list(config: &Config) -> Result<Vec<OciState>, StandaloneError> {
                     StandaloneError::Unusable { reason, .. } => reason,
                     other => crate::ErrorChain(&other).to_string(),
                 };
+                let dir = sandbox_id(config, id)
+                    .map(|sid| store.sandbox_dir(&sid))
+                    .unwrap_or_else(|_| config.runtime.root.clone());
                 out.push(OciState {
                     oci_version: OCI_VERSION.into(),
                     id: id.to_string(),
@@ -369,13 +595,40 @@ pub fn list(config: &Config) -> Result<Vec<OciState>, StandaloneError> {
                     rootfs: PathBuf::new(),
                     created: String::new(),
                     annotations: BTreeMap::new(),
-                    owner: owner(&store.sandbox_dir(sid)),
+                    owner: owner(&dir),
                     reason: Some(reason),
                 });
             }
         }
     }
     Ok(out)
+}
+
+/// The containers with a member link in the state root.
+fn member_links(config: &Config) -> Vec<ContainerId> {
+    let Ok(entries) = std::fs::read_dir(&config.runtime.root) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<ContainerId> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let id = name.to_str()?.strip_prefix(MEMBER_LINK_PREFIX)?;
+            ContainerId::parse(id).ok()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The containers that joined sandbox `sid`, by their links (also when its record is gone).
+fn members_linked_to(config: &Config, sid: &SandboxId) -> Vec<ContainerId> {
+    member_links(config)
+        .into_iter()
+        .filter(|id| {
+            std::fs::read_link(member_link(config, id)).is_ok_and(|t| t == Path::new(sid.as_str()))
+        })
+        .collect()
 }
 
 /// A sandbox driven by this process but owned by none: let go of (detached, never stopped)
@@ -425,13 +678,14 @@ impl Drop for Attached {
 /// Opens the sandbox of container `id` with its current OCI state.
 pub fn open(config: &Config, id: &ContainerId) -> Result<(Attached, OciState), StandaloneError> {
     let st = state(config, id)?;
-    let sb = open_sandbox(config, &sandbox_id(id)?).map_err(|e| not_found_as(id, e))?;
+    let sb = open_sandbox(config, &sandbox_id(config, id)?).map_err(|e| not_found_as(id, e))?;
     Ok((Attached::new(sb), st))
 }
 
 /// Removes container `id` and its sandbox: refused unless stopped, or `force`, which removes
 /// whatever is there (see [`force_delete`]). The stand-in is killed, the VM stopped, every
-/// file removed.
+/// file removed. A container that joined another's VM leaves the VM to the others; a
+/// container whose VM others joined is refused while they exist (unless `force`).
 pub async fn delete(config: &Config, id: &ContainerId, force: bool) -> Result<(), StandaloneError> {
     if force {
         return force_delete(config, id).await;
@@ -444,6 +698,27 @@ pub async fn delete(config: &Config, id: &ContainerId, force: bool) -> Result<()
         });
     }
     let mut sb = sb.into_inner();
+    if sb.id().as_str() != id.as_str() {
+        kill_standin(config, id);
+        let removed = sb.delete_container(id, false).await;
+        sb.detach();
+        removed.map_err(|e| not_found_as(id, e))?;
+        return remove_member_link(config, id);
+    }
+    let members: Vec<String> = sb
+        .record()
+        .containers
+        .iter()
+        .filter(|c| c.as_str() != id.as_str())
+        .map(ToString::to_string)
+        .collect();
+    if !members.is_empty() {
+        sb.detach();
+        return Err(StandaloneError::HasMembers {
+            id: id.to_string(),
+            members,
+        });
+    }
     kill_standin(config, id);
     if let Err(e) = sb.stop().await {
         tracing::warn!(error = %e, "stopping the sandbox before delete");
@@ -451,16 +726,41 @@ pub async fn delete(config: &Config, id: &ContainerId, force: bool) -> Result<()
     sb.delete(true).await.map_err(|e| not_found_as(id, e))
 }
 
+fn remove_member_link(config: &Config, id: &ContainerId) -> Result<(), StandaloneError> {
+    let link = member_link(config, id);
+    match std::fs::remove_file(&link) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StandaloneError::Io {
+            action: "remove",
+            path: link,
+            source,
+        }),
+    }
+}
+
 /// Removes container `id` whatever state it is in, as `delete --force`: its stand-in and its
 /// VM's processes are killed (each checked to be what the records say), its pod network,
 /// mounts and files removed, also when its records are torn, unreadable or from a newer
-/// runvm, or its creation was interrupted at any point ([`crate::sandbox::purge`]).
+/// runvm, or its creation was interrupted at any point ([`crate::sandbox::purge`]). The
+/// containers that joined its VM go with it; a container that joined another's VM goes alone.
 pub async fn force_delete(config: &Config, id: &ContainerId) -> Result<(), StandaloneError> {
-    let sid = sandbox_id(id)?;
-    // The stand-in first: it would otherwise notice the VM's death and race the removal.
+    let sid = sandbox_id(config, id)?;
+    if sid.as_str() != id.as_str() {
+        return force_delete_member(config, &sid, id).await;
+    }
+    let members = members_linked_to(config, &sid);
+    // The stand-ins first: they would otherwise notice the VM's death and race the removal.
+    for member in &members {
+        kill_standin(config, member);
+    }
     kill_standin(config, id);
     let store = Store::new(config.runtime.root.clone());
-    match crate::sandbox::purge(&store, &sid, config).await {
+    let purged = crate::sandbox::purge(&store, &sid, config).await;
+    for member in &members {
+        remove_member_link(config, member)?;
+    }
+    match purged {
         Ok(report) => {
             if let Some(reason) = report.unreadable {
                 tracing::warn!(container = %id, %reason, "removed a container whose state was unusable");
@@ -469,6 +769,32 @@ pub async fn force_delete(config: &Config, id: &ContainerId) -> Result<(), Stand
         }
         Err(e) => Err(not_found_as(id, e)),
     }
+}
+
+/// `delete --force` of a container in another container's VM: its processes there are
+/// killed, its record and mounts removed, then its link; the VM stays for the others.
+async fn force_delete_member(
+    config: &Config,
+    sid: &SandboxId,
+    id: &ContainerId,
+) -> Result<(), StandaloneError> {
+    kill_standin(config, id);
+    match open_sandbox(config, sid) {
+        Ok(mut sb) => {
+            let removed = sb.delete_container(id, true).await;
+            sb.detach();
+            match removed {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // The sandbox is gone (or unreadable: its own `delete --force` removes it all).
+        Err(e) => {
+            tracing::debug!(container = %id, error = %e, "no sandbox to remove the container from")
+        }
+    }
+    remove_member_link(config, id)
 }
 
 /// Kills the stand-in of container `id` if it still runs: the recorded pid is signalled only

@@ -63,7 +63,11 @@ where
         exec_id,
         terminal,
     } = target;
-    let sid = SandboxId::parse(id.as_str())?;
+    let sid = match crate::standalone::sandbox_of(config, id) {
+        Ok(sid) => sid,
+        Err(crate::standalone::StandaloneError::Sandbox(e)) => return Err(e),
+        Err(_) => SandboxId::parse(id.as_str())?,
+    };
     let mut sb = Attached::new(open_sandbox(config, &sid)?);
     // The init's stand-in watches the VM (a handle of its own): the CLI has no other process
     // that would notice QEMU or a helper dying.
@@ -158,13 +162,31 @@ where
         }
     };
     if exec_id.is_empty() {
-        // The init has exited: nothing else uses this VM (one per container in the CLI's
-        // model), so it goes now; `state` and `delete` work from the record.
-        if let Err(e) = sb.stop().await {
-            tracing::warn!(error = %e, "stopping the VM after the container's exit");
+        // The init has exited (its exit is recorded): the VM goes with the last container in
+        // it (others may have joined this one's namespaces, or this one another's), and
+        // `state` and `delete` work from the records. Each init's stand-in records its exit
+        // before it looks, so the last one to exit sees every container stopped.
+        match all_stopped(&mut sb) {
+            Ok(true) => {
+                if let Err(e) = sb.stop().await {
+                    tracing::warn!(error = %e, "stopping the VM after the container's exit");
+                }
+            }
+            Ok(false) => tracing::debug!(container = %id, "other containers still use the VM"),
+            Err(e) => tracing::warn!(error = %e, "cannot tell whether the VM is still in use"),
         }
     }
     Ok(code)
+}
+
+/// Whether every container of the sandbox has stopped (read afresh).
+fn all_stopped(sb: &mut crate::Sandbox) -> Result<bool, SandboxError> {
+    for id in sb.containers()? {
+        if sb.container(&id)?.state != crate::state::State::Stopped {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// How often the init's stand-in checks the VM's processes.

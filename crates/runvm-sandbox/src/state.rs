@@ -178,6 +178,10 @@ pub struct SandboxRecord {
     /// The pod network: its namespace and what runvm made there (taps, qdiscs, filters).
     #[serde(default)]
     pub network: Option<crate::network::NetworkRecord>,
+    /// The host cgroup the VM's processes live in (`linux.cgroupsPath`), recorded before it
+    /// is made, so whichever process removes the sandbox removes it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<crate::host_cgroup::HostCgroupRecord>,
 }
 
 impl SandboxRecord {
@@ -201,6 +205,7 @@ impl SandboxRecord {
             memory_block_size: None,
             timeline: vec![("created".into(), now)],
             network: None,
+            host_cgroup: None,
         }
     }
 

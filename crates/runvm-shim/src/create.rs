@@ -8,7 +8,7 @@ use std::sync::Arc;
 use containerd_shim::api::CreateTaskRequest;
 use runvm_sandbox::agent::{ProcessRef, StdioSpec};
 use runvm_sandbox::container::spec::Bundle;
-use runvm_sandbox::sandbox::{create_qemu_sandbox_in, NewContainer};
+use runvm_sandbox::sandbox::{create_qemu_sandbox_for, NewContainer};
 use runvm_sandbox::SandboxId;
 
 use crate::error::{Result, ShimError};
@@ -135,13 +135,19 @@ impl Inner {
                 // The pod's network namespace, as CNI set it up: the VM joins it.
                 let netns = bundle.netns.clone();
                 tracing::info!(sandbox = %sid, netns = ?netns, "booting the sandbox VM");
-                let (mut sb, report) =
-                    create_qemu_sandbox_in(&self.config, sid, annotations.clone(), netns)
-                        .await
-                        .map_err(ShimError::sandbox(format!(
-                            "creating the VM of container {}",
-                            req.id
-                        )))?;
+                // The VM goes into the pod's host cgroup (the sandbox container's cgroupsPath).
+                let (mut sb, report) = create_qemu_sandbox_for(
+                    &self.config,
+                    sid,
+                    annotations.clone(),
+                    netns,
+                    Some(&bundle.spec),
+                )
+                .await
+                .map_err(ShimError::sandbox(format!(
+                    "creating the VM of container {}",
+                    req.id
+                )))?;
                 tracing::info!(sandbox = %sb.id(), accelerator = ?report.accelerator, "sandbox VM ready");
                 if let Some(q) = sb.pids().iter().find(|p| p.name == "qemu") {
                     self.vm_pid.store(q.pid, Ordering::Relaxed);

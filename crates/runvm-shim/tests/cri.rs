@@ -63,6 +63,8 @@ fn pod_config(env: &Env) -> PodSandboxConfig {
                 memory_limit_in_bytes: 256 << 20,
                 ..Default::default()
             }),
+            // As kubelet's cgroupfs driver: the VM goes into PARENT/POD_ID on the host.
+            cgroup_parent: cri_cgroup_parent(),
             ..Default::default()
         }),
         ..Default::default()
@@ -214,6 +216,29 @@ fn netns_names() -> Vec<String> {
         .unwrap_or_default()
 }
 
+fn cri_cgroup_parent() -> String {
+    format!("/runvmcri{}", std::process::id())
+}
+
+/// The pod's host cgroup in the memory hierarchy (v1) or the unified one (v2).
+fn pod_cgroup(pod_id: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let path = format!("{}/{pod_id}", cri_cgroup_parent());
+    match root.join("cgroup.controllers").exists() {
+        true => root.join(&path[1..]),
+        false => root.join("memory").join(&path[1..]),
+    }
+}
+
+/// Whether QEMU runs in the pod's host cgroup.
+fn qemu_in(cgroup: &std::path::Path) -> bool {
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    procs.lines().any(|pid| {
+        std::fs::read(format!("/proc/{}/cmdline", pid.trim()))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+    })
+}
+
 fn qemus(env: &Env) -> usize {
     env.leftovers()
         .iter()
@@ -292,6 +317,8 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
             .unwrap_or_default();
         assert!(ip.starts_with("10.231.77."), "CNI gave no address: {ip:?}");
         assert_eq!(qemus(&env), 1, "one VM for the pod");
+        let cgroup = pod_cgroup(&pod_id);
+        assert!(qemu_in(&cgroup), "QEMU not in {}", cgroup.display());
 
         let c1 = start_container(
             &mut rt,
@@ -475,6 +502,17 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
             .into_inner()
             .containers;
         assert!(left.is_empty(), "containers left: {left:?}");
+        let gone = !cgroup.exists();
+        for c in [
+            "memory", "cpu", "cpuacct", "pids", "cpuset", "devices", "freezer", "blkio", "",
+        ] {
+            let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{c}{}", cri_cgroup_parent()));
+        }
+        assert!(
+            gone,
+            "the pod's host cgroup outlived it: {}",
+            cgroup.display()
+        );
     });
     env.assert_clean();
     let new_netns: Vec<_> = netns_names()

@@ -39,7 +39,7 @@ fn create_with_standin(
     let bundle = std::path::absolute(&a.bundle)
         .with_context(|| format!("bundle path {}", a.bundle.display()))?;
     // Read and checked once: the value goes on to the VM and the container.
-    let loaded = standalone::check_bundle(&bundle, &id)?;
+    let loaded = standalone::check_bundle(config, &bundle, &id)?;
     let terminal = loaded.terminal();
     if terminal && !foreground && a.io.console_socket.is_none() {
         anyhow::bail!("cannot allocate tty if runvm will detach without setting console socket");
@@ -54,7 +54,8 @@ fn create_with_standin(
                 Some(socket) => standin::console(socket)?,
                 None => StandinIo::Inherit,
             };
-            let mut child = standin::spawn(global, config, &id, "", terminal, io)?;
+            let cgroup = sb.record().vm.config.cgroup_procs.clone();
+            let mut child = standin::spawn(global, config, &id, "", terminal, io, &cgroup)?;
             let recorded = HostProcess::of(child.id())
                 .context("the stand-in process exited at once")
                 .and_then(|p| Ok(standalone::set_standin(config, &id, p)?))
@@ -75,7 +76,7 @@ fn create_with_standin(
                 Ok((id, child, terminal))
             }
             Err(e) => {
-                standalone::abort(sb).await;
+                standalone::abort_container(config, sb, &id).await;
                 Err(e)
             }
         }

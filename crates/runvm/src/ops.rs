@@ -105,11 +105,28 @@ fn process_with_defaults(mut p: Value) -> Result<Value> {
     Ok(p)
 }
 
+/// The exit status of `exec` when the process could not be started, as runc's (`exec failed:
+/// ...`, 255), so that a caller tells it from the process's own exit status.
+pub const EXEC_FAILED_STATUS: u8 = 255;
+
+/// `exec`: a new process in the container; its exit status, or 255 when it could not start.
 pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> {
+    match exec_process_in(global, config, a) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            let message = format!("exec failed: {e:#}");
+            crate::logging::error(&message);
+            eprintln!("runvm: error: {message}");
+            Ok(ExitCode::from(EXEC_FAILED_STATUS))
+        }
+    }
+}
+
+fn exec_process_in(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> {
     let id = ContainerId::parse(&a.id)?;
     let nanos = runvm_sandbox::state::unix_now_ns() % 1_000_000_000;
     let exec_id = format!("exec-{}-{nanos:x}", std::process::id());
-    let terminal = block_on(async {
+    let (terminal, cgroup) = block_on(async {
         let (mut sb, st) = standalone::open(config, &id)?;
         // As runc: a created container takes new processes too; a paused one only with
         // --ignore-paused (and then the guest refuses it: see docs/cli.md).
@@ -141,13 +158,13 @@ pub fn exec(global: &Global, config: &Config, a: &ExecArgs) -> Result<ExitCode> 
             stdio_paths: StdioRecord::default(),
         };
         sb.exec(&id, request).await?;
-        Ok(terminal)
+        Ok((terminal, sb.record().vm.config.cgroup_procs.clone()))
     })?;
     let io = match &a.io.console_socket {
         Some(socket) => standin::console(socket)?,
         None => StandinIo::Inherit,
     };
-    let child = standin::spawn(global, config, &id, &exec_id, terminal, io)?;
+    let child = standin::spawn(global, config, &id, &exec_id, terminal, io, &cgroup)?;
     if let Some(path) = &a.io.pid_file {
         standin::write_pid_file(path, child.id())?;
     }
@@ -363,7 +380,23 @@ pub fn update(config: &Config, a: &UpdateArgs) -> Result<ExitCode> {
         if st.status == "stopped" {
             return Err(StandaloneError::NotRunning.into());
         }
-        Ok(sb.update_resources(&id, &resources).await?)
+        // The VM's host cgroup follows (memory + the VM overhead), checked before either side
+        // changes; only for the container the VM was made for (one that joined another's VM
+        // does not set that VM's limits).
+        let own = sb.id().as_str() == id.as_str();
+        let host = match &sb.record().host_cgroup {
+            Some(cgroup) if own => Some(runvm_sandbox::host_cgroup::update_request(
+                cgroup,
+                &resources,
+                sb.record().config.runtime.vm_memory_overhead_mib,
+            )?),
+            _ => None,
+        };
+        sb.update_resources(&id, &resources).await?;
+        if let Some(request) = &host {
+            runvm_sandbox::host_cgroup::apply(request)?;
+        }
+        Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -458,7 +491,7 @@ pub fn features() -> Result<ExitCode> {
             "io.runvm.isolation": "vm",
             "io.runvm.hooks": "createRuntime, prestart, poststart and poststop run on the host (prestart in the pod's network namespace, with QEMU's pid in the state); createContainer and startContainer in the guest, in the container's namespaces",
             // Every type may be new; only `network` may be given by path (docs/cli.md).
-            "io.runvm.namespace-paths": "network only (the VM runs in it); a path for ipc, uts, pid, mount, cgroup, user or time is refused at create: only containers of a pod, through containerd-shim-runvm-v2, share their pod sandbox container's ipc, uts and pid namespaces",
+            "io.runvm.namespace-paths": "network only (the VM runs in it) for host namespaces; /proc/PID/ns/TYPE of another runvm container (PID as `runvm state` prints it) joins its ipc, uts, pid, network or cgroup namespace, the container being made in that container's VM; any other path (a host ipc, uts, pid, mount, cgroup, user or time namespace, or another container's mount, user or time namespace) is refused at create",
             "io.runvm.mount-propagation": "binds show the host folder both ways with every option; host mounts made later under a shared source reach the container unless the bind is private or rprivate; mounts made in the container never reach the host; rootfsPropagation applies in the guest"
         }
     });

@@ -74,7 +74,9 @@ pub fn console(socket: &Path) -> Result<StandinIo> {
 }
 
 /// Starts the stand-in for process `exec_id` ("" for the init) of container `id`, in its own
-/// session (with a terminal, that terminal becomes its controlling one, so resizes reach it).
+/// session (with a terminal, that terminal becomes its controlling one, so resizes reach it),
+/// in the sandbox's host cgroup (`cgroup_procs`: its `cgroup.procs` files, which the stand-in
+/// writes itself to before it runs).
 pub fn spawn(
     global: &Global,
     config: &Config,
@@ -82,7 +84,18 @@ pub fn spawn(
     exec_id: &str,
     terminal: bool,
     io: StandinIo,
+    cgroup_procs: &[std::path::PathBuf],
 ) -> Result<Child> {
+    let cgroup_files = cgroup_procs
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .with_context(|| format!("cannot open the host cgroup's {}", p.display()))
+        })
+        .collect::<Result<Vec<std::fs::File>>>()?;
+    let cgroup_fds: Vec<i32> = cgroup_files.iter().map(AsRawFd::as_raw_fd).collect();
     let exe = std::env::current_exe().context("cannot find runvm's own binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--root").arg(&config.runtime.root);
@@ -116,9 +129,17 @@ pub fn spawn(
             .stdout(Stdio::from(slave.try_clone()?))
             .stderr(Stdio::from(slave));
     }
-    // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
+    // SAFETY: only async-signal-safe calls (write, setsid, ioctl) between fork and exec; the
+    // cgroup descriptors stay open in the parent (and so in the child) until `spawn` returns,
+    // as `cgroup_files` outlives it, and `cgroup_fds` was allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            for &fd in &cgroup_fds {
+                // "0": the writing process itself.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -128,7 +149,9 @@ pub fn spawn(
             Ok(())
         });
     }
-    cmd.spawn().context("cannot start the stand-in process")
+    let child = cmd.spawn().context("cannot start the stand-in process");
+    drop(cgroup_files);
+    child
 }
 
 /// The `__standin` command: relays the process until it exits, and exits with its code.

@@ -232,7 +232,7 @@ fn a_created_container_takes_execs_and_every_corner_of_the_cli_works_on_it() {
 
     // update, one resource at a time, each seen in the container's cgroup.
     let cgroup = "d=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); cat $d/";
-    let updates: [(&[&str], &str, &str); 8] = [
+    let updates: [(&[&str], &str, &str); 9] = [
         (&["--memory", "256m"], "memory.max", "268435456"),
         (&["--memory-reservation", "128m"], "memory.low", "134217728"),
         // Swap with the limit (as runc, the spec's swap is memory + swap).
@@ -241,6 +241,8 @@ fn a_created_container_takes_execs_and_every_corner_of_the_cli_works_on_it() {
             "memory.swap.max",
             "268435456",
         ),
+        // Swap alone: merged with the current limit (256 MiB), as runc.
+        (&["--memory-swap", "768m"], "memory.swap.max", "536870912"),
         // runc's (1.3+) quadratic shares-to-weight rule.
         (&["--cpu-share", "512"], "cpu.weight", "59"),
         (

@@ -49,8 +49,14 @@ fn seccomp_reaches_the_init_and_every_exec_with_each_action() {
             {"names": ["sync"], "action": "SCMP_ACT_KILL"},
             {"names": ["mknod", "mknodat"], "action": "SCMP_ACT_KILL_PROCESS"},
             {"names": ["sethostname"], "action": "SCMP_ACT_TRAP"},
-            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_LOG"}
-        ]
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_LOG"},
+            // Argument filters: SIGUSR1 (10) and signals from 30 up refused, others pass.
+            {"names": ["kill"], "action": "SCMP_ACT_ERRNO",
+             "args": [{"index": 1, "value": 10, "op": "SCMP_CMP_EQ"}]},
+            {"names": ["kill"], "action": "SCMP_ACT_ERRNO",
+             "args": [{"index": 1, "value": 30, "op": "SCMP_CMP_GE"}]}
+        ],
+        "flags": ["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"]
     });
     let out = create_and_start(&host, "sc", &config);
 
@@ -84,6 +90,18 @@ fn seccomp_reaches_the_init_and_every_exec_with_each_action() {
     ] {
         let (code, _, stderr) = exec_sh(&host, "sc", script);
         assert_eq!(code, Some(KILLED_BY_SECCOMP), "{what}: {stderr}");
+    }
+    // Argument filters decide by the arguments.
+    let (code, stdout, stderr) = exec_sh(
+        &host,
+        "sc",
+        "kill -USR1 $$ 2>&1; echo usr1=$?; kill -0 $$; echo zero=$?; kill -30 $$ 2>&1; \
+         echo pwr=$?; kill -CONT $$; echo cont=$?",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("Operation not permitted"), "{stdout}");
+    for expected in ["usr1=1", "zero=0", "pwr=1", "cont=0"] {
+        assert!(stdout.contains(expected), "{expected}: {stdout}");
     }
     // LOG and ALLOW (the default) let the call through.
     let (code, _, stderr) = exec_sh(&host, "sc", "mkdir /dev/shm/d && test -d /dev/shm/d");
@@ -144,6 +162,9 @@ fn default_spec_without_path_or_no_new_privileges_has_loopback_and_filters_execs
         &missing,
         "exec: \"nosuch\": executable file not found in $PATH",
     );
+    common::assert_fails(&missing, "runvm: error: exec failed: ");
+    // As runc: a process that could not start is 255, not a status of its own.
+    assert_eq!(missing.status.code(), Some(255));
     let missing = host.run(&["exec", "lo", "/bin/nosuch"]);
     common::assert_fails(&missing, "/bin/nosuch: no such file or directory");
     // A bare name is looked up in the process's own PATH.

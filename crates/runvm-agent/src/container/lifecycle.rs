@@ -66,8 +66,9 @@ impl Containers {
         }
     }
 
-    /// A pod's container joins the namespaces its spec's [`spec::POD_NAMESPACES`] annotation
-    /// names, those of the pod sandbox container's init (`SANDBOX:ipc,uts,pid`).
+    /// A container joins the namespaces its spec's [`spec::POD_NAMESPACES`] annotation names,
+    /// those of another container's init in this VM (`CONTAINER:ipc,uts,pid`): a pod's
+    /// sandbox container, or the container a command-line container named by its pid.
     fn join_pod_namespaces(&self, mut spec: Spec, id: &str) -> Result<Spec> {
         let Some(value) = spec
             .annotations()
@@ -100,15 +101,15 @@ impl Containers {
             return Ok(spec);
         };
         for name in types.split(',').filter(|t| !t.is_empty()) {
-            let typ = spec::pod_namespace_type(name).ok_or_else(|| {
+            let (typ, proc_name) = spec::joinable_namespace(name).ok_or_else(|| {
                 AgentError::invalid(format!(
                     "annotation {}={value:?} of container {id:?}: namespace {name:?} cannot \
-                     be shared; valid: ipc, uts, pid",
+                     be shared; valid: ipc, uts, pid, network, cgroup",
                     spec::POD_NAMESPACES
                 ))
             })?;
             for ns in namespaces.iter_mut().filter(|ns| ns.typ() == typ) {
-                ns.set_path(Some(PathBuf::from(format!("/proc/{init}/ns/{name}"))));
+                ns.set_path(Some(PathBuf::from(format!("/proc/{init}/ns/{proc_name}"))));
             }
         }
         tracing::debug!(
@@ -324,6 +325,7 @@ impl Containers {
             let sid = id.clone();
             let dir = c.cgroup_dir.clone();
             blocking("UpdateContainer", move || {
+                let resources = with_current_memory_limit(resources, &dir, &sid)?;
                 let manager = libcgroups::v2::manager::Manager::new(
                     PathBuf::from(CGROUP_ROOT),
                     spec::cgroup_path(&sid),
@@ -452,5 +454,79 @@ mod io_weight_tests {
         assert_eq!(io_weight(10), 1);
         assert_eq!(io_weight(500), 4950);
         assert_eq!(io_weight(1000), 10000);
+    }
+}
+
+/// `resources` with the memory limit the cgroup at `dir` has now when they set the swap limit
+/// alone (runc's `update --memory-swap` merges with the container's current limit; cgroup v2's
+/// `memory.swap.max` is the swap beyond the memory limit, so the limit is needed to set it).
+fn with_current_memory_limit(
+    mut resources: LinuxResources,
+    dir: &Path,
+    id: &str,
+) -> Result<LinuxResources> {
+    let Some(memory) = *resources.memory() else {
+        return Ok(resources);
+    };
+    if memory.swap().is_none() || memory.limit().is_some() {
+        return Ok(resources);
+    }
+    let path = dir.join("memory.max");
+    let current = std::fs::read_to_string(&path)
+        .map_err(|e| AgentError::internal(format!("reading {}: {e}", path.display())))?;
+    let limit = match current.trim() {
+        "max" if memory.swap() == Some(-1) => -1,
+        "max" => {
+            return Err(AgentError::invalid(format!(
+                "cannot set the swap limit of container {id:?} to {} bytes: it has no memory \
+                 limit (memory.max is max); give the memory limit too",
+                memory.swap().unwrap_or_default()
+            )))
+        }
+        text => text
+            .parse::<i64>()
+            .map_err(|e| AgentError::internal(format!("{} holds {text:?}: {e}", path.display())))?,
+    };
+    let mut merged = memory;
+    merged.set_limit(Some(limit));
+    resources.set_memory(Some(merged));
+    Ok(resources)
+}
+
+#[cfg(test)]
+mod swap_tests {
+    use super::*;
+
+    fn resources(json: &str) -> LinuxResources {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_swap_limit_alone_takes_the_current_memory_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("memory.max"), "268435456\n").unwrap();
+        let r = resources(r#"{"memory": {"swap": 536870912}}"#);
+        let merged = with_current_memory_limit(r, dir.path(), "c1").unwrap();
+        let memory = merged.memory().unwrap();
+        assert_eq!(memory.limit(), Some(268435456));
+        assert_eq!(memory.swap(), Some(536870912));
+        // Given both, nothing is read.
+        let r = resources(r#"{"memory": {"limit": 1, "swap": 2}}"#);
+        let kept = with_current_memory_limit(r, Path::new("/nonexistent"), "c1").unwrap();
+        assert_eq!(kept.memory().unwrap().limit(), Some(1));
+    }
+
+    #[test]
+    fn a_swap_limit_without_any_memory_limit_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("memory.max"), "max\n").unwrap();
+        let r = resources(r#"{"memory": {"swap": 536870912}}"#);
+        let e = with_current_memory_limit(r, dir.path(), "c1").unwrap_err();
+        assert!(e.to_string().contains("536870912 bytes"), "{e}");
+        assert!(e.to_string().contains("no memory limit"), "{e}");
+        // Unlimited swap with unlimited memory is fine.
+        let r = resources(r#"{"memory": {"swap": -1}}"#);
+        let merged = with_current_memory_limit(r, dir.path(), "c1").unwrap();
+        assert_eq!(merged.memory().unwrap().limit(), Some(-1));
     }
 }

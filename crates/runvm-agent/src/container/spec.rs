@@ -14,12 +14,16 @@ use crate::error::{AgentError, Result};
 /// sandbox container: `SANDBOX_CONTAINER_ID:TYPE,...`.
 pub use runvm_protocol::POD_NAMESPACES_ANNOTATION as POD_NAMESPACES;
 
-/// The namespace type of `name`, for the namespaces a pod's containers may share.
-pub fn pod_namespace_type(name: &str) -> Option<LinuxNamespaceType> {
+/// The namespace type of `name` (an OCI namespace type), for the namespaces a container may
+/// join of another container in this VM (a pod's containers share `ipc`, `uts` and `pid`;
+/// command-line containers also `network` and `cgroup`), with its name under `/proc/PID/ns/`.
+pub fn joinable_namespace(name: &str) -> Option<(LinuxNamespaceType, &'static str)> {
     match name {
-        "ipc" => Some(LinuxNamespaceType::Ipc),
-        "uts" => Some(LinuxNamespaceType::Uts),
-        "pid" => Some(LinuxNamespaceType::Pid),
+        "ipc" => Some((LinuxNamespaceType::Ipc, "ipc")),
+        "uts" => Some((LinuxNamespaceType::Uts, "uts")),
+        "pid" => Some((LinuxNamespaceType::Pid, "pid")),
+        "network" => Some((LinuxNamespaceType::Network, "net")),
+        "cgroup" => Some((LinuxNamespaceType::Cgroup, "cgroup")),
         _ => None,
     }
 }

@@ -196,10 +196,12 @@ impl Qemu {
                 layout.vsock_socket(),
             ));
         }
+        let cgroup_procs = config.cgroup_procs.clone();
         // Start all, then wait for all: the helpers come up in parallel.
         let mut sockets = Vec::new();
         for (name, program, args, log, socket) in wanted {
-            let child = ManagedChild::spawn(name, &program, &args, &log)?;
+            let child =
+                ManagedChild::spawn_placed(name, &program, &args, &log, None, &[], &cgroup_procs)?;
             self.helpers.push(child);
             if let Some(child) = self.helpers.last() {
                 self.record_spawn(on_spawn, child)?;
@@ -244,13 +246,14 @@ impl Qemu {
             .enumerate()
             .map(|(i, f)| (cmdline::FIRST_NET_FD + i as i32, f))
             .collect();
-        let mut qemu = ManagedChild::spawn_in(
+        let mut qemu = ManagedChild::spawn_placed(
             "qemu",
             &self.settings.qemu,
             &args,
             &log,
             config.netns.as_deref(),
             &fds,
+            &config.cgroup_procs,
         )?;
         drop(fds);
         drop(taps);

@@ -133,29 +133,48 @@ pub fn find_by_argument(needle: &str) -> Vec<FoundProcess> {
 }
 
 impl ManagedChild {
-    /// Starts `program` with `args`; stdout and stderr go to `log` (created or truncated). The
-    /// child gets its own process group so a terminal's Ctrl-C reaches only runvm, which then
-    /// stops the VM in order.
+    /// Starts `program` with `args`; stdout and stderr go to `log` (created or truncated), in
+    /// its own process group (see [`spawn_placed`](Self::spawn_placed)).
+    #[cfg(test)]
     pub fn spawn(
         name: &'static str,
         program: &Path,
         args: &[std::ffi::OsString],
         log: &Path,
     ) -> Result<ManagedChild> {
-        Self::spawn_in(name, program, args, log, None, &[])
+        Self::spawn_placed(name, program, args, log, None, &[], &[])
     }
 
-    /// As [`spawn`](Self::spawn), the child joining the network namespace `netns` (a namespace
-    /// file such as `/run/netns/NAME`) before it runs `program`, and getting `fds` open as file
-    /// descriptors `target`, `target + 1`, ... (`fds.0`: the first target).
-    pub fn spawn_in(
+    /// Starts `program` with `args`; stdout and stderr go to `log` (created or truncated). The
+    /// child gets its own process group so a terminal's Ctrl-C reaches only runvm, which then
+    /// stops the VM in order. Before it runs `program` it joins the network namespace `netns`
+    /// (a namespace file such as `/run/netns/NAME`), gets `fds` open as file descriptors
+    /// `target`, `target + 1`, ... (`fds.0`: the first target), and moves itself into the host
+    /// cgroup whose `cgroup.procs` files (one per hierarchy on cgroup v1) are `cgroup_procs`:
+    /// it writes `0` (itself) to each between fork and exec, so everything it ever allocates
+    /// is charged there. Those files are opened here, so a missing one fails the spawn by name.
+    pub fn spawn_placed(
         name: &'static str,
         program: &Path,
         args: &[std::ffi::OsString],
         log: &Path,
         netns: Option<&Path>,
         fds: &[(i32, &File)],
+        cgroup_procs: &[PathBuf],
     ) -> Result<ManagedChild> {
+        let cgroup_files = cgroup_procs
+            .iter()
+            .map(|path| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|source| HypervisorError::Io {
+                        action: "open host cgroup file",
+                        path: path.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<File>>>()?;
         let netns_file = netns
             .map(|path| {
                 File::open(path).map_err(|source| HypervisorError::Netns {
@@ -215,6 +234,24 @@ impl ManagedChild {
                 command.pre_exec(move || {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if !cgroup_files.is_empty() {
+            let raw: Vec<i32> = cgroup_files.iter().map(AsRawFd::as_raw_fd).collect();
+            // SAFETY: the closure runs in the child between fork and exec and calls only
+            // write(2), which is async-signal-safe, on descriptors that stay open in the parent
+            // (and so in the child) until `spawn` returns, as `cgroup_files` outlives it; `raw`
+            // was allocated before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    for &fd in &raw {
+                        // "0": the writing process itself.
+                        if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
@@ -500,6 +537,47 @@ mod tests {
         c.terminate(Duration::from_secs(2)).await;
         assert!(c.exited().is_some());
         assert_eq!(c.log_tail(1), "started");
+    }
+
+    #[tokio::test]
+    async fn a_placed_child_writes_itself_to_each_cgroup_file_before_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        // Stand-ins for two hierarchies' cgroup.procs: the child writes "0" (itself) to each.
+        let files = [dir.path().join("a.procs"), dir.path().join("b.procs")];
+        for f in &files {
+            std::fs::write(f, "").unwrap();
+        }
+        let mut c = ManagedChild::spawn_placed(
+            "sh",
+            Path::new("/bin/sh"),
+            &[
+                "-c".into(),
+                format!("cat {} >&2", files[0].display()).into(),
+            ],
+            &log,
+            None,
+            &[],
+            &files,
+        )
+        .unwrap();
+        assert!(c.wait_exit(Duration::from_secs(5)).await);
+        assert_eq!(c.log_tail(1), "0", "written before the program ran");
+        assert_eq!(std::fs::read_to_string(&files[1]).unwrap(), "0");
+
+        let missing = dir.path().join("gone/cgroup.procs");
+        let err = ManagedChild::spawn_placed(
+            "sh",
+            Path::new("/bin/sh"),
+            &["-c".into(), "true".into()],
+            &log,
+            None,
+            &[],
+            std::slice::from_ref(&missing),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
     }
 }
 

@@ -76,7 +76,25 @@ pub struct PreparedSpec {
     /// The hooks the host runs (`createContainer` and `startContainer` stay in the guest spec,
     /// for libcontainer to run in the container's namespaces).
     pub hooks: super::hooks::HostHooks,
+    /// The runvm container whose namespaces this one joins, named by a namespace path that
+    /// the resolver given to [`prepare_resolving`] recognised (`/proc/PID/ns/TYPE` of that
+    /// container's pid): the container must be created in that container's VM.
+    pub member_of: Option<String>,
 }
+
+/// Tells which runvm container, if any, a namespace path given in a spec belongs to (the
+/// command line's: `/proc/PID/ns/TYPE` where PID is a container's pid, as `state` prints it).
+pub type NamespaceOwner<'a> = &'a dyn Fn(&Path) -> Option<String>;
+
+/// The namespace types a container may join of another container in the same VM, with the
+/// name of each under `/proc/PID/ns/`.
+pub const JOINABLE_NAMESPACES: [(&str, &str); 5] = [
+    ("ipc", "ipc"),
+    ("uts", "uts"),
+    ("pid", "pid"),
+    ("network", "net"),
+    ("cgroup", "cgroup"),
+];
 
 pub use runvm_protocol::POD_NAMESPACES_ANNOTATION;
 
@@ -101,16 +119,27 @@ pub struct Bundle {
     pub prepared: PreparedSpec,
     /// The spec's annotations (string values).
     pub annotations: std::collections::BTreeMap<String, String>,
-    /// The network namespace the spec names (`linux.namespaces[type=network].path`).
+    /// The host network namespace the spec names (`linux.namespaces[type=network].path`),
+    /// unless that path is another runvm container's (see [`PreparedSpec::member_of`]).
     pub netns: Option<PathBuf>,
 }
 
 impl Bundle {
     /// Reads `BUNDLE/config.json` once and checks and prepares it for container
-    /// `container_id`.
+    /// `container_id`; no namespace path is another container's.
     pub fn load(path: &Path, container_id: &str) -> Result<Bundle, SpecError> {
+        Bundle::load_resolving(path, container_id, &|_| None)
+    }
+
+    /// [`Bundle::load`], with `owner` telling which namespace paths are other runvm
+    /// containers' (whose namespaces this container then joins, in their VM).
+    pub fn load_resolving(
+        path: &Path,
+        container_id: &str,
+        owner: NamespaceOwner<'_>,
+    ) -> Result<Bundle, SpecError> {
         let spec = load(path)?;
-        let prepared = prepare(path, &spec, container_id)?;
+        let prepared = prepare_resolving(path, &spec, container_id, owner)?;
         let annotations = spec
             .get("annotations")
             .and_then(Value::as_object)
@@ -120,9 +149,11 @@ impl Bundle {
                     .collect()
             })
             .unwrap_or_default();
+        let network_joined = prepared.member_of.is_some()
+            && network_namespace(&spec).is_some_and(|p| owner(&p).is_some());
         Ok(Bundle {
             path: path.to_path_buf(),
-            netns: network_namespace(&spec),
+            netns: network_namespace(&spec).filter(|_| !network_joined),
             annotations,
             prepared,
             spec,
@@ -195,8 +226,19 @@ fn has_dotdot(p: &Path) -> bool {
     p.components().any(|c| c == Component::ParentDir)
 }
 
-/// Checks `spec` of the bundle and rewrites it for container `container_id`.
+/// Checks `spec` of the bundle and rewrites it for container `container_id`; no namespace
+/// path is another container's.
 pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<PreparedSpec, SpecError> {
+    prepare_resolving(bundle, spec, container_id, &|_| None)
+}
+
+/// [`prepare`], with `owner` telling which namespace paths are other runvm containers'.
+pub fn prepare_resolving(
+    bundle: &Path,
+    spec: &Value,
+    container_id: &str,
+    owner: NamespaceOwner<'_>,
+) -> Result<PreparedSpec, SpecError> {
     let file = bundle.join("config.json");
     let mut guest = spec.clone();
     let process = spec
@@ -323,17 +365,21 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty() && *s != container_id)
         .map(str::to_string);
-    let joined = namespaces_to_join(&file, spec, pod_sandbox.is_some())?;
+    let joined = namespaces_to_join(&file, spec, pod_sandbox.is_some(), owner)?;
     if let Some(linux) = guest.get_mut("linux").and_then(Value::as_object_mut) {
         if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
-            // A namespace path names a host namespace; the guest cannot join it. The network
-            // namespace entry goes entirely (the container shares the VM's network, which is
-            // the pod's); a pod's container joins its sandbox container's IPC, UTS and PID
-            // namespaces in the guest, as it would on the host (the agent resolves them, see
-            // `POD_NAMESPACES_ANNOTATION`). Any other path was refused above.
+            // A namespace path names a host namespace; the guest cannot join it. A host
+            // network namespace entry goes entirely (the container shares the VM's network,
+            // which is the pod's); a pod's container joins its sandbox container's IPC, UTS
+            // and PID namespaces in the guest, as it would on the host, and a container that
+            // names another runvm container's namespaces joins them in that container's VM
+            // (the agent resolves them, see `POD_NAMESPACES_ANNOTATION`). Any other path was
+            // refused above.
+            let network_joined = joined.types.iter().any(|t| t == "network");
             namespaces.retain(|ns| {
                 !(ns.get("type").and_then(Value::as_str) == Some("network")
-                    && ns.get("path").is_some())
+                    && ns.get("path").is_some()
+                    && !network_joined)
             });
             for ns in namespaces.iter_mut() {
                 if let Some(obj) = ns.as_object_mut() {
@@ -346,7 +392,8 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
             Value::from(format!("/runvm/{container_id}")),
         );
     }
-    if let (Some(sandbox), false) = (&pod_sandbox, joined.is_empty()) {
+    let join_target = pod_sandbox.as_ref().or(joined.member_of.as_ref());
+    if let (Some(sandbox), false) = (join_target, joined.types.is_empty()) {
         if let Some(obj) = guest.as_object_mut() {
             let annotations = obj
                 .entry("annotations")
@@ -354,7 +401,7 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
             if let Some(annotations) = annotations.as_object_mut() {
                 annotations.insert(
                     POD_NAMESPACES_ANNOTATION.into(),
-                    Value::from(format!("{sandbox}:{}", joined.join(","))),
+                    Value::from(format!("{sandbox}:{}", joined.types.join(","))),
                 );
             }
         }
@@ -380,19 +427,32 @@ pub fn prepare(bundle: &Path, spec: &Value, container_id: &str) -> Result<Prepar
         binds,
         terminal,
         hooks,
+        member_of: joined.member_of,
     })
 }
 
-/// The namespaces a pod's container joins in the guest (of `ipc`, `uts`, `pid`: those given by
-/// path). Any other namespace path than the network's is refused, naming it: it names a host
-/// namespace, which the guest cannot join, and joining another runvm container's namespaces
-/// would need the container in that container's VM, which only the shim does (for a pod).
+/// The namespaces a container joins in the guest, and whose.
+#[derive(Debug, Default)]
+struct Joined {
+    /// Namespace types (`ipc`, `uts`, `pid`, and for another runvm container also `network`
+    /// and `cgroup`).
+    types: Vec<String>,
+    /// The runvm container named by the paths (not a CRI pod's sandbox container).
+    member_of: Option<String>,
+}
+
+/// The namespaces a container joins in the guest: a pod's container those of `ipc`, `uts`,
+/// `pid` given by path (its pod sandbox container's); any container those given as
+/// `/proc/PID/ns/TYPE` of another runvm container (`owner` tells), all of one container. Any
+/// other namespace path than a host network namespace is refused, naming it: it names a host
+/// namespace, which the guest cannot join.
 fn namespaces_to_join(
     file: &Path,
     spec: &Value,
     pod_container: bool,
-) -> Result<Vec<String>, SpecError> {
-    let mut joined = Vec::new();
+    owner: NamespaceOwner<'_>,
+) -> Result<Joined, SpecError> {
+    let mut joined = Joined::default();
     let namespaces = spec
         .pointer("/linux/namespaces")
         .and_then(Value::as_array)
@@ -403,23 +463,74 @@ fn namespaces_to_join(
         let Some(path) = ns.get("path").and_then(Value::as_str) else {
             continue;
         };
-        if typ == "network" {
+        let at = format!("linux.namespaces[{i}].path");
+        if pod_container && matches!(typ, "ipc" | "uts" | "pid") {
+            joined.types.push(typ.to_string());
             continue;
         }
-        if pod_container && matches!(typ, "ipc" | "uts" | "pid") {
-            joined.push(typ.to_string());
+        if let Some(container) = owner(Path::new(path)) {
+            let Some((_, proc_name)) = JOINABLE_NAMESPACES.iter().find(|(t, _)| *t == typ) else {
+                return Err(invalid(
+                    file,
+                    &at,
+                    format!(
+                        "cannot join the {typ} namespace of container {container} ({path}): \
+                         runvm joins another container's ipc, uts, pid, network and cgroup \
+                         namespaces (in its VM); leave out the path for a new {typ} namespace"
+                    ),
+                ));
+            };
+            let named = Path::new(path).file_name().and_then(|n| n.to_str());
+            if named != Some(proc_name) {
+                return Err(invalid(
+                    file,
+                    &at,
+                    format!(
+                        "{path} is not a {typ} namespace (a {typ} namespace is \
+                         /proc/PID/ns/{proc_name})"
+                    ),
+                ));
+            }
+            match &joined.member_of {
+                Some(first) if *first != container => {
+                    return Err(invalid(
+                        file,
+                        &at,
+                        format!(
+                            "{path} is a namespace of container {container}, another one of \
+                             container {first}: a container joins the namespaces of one \
+                             container (it runs in that container's VM)"
+                        ),
+                    ))
+                }
+                _ => joined.member_of = Some(container),
+            }
+            joined.types.push(typ.to_string());
+            continue;
+        }
+        if typ == "network" {
             continue;
         }
         return Err(invalid(
             file,
-            &format!("linux.namespaces[{i}].path"),
+            &at,
             format!(
-                "cannot join the {typ} namespace at {path}: a runvm container runs in a VM of \
-                 its own, where host namespaces do not exist; only the network namespace may be \
-                 given by path (the VM runs in it), and only containers of a pod, through \
-                 containerd-shim-runvm-v2, share ipc, uts and pid namespaces (of the pod's \
-                 sandbox container); leave out the path for a new {typ} namespace"
+                "cannot join the {typ} namespace at {path}: a runvm container runs in a VM, \
+                 where host namespaces do not exist; only the network namespace may be given \
+                 by path as a host namespace (the VM runs in it). To share namespaces with another runvm \
+                 container, give /proc/PID/ns/TYPE with its pid as `runvm state` prints it \
+                 (ipc, uts, pid, network, cgroup: the container is then made in that \
+                 container's VM); only containers of a pod, through containerd-shim-runvm-v2, \
+                 share ipc, uts and pid namespaces of the pod's sandbox container; leave out \
+                 the path for a new {typ} namespace"
             ),
+        ));
+    }
+    if pod_container && joined.member_of.is_some() {
+        return Err(invalid(
+            file,
+            "linux.namespaces",
+            "a container of a CRI pod joins its pod's namespaces only",
         ));
     }
     Ok(joined)

@@ -307,3 +307,111 @@ fn an_oversize_config_json_is_refused_naming_its_size_and_the_cap() {
     std::fs::write(&file, &text).unwrap();
     load(b.path()).unwrap();
 }
+
+/// The command line's resolver in miniature: pid 42 is container `a`'s, 43 container `b`'s.
+fn owner_of(path: &Path) -> Option<String> {
+    let s = path.to_str()?;
+    if s.starts_with("/proc/42/ns/") {
+        Some("a".into())
+    } else if s.starts_with("/proc/43/ns/") {
+        Some("b".into())
+    } else {
+        None
+    }
+}
+
+#[test]
+fn namespaces_of_another_container_are_joined_in_its_vm() {
+    let b = bundle();
+    let mut spec = minimal();
+    spec["linux"]["namespaces"] = json!([
+        {"type": "ipc", "path": "/proc/42/ns/ipc"},
+        {"type": "uts", "path": "/proc/42/ns/uts"},
+        {"type": "pid", "path": "/proc/42/ns/pid"},
+        {"type": "network", "path": "/proc/42/ns/net"},
+        {"type": "cgroup", "path": "/proc/42/ns/cgroup"},
+        {"type": "mount"}
+    ]);
+    let p = prepare_resolving(b.path(), &spec, "c1", &owner_of).unwrap();
+    assert_eq!(p.member_of.as_deref(), Some("a"));
+    assert_eq!(
+        p.guest_spec["annotations"][POD_NAMESPACES_ANNOTATION],
+        "a:ipc,uts,pid,network,cgroup"
+    );
+    // Every entry stays (the agent fills in the paths of `a`'s init in the guest), the
+    // network one too: it is `a`'s namespace in the guest, not a host one.
+    let namespaces = p.guest_spec["linux"]["namespaces"].as_array().unwrap();
+    assert_eq!(namespaces.len(), 6);
+    assert!(namespaces.iter().all(|ns| ns.get("path").is_none()));
+}
+
+#[test]
+fn a_host_network_namespace_stays_the_vms_when_other_namespaces_are_joined() {
+    let b = bundle();
+    std::fs::write(b.path().join("config.json"), {
+        let mut spec = minimal();
+        spec["linux"]["namespaces"] = json!([
+            {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            {"type": "network", "path": "/var/run/netns/cni-1"}
+        ]);
+        spec.to_string()
+    })
+    .unwrap();
+    let loaded = Bundle::load_resolving(b.path(), "c1", &owner_of).unwrap();
+    assert_eq!(loaded.prepared.member_of.as_deref(), Some("a"));
+    assert_eq!(loaded.netns, Some(PathBuf::from("/var/run/netns/cni-1")));
+    let namespaces = loaded.prepared.guest_spec["linux"]["namespaces"]
+        .as_array()
+        .unwrap();
+    assert!(namespaces.iter().all(|ns| ns["type"] != "network"));
+
+    // Joining the network of `a` instead: no host network namespace for the container.
+    std::fs::write(b.path().join("config.json"), {
+        let mut spec = minimal();
+        spec["linux"]["namespaces"] = json!([{"type": "network", "path": "/proc/42/ns/net"}]);
+        spec.to_string()
+    })
+    .unwrap();
+    let loaded = Bundle::load_resolving(b.path(), "c1", &owner_of).unwrap();
+    assert_eq!(loaded.netns, None);
+    assert_eq!(loaded.prepared.member_of.as_deref(), Some("a"));
+}
+
+#[test]
+fn joining_another_containers_namespaces_refuses_what_cannot_be_done_naming_it() {
+    let b = bundle();
+    let cases = [
+        (
+            json!([{"type": "mount", "path": "/proc/42/ns/mnt"}]),
+            "cannot join the mount namespace of container a (/proc/42/ns/mnt)",
+        ),
+        (
+            json!([{"type": "user", "path": "/proc/42/ns/user"}]),
+            "cannot join the user namespace of container a",
+        ),
+        (
+            json!([{"type": "ipc", "path": "/proc/42/ns/uts"}]),
+            "/proc/42/ns/uts is not a ipc namespace (a ipc namespace is /proc/PID/ns/ipc)",
+        ),
+        (
+            json!([
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": "/proc/43/ns/uts"}
+            ]),
+            "/proc/43/ns/uts is a namespace of container b, another one of container a",
+        ),
+        (
+            json!([{"type": "ipc", "path": "/proc/44/ns/ipc"}]),
+            "give /proc/PID/ns/TYPE with its pid as `runvm state` prints it",
+        ),
+    ];
+    for (namespaces, expected) in cases {
+        let mut spec = minimal();
+        spec["linux"]["namespaces"] = namespaces;
+        let err = prepare_resolving(b.path(), &spec, "c1", &owner_of)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("linux.namespaces["), "{err}");
+        assert!(err.contains(expected), "{err}\nexpected: {expected}");
+    }
+}

@@ -12,6 +12,7 @@ use super::{BootReport, Sandbox, SandboxSettings};
 use crate::agent::TtrpcConnector;
 use crate::config::{resolve_program, Config, VsockMode};
 use crate::error::SandboxError;
+use crate::host_cgroup;
 use crate::id::SandboxId;
 use crate::pod_config::{pod_config, HostCapacity};
 use crate::state::State;
@@ -108,12 +109,14 @@ pub fn sandbox_settings(config: &Config, id: &SandboxId) -> Result<SandboxSettin
             // vhost-net needs KVM's ioeventfds; under TCG QEMU does the work itself.
             vhost_net: accelerator == Accelerator::Kvm && Path::new("/dev/vhost-net").exists(),
             tcg_tb_size_mib: config.hypervisor.tcg_tb_size_mib,
+            cgroup_procs: Vec::new(),
         },
         boot_timeout: config.agent.boot_timeout(),
         stop_timeout: Duration::from_millis(config.hypervisor.stop_timeout_ms),
         ready_signal: true,
         netns: None,
         network_model: config.network.model,
+        host_cgroup: None,
     })
 }
 
@@ -137,12 +140,32 @@ pub async fn create_qemu_sandbox_in(
     annotations: BTreeMap<String, String>,
     netns: Option<PathBuf>,
 ) -> Result<(Sandbox, BootReport), SandboxError> {
+    create_qemu_sandbox_for(config, id, annotations, netns, None).await
+}
+
+/// As [`create_qemu_sandbox_in`], the VM's processes in the host cgroup the sandbox
+/// container's OCI `spec` names (`linux.cgroupsPath`, `linux.resources`; see
+/// [`crate::host_cgroup`]): a bad path or value is refused before anything is made.
+pub async fn create_qemu_sandbox_for(
+    config: &Config,
+    id: SandboxId,
+    annotations: BTreeMap<String, String>,
+    netns: Option<PathBuf>,
+    spec: Option<&serde_json::Value>,
+) -> Result<(Sandbox, BootReport), SandboxError> {
     let (config, size) = pod_config(config, &annotations, HostCapacity::detect())?;
     let config = &config;
     let mut settings = sandbox_settings(config, &id)?;
     settings.vm.vcpus = size.vcpus;
     settings.vm.memory_mib = size.memory_mib;
     settings.netns = netns;
+    if let Some(spec) = spec {
+        settings.host_cgroup =
+            host_cgroup::request_from_spec(spec, config.runtime.vm_memory_overhead_mib)?;
+        if let Some(request) = &settings.host_cgroup {
+            settings.vm.cgroup_procs = host_cgroup::procs_files(&request.record.path)?;
+        }
+    }
     let qemu = Qemu::new(qemu_settings(config)?);
     let store = Store::open(config.runtime.root.clone())?;
     Sandbox::create(

@@ -15,8 +15,8 @@ mod purge;
 
 pub use containers::{ContainerStatus, ExecRequest, NewContainer};
 pub use factory::{
-    create_qemu_sandbox, create_qemu_sandbox_in, open_sandbox, qemu_settings, resolve_vsock,
-    sandbox_settings, SHARED_FS_TAG,
+    create_qemu_sandbox, create_qemu_sandbox_for, create_qemu_sandbox_in, open_sandbox,
+    qemu_settings, resolve_vsock, sandbox_settings, SHARED_FS_TAG,
 };
 pub use monitor::VmFailure;
 pub use purge::{purge, PurgeReport};
@@ -83,6 +83,9 @@ pub struct SandboxSettings {
     pub netns: Option<PathBuf>,
     /// How the VM joins it.
     pub network_model: crate::network::NetworkModel,
+    /// The host cgroup the VM's processes go into (`linux.cgroupsPath`), made before the VM
+    /// starts and removed with the sandbox; `vm.cgroup_procs` names its `cgroup.procs` files.
+    pub host_cgroup: Option<crate::host_cgroup::HostCgroupRequest>,
 }
 
 /// The state of a sandbox and its containers.
@@ -132,6 +135,7 @@ impl Sandbox {
     ) -> Result<(Sandbox, BootReport), SandboxError> {
         let mut record = SandboxRecord::new(id, settings.vm.clone(), config.clone());
         record.annotations = annotations;
+        record.host_cgroup = settings.host_cgroup.as_ref().map(|r| r.record.clone());
         if let Some(loaded) = timeline::config_loaded_at().filter(|t| *t <= record.created_at) {
             record.timeline.insert(0, ("config-loaded".into(), loaded));
         }
@@ -142,6 +146,15 @@ impl Sandbox {
             },
             other => other.into(),
         })?;
+        // Recorded above, made before any process of the VM exists.
+        if let Some(request) = &settings.host_cgroup {
+            if let Err(e) = crate::host_cgroup::create(request) {
+                if let Err(rm) = store.remove_sandbox(lock) {
+                    tracing::warn!(error = %rm, "removing the sandbox after a failed cgroup");
+                }
+                return Err(e.into());
+            }
+        }
         let mut sandbox = Sandbox {
             store,
             record,
@@ -163,6 +176,11 @@ impl Sandbox {
                 }
                 if let Err(net) = sandbox.teardown_network_now().await {
                     tracing::warn!(error = %net, "removing the pod network after a failed boot");
+                }
+                if let Some(cgroup) = &sandbox.record.host_cgroup {
+                    if let Err(rm) = crate::host_cgroup::remove(cgroup) {
+                        tracing::warn!(error = %rm, "removing the host cgroup after a failed boot");
+                    }
                 }
                 if let Err(rm) = sandbox.store.remove_sandbox(lock) {
                     tracing::warn!(error = %rm, "removing the sandbox after a failed boot");
@@ -633,6 +651,10 @@ impl Sandbox {
         let lock = self
             .store
             .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
+        // The VM is gone: its host cgroup goes before the record that names it.
+        if let Some(cgroup) = &self.record.host_cgroup {
+            crate::host_cgroup::remove(cgroup)?;
+        }
         self.store.remove_sandbox(lock)?;
         for c in &containers {
             self.run_warn_hooks(crate::container::hooks::Stage::Poststop, c)

@@ -7,6 +7,7 @@
 //!   match) and those found running with a socket in the sandbox's VM run folder (a process
 //!   spawned an instant before its creator died, not yet recorded);
 //! - the pod network runvm made (from a readable record);
+//! - the VM's host cgroup (from a readable record; its processes killed);
 //! - every mount under the sandbox folder (from the mount table, not from the record);
 //! - the folder and the VM run folder (paths computed from the root and the id).
 
@@ -258,6 +259,10 @@ pub async fn purge(
                 tracing::warn!(error = %e, "removing the pod network");
             }
         }
+    }
+    if let Some(cgroup) = record.as_ref().and_then(|r| r.host_cgroup.as_ref()) {
+        // Kills whatever is still in it (a stand-in, a helper spawned unrecorded).
+        crate::host_cgroup::remove(cgroup)?;
     }
     report.unmounted = unmount_under(store, id);
     // Read before the records go: their poststop hooks run once the container is gone.

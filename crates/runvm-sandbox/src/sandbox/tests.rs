@@ -44,12 +44,14 @@ fn fixture(boot_timeout: Duration) -> Fixture {
             hotplug_ports: 0,
             vhost_net: false,
             tcg_tb_size_mib: 0,
+            cgroup_procs: Vec::new(),
         },
         boot_timeout,
         stop_timeout: Duration::from_secs(1),
         ready_signal: false,
         netns: None,
         network_model: Default::default(),
+        host_cgroup: None,
     };
     let mut config = Config::default();
     config.runtime.root = root.path().to_path_buf();

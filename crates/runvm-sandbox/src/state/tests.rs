@@ -29,6 +29,7 @@ pub(crate) fn sample_sandbox(id: &str) -> SandboxRecord {
         hotplug_ports: 0,
         vhost_net: false,
         tcg_tb_size_mib: 0,
+        cgroup_procs: Vec::new(),
     };
     let mut config = Config::default();
     config.hypervisor.vcpus = 2;
