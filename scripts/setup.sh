@@ -10,7 +10,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 need_pkgs=()
 for p in qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev pkg-config cpio busybox-static \
-         containerd runc containernetworking-plugins umoci protobuf-compiler; do
+         containerd runc containernetworking-plugins umoci protobuf-compiler iptables; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

@@ -1,8 +1,9 @@
 //! runvm-agent: PID 1 of a runvm sandbox VM.
 //!
 //! As PID 1 it mounts the kernel file systems, loads the kernel modules listed in
-//! `/lib/modules/load-order`, reaps orphans, and serves the agent API (ttrpc) on vsock port
-//! 1024. A `Shutdown` request or SIGTERM makes it sync and power the VM off.
+//! `/lib/modules/load-order`, reaps orphans, serves the agent API (ttrpc) on vsock port 1024
+//! and port-forward streams on vsock port 1026 (`portfwd`). A `Shutdown` request or SIGTERM
+//! makes it sync and power the VM off.
 //!
 //! For tests on the host it can run as an ordinary process serving a unix socket:
 //! `runvm-agent --listen unix:///tmp/agent.sock` (no mounts, no modules, exit instead of
@@ -13,6 +14,7 @@ mod error;
 mod hotplug;
 mod init;
 mod network;
+mod portfwd;
 mod reaper;
 mod service;
 
@@ -120,6 +122,7 @@ async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
         .map_err(|e| format!("cannot serve on {listen}: {e}"))?;
     tracing::info!(address = %listen, version = env!("CARGO_PKG_VERSION"), "runvm-agent listening");
     if listen.starts_with("vsock://") {
+        tokio::spawn(portfwd::serve_vsock());
         tokio::spawn(announce_ready());
     }
 

@@ -22,6 +22,8 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod portfwd;
+
 pub use ttrpc;
 
 /// The vsock port the agent listens on.

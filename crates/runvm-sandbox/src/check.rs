@@ -234,6 +234,17 @@ pub fn run(config: &Config) -> CheckReport {
         "mount cgroup2 on /sys/fs/cgroup",
         false,
     ));
+    let iptables = crate::network::portfwd::find_iptables();
+    items.push(item(
+        "iptables (kubectl port-forward)",
+        iptables.is_ok(),
+        match &iptables {
+            Ok(p) => p.display().to_string(),
+            Err(e) => e.to_string(),
+        },
+        "apt-get install iptables (or run scripts/setup.sh); pods run without it, but CRI PortForward cannot reach them",
+        false,
+    ));
     let accelerator = h.accelerator.resolve(&host).map_err(|e| e.to_string());
     CheckReport { items, accelerator }
 }

@@ -18,6 +18,7 @@ pub mod host_cgroup;
 mod id;
 pub mod network;
 pub mod pod_config;
+pub mod portfwd;
 pub mod regular_file;
 pub mod run;
 pub mod sandbox;

@@ -158,6 +158,7 @@ impl Inner {
                     Ok(agent) => self.spawn_background(agent),
                     Err(e) => tracing::warn!(error = %e, "no agent for the monitor"),
                 }
+                self.spawn_port_forward(&mut sb).await;
                 *guard = Some(sb);
             }
             (Some(sb), Placement::Pod(pod)) if sb.id().as_str() == pod => {}
@@ -220,5 +221,28 @@ impl Inner {
             p.start_io(&agent, &process);
             Ok(())
         })
+    }
+}
+
+impl Inner {
+    /// Serves `kubectl port-forward` for the pod (containerd dials `localhost:PORT` in the
+    /// pod's network namespace; runvm_sandbox::portfwd carries it into the VM) until the
+    /// sandbox goes (`stop_background`). Without it the pod still runs: a failure is logged.
+    async fn spawn_port_forward(self: &Arc<Self>, sb: &mut runvm_sandbox::Sandbox) {
+        match sb.start_port_forward().await {
+            Ok(Some(forwarder)) => {
+                let task = tokio::spawn(forwarder.serve());
+                self.background
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(task);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                sandbox = %sb.id(),
+                error = %runvm_sandbox::ErrorChain(&e),
+                "no port forwarding for the pod"
+            ),
+        }
     }
 }

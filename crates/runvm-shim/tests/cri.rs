@@ -794,3 +794,358 @@ fn cri_pods_shm_and_memory_empty_dir_are_guest_memory_shared_by_its_containers()
     });
     env.assert_clean();
 }
+
+/// Waits until the CRI plugin sees the imported images.
+async fn wait_for_images(images: &mut ImageServiceClient<Channel>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for image in [BUSYBOX, "docker.io/library/pause:latest"] {
+        loop {
+            let status = images
+                .image_status(ImageStatusRequest {
+                    image: Some(ImageSpec {
+                        image: image.into(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                })
+                .await
+                .expect("ImageStatus")
+                .into_inner();
+            if status.image.is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{image} never reached CRI");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A minimal WebSocket client for the streaming server's port-forward endpoint (Kubernetes'
+/// `v4.channel.k8s.io`: each binary message starts with its channel, 0 = data, 1 = error).
+mod ws {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct Client {
+        stream: TcpStream,
+    }
+
+    /// Opens `url` (`http://HOST:PORT/PATH`) with the WebSocket upgrade.
+    pub async fn connect(url: &str) -> std::io::Result<Client> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| std::io::Error::other(format!("not an http URL: {url}")))?;
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let mut stream = TcpStream::connect(host).await?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: cnVudm0tcG9ydGZ3ZC10ZXN0\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: v4.channel.k8s.io\r\nOrigin: http://{host}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await?);
+            if head.len() > 8192 {
+                return Err(std::io::Error::other("handshake answer too long"));
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        if !head.starts_with("HTTP/1.1 101") {
+            return Err(std::io::Error::other(format!("handshake refused: {head}")));
+        }
+        Ok(Client { stream })
+    }
+
+    impl Client {
+        /// Sends `data` on `channel` (one masked binary frame, as a client must).
+        pub async fn send(&mut self, channel: u8, data: &[u8]) -> std::io::Result<()> {
+            let payload: Vec<u8> = std::iter::once(channel)
+                .chain(data.iter().copied())
+                .collect();
+            let mask = [0x5a, 0x17, 0xc3, 0x81];
+            let mut frame = vec![0x82];
+            match payload.len() {
+                n if n < 126 => frame.push(0x80 | n as u8),
+                n if n < 65536 => {
+                    frame.push(0x80 | 126);
+                    frame.extend((n as u16).to_be_bytes());
+                }
+                n => {
+                    frame.push(0x80 | 127);
+                    frame.extend((n as u64).to_be_bytes());
+                }
+            }
+            frame.extend(mask);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            self.stream.write_all(&frame).await
+        }
+
+        /// The next data message: `(channel, bytes)`; `None` once the server closed.
+        pub async fn recv(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+            loop {
+                let b0 = match self.stream.read_u8().await {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let b1 = self.stream.read_u8().await?;
+                let mut len = u64::from(b1 & 0x7f);
+                if len == 126 {
+                    len = u64::from(self.stream.read_u16().await?);
+                } else if len == 127 {
+                    len = self.stream.read_u64().await?;
+                }
+                let mask = if b1 & 0x80 != 0 {
+                    let mut m = [0u8; 4];
+                    self.stream.read_exact(&mut m).await?;
+                    Some(m)
+                } else {
+                    None
+                };
+                let mut payload = vec![0u8; len as usize];
+                self.stream.read_exact(&mut payload).await?;
+                if let Some(m) = mask {
+                    for (i, b) in payload.iter_mut().enumerate() {
+                        *b ^= m[i % 4];
+                    }
+                }
+                match b0 & 0x0f {
+                    0x8 => return Ok(None),
+                    0x1 | 0x2 if !payload.is_empty() => {
+                        return Ok(Some((payload[0], payload[1..].to_vec())))
+                    }
+                    _ => continue,
+                }
+            }
+        }
+    }
+}
+
+/// The pod network namespace runvm recorded for `pod_id` and its port-forward rule's port.
+fn recorded_netns(env: &Env, pod_id: &str) -> (String, Option<u64>) {
+    let path = env
+        .dir
+        .path()
+        .join("runvm")
+        .join(pod_id)
+        .join("sandbox.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let record: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let network = &record["network"];
+    (
+        network["netns"].as_str().expect("a pod netns").to_string(),
+        network["port_forward"]["listen_port"].as_u64(),
+    )
+}
+
+/// `iptables -t nat -S OUTPUT` inside the namespace at `netns`.
+fn nat_output_rules(netns: &str) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["iptables", "-w", "5", "-t", "nat", "-S", "OUTPUT"])
+        .output()
+        .expect("running nsenter iptables");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// CRI `PortForward` through containerd's streaming server, as `kubectl port-forward` does:
+/// until the page comes back (the server may still be starting), at most 30 s.
+async fn port_forward_get(rt: &mut Runtime, pod_id: &str, port: i32) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let url = rt
+            .port_forward(k8s_cri::v1::PortForwardRequest {
+                pod_sandbox_id: pod_id.into(),
+                port: vec![port],
+            })
+            .await
+            .expect("PortForward")
+            .into_inner()
+            .url;
+        let attempt = async {
+            let mut ws = ws::connect(&url).await?;
+            ws.send(0, b"GET / HTTP/1.0\r\n\r\n").await?;
+            let (mut data, mut errors) = (Vec::new(), Vec::new());
+            // Each channel starts with the port (2 bytes, little-endian).
+            let (mut data_prefix, mut error_prefix) = (true, true);
+            while let Some((channel, bytes)) = ws.recv().await? {
+                let (prefix, sink) = match channel {
+                    0 => (&mut data_prefix, &mut data),
+                    _ => (&mut error_prefix, &mut errors),
+                };
+                if *prefix {
+                    assert_eq!(bytes[..2], (port as u16).to_le_bytes(), "port prefix");
+                    *prefix = false;
+                    sink.extend(&bytes[2..]);
+                } else {
+                    sink.extend(bytes);
+                }
+                if String::from_utf8_lossy(&data).contains("portfwd-page") {
+                    break;
+                }
+            }
+            Ok::<_, std::io::Error>((
+                String::from_utf8_lossy(&data).into_owned(),
+                String::from_utf8_lossy(&errors).into_owned(),
+            ))
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok((page, _))) if page.contains("portfwd-page") => return page,
+            other => last = format!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("port-forward to {port} never carried the page: {last}");
+}
+
+/// As containerd's forwarder does: connects to `127.0.0.1:port` inside the network namespace
+/// `netns` (on a thread that joined it), sends `data`, half-closes, reads to the end.
+fn loopback_exchange_in_netns(netns: &str, port: u16, data: &[u8]) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(netns)?;
+    let data = data.to_vec();
+    std::thread::spawn(move || {
+        // SAFETY: setns only changes this short-lived thread's namespace; `ns` is an open
+        // namespace file.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .expect("the netns thread")
+}
+
+#[test]
+fn cri_port_forward_reaches_a_loopback_port_in_the_pod_vm_and_leaves_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start_cri("runvmpf0", "10.231.79.0/24");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let ch = channel(&env.socket).await;
+        let mut rt = RuntimeServiceClient::new(ch.clone());
+        wait_for_images(&mut ImageServiceClient::new(ch)).await;
+        let pod = pod_config(&env);
+        let pod_id = rt
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod.clone()),
+                runtime_handler: "runvm".into(),
+            })
+            .await
+            .expect("RunPodSandbox")
+            .into_inner()
+            .pod_sandbox_id;
+        // The server listens on the guest's loopback only: nothing else could reach it.
+        let _web = start_container(
+            &mut rt,
+            &pod_id,
+            &pod,
+            "web",
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo portfwd-page > /www/index.html && \
+                 exec httpd -f -p 127.0.0.1:8080 -h /www",
+            ],
+            false,
+        )
+        .await;
+
+        // The rule is in the pod's namespace, recorded, and catches only loopback TCP.
+        let (netns, listen_port) = recorded_netns(&env, &pod_id);
+        let listen_port = listen_port.expect("a recorded port-forward rule");
+        let rules = nat_output_rules(&netns);
+        let expected = format!(
+            "-A OUTPUT -d 127.0.0.1/32 -o lo -p tcp -m comment --comment \"runvm-portfwd:{pod_id}\" \
+             -j REDIRECT --to-ports {listen_port}"
+        );
+        assert!(rules.contains(&expected), "{rules}");
+        assert!(
+            !nat_output_rules(&format!("/proc/{}/ns/net", std::process::id()))
+                .contains("runvm-portfwd"),
+            "a rule in the host's (the test's) namespace"
+        );
+
+        // Data both ways through containerd's streaming server, twice (two connections).
+        for _ in 0..2 {
+            let page = port_forward_get(&mut rt, &pod_id, 8080).await;
+            assert!(page.starts_with("HTTP/1."), "{page:?}");
+            assert!(page.contains("portfwd-page"), "{page:?}");
+        }
+
+        // A half-close crosses the VM boundary: the guest's `wc -c` reads to EOF, then answers
+        // on the same connection (200,000 bytes: many frames, vsock credit updates).
+        let _echo = start_container(
+            &mut rt,
+            &pod_id,
+            &pod,
+            "count",
+            &[
+                "sh",
+                "-c",
+                "printf '#!/bin/sh\\nwc -c\\necho done\\n' > /count && chmod +x /count && \
+                 exec nc -ll -p 9090 -e /count",
+            ],
+            false,
+        )
+        .await;
+        // RUNVM_PORTFWD_BYTES sends more, to measure (docs/networking.md).
+        let size: usize = std::env::var("RUNVM_PORTFWD_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        let data = vec![b'x'; size];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let started = Instant::now();
+            let got = loopback_exchange_in_netns(&netns, 9090, &data);
+            match &got {
+                Ok(text) if text.split_whitespace().eq([size.to_string().as_str(), "done"]) => {
+                    eprintln!(
+                        "port-forward: {size} bytes in, answer out in {:?}",
+                        started.elapsed()
+                    );
+                    break;
+                }
+                _ => assert!(Instant::now() < deadline, "half-close exchange: {got:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+
+        // Keep the namespace alive past the pod, to see that runvm removed its rule (rather
+        // than the rule going with the namespace).
+        let held = std::fs::File::open(&netns).expect("opening the pod's netns");
+        let held_path = format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            std::os::fd::AsRawFd::as_raw_fd(&held)
+        );
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+        let rules = nat_output_rules(&held_path);
+        assert!(!rules.contains("runvm-portfwd"), "rule left: {rules}");
+        drop(held);
+    });
+    env.assert_clean();
+}

@@ -12,7 +12,8 @@ mod types;
 
 pub use mock::{MockAgent, MockAgentConnector, MockAgentState, MockContainer, MockProcess};
 pub use network::{Interface, IpNet, Neighbor, Route};
-pub use ttrpc_client::{TtrpcAgent, TtrpcConnector};
+pub(crate) use ttrpc_client::describe as describe_address;
+pub use ttrpc_client::{open_vsock_stream, TtrpcAgent, TtrpcConnector, VsockIo};
 pub use types::{
     ContainerStats, CpuStats, CreateContainer, ExitStatus, GuestProcess, MemoryStats, NetworkStats,
     OutputChunk, ProcessRef, StdioSpec, Storage,

@@ -62,8 +62,18 @@ impl std::fmt::Debug for TtrpcAgent {
     }
 }
 
+/// A byte stream to a guest vsock port: a unix socket (hybrid vsock) or an AF_VSOCK socket.
+pub trait VsockIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> VsockIo for T {}
+
 /// Opens the byte stream to the agent's port.
 async fn open_stream(address: &AgentAddress) -> Result<Socket, String> {
+    Ok(Socket::new(open_vsock_stream(address).await?))
+}
+
+/// Opens a byte stream to the guest port of `address` (with hybrid vsock: the unix socket and
+/// the `CONNECT` handshake, whose answer is read byte by byte and bounded).
+pub async fn open_vsock_stream(address: &AgentAddress) -> Result<Box<dyn VsockIo>, String> {
     match address {
         AgentAddress::HybridVsock { uds_path, port } => {
             let mut stream = tokio::net::UnixStream::connect(uds_path)
@@ -98,19 +108,20 @@ async fn open_stream(address: &AgentAddress) -> Result<Socket, String> {
                     "vsock handshake answered {line:?}, expected \"OK <port>\""
                 ));
             }
-            Ok(Socket::new(stream))
+            Ok(Box::new(stream))
         }
         AgentAddress::Vsock { cid, port } => {
             let stream =
                 tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port))
                     .await
                     .map_err(|e| e.to_string())?;
-            Ok(Socket::new(stream))
+            Ok(Box::new(stream))
         }
     }
 }
 
-fn describe(address: &AgentAddress) -> String {
+/// How `address` reads in messages.
+pub(crate) fn describe(address: &AgentAddress) -> String {
     match address {
         AgentAddress::HybridVsock { uds_path, port } => {
             format!("hybrid vsock {} port {port}", uds_path.display())

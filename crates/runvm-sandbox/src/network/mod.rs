@@ -8,6 +8,7 @@
 //! can remove exactly that, and nothing else, when the sandbox goes.
 
 pub mod host;
+pub mod portfwd;
 
 use std::path::{Path, PathBuf};
 
@@ -79,6 +80,14 @@ pub enum NetworkError {
     /// The request cannot be carried out as asked.
     #[error("{0}")]
     Invalid(String),
+    /// Port forwarding's listener or iptables rule could not be made or removed.
+    #[error("cannot {action}: {reason}")]
+    PortForward {
+        /// What was being done.
+        action: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl NetworkError {
@@ -89,7 +98,8 @@ impl NetworkError {
             NetworkError::Invalid(_) => ErrorKind::InvalidArgument,
             NetworkError::Netns { .. }
             | NetworkError::Netlink { .. }
-            | NetworkError::Tap { .. } => ErrorKind::Internal,
+            | NetworkError::Tap { .. }
+            | NetworkError::PortForward { .. } => ErrorKind::Internal,
         }
     }
 }
@@ -127,6 +137,9 @@ pub struct NetworkRecord {
     pub model: NetworkModel,
     /// The devices joined, in order.
     pub endpoints: Vec<Endpoint>,
+    /// The port-forward rule made in the namespace (while a forwarder serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_forward: Option<portfwd::PortForwardRule>,
 }
 
 /// What to hot-add: a device of the pod's namespace, optionally configured otherwise in the
@@ -223,6 +236,7 @@ pub async fn setup(netns: &Path, model: NetworkModel) -> Result<NetworkRecord, N
         netns: netns.to_path_buf(),
         model,
         endpoints: Vec::new(),
+        port_forward: None,
     };
     match model {
         NetworkModel::None => return Ok(record),

@@ -10,6 +10,7 @@ mod containers;
 mod factory;
 mod monitor;
 mod network;
+mod portfwd;
 mod purge;
 mod resize;
 

@@ -74,6 +74,9 @@ impl Sandbox {
     /// boot, before the record is gone).
     pub(super) async fn teardown_network_now(&mut self) -> Result<(), NetworkError> {
         if let Some(record) = &self.record.network {
+            if let Some(rule) = &record.port_forward {
+                network::portfwd::remove_rule(&record.netns, rule).await?;
+            }
             network::teardown(&record.netns, &record.endpoints).await?;
         }
         Ok(())
@@ -81,6 +84,7 @@ impl Sandbox {
 
     /// Removes what runvm made in the pod's namespace and forgets it. Idempotent.
     pub(super) async fn teardown_network(&mut self) -> Result<(), SandboxError> {
+        self.remove_port_forward_rule().await?;
         let Some(record) = self.record.network.clone() else {
             return Ok(());
         };

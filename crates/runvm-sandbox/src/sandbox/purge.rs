@@ -249,6 +249,11 @@ pub async fn purge(
         .map(|v| format!("{} {}", v.name, v.pid))
         .collect();
     if let Some(net) = record.as_ref().and_then(|r| r.network.as_ref()) {
+        if let Some(rule) = &net.port_forward {
+            if let Err(e) = crate::network::portfwd::remove_rule(&net.netns, rule).await {
+                tracing::warn!(error = %e, "removing the port-forward rule");
+            }
+        }
         if !net.endpoints.is_empty() {
             if let Err(e) = crate::network::teardown(&net.netns, &net.endpoints).await {
                 tracing::warn!(error = %e, "removing the pod network");
