@@ -193,10 +193,6 @@ pub fn sandbox_of(config: &Config, id: &ContainerId) -> Result<SandboxId, Standa
     }
 }
 
-fn sandbox_id(config: &Config, id: &ContainerId) -> Result<SandboxId, StandaloneError> {
-    sandbox_of(config, id)
-}
-
 fn not_found_as(id: &ContainerId, e: SandboxError) -> StandaloneError {
     if e.is_not_found() {
         StandaloneError::NotExist(id.to_string())
@@ -310,7 +306,7 @@ async fn create_member(
             st.status
         )));
     }
-    let sid = sandbox_id(config, &owner_id)?;
+    let sid = sandbox_of(config, &owner_id)?;
     let mut sb = open_sandbox(config, &sid).map_err(|e| not_found_as(&owner_id, e))?;
     if let Some(wanted) = &bundle.netns {
         let vm_netns = sb.record().network.as_ref().map(|n| n.netns.clone());
@@ -415,7 +411,7 @@ pub fn set_standin(
     id: &ContainerId,
     process: HostProcess,
 ) -> Result<(), StandaloneError> {
-    let path = standin_path(config, &sandbox_id(config, id)?, id);
+    let path = standin_path(config, &sandbox_of(config, id)?, id);
     let tmp = path.with_extension("tmp");
     let io = |action| {
         let path = path.clone();
@@ -432,7 +428,7 @@ pub fn set_standin(
 
 /// The stand-in of container `id`, if one was recorded.
 pub fn standin(config: &Config, id: &ContainerId) -> Option<HostProcess> {
-    standin_in(config, &sandbox_id(config, id).ok()?, id)
+    standin_in(config, &sandbox_of(config, id).ok()?, id)
 }
 
 fn standin_in(config: &Config, sid: &SandboxId, id: &ContainerId) -> Option<HostProcess> {
@@ -463,7 +459,7 @@ fn being_changed(store: &Store, sid: &SandboxId) -> bool {
 ///   read, or its creation was interrupted: `delete --force` removes it.
 pub fn state(config: &Config, id: &ContainerId) -> Result<OciState, StandaloneError> {
     let store = Store::new(config.runtime.root.clone());
-    let sid = sandbox_id(config, id)?;
+    let sid = sandbox_of(config, id)?;
     let unusable = |reason: String| StandaloneError::Unusable {
         id: id.to_string(),
         reason,
@@ -576,7 +572,7 @@ pub fn list(config: &Config) -> Result<Vec<OciState>, StandaloneError> {
                     StandaloneError::Unusable { reason, .. } => reason,
                     other => crate::ErrorChain(&other).to_string(),
                 };
-                let dir = sandbox_id(config, id)
+                let dir = sandbox_of(config, id)
                     .map(|sid| store.sandbox_dir(&sid))
                     .unwrap_or_else(|_| config.runtime.root.clone());
                 out.push(OciState {
@@ -671,7 +667,7 @@ impl Drop for Attached {
 /// Opens the sandbox of container `id` with its current OCI state.
 pub fn open(config: &Config, id: &ContainerId) -> Result<(Attached, OciState), StandaloneError> {
     let st = state(config, id)?;
-    let sb = open_sandbox(config, &sandbox_id(config, id)?).map_err(|e| not_found_as(id, e))?;
+    let sb = open_sandbox(config, &sandbox_of(config, id)?).map_err(|e| not_found_as(id, e))?;
     Ok((Attached::new(sb), st))
 }
 
@@ -738,7 +734,7 @@ fn remove_member_link(config: &Config, id: &ContainerId) -> Result<(), Standalon
 /// runvm, or its creation was interrupted at any point ([`crate::sandbox::purge`]). The
 /// containers that joined its VM go with it; a container that joined another's VM goes alone.
 pub async fn force_delete(config: &Config, id: &ContainerId) -> Result<(), StandaloneError> {
-    let sid = sandbox_id(config, id)?;
+    let sid = sandbox_of(config, id)?;
     if sid.as_str() != id.as_str() {
         return force_delete_member(config, &sid, id).await;
     }

@@ -84,6 +84,8 @@ pub struct PreparedSpec {
     /// the resolver given to [`prepare_resolving`] recognised (`/proc/PID/ns/TYPE` of that
     /// container's pid): the container must be created in that container's VM.
     pub member_of: Option<String>,
+    /// The network namespace path is that container's (joined in the guest), not a host one.
+    pub network_joined: bool,
 }
 
 /// Tells which runvm container, if any, a namespace path given in a spec belongs to (the
@@ -153,11 +155,9 @@ impl Bundle {
                     .collect()
             })
             .unwrap_or_default();
-        let network_joined = prepared.member_of.is_some()
-            && network_namespace(&spec).is_some_and(|p| owner(&p).is_some());
         Ok(Bundle {
             path: path.to_path_buf(),
-            netns: network_namespace(&spec).filter(|_| !network_joined),
+            netns: network_namespace(&spec).filter(|_| !prepared.network_joined),
             annotations,
             prepared,
             spec,
@@ -405,11 +405,10 @@ pub fn prepare_resolving(
             // names another runvm container's namespaces joins them in that container's VM
             // (the agent resolves them, see `POD_NAMESPACES_ANNOTATION`). Any other path was
             // refused above.
-            let network_joined = joined.types.iter().any(|t| t == "network");
             namespaces.retain(|ns| {
                 !(ns.get("type").and_then(Value::as_str) == Some("network")
                     && ns.get("path").is_some()
-                    && !network_joined)
+                    && !joined.network())
             });
             for ns in namespaces.iter_mut() {
                 if let Some(obj) = ns.as_object_mut() {
@@ -458,6 +457,7 @@ pub fn prepare_resolving(
         tmpfs,
         terminal,
         hooks,
+        network_joined: joined.network(),
         member_of: joined.member_of,
     })
 }
@@ -470,6 +470,13 @@ struct Joined {
     types: Vec<String>,
     /// The runvm container named by the paths (not a CRI pod's sandbox container).
     member_of: Option<String>,
+}
+
+impl Joined {
+    /// Whether the network namespace is joined (another runvm container's).
+    fn network(&self) -> bool {
+        self.types.iter().any(|t| t == "network")
+    }
 }
 
 /// The namespaces a container joins in the guest: a pod's container those of `ipc`, `uts`,
