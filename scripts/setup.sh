@@ -2,7 +2,8 @@
 # Installs everything runvm needs on a Debian 12 host, once. Safe to run again:
 # every step is skipped when its result is already present.
 #
-#   RUNVM_PREFIX   where virtiofsd and vhost-device-vsock are installed (default /opt/runvm)
+#   RUNVM_PREFIX     where virtiofsd and vhost-device-vsock are installed (default /opt/runvm)
+#   RUNVM_VMM_USER   the system user confined VM processes run as (default runvm-vmm)
 set -euo pipefail
 
 PREFIX="${RUNVM_PREFIX:-/opt/runvm}"
@@ -37,4 +38,12 @@ for spec in virtiofsd@1.14.0 vhost-device-vsock@0.3.0; do
         cargo install --locked --root "$PREFIX" "$spec"
     fi
 done
+# The unprivileged user QEMU and vhost-device-vsock run as (hypervisor.user).
+VMM_USER="${RUNVM_VMM_USER:-runvm-vmm}"
+if id -u "$VMM_USER" >/dev/null 2>&1; then
+    step "user $VMM_USER present"
+else
+    step "creating the system user $VMM_USER (confined VM processes run as it)"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$VMM_USER"
+fi
 step "host set-up complete"

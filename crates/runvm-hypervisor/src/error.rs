@@ -10,6 +10,17 @@ pub enum HypervisorError {
     #[error("invalid VM configuration: {0}")]
     InvalidConfig(String),
 
+    /// A VM process cannot be confined as configured (its user, its jail).
+    #[error("cannot confine the VM: {what}: {reason}{}", if hint.is_empty() { String::new() } else { format!("; {hint}") })]
+    Confinement {
+        /// What could not be used (the user, a path of the jail).
+        what: String,
+        /// Why.
+        reason: String,
+        /// How to fix it (may be empty).
+        hint: String,
+    },
+
     /// A file the VM needs does not exist.
     #[error("{what} {} does not exist; {hint}", path.display())]
     MissingFile {
@@ -22,7 +33,7 @@ pub enum HypervisorError {
     },
 
     /// A program could not be found or started.
-    #[error("cannot start {program} ({})", path.display())]
+    #[error("cannot start {program} ({}){}", path.display(), if log.is_empty() { String::new() } else { format!(": {log}") })]
     Spawn {
         /// The program's role (e.g. "qemu", "virtiofsd").
         program: &'static str,
@@ -31,6 +42,8 @@ pub enum HypervisorError {
         /// Why it failed.
         #[source]
         source: std::io::Error,
+        /// What the child said before it failed (a jail step that failed names itself there).
+        log: String,
     },
 
     /// A helper exited or failed to come up while the VM was starting.

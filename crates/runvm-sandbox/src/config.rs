@@ -176,6 +176,12 @@ pub struct HypervisorConfig {
     /// The cap, bytes, on the guest console log and on each helper's log in the VM's run folder
     /// (oldest output is dropped beyond it); [`LOG_MAX_BYTES_RANGE`].
     pub log_max_bytes: u64,
+    /// Whether the VM's processes are confined: QEMU and vhost-device-vsock as `user` in
+    /// jails of their own, QEMU's seccomp filter on, virtiofsd in its namespace sandbox.
+    /// `false` only on hosts that cannot confine (`runvm check` warns).
+    pub confine: bool,
+    /// The unprivileged user confined VM processes run as (made by `make setup`).
+    pub user: String,
 }
 
 /// Valid values of `hypervisor.log_max_bytes`: 4 KiB to 1 GiB.
@@ -200,9 +206,14 @@ impl Default for HypervisorConfig {
             start_timeout_ms: 10_000,
             stop_timeout_ms: 5_000,
             log_max_bytes: 1_048_576,
+            confine: true,
+            user: DEFAULT_VMM_USER.into(),
         }
     }
 }
+
+/// The default `hypervisor.user`, which `make setup` creates.
+pub const DEFAULT_VMM_USER: &str = "runvm-vmm";
 
 /// `[guest]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -404,6 +415,18 @@ impl Config {
                 "hypervisor.log_max_bytes",
                 h.log_max_bytes.to_string(),
                 "valid: 4096 to 1073741824 (bytes: 4 KiB to 1 GiB)",
+            ));
+        }
+        let user_ok = !h.user.is_empty()
+            && h.user.len() <= 32
+            && h.user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !user_ok {
+            return Err(invalid(
+                "hypervisor.user",
+                format!("{:?}", h.user),
+                "valid: a user name of 1 to 32 characters of A-Z, a-z, 0-9, -, _ and .",
             ));
         }
         if self.runtime.max_parallel_boots > 1024 {

@@ -231,9 +231,9 @@ fn hypervisor_kind(e: &HypervisorError) -> ErrorKind {
     match e {
         HypervisorError::InvalidConfig(_) => ErrorKind::InvalidArgument,
         // The host is not set up (no guest image, no KVM): fix it, then try again.
-        HypervisorError::MissingFile { .. } | HypervisorError::AcceleratorUnavailable(_) => {
-            ErrorKind::FailedPrecondition
-        }
+        HypervisorError::MissingFile { .. }
+        | HypervisorError::AcceleratorUnavailable(_)
+        | HypervisorError::Confinement { .. } => ErrorKind::FailedPrecondition,
         HypervisorError::InvalidState { .. } => ErrorKind::FailedPrecondition,
         // A card id in use, no free hotplug port, no such card, not released in time.
         HypervisorError::NetDevice { .. } => ErrorKind::FailedPrecondition,

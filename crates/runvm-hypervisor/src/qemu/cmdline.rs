@@ -81,6 +81,11 @@ impl RunDirLayout {
     pub fn vsock_log(&self) -> PathBuf {
         self.dir.join("vhost-device-vsock.log")
     }
+    /// The empty folder the jail of confined process `name` is mounted over (in that
+    /// process's mount namespace only).
+    pub fn jail_root(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("jail-{name}"))
+    }
 }
 
 /// Checks a VM config for values QEMU would refuse or that cannot boot.
@@ -199,19 +204,27 @@ pub fn hotplug_port_id(n: u32) -> String {
     format!("hp{n}")
 }
 
-/// The first file descriptor number QEMU gets macvtap devices on (one each, in order).
+/// The first file descriptor number QEMU gets network cards on: card `i` (in the order of
+/// [`VmConfig::net_devices`]) has its tap or macvtap at `FIRST_NET_FD + 2 * i` and, with
+/// vhost-net, its `/dev/vhost-net` at the next number. The host opens them all (QEMU, confined,
+/// could not), in the VM's network namespace.
 pub const FIRST_NET_FD: i32 = 100;
 
-/// The QEMU arguments of the netdev of `device` (for `-netdev`); a macvtap is passed as file
-/// descriptor `fd`.
-pub fn netdev_arg(device: &NetDevice, fd: Option<i32>, vhost: bool) -> String {
-    let vhost = if vhost { ",vhost=on" } else { "" };
-    match fd {
-        Some(fd) => format!("tap,id={},fd={fd}{vhost}", device.id),
-        None => format!(
-            "tap,id={},ifname={},script=no,downscript=no{vhost}",
-            device.id, device.tap
-        ),
+/// The descriptor number of the host's `/dev/vhost-vsock` for a vhost-vsock VM.
+pub const VSOCK_FD: i32 = 99;
+
+/// The descriptor numbers of card `index`'s tap and, with `vhost`, vhost-net device.
+pub fn net_fds(index: usize, vhost: bool) -> (i32, Option<i32>) {
+    let fd = FIRST_NET_FD + 2 * i32::try_from(index).unwrap_or(i32::MAX / 4);
+    (fd, vhost.then_some(fd + 1))
+}
+
+/// The QEMU arguments of the netdev of `device` (for `-netdev`): its tap is descriptor `fd`,
+/// its vhost-net device (if any) `vhostfd`.
+pub fn netdev_arg(device: &NetDevice, fd: i32, vhostfd: Option<i32>) -> String {
+    match vhostfd {
+        Some(v) => format!("tap,id={},fd={fd},vhost=on,vhostfd={v}", device.id),
+        None => format!("tap,id={},fd={fd}", device.id),
     }
 }
 
@@ -331,7 +344,7 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
     match config.vsock {
         VsockBackend::Vhost { guest_cid } => args.extend([
             "-device".into(),
-            format!("vhost-vsock-pci,id=vsock0,guest-cid={guest_cid}"),
+            format!("vhost-vsock-pci,id=vsock0,guest-cid={guest_cid},vhostfd={VSOCK_FD}"),
         ]),
         VsockBackend::VhostUser => args.extend([
             "-chardev".into(),
@@ -354,15 +367,11 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout) -> Result<Vec<OsStrin
             format!("vhost-user-fs-pci,id=fs0,chardev=fschr,tag={}", share.tag),
         ]);
     }
-    let mut next_fd = FIRST_NET_FD;
-    for device in &config.net_devices {
-        let fd = device.macvtap.as_ref().map(|_| {
-            next_fd += 1;
-            next_fd - 1
-        });
+    for (index, device) in config.net_devices.iter().enumerate() {
+        let (fd, vhostfd) = net_fds(index, config.vhost_net);
         args.extend([
             "-netdev".into(),
-            netdev_arg(device, fd, config.vhost_net),
+            netdev_arg(device, fd, vhostfd),
             "-device".into(),
             net_card_arg(device),
         ]);
@@ -543,7 +552,7 @@ mod tests {
             devices,
             [
                 "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
-                "vhost-vsock-pci,id=vsock0,guest-cid=42"
+                "vhost-vsock-pci,id=vsock0,guest-cid=42,vhostfd=99"
             ]
         );
     }
@@ -597,12 +606,9 @@ mod tests {
         with_vhost.vhost_net = true;
         assert_eq!(
             values(&args(&with_vhost), "-netdev"),
-            ["tap,id=net0,ifname=tap0_runvm,script=no,downscript=no,vhost=on"]
+            ["tap,id=net0,fd=100,vhost=on,vhostfd=101"]
         );
-        assert_eq!(
-            values(&a, "-netdev"),
-            ["tap,id=net0,ifname=tap0_runvm,script=no,downscript=no"]
-        );
+        assert_eq!(values(&a, "-netdev"), ["tap,id=net0,fd=100"]);
         let devices = values(&a, "-device");
         assert!(devices.contains(&"virtio-net-pci,netdev=net0,id=dev-net0,mac=02:aa:bb:cc:dd:ee"));
         assert!(devices.contains(&"pcie-root-port,id=hp0,bus=pcie.0,chassis=1,slot=1"));
@@ -610,7 +616,7 @@ mod tests {
     }
 
     #[test]
-    fn macvtaps_are_passed_as_descriptors_in_order() {
+    fn taps_and_macvtaps_are_passed_as_descriptors_in_order() {
         let mut c = config();
         let dev = |id: &str, macvtap: Option<&str>| NetDevice {
             id: id.into(),
@@ -629,8 +635,8 @@ mod tests {
             values(&a, "-netdev"),
             [
                 "tap,id=net0,fd=100",
-                "tap,id=net1,ifname=net1_runvm,script=no,downscript=no",
-                "tap,id=net2,fd=101"
+                "tap,id=net1,fd=102",
+                "tap,id=net2,fd=104"
             ]
         );
     }

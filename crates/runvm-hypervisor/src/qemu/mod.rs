@@ -2,6 +2,7 @@
 //! for the agent channel where the host has no `/dev/vhost-vsock`), driven over QMP.
 
 mod cmdline;
+pub mod jail;
 mod process;
 pub(crate) mod resize;
 
@@ -16,7 +17,7 @@ pub use process::{
 pub use resize::PLUG_TIMEOUT;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -24,10 +25,11 @@ use nix::sys::signal::Signal;
 
 use crate::qmp::{QmpClient, VmRunState};
 use crate::{
-    poll_until, AgentAddress, Capabilities, Hypervisor, HypervisorError, NetDevice, OnSpawn,
-    Result, SavedProcess, VirtiofsCache, VmConfig, VmProcess, VmState, VsockBackend,
+    poll_until, Accelerator, AgentAddress, Capabilities, Hypervisor, HypervisorError, NetDevice,
+    OnSpawn, Result, SavedProcess, VirtiofsCache, VmConfig, VmProcess, VmState, VsockBackend,
 };
-use process::ManagedChild;
+use jail::{Jail, VmmUser};
+use process::{ManagedChild, Placement};
 
 /// The vsock port of the agent.
 const AGENT_PORT: u32 = 1024;
@@ -52,7 +54,15 @@ pub struct QemuSettings {
     /// The most each log of the VM (guest console, QEMU's and each helper's output) holds;
     /// beyond it the oldest part is dropped at the next [`Hypervisor::check`].
     pub log_max_bytes: u64,
+    /// The unprivileged user QEMU and vhost-device-vsock run as, each in its own jail, and
+    /// virtiofsd in its namespace sandbox; `None`: unconfined (`hypervisor.confine = false`,
+    /// for hosts that cannot confine).
+    pub confinement: Option<VmmUser>,
 }
+
+/// QEMU's own seccomp filter, with every optional group denied.
+pub const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 impl QemuSettings {
     /// The program a process of role `name` runs.
@@ -164,10 +174,54 @@ impl Qemu {
         })
     }
 
+    /// The jail of the confined process `name` (running `program`) of this VM, if confined:
+    /// the run folder writable, `program` read-only where `/usr` does not hold it, and for
+    /// QEMU the guest kernel, the initramfs and, with KVM, `/dev/kvm`.
+    fn jail_for(&self, name: &str, program: &Path) -> Result<Option<jail::PreparedJail>> {
+        let Some(user) = &self.settings.confinement else {
+            return Ok(None);
+        };
+        let (config, layout) = self.prepared()?;
+        let root = layout.jail_root(name);
+        match std::fs::create_dir(&root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(HypervisorError::Io {
+                    action: "create the jail's root",
+                    path: root,
+                    source,
+                })
+            }
+        }
+        let mut jail = Jail::new(&root, user.clone()).writable(&layout.dir);
+        if !program.starts_with("/usr/") {
+            jail = jail.read_only(program);
+        }
+        if name == "qemu" {
+            jail = jail.read_only(&config.kernel).read_only(&config.initrd);
+            if config.accelerator == Accelerator::Kvm {
+                jail = jail.device("/dev/kvm");
+            }
+        }
+        jail.prepare().map(Some)
+    }
+
     async fn start_helpers(&mut self, on_spawn: &mut OnSpawn<'_>) -> Result<()> {
         let (config, layout) = self.prepared()?;
+        let confined = self.settings.confinement.clone();
         let mut wanted: Vec<(&'static str, PathBuf, Vec<OsString>, PathBuf, PathBuf)> = Vec::new();
         if let Some(share) = &config.shared_dir {
+            if confined.is_some() {
+                // virtiofsd's namespace sandbox sees only mounts that propagate into it: the
+                // containers' folders bound into the share later must.
+                share_propagating(&share.path)?;
+            }
+            let sandbox = if confined.is_some() {
+                "namespace"
+            } else {
+                "none"
+            };
             wanted.push((
                 "virtiofsd",
                 self.settings.virtiofsd.clone(),
@@ -177,7 +231,9 @@ impl Qemu {
                     "--socket-path".into(),
                     layout.virtiofsd_socket().into(),
                     "--sandbox".into(),
-                    "none".into(),
+                    sandbox.into(),
+                    "--seccomp".into(),
+                    "kill".into(),
                     "--cache".into(),
                     self.settings.virtiofs_cache.as_arg().into(),
                 ],
@@ -205,8 +261,18 @@ impl Qemu {
         // Start all, then wait for all: the helpers come up in parallel.
         let mut sockets = Vec::new();
         for (name, program, args, log, socket) in wanted {
-            let child =
-                ManagedChild::spawn_placed(name, &program, &args, &log, None, &[], &cgroup_procs)?;
+            // virtiofsd must stay root to serve every file as its owner: it confines itself.
+            let jail = if name == "virtiofsd" {
+                None
+            } else {
+                self.jail_for(name, &program)?
+            };
+            let placement = Placement {
+                cgroup_procs: &cgroup_procs,
+                jail,
+                ..Placement::default()
+            };
+            let child = ManagedChild::spawn_placed(name, &program, &args, &log, placement)?;
             self.helpers.push(child);
             if let Some(child) = self.helpers.last() {
                 self.record_spawn(on_spawn, child)?;
@@ -231,37 +297,47 @@ impl Qemu {
                     stderr: helper.log_tail(5),
                 });
             }
+            if let Some(user) = &confined {
+                // QEMU, confined, connects to it.
+                give_socket(&socket, user)?;
+            }
         }
         Ok(())
     }
 
     async fn start_qemu(&mut self, on_spawn: &mut OnSpawn<'_>) -> Result<()> {
         let (config, layout) = self.prepared()?;
-        let args = qemu_args(config, layout)?;
+        let mut args = qemu_args(config, layout)?;
+        if self.settings.confinement.is_some() {
+            args.extend(["-sandbox".into(), QEMU_SANDBOX.into()]);
+        }
         let qmp_path = layout.qmp_socket();
         let log = layout.qemu_log();
         tracing::debug!(args = ?args, "qemu command line");
-        // Macvtaps reach QEMU as open descriptors, in the order of the command line.
-        let mut taps = Vec::new();
-        for path in config.net_devices.iter().filter_map(|d| d.macvtap.as_ref()) {
-            taps.push(open_macvtap(path)?);
+        // What needs privilege reaches QEMU as open descriptors (see `cmdline::net_fds`).
+        let mut opened: Vec<(i32, std::fs::File)> = Vec::new();
+        for (index, device) in config.net_devices.iter().enumerate() {
+            let (fd, vhostfd) = cmdline::net_fds(index, config.vhost_net);
+            opened.push((fd, open_card(config.netns.as_deref(), device)?));
+            if let Some(vhostfd) = vhostfd {
+                opened.push((vhostfd, open_device("/dev/vhost-net")?));
+            }
         }
-        let fds: Vec<(i32, &std::fs::File)> = taps
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (cmdline::FIRST_NET_FD + i as i32, f))
-            .collect();
-        let mut qemu = ManagedChild::spawn_placed(
-            "qemu",
-            &self.settings.qemu,
-            &args,
-            &log,
-            config.netns.as_deref(),
-            &fds,
-            &config.cgroup_procs,
-        )?;
+        if let VsockBackend::Vhost { .. } = config.vsock {
+            opened.push((cmdline::VSOCK_FD, open_device("/dev/vhost-vsock")?));
+        }
+        let fds: Vec<(i32, &std::fs::File)> = opened.iter().map(|(n, f)| (*n, f)).collect();
+        let jail = self.jail_for("qemu", &self.settings.qemu)?;
+        let placement = Placement {
+            netns: config.netns.as_deref(),
+            fds: &fds,
+            cgroup_procs: &config.cgroup_procs,
+            jail,
+        };
+        let mut qemu =
+            ManagedChild::spawn_placed("qemu", &self.settings.qemu, &args, &log, placement)?;
         drop(fds);
-        drop(taps);
+        drop(opened);
         let spawned = SystemTime::now();
         // Recorded before anything else can fail; a failed record stops it again (`start`).
         let saved: Vec<SavedProcess> = self
@@ -362,6 +438,7 @@ impl Qemu {
         }
         self.helpers.clear();
         self.qemu = None;
+        self.unshare_share();
         if let Some(layout) = &self.layout {
             if let Err(e) = std::fs::remove_dir_all(&layout.dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -370,6 +447,16 @@ impl Qemu {
             }
         }
         self.state = State::Stopped;
+    }
+
+    /// Undoes what confinement mounted for virtiofsd (see [`share_propagating`]).
+    fn unshare_share(&self) {
+        if self.settings.confinement.is_none() {
+            return;
+        }
+        if let Some(share) = self.config.as_ref().and_then(|c| c.shared_dir.as_ref()) {
+            unshare_share(&share.path);
+        }
     }
 
     /// Keeps every log of the run folder within `log_max_bytes`.
@@ -539,6 +626,12 @@ impl Hypervisor for Qemu {
             path: layout.dir.clone(),
             source,
         })?;
+        if let Some(user) = &self.settings.confinement {
+            if let Err(e) = confined_run_dir(&layout, user) {
+                let _ = std::fs::remove_dir_all(&layout.dir);
+                return Err(e);
+            }
+        }
         self.layout = Some(layout);
         self.config = Some(config);
         self.state = State::Prepared;
@@ -621,23 +714,31 @@ impl Hypervisor for Qemu {
                 reason: format!("no free hotplug port (the VM has {})", config.hotplug_ports),
             })?;
         let vhost = config.vhost_net;
-        let macvtap = device.macvtap.as_deref().map(open_macvtap).transpose()?;
+        let tap = open_card(config.netns.as_deref(), device)?;
+        let vhost_dev = vhost.then(|| open_device("/dev/vhost-net")).transpose()?;
         let qmp = self.qmp().await?;
-        match &macvtap {
-            // A macvtap reaches QEMU as a descriptor over the monitor socket.
-            Some(file) => {
-                use std::os::fd::AsFd;
-                let fdname = format!("fd-{}", device.id);
-                qmp.getfd(&fdname, file.as_fd()).await?;
-                if let Err(e) = qmp.netdev_add_fd(&device.id, &fdname, vhost).await {
-                    let args = serde_json::json!({ "fdname": fdname });
-                    let _ = qmp
-                        .execute::<serde::de::IgnoredAny>("closefd", Some(args))
-                        .await;
-                    return Err(e.into());
-                }
+        // The tap (and vhost-net device) reach QEMU as descriptors over the monitor socket.
+        use std::os::fd::AsFd;
+        let fdname = format!("fd-{}", device.id);
+        let vhostname = format!("vhostfd-{}", device.id);
+        let close = |name: &str| serde_json::json!({ "fdname": name });
+        qmp.getfd(&fdname, tap.as_fd()).await?;
+        if let Some(dev) = &vhost_dev {
+            if let Err(e) = qmp.getfd(&vhostname, dev.as_fd()).await {
+                let _ = qmp
+                    .execute::<serde::de::IgnoredAny>("closefd", Some(close(&fdname)))
+                    .await;
+                return Err(e.into());
             }
-            None => qmp.netdev_add_tap(&device.id, &device.tap, vhost).await?,
+        }
+        let vhostfd = vhost_dev.as_ref().map(|_| vhostname.as_str());
+        if let Err(e) = qmp.netdev_add_fd(&device.id, &fdname, vhostfd).await {
+            for name in std::iter::once(fdname.as_str()).chain(vhostfd) {
+                let _ = qmp
+                    .execute::<serde::de::IgnoredAny>("closefd", Some(close(name)))
+                    .await;
+            }
+            return Err(e.into());
         }
         let card = serde_json::json!({
             "driver": "virtio-net-pci",
@@ -758,17 +859,171 @@ impl Hypervisor for Qemu {
     }
 }
 
-/// Opens a macvtap's character device (`/dev/tapN`) for QEMU to inherit.
-fn open_macvtap(path: &std::path::Path) -> Result<std::fs::File> {
+/// Readies the run folder of a confined VM: the VM's user's group may make its sockets and
+/// files there but not rename or remove root's (sticky, `root:GROUP 1770`); the guest console
+/// log is made here, root's, writable by the group (QEMU opens it, cannot replace it).
+fn confined_run_dir(layout: &RunDirLayout, user: &VmmUser) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |action: &'static str, path: PathBuf| {
+        move |source| HypervisorError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    std::os::unix::fs::chown(&layout.dir, Some(0), Some(user.gid)).map_err(io(
+        "give the run folder to the VM's group",
+        layout.dir.clone(),
+    ))?;
+    std::fs::set_permissions(&layout.dir, std::fs::Permissions::from_mode(0o1770))
+        .map_err(io("set the run folder's mode", layout.dir.clone()))?;
+    let console = layout.console_log();
+    std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&console)
+        .map_err(io("create the console log", console.clone()))?;
+    std::os::unix::fs::chown(&console, Some(0), Some(user.gid)).map_err(io(
+        "give the console log to the VM's group",
+        console.clone(),
+    ))?;
+    std::fs::set_permissions(&console, std::fs::Permissions::from_mode(0o660))
+        .map_err(io("set the console log's mode", console))?;
+    Ok(())
+}
+
+/// Opens network card `device`'s host end for QEMU: its macvtap's character device
+/// (`/dev/tapN`), or its tap, attached in the network namespace `netns`.
+fn open_card(netns: Option<&Path>, device: &NetDevice) -> Result<std::fs::File> {
+    match &device.macvtap {
+        Some(path) => open_device(path),
+        None => open_tap(netns, &device.tap),
+    }
+}
+
+/// Opens a character device read-write (a macvtap, `/dev/vhost-net`, `/dev/vhost-vsock`) for
+/// QEMU to inherit.
+fn open_device(path: impl AsRef<Path>) -> Result<std::fs::File> {
+    let path = path.as_ref();
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(|source| HypervisorError::Io {
-            action: "open macvtap device",
+            action: "open device for QEMU",
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// Attaches to the existing tap `name` of network namespace `netns` (the host's if `None`):
+/// `/dev/net/tun` opened and attached with `TUNSETIFF` in a thread of its own that joins the
+/// namespace, so that this process's threads stay where they are.
+fn open_tap(netns: Option<&Path>, name: &str) -> Result<std::fs::File> {
+    let ns = netns
+        .map(|path| {
+            std::fs::File::open(path).map_err(|source| HypervisorError::Netns {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
+        .transpose()?;
+    let fail = |source: std::io::Error| HypervisorError::Io {
+        action: "attach to tap",
+        path: PathBuf::from(name),
+        source,
+    };
+    let attach = || -> std::io::Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        if let Some(ns) = &ns {
+            // SAFETY: setns(2) on an open namespace file; it moves only this thread, which
+            // ends after the attach.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        if name.len() >= req.ifr_name.len() {
+            return Err(std::io::Error::other("tap name too long"));
+        }
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        // The flags QEMU itself attaches with.
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
+        // SAFETY: TUNSETIFF reads an ifreq, which `req` is, and `tun` is an open /dev/net/tun.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(tun)
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(attach)
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the attaching thread panicked")))
+    })
+    .map_err(fail)
+}
+
+/// Gives the vhost-user socket `path` (made by a helper) to `user`, so that QEMU running as
+/// that user can connect.
+fn give_socket(path: &Path, user: &VmmUser) -> Result<()> {
+    std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid)).map_err(|source| {
+        HypervisorError::Io {
+            action: "give the socket to the VM's user",
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Makes the shared folder `path` a mount point of its own whose mounts propagate (a bind of
+/// itself, marked shared), unless it is one already: virtiofsd's namespace sandbox takes a
+/// copy of it as a slave, which then receives the containers' folders bound into the share
+/// later, and their unmounting. Undone by [`unshare_share`].
+fn share_propagating(path: &Path) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let fail = |e: nix::Error| HypervisorError::Io {
+        action: "make the shared folder a shared mount",
+        path: path.to_path_buf(),
+        source: std::io::Error::from(e),
+    };
+    mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(fail)?;
+    if let Err(e) = mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    ) {
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+        return Err(fail(e));
+    }
+    Ok(())
+}
+
+/// Undoes [`share_propagating`]: detaches the shared folder's own mount (with what is still
+/// mounted under it), leaving the folder. Best effort.
+fn unshare_share(path: &Path) {
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot unmount the shared folder")
+        }
+    }
 }
 
 impl Drop for Qemu {
@@ -779,6 +1034,7 @@ impl Drop for Qemu {
             for c in self.qemu.iter_mut().chain(self.helpers.iter_mut()) {
                 c.kill_now();
             }
+            self.unshare_share();
             if let Some(layout) = &self.layout {
                 let _ = std::fs::remove_dir_all(&layout.dir);
             }

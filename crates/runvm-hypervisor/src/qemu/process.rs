@@ -132,6 +132,23 @@ pub fn find_by_argument(needle: &str) -> Vec<FoundProcess> {
     found
 }
 
+/// What a child is given and where it runs, besides its program and arguments. Its steps
+/// happen in the child between fork and exec, in this order.
+#[derive(Debug, Default)]
+pub struct Placement<'a> {
+    /// Join this network namespace (a namespace file such as `/run/netns/NAME`).
+    pub netns: Option<&'a Path>,
+    /// Have these files open as the given descriptor numbers.
+    pub fds: &'a [(i32, &'a File)],
+    /// Move into the host cgroup whose `cgroup.procs` files (one per hierarchy on cgroup v1)
+    /// these are: the child writes `0` (itself) to each, so everything it ever allocates is
+    /// charged there. Those files are opened by the parent, so a missing one fails the spawn
+    /// by name.
+    pub cgroup_procs: &'a [PathBuf],
+    /// Enter this jail last: own mount namespace, unprivileged user, no capabilities.
+    pub jail: Option<super::jail::PreparedJail>,
+}
+
 impl ManagedChild {
     /// Starts `program` with `args`; stdout and stderr go to `log` (created or truncated), in
     /// its own process group (see [`spawn_placed`](Self::spawn_placed)).
@@ -142,26 +159,26 @@ impl ManagedChild {
         args: &[std::ffi::OsString],
         log: &Path,
     ) -> Result<ManagedChild> {
-        Self::spawn_placed(name, program, args, log, None, &[], &[])
+        Self::spawn_placed(name, program, args, log, Placement::default())
     }
 
     /// Starts `program` with `args`; stdout and stderr go to `log` (created or truncated). The
     /// child gets its own process group so a terminal's Ctrl-C reaches only runvm, which then
-    /// stops the VM in order. Before it runs `program` it joins the network namespace `netns`
-    /// (a namespace file such as `/run/netns/NAME`), gets `fds` open as file descriptors
-    /// `target`, `target + 1`, ... (`fds.0`: the first target), and moves itself into the host
-    /// cgroup whose `cgroup.procs` files (one per hierarchy on cgroup v1) are `cgroup_procs`:
-    /// it writes `0` (itself) to each between fork and exec, so everything it ever allocates
-    /// is charged there. Those files are opened here, so a missing one fails the spawn by name.
+    /// stops the VM in order. Before it runs `program` it takes the steps of `placement`: see
+    /// [`Placement`].
     pub fn spawn_placed(
         name: &'static str,
         program: &Path,
         args: &[std::ffi::OsString],
         log: &Path,
-        netns: Option<&Path>,
-        fds: &[(i32, &File)],
-        cgroup_procs: &[PathBuf],
+        placement: Placement<'_>,
     ) -> Result<ManagedChild> {
+        let Placement {
+            netns,
+            fds,
+            cgroup_procs,
+            jail,
+        } = placement;
         let cgroup_files = cgroup_procs
             .iter()
             .map(|path| {
@@ -257,10 +274,19 @@ impl ManagedChild {
                 });
             }
         }
+        if let Some(jail) = jail {
+            // SAFETY: the closure runs in the child between fork and exec, last (after joining
+            // the network namespace and the cgroup, which need privilege); `enter` makes only
+            // system calls on strings prepared before the fork and allocates nothing.
+            unsafe {
+                command.pre_exec(move || jail.enter());
+            }
+        }
         let child = command.spawn().map_err(|source| HypervisorError::Spawn {
             program: name,
             path: program.to_path_buf(),
             source,
+            log: tail(log, 3).join("; "),
         })?;
         let pid = child.id().unwrap_or_default();
         let start_time = proc_start_time(pid).map(|(t, _)| t).unwrap_or_default();
@@ -556,9 +582,10 @@ mod tests {
                 format!("cat {} >&2", files[0].display()).into(),
             ],
             &log,
-            None,
-            &[],
-            &files,
+            Placement {
+                cgroup_procs: &files,
+                ..Placement::default()
+            },
         )
         .unwrap();
         assert!(c.wait_exit(Duration::from_secs(5)).await);
@@ -571,9 +598,10 @@ mod tests {
             Path::new("/bin/sh"),
             &["-c".into(), "true".into()],
             &log,
-            None,
-            &[],
-            std::slice::from_ref(&missing),
+            Placement {
+                cgroup_procs: std::slice::from_ref(&missing),
+                ..Placement::default()
+            },
         )
         .unwrap_err()
         .to_string();

@@ -12,22 +12,6 @@ use tokio::time::Instant;
 use super::{QmpClient, QmpError};
 
 impl QmpClient {
-    /// Runs `netdev_add` for a tap backend: QEMU opens the tap `ifname` (in its network
-    /// namespace) as netdev `id`; no scripts are run.
-    pub async fn netdev_add_tap(
-        &mut self,
-        id: &str,
-        ifname: &str,
-        vhost: bool,
-    ) -> Result<(), QmpError> {
-        let args = json!({
-            "type": "tap", "id": id, "ifname": ifname, "script": "no", "downscript": "no",
-            "vhost": vhost,
-        });
-        self.execute::<IgnoredAny>("netdev_add", Some(args)).await?;
-        Ok(())
-    }
-
     /// Runs `netdev_del`.
     pub async fn netdev_del(&mut self, id: &str) -> Result<(), QmpError> {
         self.execute::<IgnoredAny>("netdev_del", Some(json!({ "id": id })))
@@ -119,14 +103,19 @@ impl QmpClient {
     }
 
     /// Runs `netdev_add` for a tap backend given earlier with [`getfd`](Self::getfd) as
-    /// `fdname`.
+    /// `fdname`, with vhost-net if `vhostfd` names its device given the same way.
     pub async fn netdev_add_fd(
         &mut self,
         id: &str,
         fdname: &str,
-        vhost: bool,
+        vhostfd: Option<&str>,
     ) -> Result<(), QmpError> {
-        let args = json!({ "type": "tap", "id": id, "fd": fdname, "vhost": vhost });
+        let args = match vhostfd {
+            Some(v) => {
+                json!({ "type": "tap", "id": id, "fd": fdname, "vhost": true, "vhostfd": v })
+            }
+            None => json!({ "type": "tap", "id": id, "fd": fdname }),
+        };
         self.execute::<IgnoredAny>("netdev_add", Some(args)).await?;
         Ok(())
     }

@@ -148,6 +148,7 @@ fn sandbox_errors() -> Vec<(SandboxError, ErrorKind)> {
                 action: "create",
                 path: "/run/runvm/sb1".into(),
                 source: io_error(),
+                log: String::new(),
             },
             ErrorKind::Internal,
         ),
@@ -540,6 +541,7 @@ fn the_chain_prints_each_cause_once() {
             program: "qemu",
             path: "/bin/qemu".into(),
             source: io::Error::new(io::ErrorKind::NotFound, "no such file"),
+            log: String::new(),
         },
         console: vec!["last line".into()],
     };

@@ -54,6 +54,11 @@ pub fn qemu_settings(config: &Config) -> Result<QemuSettings, SandboxError> {
         virtiofs_cache: h.virtiofs_cache,
         start_timeout: Duration::from_millis(h.start_timeout_ms),
         log_max_bytes: h.log_max_bytes,
+        confinement: if h.confine {
+            Some(runvm_hypervisor::qemu::jail::VmmUser::lookup(&h.user)?)
+        } else {
+            None
+        },
     })
 }
 

@@ -285,13 +285,17 @@ impl Sandbox {
             uds_path.display(),
             runvm_protocol::READY_VSOCK_PORT
         ));
-        tokio::net::UnixListener::bind(&path)
-            .map(Some)
-            .map_err(|source| SandboxError::Io {
-                action: "listen for the agent's readiness on",
-                path,
-                source,
-            })
+        let io = |source| SandboxError::Io {
+            action: "listen for the agent's readiness on",
+            path: path.clone(),
+            source,
+        };
+        let listener = tokio::net::UnixListener::bind(&path).map_err(io)?;
+        // vhost-device-vsock, confined to the VM's user, connects; the run folder it lies in
+        // keeps everybody else out.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
+        Ok(Some(listener))
     }
 
     /// Waits for the agent's readiness announcement on `ready`, up to half the boot timeout
