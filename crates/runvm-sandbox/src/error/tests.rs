@@ -148,7 +148,6 @@ fn sandbox_errors() -> Vec<(SandboxError, ErrorKind)> {
                 action: "create",
                 path: "/run/runvm/sb1".into(),
                 source: io_error(),
-                log: String::new(),
             },
             ErrorKind::Internal,
         ),
@@ -411,6 +410,24 @@ fn each_hypervisor_error_has_its_kind() {
                 program: "qemu",
                 path: "/usr/bin/qemu-system-x86_64".into(),
                 source: io_error(),
+                log: String::new(),
+            },
+            ErrorKind::Internal,
+        ),
+        (
+            HypervisorError::Confinement {
+                what: "hypervisor.user \"runvm-vmm\"".into(),
+                reason: "no such user on this host".into(),
+                hint: "create it".into(),
+            },
+            ErrorKind::FailedPrecondition,
+        ),
+        (
+            HypervisorError::Spawn {
+                program: "virtiofsd",
+                path: "/opt/runvm/bin/virtiofsd".into(),
+                source: io_error(),
+                log: "runvm jail: mknod /dev/kvm failed: errno 1".into(),
             },
             ErrorKind::Internal,
         ),
