@@ -117,6 +117,55 @@ fn cgroup_layout() -> Option<&'static str> {
     }
 }
 
+/// Whether the VM's processes can be confined as configured (`hypervisor.confine`,
+/// `hypervisor.user`); unconfined is a warning.
+fn confinement_item(config: &Config) -> CheckItem {
+    let h = &config.hypervisor;
+    if !h.confine {
+        return item(
+            "confinement",
+            false,
+            "off (hypervisor.confine = false): QEMU and its helpers run as root, unconfined".into(),
+            "create the user (make setup) and set hypervisor.confine = true",
+            false,
+        );
+    }
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Seccomp:"));
+    if !seccomp {
+        return item(
+            "confinement",
+            false,
+            "the kernel has no seccomp (no Seccomp line in /proc/self/status)".into(),
+            "run a kernel with CONFIG_SECCOMP_FILTER, or set hypervisor.confine = false (unconfined)",
+            true,
+        );
+    }
+    match runvm_hypervisor::qemu::jail::VmmUser::lookup(&h.user) {
+        Ok(user) => item(
+            "confinement",
+            true,
+            format!(
+                "QEMU and vhost-device-vsock as {} (uid {}, gid {}) in jails, QEMU -sandbox on; \
+                 virtiofsd --sandbox namespace, seccomp",
+                user.name, user.uid, user.gid
+            ),
+            "",
+            true,
+        ),
+        Err(e) => item(
+            "confinement",
+            false,
+            e.to_string(),
+            "run scripts/setup.sh (creates the user), set hypervisor.user to an existing \
+             unprivileged user, or hypervisor.confine = false on a host that cannot confine",
+            true,
+        ),
+    }
+}
+
 /// Checks this host against `config`.
 pub fn run(config: &Config) -> CheckReport {
     let h = &config.hypervisor;
@@ -225,6 +274,7 @@ pub fn run(config: &Config) -> CheckReport {
         "run scripts/setup.sh (cargo install virtiofsd into /opt/runvm)",
         true,
     ));
+    items.push(confinement_item(config));
     let cg = cgroup_layout();
     items.push(item(
         "cgroups",

@@ -169,3 +169,53 @@ fn boot_refuses_a_bad_sandbox_id() {
     let err = text(&out.stderr);
     assert!(err.contains("invalid id \"../escape\""), "{err}");
 }
+
+#[test]
+fn a_missing_vmm_user_fails_boot_and_check_by_name_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[runtime]\nroot = {:?}\n[hypervisor]\nuser = \"no-such-vmm-user\"\n",
+            root.display()
+        ),
+    );
+    let out = runvm(&["boot"], Some(&cfg));
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(err.contains("no-such-vmm-user"), "{err}");
+    assert!(
+        err.contains("no such user") && err.contains("useradd"),
+        "{err}"
+    );
+    // Refused before anything was made.
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let out = runvm(&["check"], Some(&cfg));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("✗ confinement") && stdout.contains("no-such-vmm-user"),
+        "{stdout}"
+    );
+
+    // A user name that cannot be one is refused by the configuration, naming the key.
+    let cfg = write_config(dir.path(), "[hypervisor]\nuser = \"a b\"\n");
+    let err = text(&runvm(&["env"], Some(&cfg)).stderr);
+    assert!(
+        err.contains("hypervisor.user") && err.contains("\"a b\""),
+        "{err}"
+    );
+
+    // Unconfined on purpose: check warns, and still passes.
+    let cfg = write_config(dir.path(), "[hypervisor]\nconfine = false\n");
+    let stdout = text(&runvm(&["check"], Some(&cfg)).stdout);
+    assert!(
+        stdout.contains("✗ confinement") && stdout.contains("(optional)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("confine = false"), "{stdout}");
+}
