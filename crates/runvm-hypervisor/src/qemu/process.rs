@@ -429,8 +429,13 @@ impl ManagedChild {
 /// on tmpfs or a disk), so a guest that floods its console cannot fill the state root.
 /// Returns the bytes freed. Best effort: a file system without hole punching is left alone.
 pub fn cap_log(path: &Path, max: u64) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // Never through a link: the run folder is writable by the confined VM's group.
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    else {
         return 0;
     };
     let Ok(meta) = file.metadata() else {
@@ -471,8 +476,14 @@ pub fn cap_log(path: &Path, max: u64) -> u64 {
 
 /// The last `lines` lines of the file at `path`, reading at most its last 4 KiB.
 pub fn tail(path: &Path, lines: usize) -> Vec<String> {
+    use std::os::unix::fs::OpenOptionsExt;
     const MAX: u64 = 4096;
-    let Ok(mut f) = File::open(path) else {
+    // Never through a link: the run folder is writable by the confined VM's group.
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    else {
         return Vec::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -638,6 +649,21 @@ mod cap_tests {
         // The writer goes on at the end; the tail reads the newest lines.
         writer.write_all(b"after the cap\n").unwrap();
         assert_eq!(tail(&p, 2), ["newest line", "after the cap"]);
+    }
+
+    #[test]
+    fn logs_are_never_read_or_capped_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("host-file");
+        std::fs::write(&target, "x\n".repeat(10_000)).unwrap();
+        let link = dir.path().join("console.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(tail(&link, 3).is_empty());
+        assert_eq!(cap_log(&link, 4096), 0);
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            "x\n".repeat(10_000)
+        );
     }
 
     #[test]

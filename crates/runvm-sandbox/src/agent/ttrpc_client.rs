@@ -185,14 +185,36 @@ impl TtrpcAgent {
     where
         F: std::future::Future<Output = ttrpc::Result<T>>,
     {
+        self.call_within(method, self.request_timeout, fut).await
+    }
+
+    /// How long a call that starts processes in the guest (CreateContainer, ExecProcess) may
+    /// take: the guest starts them one after another, so a start waits for those asked
+    /// before it (twenty execs at once on a one-vCPU guest under TCG take about 10 s).
+    fn spawn_timeout(&self) -> Duration {
+        self.request_timeout * SPAWN_TIMEOUT_FACTOR
+    }
+
+    fn spawn_context(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(
+            i64::try_from(self.spawn_timeout().as_nanos()).unwrap_or(i64::MAX),
+        )
+    }
+
+    async fn call_within<T, F>(
+        &self,
+        method: &'static str,
+        timeout: Duration,
+        fut: F,
+    ) -> Result<T, AgentError>
+    where
+        F: std::future::Future<Output = ttrpc::Result<T>>,
+    {
         // The client enforces the context's timeout too; this bounds the whole call regardless.
-        let result = tokio::time::timeout(self.request_timeout + Duration::from_millis(100), fut)
+        let result = tokio::time::timeout(timeout + Duration::from_millis(100), fut)
             .await
-            .map_err(|_| AgentError::Timeout {
-                method,
-                timeout: self.request_timeout,
-            })?;
-        result.map_err(|e| map_error(method, self.request_timeout, e))
+            .map_err(|_| AgentError::Timeout { method, timeout })?;
+        result.map_err(|e| map_error(method, timeout, e))
     }
 }
 
@@ -210,6 +232,9 @@ impl TtrpcAgent {
         ttrpc::context::with_timeout(0)
     }
 }
+
+/// [`TtrpcAgent::spawn_timeout`]: this many request timeouts.
+const SPAWN_TIMEOUT_FACTOR: u32 = 4;
 
 fn container_request(container_id: &str) -> agent::ContainerRequest {
     agent::ContainerRequest {
@@ -353,9 +378,10 @@ impl Agent for TtrpcAgent {
 
     async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError> {
         let req = convert::create_request(&request)?;
-        self.call(
+        self.call_within(
             "CreateContainer",
-            self.client.create_container(self.context(), &req),
+            self.spawn_timeout(),
+            self.client.create_container(self.spawn_context(), &req),
         )
         .await
         .map(|_| ())
@@ -474,9 +500,10 @@ impl Agent for TtrpcAgent {
             stdio: convert::stdio(stdio),
             ..Default::default()
         };
-        self.call(
+        self.call_within(
             "ExecProcess",
-            self.client.exec_process(self.context(), &req),
+            self.spawn_timeout(),
+            self.client.exec_process(self.spawn_context(), &req),
         )
         .await
         .map(|_| ())
