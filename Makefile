@@ -4,7 +4,7 @@ GUEST_DIR ?= /var/lib/runvm/guest
 CARGO     ?= cargo
 RUNVM     := ./target/debug/runvm
 
-.PHONY: all setup build guest run test lint fmt clean bench
+.PHONY: all setup build guest run test lint fmt clean bench fuzz fuzz-smoke
 
 all: build
 
@@ -40,6 +40,23 @@ run: build guest
 test: build guest lint
 	@echo "==> running the tests"
 	$(CARGO) test --workspace
+	@$(MAKE) --no-print-directory fuzz-smoke
+
+FUZZ_SECS       ?= 30
+FUZZ_SMOKE_SECS ?= 8
+
+## Coverage-guided fuzzing of the parsers at runvm's trust boundaries (docs/fuzzing.md): builds
+## the targets (libFuzzer, stable toolchain) and runs each for FUZZ_SECS seconds, one at a time;
+## prints each target's executions and crashes. `fuzz/run.sh` does more (one target, seeds,
+## corpus minimisation).
+fuzz:
+	@bash fuzz/run.sh build
+	@bash fuzz/run.sh run $(FUZZ_SECS)
+
+## Every fuzz target briefly, over the kept corpus (CI, after the tests).
+fuzz-smoke:
+	@bash fuzz/run.sh build
+	@bash fuzz/run.sh run $(FUZZ_SMOKE_SECS)
 
 BENCH_K     ?= 5
 BENCH_N     ?= 10

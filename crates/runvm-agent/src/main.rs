@@ -9,22 +9,13 @@
 //! `runvm-agent --listen unix:///tmp/agent.sock` (no mounts, no modules, exit instead of
 //! power-off).
 
-mod container;
-mod error;
-mod hotplug;
-mod init;
-mod network;
-mod portfwd;
-mod reaper;
-mod service;
-
 use std::sync::Arc;
 
+use runvm_agent::service::{Agent, BootTimes};
+use runvm_agent::{container, init, portfwd, reaper};
 use runvm_protocol::agent_ttrpc::create_agent_service;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
-
-use crate::service::{Agent, BootTimes};
 
 /// What the agent logs: INFO, with youki's libraries quieter (libcgroups warns about every
 /// controller it does not know, e.g. rdma and misc).

@@ -10,7 +10,8 @@ use tokio::sync::Notify;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::container::Containers;
-use crate::error::AgentError;
+use crate::error::{AgentError, Result};
+use crate::hotplug::Onlined;
 use crate::network;
 use crate::reaper::Reaper;
 
@@ -22,12 +23,115 @@ pub struct BootTimes {
     pub agent_listening_us: u64,
 }
 
-/// The agent's service state.
+/// What the service asks of the guest: its containers and their processes, and onlining
+/// hot-plugged vCPUs and memory. The agent's backend is [`Containers`] (libcontainer, the
+/// reaper, the cgroup files, sysfs); the fuzz targets serve the agent over a fake one. Every
+/// request reaches the backend as decoded, unvalidated: validating is the backend's job.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// CreateContainer.
+    async fn create(&self, req: agent::CreateContainerRequest) -> Result<()>;
+    /// StartContainer.
+    async fn start(&self, id: String) -> Result<()>;
+    /// RemoveContainer.
+    async fn remove(&self, id: String, timeout_secs: u32) -> Result<()>;
+    /// PauseContainer (`pause`) or ResumeContainer.
+    async fn pause(&self, id: String, pause: bool) -> Result<()>;
+    /// UpdateContainer.
+    async fn update(&self, req: agent::UpdateContainerRequest) -> Result<()>;
+    /// StatsContainer.
+    async fn stats(&self, id: &str) -> Result<agent::StatsContainerResponse>;
+    /// ListProcesses.
+    fn list_processes(&self, id: &str) -> Result<agent::ListProcessesResponse>;
+    /// ExecProcess.
+    async fn exec(&self, req: agent::ExecProcessRequest) -> Result<()>;
+    /// SignalProcess.
+    fn signal(&self, req: &agent::SignalProcessRequest) -> Result<()>;
+    /// WaitProcess.
+    async fn wait(&self, req: &agent::WaitProcessRequest) -> Result<agent::WaitProcessResponse>;
+    /// WriteStdin: how many bytes were written.
+    async fn write_stdin(&self, req: &agent::WriteStreamRequest) -> Result<u32>;
+    /// ReadStdout, or ReadStderr (`stderr`).
+    async fn read(
+        &self,
+        req: &agent::ReadStreamRequest,
+        stderr: bool,
+    ) -> Result<agent::ReadStreamResponse>;
+    /// CloseStdin.
+    async fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()>;
+    /// TtyWinResize.
+    fn resize(&self, req: &agent::TtyWinResizeRequest) -> Result<()>;
+    /// GetOOMEvent: the next container OOM-killed; `None` once no more can come.
+    async fn next_oom_event(&self) -> Option<String>;
+    /// OnlineCPUMem: brings `cpus` vCPUs online (waiting at most `wait`), then the memory.
+    async fn online_cpu_mem(&self, cpus: u32, wait: std::time::Duration) -> Result<Onlined>;
+}
+
+#[async_trait]
+impl Backend for Arc<Containers> {
+    async fn create(&self, req: agent::CreateContainerRequest) -> Result<()> {
+        Containers::create(self, req).await
+    }
+    async fn start(&self, id: String) -> Result<()> {
+        Containers::start(self, id).await
+    }
+    async fn remove(&self, id: String, timeout_secs: u32) -> Result<()> {
+        Containers::remove(self, id, timeout_secs).await
+    }
+    async fn pause(&self, id: String, pause: bool) -> Result<()> {
+        Containers::pause(self, id, pause).await
+    }
+    async fn update(&self, req: agent::UpdateContainerRequest) -> Result<()> {
+        Containers::update(self, req).await
+    }
+    async fn stats(&self, id: &str) -> Result<agent::StatsContainerResponse> {
+        Containers::stats(self, id).await
+    }
+    fn list_processes(&self, id: &str) -> Result<agent::ListProcessesResponse> {
+        Containers::list_processes(self, id)
+    }
+    async fn exec(&self, req: agent::ExecProcessRequest) -> Result<()> {
+        Containers::exec(self, req).await
+    }
+    fn signal(&self, req: &agent::SignalProcessRequest) -> Result<()> {
+        Containers::signal(self, req)
+    }
+    async fn wait(&self, req: &agent::WaitProcessRequest) -> Result<agent::WaitProcessResponse> {
+        Containers::wait(self, req).await
+    }
+    async fn write_stdin(&self, req: &agent::WriteStreamRequest) -> Result<u32> {
+        Containers::write_stdin(self, req).await
+    }
+    async fn read(
+        &self,
+        req: &agent::ReadStreamRequest,
+        stderr: bool,
+    ) -> Result<agent::ReadStreamResponse> {
+        Containers::read(self, req, stderr).await
+    }
+    async fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()> {
+        Containers::close_stdin(self, req).await
+    }
+    fn resize(&self, req: &agent::TtyWinResizeRequest) -> Result<()> {
+        Containers::resize(self, req)
+    }
+    async fn next_oom_event(&self) -> Option<String> {
+        Containers::next_oom_event(self).await
+    }
+    async fn online_cpu_mem(&self, cpus: u32, wait: std::time::Duration) -> Result<Onlined> {
+        tokio::task::spawn_blocking(move || crate::hotplug::online_cpu_mem(cpus, wait))
+            .await
+            .map_err(|e| AgentError::internal(format!("onlining CPUs and memory: {e}")))
+            .and_then(|r| r)
+    }
+}
+
+/// The agent's service state, over its [`Backend`].
 #[derive(Debug)]
-pub struct Agent {
+pub struct Agent<B: Backend = Arc<Containers>> {
     boot: BootTimes,
     shutdown: Arc<Notify>,
-    containers: Arc<Containers>,
+    backend: B,
 }
 
 impl Agent {
@@ -38,16 +142,23 @@ impl Agent {
                 tracing::warn!(error = %e, "cannot bring the loopback device up");
             }
         });
+        Agent::with_backend(boot, shutdown, Containers::new(reaper))
+    }
+}
+
+impl<B: Backend> Agent<B> {
+    /// The service over `backend` (the fuzz targets' fake); `new` gives the agent's.
+    pub fn with_backend(boot: BootTimes, shutdown: Arc<Notify>, backend: B) -> Self {
         Agent {
             boot,
             shutdown,
-            containers: Containers::new(reaper),
+            backend,
         }
     }
 }
 
 /// Logs a failed RPC and turns the error into a ttrpc status.
-fn answer<T>(method: &str, id: &str, result: Result<T, AgentError>) -> ttrpc::Result<T> {
+fn answer<T>(method: &str, id: &str, result: Result<T>) -> ttrpc::Result<T> {
     result.map_err(|e| {
         tracing::warn!(method, container = id, code = ?e.code, error = %e.message, "request failed");
         e.into()
@@ -85,7 +196,7 @@ fn parse_block_size(text: &str) -> u64 {
 }
 
 #[async_trait]
-impl agent_ttrpc::AgentService for Agent {
+impl<B: Backend> agent_ttrpc::AgentService for Agent<B> {
     async fn check(
         &self,
         _ctx: &TtrpcContext,
@@ -156,11 +267,7 @@ impl agent_ttrpc::AgentService for Agent {
         req: agent::OnlineCPUMemRequest,
     ) -> ttrpc::Result<agent::OnlineCPUMemResponse> {
         let wait = std::time::Duration::from_millis(u64::from(req.timeout_ms));
-        let cpus = req.cpus;
-        let done = tokio::task::spawn_blocking(move || crate::hotplug::online_cpu_mem(cpus, wait))
-            .await
-            .map_err(|e| AgentError::internal(format!("onlining CPUs and memory: {e}")))
-            .and_then(|r| r);
+        let done = self.backend.online_cpu_mem(req.cpus, wait).await;
         let done = answer("OnlineCPUMem", "", done)?;
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         Ok(agent::OnlineCPUMemResponse {
@@ -179,7 +286,7 @@ impl agent_ttrpc::AgentService for Agent {
         req: agent::CreateContainerRequest,
     ) -> ttrpc::Result<agent::Empty> {
         let id = req.container_id.clone();
-        let r = self.containers.create(req).await;
+        let r = self.backend.create(req).await;
         answer("CreateContainer", &id, r.map(|()| agent::Empty::new()))
     }
 
@@ -188,7 +295,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::StartContainerRequest,
     ) -> ttrpc::Result<agent::Empty> {
-        let r = self.containers.start(req.container_id.clone()).await;
+        let r = self.backend.start(req.container_id.clone()).await;
         answer(
             "StartContainer",
             &req.container_id,
@@ -202,7 +309,7 @@ impl agent_ttrpc::AgentService for Agent {
         req: agent::RemoveContainerRequest,
     ) -> ttrpc::Result<agent::Empty> {
         let r = self
-            .containers
+            .backend
             .remove(req.container_id.clone(), req.timeout_secs)
             .await;
         answer(
@@ -217,7 +324,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::ContainerRequest,
     ) -> ttrpc::Result<agent::Empty> {
-        let r = self.containers.pause(req.container_id.clone(), true).await;
+        let r = self.backend.pause(req.container_id.clone(), true).await;
         answer(
             "PauseContainer",
             &req.container_id,
@@ -230,7 +337,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::ContainerRequest,
     ) -> ttrpc::Result<agent::Empty> {
-        let r = self.containers.pause(req.container_id.clone(), false).await;
+        let r = self.backend.pause(req.container_id.clone(), false).await;
         answer(
             "ResumeContainer",
             &req.container_id,
@@ -244,7 +351,7 @@ impl agent_ttrpc::AgentService for Agent {
         req: agent::UpdateContainerRequest,
     ) -> ttrpc::Result<agent::Empty> {
         let id = req.container_id.clone();
-        let r = self.containers.update(req).await;
+        let r = self.backend.update(req).await;
         answer("UpdateContainer", &id, r.map(|()| agent::Empty::new()))
     }
 
@@ -253,7 +360,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::ContainerRequest,
     ) -> ttrpc::Result<agent::StatsContainerResponse> {
-        let r = self.containers.stats(&req.container_id).await;
+        let r = self.backend.stats(&req.container_id).await;
         answer("StatsContainer", &req.container_id, r)
     }
 
@@ -262,7 +369,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::ListProcessesRequest,
     ) -> ttrpc::Result<agent::ListProcessesResponse> {
-        let r = self.containers.list_processes(&req.container_id);
+        let r = self.backend.list_processes(&req.container_id);
         answer("ListProcesses", &req.container_id, r)
     }
 
@@ -274,7 +381,7 @@ impl agent_ttrpc::AgentService for Agent {
         req: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::Empty> {
         let id = req.container_id.clone();
-        let r = self.containers.exec(req).await;
+        let r = self.backend.exec(req).await;
         answer("ExecProcess", &id, r.map(|()| agent::Empty::new()))
     }
 
@@ -283,7 +390,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::SignalProcessRequest,
     ) -> ttrpc::Result<agent::Empty> {
-        let r = self.containers.signal(&req);
+        let r = self.backend.signal(&req);
         answer(
             "SignalProcess",
             &req.container_id,
@@ -296,7 +403,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
-        let r = self.containers.wait(&req).await;
+        let r = self.backend.wait(&req).await;
         answer("WaitProcess", &req.container_id, r)
     }
 
@@ -306,7 +413,7 @@ impl agent_ttrpc::AgentService for Agent {
         req: agent::WriteStreamRequest,
     ) -> ttrpc::Result<agent::WriteStreamResponse> {
         let r = self
-            .containers
+            .backend
             .write_stdin(&req)
             .await
             .map(|len| agent::WriteStreamResponse {
@@ -321,7 +428,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        let r = self.containers.read(&req, false).await;
+        let r = self.backend.read(&req, false).await;
         answer("ReadStdout", &req.container_id, r)
     }
 
@@ -330,7 +437,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        let r = self.containers.read(&req, true).await;
+        let r = self.backend.read(&req, true).await;
         answer("ReadStderr", &req.container_id, r)
     }
 
@@ -339,7 +446,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::CloseStdinRequest,
     ) -> ttrpc::Result<agent::Empty> {
-        let r = self.containers.close_stdin(&req).await;
+        let r = self.backend.close_stdin(&req).await;
         answer(
             "CloseStdin",
             &req.container_id,
@@ -352,7 +459,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: agent::TtyWinResizeRequest,
     ) -> ttrpc::Result<agent::Empty> {
-        let r = self.containers.resize(&req);
+        let r = self.backend.resize(&req);
         answer(
             "TtyWinResize",
             &req.container_id,
@@ -367,7 +474,7 @@ impl agent_ttrpc::AgentService for Agent {
         _ctx: &TtrpcContext,
         _req: agent::GetOOMEventRequest,
     ) -> ttrpc::Result<agent::OOMEvent> {
-        match self.containers.next_oom_event().await {
+        match self.backend.next_oom_event().await {
             Some(container_id) => Ok(agent::OOMEvent {
                 container_id,
                 ..Default::default()

@@ -386,6 +386,27 @@ impl QmpClient {
     pub async fn connect(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = connect_with_retry(path, deadline, timeout).await?;
+        QmpClient::handshake(stream, path, deadline, timeout).await
+    }
+
+    /// [`connect`](Self::connect) over a stream already connected to QEMU's monitor (one end
+    /// of a socket pair, for tests and the fuzz targets): reads the greeting and enters command
+    /// mode within `timeout`. `path` only names the socket in errors.
+    pub async fn from_stream(
+        stream: UnixStream,
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<QmpClient, QmpError> {
+        QmpClient::handshake(stream, path, Instant::now() + timeout, timeout).await
+    }
+
+    /// The greeting and `qmp_capabilities`, by `deadline` (`timeout` from the start).
+    async fn handshake(
+        stream: UnixStream,
+        path: &Path,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<QmpClient, QmpError> {
         let (read, writer) = stream.into_split();
         let mut client = QmpClient {
             path: path.to_owned(),

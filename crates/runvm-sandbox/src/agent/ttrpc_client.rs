@@ -66,11 +66,6 @@ impl std::fmt::Debug for TtrpcAgent {
 pub trait VsockIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> VsockIo for T {}
 
-/// Opens the byte stream to the agent's port.
-async fn open_stream(address: &AgentAddress) -> Result<Socket, String> {
-    Ok(Socket::new(open_vsock_stream(address).await?))
-}
-
 /// Opens a byte stream to the guest port of `address` (with hybrid vsock: the unix socket and
 /// the `CONNECT` handshake, whose answer is read byte by byte and bounded).
 pub async fn open_vsock_stream(address: &AgentAddress) -> Result<Box<dyn VsockIo>, String> {
@@ -162,7 +157,7 @@ impl TtrpcAgent {
         timeout: Duration,
         request_timeout: Duration,
     ) -> Result<TtrpcAgent, AgentError> {
-        let socket = tokio::time::timeout(timeout, open_stream(address))
+        let stream = tokio::time::timeout(timeout, open_vsock_stream(address))
             .await
             .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))
             .and_then(|r| r)
@@ -170,11 +165,17 @@ impl TtrpcAgent {
                 address: describe(address),
                 reason,
             })?;
-        let client = ttrpc::r#async::Client::new(socket);
-        Ok(TtrpcAgent {
+        Ok(TtrpcAgent::from_stream(stream, request_timeout))
+    }
+
+    /// An agent over a byte stream already open to it (one end of a socket pair, for tests and
+    /// the fuzz targets); each request may take `request_timeout`.
+    pub fn from_stream(stream: impl VsockIo + 'static, request_timeout: Duration) -> TtrpcAgent {
+        let client = ttrpc::r#async::Client::new(Socket::new(stream));
+        TtrpcAgent {
             client: AgentServiceClient::new(client),
             request_timeout,
-        })
+        }
     }
 
     fn context(&self) -> ttrpc::context::Context {

@@ -515,22 +515,30 @@ impl Store {
 
 /// Reads a record; `None` if the file does not exist.
 fn read_record<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
-    #[derive(Deserialize)]
-    struct Version {
-        #[serde(default)]
-        version: Option<u32>,
-    }
     let data = match fs::read(path) {
         Ok(data) => data,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_error("read", path)(e)),
     };
+    parse_record(path, &data).map(Some)
+}
+
+/// Parses the text `data` of the record file `path` (a [`SandboxRecord`] or a
+/// [`ContainerRecord`](crate::state::ContainerRecord)) as [`Store::load_sandbox`] and [`Store::load_container`] do, before
+/// they check its ids against its folders: a file of a newer [`RECORD_VERSION`] is refused,
+/// anything else that is not a whole record is [`StoreError::Corrupt`].
+pub fn parse_record<T: DeserializeOwned>(path: &Path, data: &[u8]) -> Result<T, StoreError> {
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(default)]
+        version: Option<u32>,
+    }
     let corrupt = |source| StoreError::Corrupt {
         path: path.to_path_buf(),
         source,
     };
     // The version first: a newer file may not parse as this version's record at all.
-    let version = serde_json::from_slice::<Version>(&data)
+    let version = serde_json::from_slice::<Version>(data)
         .map_err(corrupt)?
         .version
         .unwrap_or(RECORD_VERSION);
@@ -541,7 +549,7 @@ fn read_record<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError
             supported: RECORD_VERSION,
         });
     }
-    serde_json::from_slice(&data).map(Some).map_err(corrupt)
+    serde_json::from_slice(data).map_err(corrupt)
 }
 
 fn check_field(
