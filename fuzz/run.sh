@@ -35,7 +35,7 @@ build() {
         --cfg fuzzing
     )
     echo "==> building the fuzz targets"
-    CARGO_ENCODED_RUSTFLAGS="" RUSTFLAGS="${flags[*]}" CARGO_INCREMENTAL=0 \
+    env -u CARGO_ENCODED_RUSTFLAGS RUSTFLAGS="${flags[*]}" CARGO_INCREMENTAL=0 \
         cargo build --release --target "$TRIPLE" --bins
 }
 

@@ -35,6 +35,8 @@ async fn call(agent: &TtrpcAgent, which: u8) {
         gateway: Some("10.0.0.1".parse().expect("an address")),
         device: "eth0".into(),
         source: None,
+        scope: 0,
+        metric: 0,
     };
     let neighbor = Neighbor {
         ip: "10.0.0.1".parse().expect("an address"),

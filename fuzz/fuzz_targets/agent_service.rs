@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 struct Served {
     socket: PathBuf,
-    backend: Arc<FakeBackend>,
+    backend: FakeBackend,
 }
 
 fn served() -> &'static Served {
@@ -31,13 +31,13 @@ fn served() -> &'static Served {
         std::fs::create_dir_all(&dir).expect("make the socket folder");
         let socket = dir.join("agent.sock");
         let _ = std::fs::remove_file(&socket);
-        let backend = Arc::new(FakeBackend::default());
+        let backend = FakeBackend::default();
         let boot = BootTimes {
             init_entered_us: 1,
             modules_loaded_us: 2,
             agent_listening_us: 3,
         };
-        let agent = Agent::with_backend(boot, Arc::new(Notify::new()), Arc::clone(&backend));
+        let agent = Agent::with_backend(boot, Arc::new(Notify::new()), backend.clone());
         let address = format!("unix://{}", socket.display());
         runtime().block_on(async {
             let mut server = ttrpc::r#async::Server::new()

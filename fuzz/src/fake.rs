@@ -2,7 +2,7 @@
 //! libcontainer, no cgroups, no sysfs. Ids are checked as the real backend checks them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,10 +22,11 @@ struct Container {
     execs: BTreeSet<String>,
 }
 
-/// The fake backend. [`FakeBackend::reset`] forgets everything (between two inputs).
-#[derive(Debug, Default)]
+/// The fake backend; its clones share the containers. [`FakeBackend::reset`] forgets them all
+/// (between two inputs).
+#[derive(Debug, Default, Clone)]
 pub struct FakeBackend {
-    containers: Mutex<BTreeMap<String, Container>>,
+    containers: Arc<Mutex<BTreeMap<String, Container>>>,
 }
 
 impl FakeBackend {
