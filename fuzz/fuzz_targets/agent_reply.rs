@@ -63,8 +63,20 @@ async fn call(agent: &TtrpcAgent, which: u8) {
         16 => drop(agent.start_container("c1").await),
         17 => drop(agent.remove_container("c1", 5).await),
         18 => drop(agent.pause_container("c1").await),
-        19 => drop(agent.update_container("c1", &json!({"cpu": {"shares": 2}})).await),
-        20 => drop(agent.exec_process(&exec, &json!({"args": ["sh"], "cwd": "/"}), StdioSpec::default()).await),
+        19 => drop(
+            agent
+                .update_container("c1", &json!({"cpu": {"shares": 2}}))
+                .await,
+        ),
+        20 => drop(
+            agent
+                .exec_process(
+                    &exec,
+                    &json!({"args": ["sh"], "cwd": "/"}),
+                    StdioSpec::default(),
+                )
+                .await,
+        ),
         21 => drop(agent.signal_process(&init, 15, false).await),
         22 => drop(agent.close_stdin(&exec).await),
         _ => drop(agent.resize_tty(&exec, 24, 80).await),

@@ -25,13 +25,28 @@ async fn command(qmp: &mut QmpClient, which: u8) -> Result<(), QmpError> {
         3 => qmp.system_powerdown().await,
         4 => qmp.quit().await,
         5 => qmp.query_hotpluggable_cpus().await.map(drop),
-        6 => qmp.qom_get::<u64>("/machine/peripheral/mem0", "size").await.map(drop),
+        6 => qmp
+            .qom_get::<u64>("/machine/peripheral/mem0", "size")
+            .await
+            .map(drop),
         7 => qmp.qom_get::<Value>("/machine", "type").await.map(drop),
-        8 => qmp.device_del("cpu1", Duration::from_millis(120)).await.map(drop),
+        8 => qmp
+            .device_del("cpu1", Duration::from_millis(120))
+            .await
+            .map(drop),
         9 => qmp.netdev_del("net0").await,
-        10 => qmp.device_add(json!({"driver": "virtio-net-pci", "id": "net0"})).await,
-        11 => qmp.qom_set("/machine/peripheral/mem0", "requested-size", json!(0)).await,
-        _ => qmp.execute::<IgnoredAny>("query-version", None).await.map(drop),
+        10 => {
+            qmp.device_add(json!({"driver": "virtio-net-pci", "id": "net0"}))
+                .await
+        }
+        11 => {
+            qmp.qom_set("/machine/peripheral/mem0", "requested-size", json!(0))
+                .await
+        }
+        _ => qmp
+            .execute::<IgnoredAny>("query-version", None)
+            .await
+            .map(drop),
     }
 }
 

@@ -55,7 +55,9 @@ impl FakeBackend {
             if exec_id.is_empty() || c.execs.contains(exec_id) {
                 Ok(f())
             } else {
-                Err(AgentError::not_found(format!("process {exec_id:?} not found")))
+                Err(AgentError::not_found(format!(
+                    "process {exec_id:?} not found"
+                )))
             }
         })
     }
@@ -155,10 +157,12 @@ impl Backend for FakeBackend {
         self.process(&req.container_id, &req.exec_id, || ())
     }
     async fn wait(&self, req: &agent::WaitProcessRequest) -> Result<agent::WaitProcessResponse> {
-        self.process(&req.container_id, &req.exec_id, || agent::WaitProcessResponse {
-            status: 0,
-            exited_at_unix_ns: 1,
-            ..Default::default()
+        self.process(&req.container_id, &req.exec_id, || {
+            agent::WaitProcessResponse {
+                status: 0,
+                exited_at_unix_ns: 1,
+                ..Default::default()
+            }
         })
     }
     async fn write_stdin(&self, req: &agent::WriteStreamRequest) -> Result<u32> {
@@ -171,10 +175,12 @@ impl Backend for FakeBackend {
         _stderr: bool,
     ) -> Result<agent::ReadStreamResponse> {
         let len = usize::try_from(req.len.min(4096)).unwrap_or(0);
-        self.process(&req.container_id, &req.exec_id, || agent::ReadStreamResponse {
-            data: vec![b'x'; len],
-            eof: len == 0,
-            ..Default::default()
+        self.process(&req.container_id, &req.exec_id, || {
+            agent::ReadStreamResponse {
+                data: vec![b'x'; len],
+                eof: len == 0,
+                ..Default::default()
+            }
         })
     }
     async fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()> {

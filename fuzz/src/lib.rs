@@ -23,7 +23,11 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 /// `payload`.
 pub fn ttrpc_frame(stream_id: u32, kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(10 + payload.len());
-    frame.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     frame.extend_from_slice(&stream_id.to_be_bytes());
     frame.extend_from_slice(&[kind, 0]);
     frame.extend_from_slice(payload);

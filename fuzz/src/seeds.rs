@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 
 use protobuf::Message;
-use runvm_hypervisor::{Accelerator, AgentAddress, SavedProcess, SharedDir, VmConfig, VsockBackend};
+use runvm_hypervisor::{
+    Accelerator, AgentAddress, SavedProcess, SharedDir, VmConfig, VsockBackend,
+};
 use runvm_protocol::agent as pb;
 use runvm_sandbox::config::Config;
 use runvm_sandbox::container::bundle::default_spec;
@@ -20,18 +22,34 @@ use crate::{ttrpc_frame, AGENT_SERVICE};
 /// `(file name, contents)` of each seed of `target`.
 pub fn for_target(target: &str) -> Vec<(String, Vec<u8>)> {
     let seeds: Vec<(&str, Vec<u8>)> = match target {
-        "ids" => ["pod-1", "a", "A_b.c-9", &"x".repeat(128), "../etc", "a..b", "\"c-1\""]
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (["id"; 7][i], s.as_bytes().to_vec()))
-            .collect(),
+        "ids" => [
+            "pod-1",
+            "a",
+            "A_b.c-9",
+            &"x".repeat(128),
+            "../etc",
+            "a..b",
+            "\"c-1\"",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (["id"; 7][i], s.as_bytes().to_vec()))
+        .collect(),
         "config" => vec![
             ("documented", documented_config().into_bytes()),
             ("defaults", Config::default().to_toml().into_bytes()),
         ],
         "bundle" => vec![
-            ("runc-spec", default_spec(&["sh", "-c", "echo hi"], true).to_string().into_bytes()),
-            ("pod-container", pod_container_spec().to_string().into_bytes()),
+            (
+                "runc-spec",
+                default_spec(&["sh", "-c", "echo hi"], true)
+                    .to_string()
+                    .into_bytes(),
+            ),
+            (
+                "pod-container",
+                pod_container_spec().to_string().into_bytes(),
+            ),
             ("joined", joined_spec().to_string().into_bytes()),
         ],
         "state" => vec![
@@ -144,7 +162,9 @@ fn sample_sandbox() -> SandboxRecord {
         pid: 4242,
         start_time: 123_456,
     }];
-    record.annotations.insert("io.kubernetes.cri.sandbox-name".into(), "web".into());
+    record
+        .annotations
+        .insert("io.kubernetes.cri.sandbox-name".into(), "web".into());
     record.containers = vec![ContainerId::parse("c1").expect("an id")];
     record.memory_block_size = Some(128 << 20);
     record.mark("vm-started");
@@ -190,21 +210,56 @@ fn qmp_session(commands: [u8; 4], replies: &[serde_json::Value]) -> Vec<u8> {
 fn qmp_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let ok = json!({"return": {}});
     vec![
-        ("status", qmp_session([0, 1, 2, 0], &[json!({"return": {"status": "running", "singlestep": false, "running": true}}), ok.clone(), ok.clone(), json!({"return": {"status": "paused", "running": false}})])),
-        ("error", qmp_session([1, 4, 0, 0], &[json!({"error": {"class": "GenericError", "desc": "not now"}}), ok.clone()])),
-        ("cpus", qmp_session([5, 6, 7, 12], &[
-            json!({"return": [{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 1, "core-id": 0, "thread-id": 0}}, {"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "qom-path": "/machine/unattached/device[0]", "props": {"socket-id": 0, "core-id": 0, "thread-id": 0}}]}),
-            json!({"return": 268435456u64}),
-            json!({"return": "pc-q35-7.2-machine"}),
-            json!({"return": {"qemu": {"major": 7, "minor": 2, "micro": 11}, "package": ""}}),
-        ])),
+        (
+            "status",
+            qmp_session(
+                [0, 1, 2, 0],
+                &[
+                    json!({"return": {"status": "running", "singlestep": false, "running": true}}),
+                    ok.clone(),
+                    ok.clone(),
+                    json!({"return": {"status": "paused", "running": false}}),
+                ],
+            ),
+        ),
+        (
+            "error",
+            qmp_session(
+                [1, 4, 0, 0],
+                &[
+                    json!({"error": {"class": "GenericError", "desc": "not now"}}),
+                    ok.clone(),
+                ],
+            ),
+        ),
+        (
+            "cpus",
+            qmp_session(
+                [5, 6, 7, 12],
+                &[
+                    json!({"return": [{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 1, "core-id": 0, "thread-id": 0}}, {"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "qom-path": "/machine/unattached/device[0]", "props": {"socket-id": 0, "core-id": 0, "thread-id": 0}}]}),
+                    json!({"return": 268435456u64}),
+                    json!({"return": "pc-q35-7.2-machine"}),
+                    json!({"return": {"qemu": {"major": 7, "minor": 2, "micro": 11}, "package": ""}}),
+                ],
+            ),
+        ),
         ("device-del", {
             let mut s = qmp_session([8, 9, 10, 11], &[ok.clone()]);
             s.extend_from_slice(json!({"event": "DEVICE_DELETED", "data": {"device": "cpu1", "path": "/machine/peripheral/cpu1"}, "timestamp": {"seconds": 1, "microseconds": 2}}).to_string().as_bytes());
             s.extend_from_slice(b"\n{\"return\": {}, \"id\": 3}\n{\"return\": {}, \"id\": 4}\n{\"return\": {}, \"id\": 5}\n");
             s
         }),
-        ("late-reply", qmp_session([0, 0, 3, 0], &[json!({"return": {}, "id": 99}), json!({"return": {"status": "running"}})])),
+        (
+            "late-reply",
+            qmp_session(
+                [0, 0, 3, 0],
+                &[
+                    json!({"return": {}, "id": 99}),
+                    json!({"return": {"status": "running"}}),
+                ],
+            ),
+        ),
     ]
 }
 
@@ -216,7 +271,10 @@ fn bytes<M: Message>(m: &M) -> Vec<u8> {
 fn response(stream_id: u32, payload: Vec<u8>, code: Option<ttrpc::Code>) -> Vec<u8> {
     let mut r = ttrpc::Response::new();
     match code {
-        Some(code) => r.status = protobuf::MessageField::some(ttrpc::get_status(code, "no such container \"c1\"")),
+        Some(code) => {
+            r.status =
+                protobuf::MessageField::some(ttrpc::get_status(code, "no such container \"c1\""))
+        }
         None => {
             r.status = protobuf::MessageField::some(ttrpc::get_status(ttrpc::Code::OK, ""));
             r.payload = payload;
@@ -232,29 +290,102 @@ fn reply_to(which: u8) -> Vec<u8> {
         hw_addr: "02:00:00:00:00:01".into(),
         mtu: 1500,
         up: true,
-        addresses: vec![pb::IPAddress { address: "10.0.0.2".into(), prefix_len: 24, ..Default::default() }],
+        addresses: vec![pb::IPAddress {
+            address: "10.0.0.2".into(),
+            prefix_len: 24,
+            ..Default::default()
+        }],
         ..Default::default()
     };
-    let route = pb::Route { destination: "0.0.0.0/0".into(), gateway: "10.0.0.1".into(), device: "eth0".into(), ..Default::default() };
+    let route = pb::Route {
+        destination: "0.0.0.0/0".into(),
+        gateway: "10.0.0.1".into(),
+        device: "eth0".into(),
+        ..Default::default()
+    };
     match which {
-        0 => bytes(&pb::CheckResponse { status: pb::check_response::ServingStatus::SERVING.into(), ..Default::default() }),
-        1 => bytes(&pb::VersionResponse { agent_version: "0.1.0".into(), kernel_release: "6.1.0-28-amd64".into(), api_version: 1, ..Default::default() }),
-        2 => bytes(&pb::GuestDetailsResponse { mem_block_size_bytes: 128 << 20, cpu_count: 2, mem_total_bytes: 1 << 30, mem_available_bytes: 1 << 29, boot_times: protobuf::MessageField::some(pb::BootTimes { init_entered_us: 1, modules_loaded_us: 2, agent_listening_us: 3, now_us: 4, ..Default::default() }), ..Default::default() }),
-        3 => bytes(&pb::OnlineCPUMemResponse { online_cpus: 2, onlined_memory_blocks: 1, mem_total_bytes: 1 << 30, ..Default::default() }),
-        4 => bytes(&pb::StatsContainerResponse {
-            cpu: protobuf::MessageField::some(pb::CpuStats { usage_total_ns: 5, ..Default::default() }),
-            memory: protobuf::MessageField::some(pb::MemoryStats { usage_bytes: 4096, ..Default::default() }),
-            network: vec![pb::NetworkStats { name: "eth0".into(), rx_bytes: 10, ..Default::default() }],
+        0 => bytes(&pb::CheckResponse {
+            status: pb::check_response::ServingStatus::SERVING.into(),
             ..Default::default()
         }),
-        5 => bytes(&pb::ListProcessesResponse { processes: vec![pb::ProcessInfo { pid: 1, cmd: "sleep 10".into(), tty: "pts/0".into(), ..Default::default() }], ..Default::default() }),
-        6 => bytes(&pb::WaitProcessResponse { status: 143, exited_at_unix_ns: 1, ..Default::default() }),
-        7 => bytes(&pb::WriteStreamResponse { len: 5, ..Default::default() }),
-        8 | 9 => bytes(&pb::ReadStreamResponse { data: b"hello\n".to_vec(), eof: false, ..Default::default() }),
-        10 => bytes(&pb::OOMEvent { container_id: "c1".into(), ..Default::default() }),
+        1 => bytes(&pb::VersionResponse {
+            agent_version: "0.1.0".into(),
+            kernel_release: "6.1.0-28-amd64".into(),
+            api_version: 1,
+            ..Default::default()
+        }),
+        2 => bytes(&pb::GuestDetailsResponse {
+            mem_block_size_bytes: 128 << 20,
+            cpu_count: 2,
+            mem_total_bytes: 1 << 30,
+            mem_available_bytes: 1 << 29,
+            boot_times: protobuf::MessageField::some(pb::BootTimes {
+                init_entered_us: 1,
+                modules_loaded_us: 2,
+                agent_listening_us: 3,
+                now_us: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        3 => bytes(&pb::OnlineCPUMemResponse {
+            online_cpus: 2,
+            onlined_memory_blocks: 1,
+            mem_total_bytes: 1 << 30,
+            ..Default::default()
+        }),
+        4 => bytes(&pb::StatsContainerResponse {
+            cpu: protobuf::MessageField::some(pb::CpuStats {
+                usage_total_ns: 5,
+                ..Default::default()
+            }),
+            memory: protobuf::MessageField::some(pb::MemoryStats {
+                usage_bytes: 4096,
+                ..Default::default()
+            }),
+            network: vec![pb::NetworkStats {
+                name: "eth0".into(),
+                rx_bytes: 10,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        5 => bytes(&pb::ListProcessesResponse {
+            processes: vec![pb::ProcessInfo {
+                pid: 1,
+                cmd: "sleep 10".into(),
+                tty: "pts/0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        6 => bytes(&pb::WaitProcessResponse {
+            status: 143,
+            exited_at_unix_ns: 1,
+            ..Default::default()
+        }),
+        7 => bytes(&pb::WriteStreamResponse {
+            len: 5,
+            ..Default::default()
+        }),
+        8 | 9 => bytes(&pb::ReadStreamResponse {
+            data: b"hello\n".to_vec(),
+            eof: false,
+            ..Default::default()
+        }),
+        10 => bytes(&pb::OOMEvent {
+            container_id: "c1".into(),
+            ..Default::default()
+        }),
         11 => bytes(&interface),
-        12 => bytes(&pb::Interfaces { interfaces: vec![interface], ..Default::default() }),
-        13 | 14 => bytes(&pb::Routes { routes: vec![route], ..Default::default() }),
+        12 => bytes(&pb::Interfaces {
+            interfaces: vec![interface],
+            ..Default::default()
+        }),
+        13 | 14 => bytes(&pb::Routes {
+            routes: vec![route],
+            ..Default::default()
+        }),
         _ => bytes(&pb::Empty::new()),
     }
 }
@@ -288,45 +419,215 @@ fn agent_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
         container_id: "c1".into(),
         sandbox_id: "pod-1".into(),
         oci_spec_json: spec,
-        stdio: protobuf::MessageField::some(pb::StdioConfig { stdout: true, ..Default::default() }),
-        storages: vec![pb::Storage { source: "runvm".into(), fstype: "virtiofs".into(), mount_point: "/run/runvm/shared".into(), ..Default::default() }],
+        stdio: protobuf::MessageField::some(pb::StdioConfig {
+            stdout: true,
+            ..Default::default()
+        }),
+        storages: vec![pb::Storage {
+            source: "runvm".into(),
+            fstype: "virtiofs".into(),
+            mount_point: "/run/runvm/shared".into(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
-    let c1 = || pb::ContainerRequest { container_id: "c1".into(), ..Default::default() };
+    let c1 = || pb::ContainerRequest {
+        container_id: "c1".into(),
+        ..Default::default()
+    };
     let lifecycle = [
         request(1, "CreateContainer", bytes(&create)),
-        request(3, "StartContainer", bytes(&pb::StartContainerRequest { container_id: "c1".into(), ..Default::default() })),
-        request(5, "ExecProcess", bytes(&pb::ExecProcessRequest { container_id: "c1".into(), exec_id: "e1".into(), oci_process_json: br#"{"args":["ls"],"cwd":"/"}"#.to_vec(), ..Default::default() })),
-        request(7, "WriteStdin", bytes(&pb::WriteStreamRequest { container_id: "c1".into(), exec_id: "e1".into(), data: b"hi\n".to_vec(), ..Default::default() })),
-        request(9, "ReadStdout", bytes(&pb::ReadStreamRequest { container_id: "c1".into(), exec_id: "e1".into(), len: 16, ..Default::default() })),
-        request(11, "WaitProcess", bytes(&pb::WaitProcessRequest { container_id: "c1".into(), ..Default::default() })),
+        request(
+            3,
+            "StartContainer",
+            bytes(&pb::StartContainerRequest {
+                container_id: "c1".into(),
+                ..Default::default()
+            }),
+        ),
+        request(
+            5,
+            "ExecProcess",
+            bytes(&pb::ExecProcessRequest {
+                container_id: "c1".into(),
+                exec_id: "e1".into(),
+                oci_process_json: br#"{"args":["ls"],"cwd":"/"}"#.to_vec(),
+                ..Default::default()
+            }),
+        ),
+        request(
+            7,
+            "WriteStdin",
+            bytes(&pb::WriteStreamRequest {
+                container_id: "c1".into(),
+                exec_id: "e1".into(),
+                data: b"hi\n".to_vec(),
+                ..Default::default()
+            }),
+        ),
+        request(
+            9,
+            "ReadStdout",
+            bytes(&pb::ReadStreamRequest {
+                container_id: "c1".into(),
+                exec_id: "e1".into(),
+                len: 16,
+                ..Default::default()
+            }),
+        ),
+        request(
+            11,
+            "WaitProcess",
+            bytes(&pb::WaitProcessRequest {
+                container_id: "c1".into(),
+                ..Default::default()
+            }),
+        ),
         request(13, "PauseContainer", bytes(&c1())),
         request(15, "ResumeContainer", bytes(&c1())),
         request(17, "StatsContainer", bytes(&c1())),
-        request(19, "ListProcesses", bytes(&pb::ListProcessesRequest { container_id: "c1".into(), ..Default::default() })),
-        request(21, "SignalProcess", bytes(&pb::SignalProcessRequest { container_id: "c1".into(), signal: 15, ..Default::default() })),
-        request(23, "TtyWinResize", bytes(&pb::TtyWinResizeRequest { container_id: "c1".into(), exec_id: "e1".into(), rows: 24, cols: 80, ..Default::default() })),
-        request(25, "CloseStdin", bytes(&pb::CloseStdinRequest { container_id: "c1".into(), exec_id: "e1".into(), ..Default::default() })),
-        request(27, "UpdateContainer", bytes(&pb::UpdateContainerRequest { container_id: "c1".into(), resources: protobuf::MessageField::some(pb::LinuxResources { oci_resources_json: br#"{"cpu":{"shares":512}}"#.to_vec(), ..Default::default() }), ..Default::default() })),
-        request(29, "RemoveContainer", bytes(&pb::RemoveContainerRequest { container_id: "c1".into(), timeout_secs: 5, ..Default::default() })),
+        request(
+            19,
+            "ListProcesses",
+            bytes(&pb::ListProcessesRequest {
+                container_id: "c1".into(),
+                ..Default::default()
+            }),
+        ),
+        request(
+            21,
+            "SignalProcess",
+            bytes(&pb::SignalProcessRequest {
+                container_id: "c1".into(),
+                signal: 15,
+                ..Default::default()
+            }),
+        ),
+        request(
+            23,
+            "TtyWinResize",
+            bytes(&pb::TtyWinResizeRequest {
+                container_id: "c1".into(),
+                exec_id: "e1".into(),
+                rows: 24,
+                cols: 80,
+                ..Default::default()
+            }),
+        ),
+        request(
+            25,
+            "CloseStdin",
+            bytes(&pb::CloseStdinRequest {
+                container_id: "c1".into(),
+                exec_id: "e1".into(),
+                ..Default::default()
+            }),
+        ),
+        request(
+            27,
+            "UpdateContainer",
+            bytes(&pb::UpdateContainerRequest {
+                container_id: "c1".into(),
+                resources: protobuf::MessageField::some(pb::LinuxResources {
+                    oci_resources_json: br#"{"cpu":{"shares":512}}"#.to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
+        request(
+            29,
+            "RemoveContainer",
+            bytes(&pb::RemoveContainerRequest {
+                container_id: "c1".into(),
+                timeout_secs: 5,
+                ..Default::default()
+            }),
+        ),
     ]
     .concat();
     let guest = [
         request(1, "Check", bytes(&pb::CheckRequest::new())),
         request(3, "Version", bytes(&pb::VersionRequest::new())),
         request(5, "GetGuestDetails", bytes(&pb::GuestDetailsRequest::new())),
-        request(7, "OnlineCPUMem", bytes(&pb::OnlineCPUMemRequest { cpus: 2, timeout_ms: 100, ..Default::default() })),
+        request(
+            7,
+            "OnlineCPUMem",
+            bytes(&pb::OnlineCPUMemRequest {
+                cpus: 2,
+                timeout_ms: 100,
+                ..Default::default()
+            }),
+        ),
         request(9, "GetOOMEvent", bytes(&pb::GetOOMEventRequest::new())),
         request(11, "NoSuchMethod", Vec::new()),
     ]
     .concat();
     let network = [
-        request(1, "ListInterfaces", bytes(&pb::ListInterfacesRequest::new())),
-        request(3, "UpdateInterface", bytes(&pb::UpdateInterfaceRequest { interface: protobuf::MessageField::some(pb::Interface { name: "lo".into(), hw_addr: "00:00:00:00:00:00".into(), up: true, addresses: vec![pb::IPAddress { address: "127.0.0.2".into(), prefix_len: 8, ..Default::default() }], ..Default::default() }), ..Default::default() })),
+        request(
+            1,
+            "ListInterfaces",
+            bytes(&pb::ListInterfacesRequest::new()),
+        ),
+        request(
+            3,
+            "UpdateInterface",
+            bytes(&pb::UpdateInterfaceRequest {
+                interface: protobuf::MessageField::some(pb::Interface {
+                    name: "lo".into(),
+                    hw_addr: "00:00:00:00:00:00".into(),
+                    up: true,
+                    addresses: vec![pb::IPAddress {
+                        address: "127.0.0.2".into(),
+                        prefix_len: 8,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
         request(5, "ListRoutes", bytes(&pb::ListRoutesRequest::new())),
-        request(7, "UpdateRoutes", bytes(&pb::UpdateRoutesRequest { routes: protobuf::MessageField::some(pb::Routes { routes: vec![pb::Route { destination: "127.0.0.0/8".into(), device: "lo".into(), ..Default::default() }], ..Default::default() }), ..Default::default() })),
-        request(9, "AddARPNeighbors", bytes(&pb::AddARPNeighborsRequest { neighbors: protobuf::MessageField::some(pb::ARPNeighbors { neighbors: vec![pb::ARPNeighbor { to_ip: protobuf::MessageField::some(pb::IPAddress { address: "127.0.0.3".into(), prefix_len: 32, ..Default::default() }), device: "lo".into(), ll_addr: "02:00:00:00:00:03".into(), ..Default::default() }], ..Default::default() }), ..Default::default() })),
+        request(
+            7,
+            "UpdateRoutes",
+            bytes(&pb::UpdateRoutesRequest {
+                routes: protobuf::MessageField::some(pb::Routes {
+                    routes: vec![pb::Route {
+                        destination: "127.0.0.0/8".into(),
+                        device: "lo".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
+        request(
+            9,
+            "AddARPNeighbors",
+            bytes(&pb::AddARPNeighborsRequest {
+                neighbors: protobuf::MessageField::some(pb::ARPNeighbors {
+                    neighbors: vec![pb::ARPNeighbor {
+                        to_ip: protobuf::MessageField::some(pb::IPAddress {
+                            address: "127.0.0.3".into(),
+                            prefix_len: 32,
+                            ..Default::default()
+                        }),
+                        device: "lo".into(),
+                        ll_addr: "02:00:00:00:00:03".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
     ]
     .concat();
-    vec![("lifecycle", lifecycle), ("guest", guest), ("network", network)]
+    vec![
+        ("lifecycle", lifecycle),
+        ("guest", guest),
+        ("network", network),
+    ]
 }
