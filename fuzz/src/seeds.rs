@@ -245,7 +245,7 @@ fn qmp_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         ("device-del", {
-            let mut s = qmp_session([8, 9, 10, 11], &[ok.clone()]);
+            let mut s = qmp_session([8, 9, 10, 11], std::slice::from_ref(&ok));
             s.extend_from_slice(json!({"event": "DEVICE_DELETED", "data": {"device": "cpu1", "path": "/machine/peripheral/cpu1"}, "timestamp": {"seconds": 1, "microseconds": 2}}).to_string().as_bytes());
             s.extend_from_slice(b"\n{\"return\": {}, \"id\": 3}\n{\"return\": {}, \"id\": 4}\n{\"return\": {}, \"id\": 5}\n");
             s
