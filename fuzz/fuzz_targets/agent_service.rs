@@ -27,8 +27,7 @@ struct Served {
 fn served() -> &'static Served {
     static SERVED: OnceLock<Served> = OnceLock::new();
     SERVED.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("runvm-fuzz-agent-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("make the socket folder");
+        let dir = runvm_fuzz::scratch_dir("agent");
         let socket = dir.join("agent.sock");
         let _ = std::fs::remove_file(&socket);
         let backend = FakeBackend::default();

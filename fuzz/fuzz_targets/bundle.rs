@@ -17,7 +17,7 @@ use runvm_sandbox::pod_config::{pod_config, HostCapacity};
 fn bundle() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("runvm-fuzz-bundle-{}", std::process::id()));
+        let dir = runvm_fuzz::scratch_dir("bundle");
         for sub in ["rootfs/bin", "volume", "data"] {
             std::fs::create_dir_all(dir.join(sub)).expect("make the fuzz bundle");
         }

@@ -61,6 +61,24 @@ pub fn isolate_network() {
     );
 }
 
+/// A scratch folder of this process, `TMPDIR/runvm-fuzz-NAME-PID` (made); those of earlier
+/// processes that are gone are removed first (libFuzzer ends a run with `exit`, which leaves
+/// them behind).
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let tmp = std::env::temp_dir();
+    let prefix = format!("runvm-fuzz-{name}-");
+    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let file_name = entry.file_name();
+        let pid = file_name.to_str().and_then(|n| n.strip_prefix(&prefix));
+        if pid.is_some_and(|pid| !std::path::Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = tmp.join(format!("{prefix}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("make the scratch folder");
+    dir
+}
+
 /// In a target's `init`: when `RUNVM_FUZZ_SEEDS` names a folder, writes `target`'s seed inputs
 /// to `RUNVM_FUZZ_SEEDS/target/` and exits (`fuzz/run.sh seeds`).
 pub fn write_seeds_and_exit_if_asked(target: &str) {
