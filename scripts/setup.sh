@@ -46,4 +46,12 @@ else
     step "creating the system user $VMM_USER (confined VM processes run as it)"
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$VMM_USER"
 fi
+# Subordinate uids for it: each VM's processes run as one of them (no two VMs share a uid).
+if ! grep -q "^$VMM_USER:" /etc/subuid 2>/dev/null; then
+    # The first free block of 65536 at or above 1000000, past every range listed.
+    start=$(awk -F: 'BEGIN { m = 1000000 } NF >= 3 && $2 + $3 > m { m = $2 + $3 } END { print m }' \
+        /etc/subuid 2>/dev/null || echo 1000000)
+    step "giving $VMM_USER the subordinate uids $start-$((start + 65535)) (one per VM)"
+    echo "$VMM_USER:$start:65536" >> /etc/subuid
+fi
 step "host set-up complete"

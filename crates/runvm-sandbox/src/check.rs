@@ -144,17 +144,32 @@ fn confinement_item(config: &Config) -> CheckItem {
         );
     }
     match runvm_hypervisor::qemu::jail::VmmUser::lookup(&h.user) {
-        Ok(user) => item(
-            "confinement",
-            true,
-            format!(
-                "QEMU and vhost-device-vsock as {} (uid {}, gid {}) in jails, QEMU -sandbox on; \
-                 virtiofsd --sandbox namespace, seccomp",
-                user.name, user.uid, user.gid
-            ),
-            "",
-            true,
-        ),
+        Ok(user) => {
+            let uids = match user.subuids {
+                Some((first, count)) => format!(
+                    "a uid per VM from {}'s subordinate uids {first}-{}",
+                    user.name,
+                    u64::from(first) + u64::from(count) - 1
+                ),
+                None => format!(
+                    "{}'s uid {} for every VM (no range for it in {}: add one for a uid per VM)",
+                    user.name,
+                    user.uid,
+                    runvm_hypervisor::qemu::jail::SUBUID_FILE
+                ),
+            };
+            item(
+                "confinement",
+                true,
+                format!(
+                    "QEMU and vhost-device-vsock in jails as {uids}, group {}; QEMU -sandbox \
+                     on; virtiofsd --sandbox namespace, seccomp",
+                    user.gid
+                ),
+                "",
+                true,
+            )
+        }
         Err(e) => item(
             "confinement",
             false,

@@ -201,6 +201,29 @@ fn vm_processes_are_confined_and_the_guest_cannot_leave_the_share() {
     assert_eq!(vsock.len(), 1, "{procs:#?}");
     assert_unprivileged(vsock[0].pid, "vhost-device-vsock");
     assert_ne!(mount_ns(vsock[0].pid), own_ns);
+    // Both run as the VM's own uid: one of the user's subordinate uids where it has some.
+    let uid = |pid: u32| -> u32 {
+        status(pid, "Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(uid(qemu), uid(vsock[0].pid));
+    let user = runvm_hypervisor::qemu::jail::VmmUser::lookup("runvm-vmm").unwrap();
+    match user.subuids {
+        Some((first, count)) => assert!(
+            (u64::from(first)..u64::from(first) + u64::from(count)).contains(&u64::from(uid(qemu))),
+            "qemu's uid {} is not one of runvm-vmm's subordinate uids {first}+{count}",
+            uid(qemu)
+        ),
+        None => assert_eq!(uid(qemu), user.uid),
+    }
+    assert_eq!(
+        status(qemu, "Gid").split_whitespace().next().unwrap(),
+        user.gid.to_string()
+    );
 
     // virtiofsd: the process serving the guest (the child its namespace sandbox forks; the
     // parent, capability-less, only waits for it) sits in a mount namespace whose root is the

@@ -194,7 +194,7 @@ impl Qemu {
                 })
             }
         }
-        let mut jail = Jail::new(&root, user.clone()).writable(&layout.dir);
+        let mut jail = Jail::new(&root, user.for_vm(&layout.dir)).writable(&layout.dir);
         if !program.starts_with("/usr/") {
             jail = jail.read_only(program);
         }
@@ -209,7 +209,12 @@ impl Qemu {
 
     async fn start_helpers(&mut self, on_spawn: &mut OnSpawn<'_>) -> Result<()> {
         let (config, layout) = self.prepared()?;
-        let confined = self.settings.confinement.clone();
+        // The user the VM's processes run as (its own uid: `VmmUser::for_vm`).
+        let confined = self
+            .settings
+            .confinement
+            .as_ref()
+            .map(|u| u.for_vm(&layout.dir));
         let mut wanted: Vec<(&'static str, PathBuf, Vec<OsString>, PathBuf, PathBuf)> = Vec::new();
         if let Some(share) = &config.shared_dir {
             if confined.is_some() {
