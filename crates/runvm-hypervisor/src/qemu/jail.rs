@@ -651,4 +651,95 @@ mod tests {
             .to_string();
         assert!(err.contains("/no/such/file"), "{err}");
     }
+
+    fn nobody() -> VmmUser {
+        VmmUser {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            subuids: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_jailed_child_runs_unprivileged_in_a_root_holding_only_its_entries() {
+        use super::super::process::{ManagedChild, Placement};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("jail");
+        std::fs::create_dir(&root).unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let jail = Jail::new(&root, nobody())
+            .read_only(&shared)
+            .prepare()
+            .unwrap();
+        let log = dir.path().join("log");
+        let script = format!(
+            "id -u; id -g; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status 2>&1; ls /; ls /dev; \
+             touch {}/x 2>&1 || echo read-only",
+            shared.display()
+        );
+        let mut child = ManagedChild::spawn_placed(
+            "sh",
+            Path::new("/bin/sh"),
+            &["-c".into(), script.into()],
+            &log,
+            Placement {
+                jail: Some(jail),
+                ..Placement::default()
+            },
+        )
+        .unwrap();
+        assert!(child.wait_exit(std::time::Duration::from_secs(10)).await);
+        let out = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(&lines[..2], ["65534", "65534"], "{out}");
+        // No /proc in the jail: its status cannot even be read.
+        assert!(!out.contains("CapEff"), "{out}");
+        let top = shared
+            .components()
+            .nth(1)
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy()
+            .into_owned();
+        for name in ["bin", "dev", "etc", "lib", "usr", &top] {
+            assert!(lines.contains(&name), "{name} missing: {out}");
+        }
+        for name in ["home", "root", "proc", "sys", "boot"] {
+            assert!(!lines.contains(&name), "{name} present: {out}");
+        }
+        assert!(
+            out.contains("urandom") && out.contains("read-only"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_jail_that_cannot_be_entered_fails_the_spawn_naming_the_step() {
+        use super::super::process::{ManagedChild, Placement};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("jail");
+        std::fs::create_dir(&root).unwrap();
+        let jail = Jail::new(&root, nobody()).prepare().unwrap();
+        // Gone before the child mounts its root there.
+        std::fs::remove_dir(&root).unwrap();
+        let err = ManagedChild::spawn_placed(
+            "sh",
+            Path::new("/bin/sh"),
+            &["-c".into(), "true".into()],
+            &dir.path().join("log"),
+            Placement {
+                jail: Some(jail),
+                ..Placement::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("runvm jail: mount tmpfs on") && err.contains(&root.display().to_string()),
+            "{err}"
+        );
+        assert!(err.contains("errno 2"), "{err}");
+    }
 }
