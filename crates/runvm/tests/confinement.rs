@@ -12,38 +12,8 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use common::{exec_sh, spec, text, Host};
+use common::{exec_sh, processes_with, spec, text, Host, Proc};
 use serde_json::json;
-
-/// A live process found by its command line.
-#[derive(Debug)]
-struct Proc {
-    pid: u32,
-    cmdline: Vec<String>,
-}
-
-/// The processes (not this one) one of whose arguments contains `needle`.
-fn processes_with(needle: &str) -> Vec<Proc> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let raw = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline: Vec<String> = raw
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if cmdline.iter().any(|a| a.contains(needle)) {
-            found.push(Proc { pid, cmdline });
-        }
-    }
-    found
-}
 
 /// The value of `key` in `/proc/PID/status`.
 fn status(pid: u32, key: &str) -> String {

@@ -947,25 +947,8 @@ fn open_tap(netns: Option<&Path>, name: &str) -> Result<std::fs::File> {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        if name.len() >= req.ifr_name.len() {
-            return Err(std::io::Error::other("tap name too long"));
-        }
-        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-            *dst = src as libc::c_char;
-        }
         // The flags QEMU itself attaches with.
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
-        // SAFETY: TUNSETIFF reads an ifreq, which `req` is, and `tun` is an open /dev/net/tun.
-        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(tun)
+        tun_attach(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)
     };
     std::thread::scope(|scope| {
         scope
@@ -974,6 +957,31 @@ fn open_tap(netns: Option<&Path>, name: &str) -> Result<std::fs::File> {
             .unwrap_or_else(|_| Err(std::io::Error::other("the attaching thread panicked")))
     })
     .map_err(fail)
+}
+
+/// Opens `/dev/net/tun` and attaches it (`TUNSETIFF`) to the tun or tap device `name` of the
+/// calling thread's network namespace with `flags` (`IFF_*`; with `IFF_TUN_EXCL` it makes the
+/// device instead and fails if it exists). The one place runvm attaches to a tap.
+pub fn tun_attach(name: &str, flags: libc::c_int) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::other("name too long"));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads an ifreq, which `req` is, and `tun` is an open /dev/net/tun.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(tun)
 }
 
 /// Gives the vhost-user socket `path` (made by a helper) to `user`, so that QEMU running as

@@ -290,27 +290,12 @@ pub async fn create_tap(h: &Handle, name: &str, mtu: u32) -> Result<HostLink> {
         name: name.to_owned(),
         source,
     };
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(tap_err)?;
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.len() >= req.ifr_name.len() {
-        return Err(tap_err(std::io::Error::other("name too long")));
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
     // IFF_TUN_EXCL: fail rather than attach to a tap of that name that exists already.
-    req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
-            as libc::c_short;
-    // SAFETY: TUNSETIFF reads an ifreq, which `req` is, and `tun` is an open /dev/net/tun.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-        return Err(tap_err(std::io::Error::last_os_error()));
-    }
+    let tun = runvm_hypervisor::qemu::tun_attach(
+        name,
+        libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL,
+    )
+    .map_err(tap_err)?;
     // SAFETY: TUNSETPERSIST takes an int argument; `tun` is attached to the tap.
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
         return Err(tap_err(std::io::Error::last_os_error()));

@@ -88,21 +88,44 @@ impl Host {
     }
 }
 
+/// A live process found by its command line.
+#[derive(Debug)]
+pub struct Proc {
+    pub pid: u32,
+    pub cmdline: Vec<String>,
+}
+
+/// The processes (not this one) one of whose arguments contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<Proc> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let raw = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if cmdline.iter().any(|a| a.contains(needle)) {
+            found.push(Proc { pid, cmdline });
+        }
+    }
+    found
+}
+
 pub fn assert_nothing_left(marker: &Path, root: &Path) {
     let marker = marker.display().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut left = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if pid != std::process::id() && cmdline.contains(&marker) {
-                left.push(format!("{pid}: {cmdline}"));
-            }
-        }
+        let left: Vec<String> = processes_with(&marker)
+            .into_iter()
+            .map(|p| format!("{}: {}", p.pid, p.cmdline.join(" ")))
+            .collect();
         if left.is_empty() {
             break;
         }
