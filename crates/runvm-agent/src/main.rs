@@ -103,7 +103,8 @@ async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
     tokio::spawn(Arc::clone(&reaper).run());
 
     boot.agent_listening_us = init::boottime_us();
-    let agent = Agent::new(boot, Arc::clone(&shutdown), reaper);
+    let streams = container::streams::StreamRegistry::new();
+    let agent = Agent::new(boot, Arc::clone(&shutdown), reaper, Arc::clone(&streams));
     let mut server = bind_with_retry(&listen)
         .await?
         .register_service(create_agent_service(Arc::new(agent)));
@@ -114,6 +115,7 @@ async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
     tracing::info!(address = %listen, version = env!("CARGO_PKG_VERSION"), "runvm-agent listening");
     if listen.starts_with("vsock://") {
         tokio::spawn(portfwd::serve_vsock());
+        tokio::spawn(container::streams::serve_vsock(streams));
         tokio::spawn(announce_ready());
     }
 

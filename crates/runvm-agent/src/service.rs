@@ -9,6 +9,7 @@ use runvm_protocol::agent_ttrpc;
 use tokio::sync::Notify;
 use ttrpc::r#async::TtrpcContext;
 
+use crate::container::streams::StreamRegistry;
 use crate::container::Containers;
 use crate::error::{AgentError, Result};
 use crate::hotplug::Onlined;
@@ -136,13 +137,19 @@ pub struct Agent<B: Backend = Arc<Containers>> {
 
 impl Agent {
     /// Must be called inside the tokio runtime (it starts the OOM monitor).
-    pub fn new(boot: BootTimes, shutdown: Arc<Notify>, reaper: Arc<Reaper>) -> Self {
+    /// `streams`: where the stdio listener parks the host's streams for new processes.
+    pub fn new(
+        boot: BootTimes,
+        shutdown: Arc<Notify>,
+        reaper: Arc<Reaper>,
+        streams: Arc<StreamRegistry>,
+    ) -> Self {
         tokio::spawn(async {
             if let Err(e) = network::loopback_up().await {
                 tracing::warn!(error = %e, "cannot bring the loopback device up");
             }
         });
-        Agent::with_backend(boot, shutdown, Containers::new(reaper))
+        Agent::with_backend(boot, shutdown, Containers::new(reaper, streams))
     }
 }
 

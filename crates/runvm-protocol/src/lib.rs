@@ -22,7 +22,9 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod frame;
 pub mod portfwd;
+pub mod stdio;
 
 pub use ttrpc;
 

@@ -3,12 +3,8 @@
 //!
 //! The stream starts with a fixed-size [`Request`] (host to guest: which port of the guest's
 //! loopback to connect to) and a fixed-size [`Reply`] (guest to host: connected, or why not).
-//! Then both directions carry **frames**: a 4-byte big-endian length and that many bytes; a
-//! frame of length 0 says the sender's side will send nothing more (a TCP half-close). The
-//! framing carries half-closes over both vsock backends: vhost-device-vsock (hybrid vsock)
-//! turns the end of a host unix stream into a full shutdown of the guest's socket, so the
-//! stream itself cannot say "this direction is done" there. The end of the stream without an
-//! end frame is an abort: the receiver resets its TCP connection.
+//! Then both directions carry [frames](crate::frame); the end frame is a TCP half-close, the end
+//! of the stream without an end frame is an abort: the receiver resets its TCP connection.
 //!
 //! ```
 //! use runvm_protocol::portfwd::{Reply, Request, Status};
@@ -18,7 +14,9 @@
 //! assert_eq!(Reply::decode(&reply.encode()).unwrap().status, Status::Refused);
 //! ```
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::frame;
 
 /// The vsock port the agent's port-forward listener serves.
 pub const PORT_FORWARD_VSOCK_PORT: u32 = 1026;
@@ -47,9 +45,6 @@ pub enum HeaderError {
     /// A reply status this side does not know.
     #[error("unknown port-forward reply status {0}")]
     Status(u8),
-    /// A frame longer than [`MAX_FRAME`].
-    #[error("frame of {0} bytes (the limit is {MAX_FRAME})")]
-    FrameTooLong(u32),
 }
 
 impl From<HeaderError> for std::io::Error {
@@ -183,55 +178,6 @@ pub struct Spliced {
     pub received: u64,
 }
 
-/// Reads the plain stream into frames until it ends, then sends the end frame.
-async fn pump_out<R, W>(mut plain: R, mut framed: W) -> std::io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 4 + MAX_FRAME];
-    let mut total = 0u64;
-    loop {
-        let n = plain.read(&mut buf[4..]).await?;
-        // n <= MAX_FRAME, which fits in u32.
-        let len = u32::try_from(n).unwrap_or(u32::MAX);
-        buf[..4].copy_from_slice(&len.to_be_bytes());
-        framed.write_all(&buf[..4 + n]).await?;
-        if n == 0 {
-            framed.flush().await?;
-            return Ok(total);
-        }
-        total += n as u64;
-    }
-}
-
-/// Writes frames to the plain stream until the end frame, then half-closes it. The framed
-/// stream ending before the end frame is an abort (`UnexpectedEof`).
-async fn pump_in<R, W>(mut framed: R, mut plain: W) -> std::io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; MAX_FRAME];
-    let mut total = 0u64;
-    loop {
-        let mut len = [0u8; 4];
-        framed.read_exact(&mut len).await?;
-        let len = u32::from_be_bytes(len);
-        let n = usize::try_from(len).unwrap_or(usize::MAX);
-        if n > MAX_FRAME {
-            return Err(HeaderError::FrameTooLong(len).into());
-        }
-        if n == 0 {
-            plain.shutdown().await?;
-            return Ok(total);
-        }
-        framed.read_exact(&mut buf[..n]).await?;
-        plain.write_all(&buf[..n]).await?;
-        total += n as u64;
-    }
-}
-
 /// Joins a plain byte stream (the TCP connection) to a framed one (the vsock stream), both
 /// ways, until both directions ended; each end of input becomes a half-close on the other
 /// side. An error in either direction ends both: the caller drops the streams (and should
@@ -244,14 +190,17 @@ where
     let (plain_r, plain_w) = tokio::io::split(plain);
     let (framed_r, framed_w) = tokio::io::split(framed);
     let (sent, received) =
-        tokio::try_join!(pump_out(plain_r, framed_w), pump_in(framed_r, plain_w))?;
+        tokio::try_join!(
+        frame::send(plain_r, framed_w, MAX_FRAME),
+        frame::receive(framed_r, plain_w, MAX_FRAME)
+    )?;
     Ok(Spliced { sent, received })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, AsyncWriteExt};
 
     #[test]
     fn request_round_trips_and_refuses_bad_headers() {

@@ -19,6 +19,7 @@ mod id;
 pub mod network;
 pub mod pod_config;
 pub mod portfwd;
+pub mod process;
 pub mod regular_file;
 pub mod run;
 pub mod sandbox;

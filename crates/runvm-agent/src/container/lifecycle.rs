@@ -158,6 +158,7 @@ impl Containers {
         std::fs::write(&config, json)
             .map_err(io_error(format!("cannot write {}", config.display())))?;
 
+        let claimed = self.claim_streams(cfg).await?;
         let (child_stdio, io, console) = new_stdio(cfg)?;
         let request = Request::Create {
             id: id.to_string(),
@@ -207,12 +208,11 @@ impl Containers {
             (None, None) => return Err(AgentError::internal("no stdio for the init")),
         };
         let init = Process::new(String::new(), pid, exit, io);
-        Ok(Container::new(
-            id.to_string(),
-            bundle.to_path_buf(),
-            init,
-            held,
-        ))
+        let container = Container::new(id.to_string(), bundle.to_path_buf(), init, held);
+        if let Some(claimed) = claimed {
+            super::streams::attach(&container.init, claimed);
+        }
+        Ok(container)
     }
 
     /// Deletes libcontainer's state of `id` (killing what runs), or at least its folder and

@@ -18,6 +18,7 @@ mod spec;
 mod stats;
 mod stdio;
 mod storage;
+pub mod streams;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -202,18 +203,36 @@ pub struct Containers {
     reaper: Arc<Reaper>,
     storages: storage::Storages,
     oom: oom::OomEvents,
+    streams: Arc<streams::StreamRegistry>,
 }
 
 impl Containers {
-    pub fn new(reaper: Arc<Reaper>) -> Arc<Containers> {
+    pub fn new(reaper: Arc<Reaper>, streams: Arc<streams::StreamRegistry>) -> Arc<Containers> {
         let containers = Arc::new(Containers {
             map: Mutex::new(HashMap::new()),
             reaper,
+            streams,
             storages: storage::Storages::default(),
             oom: oom::OomEvents::new(),
         });
         oom::spawn_monitor(Arc::downgrade(&containers));
         containers
+    }
+
+    /// The host's stdio streams for a new process whose stdio config names a stream token;
+    /// `None` without a token (the host uses the stdio RPCs).
+    async fn claim_streams(
+        &self,
+        cfg: &runvm_protocol::agent::StdioConfig,
+    ) -> Result<Option<streams::Claimed>> {
+        if cfg.stream_token.is_empty() {
+            return Ok(None);
+        }
+        let wanted = streams::wanted(cfg.stdin, cfg.stdout, cfg.stderr, cfg.terminal);
+        self.streams
+            .claim(&cfg.stream_token, &wanted, streams::CLAIM_TIMEOUT)
+            .await
+            .map(Some)
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {

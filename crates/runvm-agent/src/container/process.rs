@@ -151,6 +151,7 @@ impl Containers {
             .map_err(|e| AgentError::internal(format!("cannot encode the process: {e}")))?;
         std::fs::write(&file, json)
             .map_err(|e| AgentError::internal(format!("cannot write {}: {e}", file.display())))?;
+        let claimed = self.claim_streams(&cfg).await?;
         let (child_stdio, io, console) = new_stdio(&cfg)?;
         let request = Request::Exec {
             id: id.to_string(),
@@ -177,6 +178,9 @@ impl Containers {
         };
         tracing::info!(container = id, exec = exec_id, pid, "exec started");
         let p = Arc::new(Process::new(exec_id.to_string(), pid, exit, io));
+        if let Some(claimed) = claimed {
+            super::streams::attach(&p, claimed);
+        }
         c.execs().insert(exec_id.to_string(), p);
         Ok(())
     }

@@ -19,8 +19,6 @@ use tokio::sync::Mutex;
 
 /// Most bytes one ReadStdout/ReadStderr returns.
 pub const MAX_READ: usize = 1 << 20;
-/// Bytes read per system call.
-const CHUNK: usize = 256 * 1024;
 /// The capacity asked for the output pipes (the kernel's default limit for unprivileged
 /// processes, `/proc/sys/fs/pipe-max-size`, is 1 MiB; the agent is root).
 pub const OUTPUT_PIPE_SIZE: i32 = 1 << 20;
@@ -81,46 +79,54 @@ impl OutputStream {
             0 => MAX_READ,
             n => n.min(MAX_READ),
         };
+        let mut out = vec![0u8; want];
+        let n = self.read_into(&mut out).await?;
+        out.truncate(n);
+        Ok((out, n == 0))
+    }
+
+    /// Waits for data or EOF, then fills `buf` (not empty) with what the pipe holds now;
+    /// returns the bytes read, 0 at EOF (and at every call after it). Cancel-safe.
+    pub async fn read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
         let mut guard = self.fd.lock().await;
         let Some(fd) = guard.as_ref() else {
-            return Ok((Vec::new(), true));
+            return Ok(0);
         };
-        let mut out = Vec::new();
-        let mut chunk = vec![0u8; want.min(CHUNK)];
-        loop {
-            let room = (want - out.len()).min(chunk.len());
-            let result = if out.is_empty() {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let result = if filled == 0 {
                 let mut ready = fd.readable().await?;
-                match ready.try_io(|inner| read_fd(inner.as_raw_fd(), &mut chunk[..room])) {
+                match ready.try_io(|inner| read_fd(inner.as_raw_fd(), buf)) {
                     Ok(r) => r,
                     Err(_would_block) => continue,
                 }
             } else {
                 // Already have data: take more only if it is there now.
-                read_fd(fd.as_raw_fd(), &mut chunk[..room])
+                read_fd(fd.as_raw_fd(), &mut buf[filled..])
             };
             match result {
                 Ok(0) => break,
-                Ok(n) => {
-                    out.extend_from_slice(&chunk[..n]);
-                    if out.len() >= want {
-                        return Ok((out, false));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((out, false)),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(filled),
                 // A pty master reads EIO once every slave is closed.
                 Err(e) if self.tty && e.raw_os_error() == Some(libc::EIO) => break,
-                Err(e) if out.is_empty() => return Err(e),
-                Err(_) => return Ok((out, false)),
+                Err(e) if filled == 0 => return Err(e),
+                Err(_) => return Ok(filled),
             }
         }
-        if !out.is_empty() {
+        if filled > 0 {
             // The next read sees the EOF again.
-            return Ok((out, false));
+            return Ok(filled);
         }
         *guard = None;
         self.eof.store(true, Ordering::Release);
-        Ok((Vec::new(), true))
+        Ok(0)
+    }
+
+    /// Closes the agent's end (the writer gets EPIPE from now on) and marks the stream ended.
+    pub async fn close(&self) {
+        *self.fd.lock().await = None;
+        self.eof.store(true, Ordering::Release);
     }
 }
 

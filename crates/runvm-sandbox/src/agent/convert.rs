@@ -30,6 +30,7 @@ pub fn stdio(s: StdioSpec) -> MessageField<pb::StdioConfig> {
         stdout: s.stdout,
         stderr: s.stderr,
         terminal: s.terminal,
+        stream_token: s.stream_token.map(|t| t.to_vec()).unwrap_or_default(),
         ..Default::default()
     })
 }

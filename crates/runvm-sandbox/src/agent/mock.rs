@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runvm_hypervisor::AgentAddress;
+use runvm_protocol::frame;
+use runvm_protocol::stdio::{Header, TOKEN_LEN};
+use tokio::io::AsyncWriteExt;
 
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
@@ -78,6 +81,9 @@ pub struct MockAgentState {
     pub fail_network: Option<(RpcCode, String)>,
     /// The CPUs `online_cpu_mem` was last asked to have online.
     pub online_cpus: u32,
+    /// The guest's ends of stdio streams opened and not yet joined to a process, by token and
+    /// stream (0 stdin, 1 stdout, 2 stderr).
+    pub stdio_streams: BTreeMap<([u8; TOKEN_LEN], u8), std::os::unix::net::UnixStream>,
 }
 
 impl Default for MockAgentState {
@@ -100,6 +106,7 @@ impl Default for MockAgentState {
             neighbors: Vec::new(),
             fail_network: None,
             online_cpus: 0,
+            stdio_streams: BTreeMap::new(),
         }
     }
 }
@@ -185,6 +192,62 @@ impl MockAgentState {
 }
 
 impl MockAgent {
+    /// Plays the guest's side of a started process's stdio streams: its scripted stdout and
+    /// stderr as frames then the end frame; what arrives on stdin into `stdin`, and
+    /// `stdin_closed` at its end frame.
+    fn play(&self, process: ProcessRef, token: [u8; TOKEN_LEN]) {
+        let (ends, out, err) = {
+            let mut s = self.state.lock().expect("mock agent lock");
+            let ends: Vec<Option<std::os::unix::net::UnixStream>> = (0u8..3)
+                .map(|k| s.stdio_streams.remove(&(token, k)))
+                .collect();
+            let p = s.processes.entry(process.clone()).or_default();
+            (ends, p.stdout.clone(), p.stderr.clone())
+        };
+        let tokio_stream = |s: std::os::unix::net::UnixStream| {
+            s.set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(s))
+                .expect("mock stream")
+        };
+        let mut ends = ends.into_iter();
+        let (stdin, stdout, stderr) = (
+            ends.next().flatten(),
+            ends.next().flatten(),
+            ends.next().flatten(),
+        );
+        for (end, data) in [(stdout, out), (stderr, err)] {
+            if let Some(end) = end {
+                let mut end = tokio_stream(end);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; frame::PREFIX + 4096];
+                    for chunk in data.chunks(4096) {
+                        buf[frame::PREFIX..frame::PREFIX + chunk.len()].copy_from_slice(chunk);
+                        if frame::write_frame(&mut end, &mut buf, chunk.len()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = frame::write_frame(&mut end, &mut buf, 0).await;
+                    let _ = end.flush().await;
+                    // Held until the host closes, as the agent does.
+                    let mut rest = [0u8; 16];
+                    while matches!(tokio::io::AsyncReadExt::read(&mut end, &mut rest).await, Ok(n) if n > 0) {}
+                });
+            }
+        }
+        if let Some(end) = stdin {
+            let mut end = tokio_stream(end);
+            let state = Arc::clone(&self.state);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; runvm_protocol::stdio::MAX_FRAME];
+                while let Ok(Some(n)) = frame::read_frame(&mut end, &mut buf).await {
+                    let mut s = state.lock().expect("mock agent lock");
+                    s.processes.entry(process.clone()).or_default().stdin.extend_from_slice(&buf[..n]);
+                }
+                state.lock().expect("mock agent lock").processes.entry(process).or_default().stdin_closed = true;
+            });
+        }
+    }
+
     fn record(&self, call: &str) -> std::sync::MutexGuard<'_, MockAgentState> {
         let mut s = self.state.lock().expect("mock agent lock");
         s.calls.push(call.to_string());
@@ -314,10 +377,13 @@ impl Agent for MockAgent {
             ));
         }
         c.started = true;
-        s.processes
-            .entry(ProcessRef::init(container_id))
-            .or_default()
-            .started = true;
+        let token = c.request.stdio.stream_token;
+        let init = ProcessRef::init(container_id);
+        s.processes.entry(init.clone()).or_default().started = true;
+        if let Some(token) = token {
+            drop(s);
+            self.play(init, token);
+        }
         Ok(())
     }
 
@@ -386,7 +452,7 @@ impl Agent for MockAgent {
         &self,
         process: &ProcessRef,
         _spec: &serde_json::Value,
-        _stdio: StdioSpec,
+        stdio: StdioSpec,
     ) -> Result<(), AgentError> {
         let mut s = self.record("exec_process");
         if !s.container("ExecProcess", &process.container_id)?.started {
@@ -404,6 +470,10 @@ impl Agent for MockAgent {
             ));
         }
         s.processes.entry(process.clone()).or_default().started = true;
+        if let Some(token) = stdio.stream_token {
+            drop(s);
+            self.play(process.clone(), token);
+        }
         Ok(())
     }
 
@@ -482,6 +552,19 @@ impl Agent for MockAgent {
             .process("TtyWinResize", process)?
             .tty_size = Some((rows, cols));
         Ok(())
+    }
+
+    async fn open_stdio(&self, header: Header) -> Result<std::os::fd::OwnedFd, AgentError> {
+        let mut s = self.record("open_stdio");
+        let (host, guest) = std::os::unix::net::UnixStream::pair().map_err(|e| {
+            AgentError::Transport {
+                method: "stdio stream",
+                reason: e.to_string(),
+            }
+        })?;
+        s.stdio_streams
+            .insert((header.token, header.kind as u8), guest);
+        Ok(host.into())
     }
 
     async fn oom_event(&self) -> Result<String, AgentError> {

@@ -325,6 +325,12 @@ pub trait Agent: Send + Sync + Debug {
     ) -> Result<(), AgentError>;
     /// Waits until a container is OOM-killed; returns its id.
     async fn oom_event(&self) -> Result<String, AgentError>;
+    /// Opens a stdio stream to the agent (`runvm_protocol::stdio`) and sends `header`: a
+    /// socket, non-blocking, for the process that will name the header's token.
+    async fn open_stdio(
+        &self,
+        header: runvm_protocol::stdio::Header,
+    ) -> Result<std::os::fd::OwnedFd, AgentError>;
 
     /// Configures the guest device with `interface.mac`: name, MTU, exactly these addresses,
     /// up. All or nothing: on error the device is as before. Returns the device as it is then.

@@ -52,6 +52,9 @@ impl AgentConnector for TtrpcConnector {
 pub struct TtrpcAgent {
     client: AgentServiceClient,
     request_timeout: Duration,
+    /// Where the agent is, for the stdio streams (`None` over a given stream: none can be
+    /// opened).
+    address: Option<AgentAddress>,
 }
 
 impl std::fmt::Debug for TtrpcAgent {
@@ -74,35 +77,7 @@ pub async fn open_vsock_stream(address: &AgentAddress) -> Result<Box<dyn VsockIo
             let mut stream = tokio::net::UnixStream::connect(uds_path)
                 .await
                 .map_err(|e| e.to_string())?;
-            stream
-                .write_all(format!("CONNECT {port}\n").as_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
-            // Read the answer byte by byte: what follows the newline is the agent's.
-            let mut line = Vec::with_capacity(16);
-            loop {
-                let mut byte = [0u8; 1];
-                let n = stream.read(&mut byte).await.map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err(
-                        "closed during the vsock handshake (nothing listens on the port yet)"
-                            .into(),
-                    );
-                }
-                if byte[0] == b'\n' {
-                    break;
-                }
-                line.push(byte[0]);
-                if line.len() > 32 {
-                    return Err("vsock handshake answer is too long".into());
-                }
-            }
-            let line = String::from_utf8_lossy(&line);
-            if !line.starts_with("OK ") {
-                return Err(format!(
-                    "vsock handshake answered {line:?}, expected \"OK <port>\""
-                ));
-            }
+            hybrid_handshake(&mut stream, *port).await?;
             Ok(Box::new(stream))
         }
         AgentAddress::Vsock { cid, port } => {
@@ -113,6 +88,64 @@ pub async fn open_vsock_stream(address: &AgentAddress) -> Result<Box<dyn VsockIo
             Ok(Box::new(stream))
         }
     }
+}
+
+/// Opens a stream to the guest port `port` of the agent at `address` as a plain socket (the
+/// hybrid vsock handshake done), for the stdio streams a stand-in inherits.
+pub async fn open_vsock_fd(
+    address: &AgentAddress,
+    port: u32,
+) -> Result<std::os::fd::OwnedFd, String> {
+    match address {
+        AgentAddress::HybridVsock { uds_path, .. } => {
+            let mut stream = tokio::net::UnixStream::connect(uds_path)
+                .await
+                .map_err(|e| e.to_string())?;
+            hybrid_handshake(&mut stream, port).await?;
+            let std = stream.into_std().map_err(|e| e.to_string())?;
+            Ok(std.into())
+        }
+        AgentAddress::Vsock { cid, .. } => {
+            let stream =
+                tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, port))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let raw = std::os::fd::IntoRawFd::into_raw_fd(stream);
+            // SAFETY: `into_raw_fd` gave up ownership of this open socket to us.
+            Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
+        }
+    }
+}
+
+/// The hybrid vsock `CONNECT` handshake; its answer is read byte by byte (what follows the
+/// newline is the guest's) and bounded.
+async fn hybrid_handshake(stream: &mut tokio::net::UnixStream, port: u32) -> Result<(), String> {
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let mut byte = [0u8; 1];
+        let n = stream.read(&mut byte).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed during the vsock handshake (nothing listens on the port yet)".into());
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+        if line.len() > 32 {
+            return Err("vsock handshake answer is too long".into());
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    if !line.starts_with("OK ") {
+        return Err(format!(
+            "vsock handshake answered {line:?}, expected \"OK <port>\""
+        ));
+    }
+    Ok(())
 }
 
 /// How `address` reads in messages.
@@ -165,7 +198,9 @@ impl TtrpcAgent {
                 address: describe(address),
                 reason,
             })?;
-        Ok(TtrpcAgent::from_stream(stream, request_timeout))
+        let mut agent = TtrpcAgent::from_stream(stream, request_timeout);
+        agent.address = Some(address.clone());
+        Ok(agent)
     }
 
     /// An agent over a byte stream already open to it (one end of a socket pair, for tests and
@@ -175,6 +210,7 @@ impl TtrpcAgent {
         TtrpcAgent {
             client: AgentServiceClient::new(client),
             request_timeout,
+            address: None,
         }
     }
 
@@ -629,6 +665,35 @@ impl Agent for TtrpcAgent {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn open_stdio(
+        &self,
+        header: runvm_protocol::stdio::Header,
+    ) -> Result<std::os::fd::OwnedFd, AgentError> {
+        let method = "stdio stream";
+        let address = self.address.as_ref().ok_or_else(|| AgentError::Transport {
+            method,
+            reason: "this agent connection has no address to open streams to".into(),
+        })?;
+        let port = runvm_protocol::stdio::STDIO_VSOCK_PORT;
+        let opened = tokio::time::timeout(self.request_timeout, async {
+            let fd = open_vsock_fd(address, port).await?;
+            // The header is small: it fits in the new socket's buffer at once.
+            let bytes = header.encode();
+            match nix::unistd::write(&fd, &bytes) {
+                Ok(n) if n == bytes.len() => Ok(fd),
+                Ok(n) => Err(format!("only {n} bytes of the stream header were sent")),
+                Err(e) => Err(format!("cannot send the stream header: {e}")),
+            }
+        })
+        .await
+        .map_err(|_| format!("no answer within {} ms", self.request_timeout.as_millis()))
+        .and_then(|r| r);
+        opened.map_err(|reason| AgentError::Connect {
+            address: format!("{} (stdio port {port})", describe(address)),
+            reason,
+        })
     }
 
     async fn oom_event(&self) -> Result<String, AgentError> {

@@ -24,6 +24,10 @@ pub struct StdioSpec {
     pub stderr: bool,
     /// A pseudo-terminal (stderr merged into stdout).
     pub terminal: bool,
+    /// The token of the host's stdio streams for the process
+    /// ([`Streams::open`](crate::process::Streams::open) sets it); `None`: the host uses the
+    /// stdio calls of [`Agent`](crate::agent::Agent) instead.
+    pub stream_token: Option<[u8; runvm_protocol::stdio::TOKEN_LEN]>,
 }
 
 impl StdioSpec {
@@ -35,6 +39,7 @@ impl StdioSpec {
             stdout: true,
             stderr: !terminal,
             terminal,
+            stream_token: None,
         }
     }
 }

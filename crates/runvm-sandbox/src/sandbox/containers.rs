@@ -415,21 +415,40 @@ impl Sandbox {
         exec_id: &str,
         status: ExitStatus,
     ) -> Result<(), SandboxError> {
-        let exec_id = exec_id.to_string();
-        self.update_container(id, |c| {
-            let p = if exec_id.is_empty() {
-                &mut c.init
-            } else {
-                c.execs.entry(exec_id.clone()).or_default()
-            };
-            p.exit_status = Some(status.code);
-            p.exited_at =
-                Some(u64::try_from(status.exited_at_unix_ns).unwrap_or_else(|_| unix_now_ns()));
-            if exec_id.is_empty() && c.state != State::Stopped {
-                c.state = State::Stopped;
-            }
-            Ok(())
-        })
+        record_exit_in(&self.store, &self.record.id, id, exec_id, status)
+    }
+
+    /// A handle on process `exec_id` ("" for the init) of container `id`, which records its
+    /// exit in the container's record; `streams`: its stdio streams, if it relays them.
+    pub async fn process(
+        &mut self,
+        id: &ContainerId,
+        exec_id: &str,
+        streams: Option<crate::process::Streams>,
+    ) -> Result<crate::process::Process, SandboxError> {
+        let process = self.process_ref(id, exec_id)?;
+        let agent = self.agent().await?;
+        let exits = crate::process::ExitRecorder {
+            store: self.store.clone(),
+            sandbox: self.record.id.clone(),
+            container: id.clone(),
+        };
+        Ok(crate::process::Process::new(
+            agent,
+            process,
+            Some(exits),
+            streams,
+        ))
+    }
+
+    /// Opens the stdio streams `stdio` asks for and puts their token in it: the process
+    /// created or exec'd with that `stdio` is joined to them.
+    pub async fn open_streams(
+        &mut self,
+        stdio: &mut StdioSpec,
+    ) -> Result<crate::process::Streams, SandboxError> {
+        let agent = self.agent().await?;
+        Ok(crate::process::Streams::open(&*agent, stdio).await?)
     }
 
     /// Freezes a running container.
@@ -638,4 +657,29 @@ impl Sandbox {
         }
         Ok(())
     }
+}
+
+/// Records a process's exit in its container's record (under the sandbox's lock); the init's
+/// exit stops the container.
+pub(crate) fn record_exit_in(
+    store: &crate::store::Store,
+    sandbox: &crate::id::SandboxId,
+    id: &ContainerId,
+    exec_id: &str,
+    status: ExitStatus,
+) -> Result<(), SandboxError> {
+    let lock = store.lock_exclusive_timeout(sandbox, LOCK_TIMEOUT)?;
+    let mut c = store.load_container(sandbox, id)?;
+    let p = if exec_id.is_empty() {
+        &mut c.init
+    } else {
+        c.execs.entry(exec_id.to_string()).or_default()
+    };
+    p.exit_status = Some(status.code);
+    p.exited_at = Some(u64::try_from(status.exited_at_unix_ns).unwrap_or_else(|_| unix_now_ns()));
+    if exec_id.is_empty() && c.state != State::Stopped {
+        c.state = State::Stopped;
+    }
+    store.save_container(&lock, &c)?;
+    Ok(())
 }

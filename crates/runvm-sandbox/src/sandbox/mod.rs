@@ -14,6 +14,7 @@ mod portfwd;
 mod purge;
 mod resize;
 
+pub(crate) use containers::record_exit_in;
 pub use containers::{ContainerStatus, ExecRequest, NewContainer};
 pub use factory::{
     create_qemu_sandbox, create_qemu_sandbox_for, create_qemu_sandbox_in, open_sandbox,
