@@ -189,8 +189,7 @@ where
 {
     let (plain_r, plain_w) = tokio::io::split(plain);
     let (framed_r, framed_w) = tokio::io::split(framed);
-    let (sent, received) =
-        tokio::try_join!(
+    let (sent, received) = tokio::try_join!(
         frame::send(plain_r, framed_w, MAX_FRAME),
         frame::receive(framed_r, plain_w, MAX_FRAME)
     )?;

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use crate::agent::{ExitStatus, ProcessRef, StdioSpec};
+use crate::agent::{ExitStatus, StdioSpec};
 use crate::config::Config;
-use crate::container::io::{copy_input, copy_output, FirstWrite, OutputStream};
+use crate::container::io::FirstWrite;
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
 use crate::sandbox::{BootReport, NewContainer};
@@ -37,13 +37,13 @@ pub async fn run_foreground<I, O, E>(
     config: &Config,
     id: ContainerId,
     bundle: &Path,
-    mut stdin: I,
+    stdin: I,
     stdout: O,
-    mut stderr: E,
+    stderr: E,
     mut signals: mpsc::Receiver<i32>,
 ) -> Result<RunOutcome, SandboxError>
 where
-    I: AsyncRead + Unpin + Send,
+    I: AsyncRead + Unpin + Send + 'static,
     O: AsyncWrite + Unpin + Send,
     E: AsyncWrite + Unpin + Send,
 {
@@ -62,48 +62,31 @@ where
     )
     .await?;
     let result = async {
+        let mut stdio = StdioSpec::attached(terminal);
+        let streams = sb.open_streams(&mut stdio).await?;
         sb.create_container(NewContainer {
             id: id.clone(),
             bundle: bundle.clone(),
-            stdio: StdioSpec::attached(terminal),
+            stdio,
             stdio_paths: StdioRecord::default(),
             annotations: BTreeMap::new(),
         })
         .await?;
         sb.start_container(&id).await?;
-        let agent = sb.agent().await?;
-        let process = ProcessRef::init(id.as_str());
-        let (mut out, first, _) = FirstWrite::new(stdout);
-        let relay = async {
-            let o = copy_output(&*agent, &process, OutputStream::Stdout, &mut out);
-            let e = async {
-                if terminal {
-                    Ok(0)
-                } else {
-                    copy_output(&*agent, &process, OutputStream::Stderr, &mut stderr).await
-                }
-            };
-            let i = async {
-                // Input ending early is normal (e.g. stdin is /dev/null); the relay then ends.
-                if let Err(e) = copy_input(&*agent, &process, &mut stdin).await {
-                    tracing::debug!(error = %e, "stdin relay ended");
-                }
-            };
-            let (o, e, ()) = tokio::join!(o, e, i);
-            o.and(e)
-        };
+        let process = sb.process(&id, "", Some(streams)).await?;
+        let (out, first, _) = FirstWrite::new(stdout);
         let waiting = async {
-            if let Err(e) = relay.await {
+            if let Err(e) = process.relay(stdin, out, stderr).await {
                 tracing::warn!(error = %e, "output relay failed");
             }
-            agent.wait_process(&process).await
+            process.wait().await
         };
         tokio::pin!(waiting);
         let exit = loop {
             tokio::select! {
                 exit = &mut waiting => break exit?,
                 Some(signal) = signals.recv() => {
-                    if let Err(e) = agent.signal_process(&process, signal, false).await {
+                    if let Err(e) = process.signal(signal, false).await {
                         tracing::warn!(signal, error = %e, "cannot pass the signal on");
                     }
                 }

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::container::spec::Bundle;
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
+use crate::process::Streams;
 use crate::sandbox::{create_qemu_sandbox_for, open_sandbox, NewContainer, Sandbox};
 use crate::state::{State, StdioRecord};
 use crate::store::Store;
@@ -247,7 +248,7 @@ pub async fn create(
     config: &Config,
     id: &ContainerId,
     bundle: Bundle,
-) -> Result<Sandbox, StandaloneError> {
+) -> Result<(Sandbox, Streams), StandaloneError> {
     if std::fs::symlink_metadata(member_link(config, id)).is_ok() {
         return Err(StandaloneError::Exists(id.to_string()));
     }
@@ -274,9 +275,8 @@ pub async fn create(
         SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
         e => e.into(),
     })?;
-    let made = sb.create_container(attached_container(id, bundle)).await;
-    match made {
-        Ok(_) => Ok(sb),
+    match create_attached(&mut sb, id, bundle).await {
+        Ok(streams) => Ok((sb, streams)),
         Err(e) => {
             abort(sb).await;
             Err(e.into())
@@ -292,7 +292,7 @@ async fn create_member(
     id: &ContainerId,
     owner: &str,
     bundle: Bundle,
-) -> Result<Sandbox, StandaloneError> {
+) -> Result<(Sandbox, Streams), StandaloneError> {
     let cannot = |reason: String| StandaloneError::CannotJoin {
         owner: owner.to_string(),
         reason,
@@ -339,9 +339,8 @@ async fn create_member(
         let _ = std::fs::remove_file(&link);
         return Err(StandaloneError::Exists(id.to_string()));
     }
-    let made = sb.create_container(attached_container(id, bundle)).await;
-    match made {
-        Ok(_) => Ok(sb),
+    match create_attached(&mut sb, id, bundle).await {
+        Ok(streams) => Ok((sb, streams)),
         Err(e) => {
             let _ = std::fs::remove_file(&link);
             sb.detach();
@@ -350,16 +349,25 @@ async fn create_member(
     }
 }
 
-/// Container `id` of `bundle`, its stdio attached for a stand-in to relay.
-fn attached_container(id: &ContainerId, bundle: Bundle) -> NewContainer {
+/// Creates container `id` of `bundle` in `sb`, its stdio attached to new streams for a
+/// stand-in to relay (returned).
+async fn create_attached(
+    sb: &mut Sandbox,
+    id: &ContainerId,
+    bundle: Bundle,
+) -> Result<Streams, SandboxError> {
     let terminal = bundle.terminal();
-    NewContainer {
+    let mut stdio = StdioSpec::attached(terminal);
+    let streams = sb.open_streams(&mut stdio).await?;
+    sb.create_container(NewContainer {
         id: id.clone(),
         annotations: bundle.annotations.clone(),
         bundle,
-        stdio: StdioSpec::attached(terminal),
+        stdio,
         stdio_paths: StdioRecord::default(),
-    }
+    })
+    .await?;
+    Ok(streams)
 }
 
 /// Whether `a` and `b` are the same file (a namespace named by two paths).

@@ -9,12 +9,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use crate::agent::ProcessRef;
 use crate::config::Config;
-use crate::container::io::{copy_input, copy_output, FirstWrite, OutputStream};
+use crate::container::io::FirstWrite;
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
-use crate::sandbox::{open_sandbox, VmFailure, KILLED_EXIT_STATUS};
+use crate::process::{Process, Streams};
+use crate::sandbox::{open_sandbox, Sandbox, VmFailure, KILLED_EXIT_STATUS};
 use crate::standalone::Attached;
 
 /// What the stand-in passes on to the process besides stdio.
@@ -43,32 +43,35 @@ pub struct Target<'a> {
 }
 
 /// Relays process `target` until it exits: `stdin` to its stdin, its stdout and stderr (only
-/// stdout with a terminal) to `stdout` and `stderr`, `controls` to it. Returns its exit code
-/// (128+N for signal N), recorded in the container's record.
+/// stdout with a terminal) to `stdout` and `stderr`, through its stdio `streams`; `controls` to
+/// it. Returns its exit code (128+N for signal N), recorded in the container's record.
+/// `sandbox`: the sandbox, if the caller has it open already (its agent connection is used).
+#[allow(clippy::too_many_arguments)]
 pub async fn relay<I, O, E>(
     config: &Config,
     target: Target<'_>,
-    mut stdin: I,
+    sandbox: Option<Sandbox>,
+    streams: Streams,
+    stdin: I,
     stdout: O,
-    mut stderr: E,
+    stderr: E,
     mut controls: mpsc::Receiver<Control>,
 ) -> Result<i32, SandboxError>
 where
-    I: AsyncRead + Unpin + Send,
+    I: AsyncRead + Unpin + Send + 'static,
     O: AsyncWrite + Unpin + Send,
     E: AsyncWrite + Unpin + Send,
 {
-    let Target {
-        id,
-        exec_id,
-        terminal,
-    } = target;
+    let Target { id, exec_id, .. } = target;
     let sid = match crate::standalone::sandbox_of(config, id) {
         Ok(sid) => sid,
         Err(crate::standalone::StandaloneError::Sandbox(e)) => return Err(e),
         Err(_) => SandboxId::parse(id.as_str())?,
     };
-    let mut sb = Attached::new(open_sandbox(config, &sid)?);
+    let mut sb = Attached::new(match sandbox {
+        Some(sb) => sb,
+        None => open_sandbox(config, &sid)?,
+    });
     // The init's stand-in watches the VM (a handle of its own): the CLI has no other process
     // that would notice QEMU or a helper dying.
     let watcher = if exec_id.is_empty() {
@@ -78,38 +81,11 @@ where
     };
     let watch = watch_vm(watcher);
     tokio::pin!(watch);
-    let agent = sb.agent().await?;
-    let process = ProcessRef::exec(id.as_str(), exec_id);
-    let (mut stdout, _, first_output) = FirstWrite::new(stdout);
+    let process = sb.process(id, exec_id, None).await?;
+    let (stdout, _, first_output) = FirstWrite::new(stdout);
     // The init process's first output goes into the sandbox's timeline, once.
     let mut first_output = (exec_id.is_empty()).then_some(first_output);
-    let streams = async {
-        let o = async {
-            copy_output(&*agent, &process, OutputStream::Stdout, &mut stdout)
-                .await
-                .map(|_| ())
-        };
-        let e = async {
-            if terminal {
-                Ok(())
-            } else {
-                copy_output(&*agent, &process, OutputStream::Stderr, &mut stderr)
-                    .await
-                    .map(|_| ())
-            }
-        };
-        let i = async {
-            // Input ending early is normal (stdin is /dev/null, or the caller closed it).
-            if let Err(e) = copy_input(&*agent, &process, &mut stdin).await {
-                tracing::debug!(error = %e, "stdin relay ended");
-            }
-        };
-        // The output streams end at the process's exit; the input may never end.
-        tokio::select! {
-            r = async { tokio::try_join!(o, e) } => r.map(|_| ()),
-            () = async { i.await; std::future::pending::<()>().await } => Ok(()),
-        }
-    };
+    let streams = crate::process::relay(streams, stdin, stdout, stderr);
     tokio::pin!(streams);
     loop {
         tokio::select! {
@@ -120,7 +96,7 @@ where
                 break;
             }
             (watcher, failure) = &mut watch => return vm_died(watcher, failure).await,
-            Some(control) = controls.recv() => pass_on(&*agent, &process, control).await,
+            Some(control) = controls.recv() => pass_on(&process, control).await,
             told = async { first_output.as_mut().expect("guarded").await },
                 if first_output.is_some() =>
             {
@@ -134,15 +110,15 @@ where
         }
     }
     // The output has ended: the process has exited or is about to; keep passing signals on
-    // while waiting for its status.
+    // while waiting for its status (recorded by the handle).
     let waited = {
-        let wait = sb.wait(id, exec_id);
+        let wait = process.wait();
         tokio::pin!(wait);
         loop {
             tokio::select! {
                 status = &mut wait => break status,
                 (watcher, failure) = &mut watch => return vm_died(watcher, failure).await,
-                Some(control) = controls.recv() => pass_on(&*agent, &process, control).await,
+                Some(control) = controls.recv() => pass_on(&process, control).await,
             }
         }
     };
@@ -215,10 +191,10 @@ async fn vm_died(mut watcher: Attached, failure: VmFailure) -> Result<i32, Sandb
     Ok(KILLED_EXIT_STATUS)
 }
 
-async fn pass_on(agent: &dyn crate::agent::Agent, process: &ProcessRef, control: Control) {
+async fn pass_on(process: &Process, control: Control) {
     let result = match control {
-        Control::Signal(signal) => agent.signal_process(process, signal, false).await,
-        Control::Resize { rows, cols } => agent.resize_tty(process, rows, cols).await,
+        Control::Signal(signal) => process.signal(signal, false).await,
+        Control::Resize { rows, cols } => process.resize(rows, cols).await,
     };
     if let Err(e) = result {
         tracing::debug!(?control, error = %e, "cannot pass on to the container");

@@ -8,9 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use runvm_sandbox::agent::ProcessRef;
 use runvm_sandbox::container::bundle::default_spec;
-use runvm_sandbox::container::io::{copy_input, copy_output, OutputStream};
 use runvm_sandbox::sandbox::{create_qemu_sandbox, open_sandbox, NewContainer};
 use runvm_sandbox::state::{State, StdioRecord};
 use runvm_sandbox::SandboxId;
@@ -26,7 +24,7 @@ async fn containers_in_one_vm() {
 
     // stdout, stderr and the exit code.
     let spec = default_spec(&["sh", "-c", "echo out; echo err >&2; exit 3"], false);
-    create(
+    let io = create(
         &mut sb,
         "echo",
         host.bundle("echo", &spec),
@@ -34,8 +32,7 @@ async fn containers_in_one_vm() {
     )
     .await;
     sb.start_container(&cid("echo")).await.unwrap();
-    let init = ProcessRef::init("echo");
-    let (out, err) = outputs(&mut sb, &init, true).await;
+    let (out, err) = outputs(io).await;
     assert_eq!(String::from_utf8_lossy(&out), "out\n");
     assert_eq!(String::from_utf8_lossy(&err), "err\n");
     assert_eq!(sb.wait(&cid("echo"), "").await.unwrap().code, 3);
@@ -47,7 +44,7 @@ async fn containers_in_one_vm() {
 
     // 1 MiB through cat comes back byte-identical.
     let spec = default_spec(&["cat"], false);
-    create(
+    let io = create(
         &mut sb,
         "cat",
         host.bundle("cat", &spec),
@@ -58,42 +55,41 @@ async fn containers_in_one_vm() {
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let agent = sb.agent().await.unwrap();
-    let p = ProcessRef::init("cat");
     let mut back = Vec::new();
-    let mut input = &data[..];
-    let (sent, got) = tokio::join!(
-        copy_input(&*agent, &p, &mut input),
-        copy_output(&*agent, &p, OutputStream::Stdout, &mut back)
-    );
-    assert_eq!(sent.unwrap(), data.len() as u64);
-    assert_eq!(got.unwrap(), data.len() as u64);
+    let relayed = runvm_sandbox::process::relay(
+        io,
+        std::io::Cursor::new(data.clone()),
+        &mut back,
+        tokio::io::sink(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(relayed.stdout, data.len() as u64);
     assert!(back == data, "cat returned different bytes");
     assert_eq!(sb.wait(&cid("cat"), "").await.unwrap().code, 0);
     sb.delete_container(&cid("cat"), false).await.unwrap();
 
     // Two long-running containers at once; exec, SIGTERM, stats, pause and resume.
+    let mut inits = Vec::new();
     for name in ["a", "b"] {
         let spec = default_spec(&["sleep", "1000"], false);
-        create(&mut sb, name, host.bundle(name, &spec), stdio(false, false)).await;
+        inits.push(create(&mut sb, name, host.bundle(name, &spec), stdio(false, false)).await);
         sb.start_container(&cid(name)).await.unwrap();
     }
     for name in ["a", "b"] {
-        sb.exec(
-            &cid(name),
+        let io = exec(
+            &mut sb,
+            name,
             exec_req("hi", &["echo", &format!("hi from {name}")], false),
         )
-        .await
-        .unwrap();
-        let (out, _) = outputs(&mut sb, &ProcessRef::exec(name, "hi"), true).await;
+        .await;
+        let (out, _) = outputs(io).await;
         assert_eq!(String::from_utf8_lossy(&out), format!("hi from {name}\n"));
         assert_eq!(sb.wait(&cid(name), "hi").await.unwrap().code, 0);
         let ps = sb.processes(&cid(name)).await.unwrap();
         assert!(ps.iter().any(|p| p.cmd.contains("sleep")), "{ps:?}");
     }
-    sb.exec(&cid("a"), exec_req("term", &["sleep", "1000"], false))
-        .await
-        .unwrap();
+    let _term = exec(&mut sb, "a", exec_req("term", &["sleep", "1000"], false)).await;
     sb.signal(&cid("a"), "term", 15, false).await.unwrap();
     assert_eq!(sb.wait(&cid("a"), "term").await.unwrap().code, 143);
     let stats = sb.stats(&cid("b")).await.unwrap();
@@ -117,20 +113,20 @@ async fn containers_in_one_vm() {
 
     // A tty process sees its window size.
     let spec = default_spec(&["sh", "-c", "sleep 1; stty size"], true);
-    create(
+    let io = create(
         &mut sb,
         "tty",
         host.bundle("tty", &spec),
         stdio(false, true),
     )
     .await;
-    let agent = sb.agent().await.unwrap();
-    agent
-        .resize_tty(&ProcessRef::init("tty"), 40, 100)
+    let tty = sb.process(&cid("tty"), "", Some(io)).await.unwrap();
+    tty.resize(40, 100).await.unwrap();
+    sb.start_container(&cid("tty")).await.unwrap();
+    let mut out = Vec::new();
+    tty.relay(tokio::io::empty(), &mut out, tokio::io::sink())
         .await
         .unwrap();
-    sb.start_container(&cid("tty")).await.unwrap();
-    let (out, _) = outputs(&mut sb, &ProcessRef::init("tty"), false).await;
     assert!(
         String::from_utf8_lossy(&out).contains("40 100"),
         "{:?}",
@@ -165,11 +161,13 @@ async fn containers_in_one_vm() {
     // Another process takes over: detach, then drive the sandbox from its state on disk.
     sb.detach();
     let mut again = open_sandbox(&host.config, &id).unwrap();
-    again
-        .exec(&cid("b"), exec_req("again", &["echo", "still here"], false))
-        .await
-        .unwrap();
-    let (out, _) = outputs(&mut again, &ProcessRef::exec("b", "again"), true).await;
+    let io = exec(
+        &mut again,
+        "b",
+        exec_req("again", &["echo", "still here"], false),
+    )
+    .await;
+    let (out, _) = outputs(io).await;
     assert_eq!(String::from_utf8_lossy(&out), "still here\n");
 
     again.stop().await.unwrap();

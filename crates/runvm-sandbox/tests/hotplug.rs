@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use runvm_hypervisor::VmSize;
-use runvm_sandbox::agent::ProcessRef;
 use runvm_sandbox::container::bundle::default_spec;
 use runvm_sandbox::sandbox::{create_qemu_sandbox, open_sandbox};
 use runvm_sandbox::{Sandbox, SandboxId};
@@ -63,10 +62,8 @@ fn build_touch(rootfs: &Path, dir: &Path) {
 
 /// Runs `args` in container `id`; returns (stdout, exit code).
 async fn run(sb: &mut Sandbox, id: &str, exec_id: &str, args: &[&str]) -> (String, i32) {
-    sb.exec(&cid(id), exec_req(exec_id, args, false))
-        .await
-        .unwrap();
-    let (out, _) = outputs(sb, &ProcessRef::exec(id, exec_id), true).await;
+    let io = exec(sb, id, exec_req(exec_id, args, false)).await;
+    let (out, _) = outputs(io).await;
     let code = sb.wait(&cid(id), exec_id).await.unwrap().code;
     (String::from_utf8_lossy(&out).into_owned(), code)
 }
@@ -111,7 +108,7 @@ async fn a_container_with_limits_grows_the_vm_and_its_deletion_shrinks_it() {
     let bundle = host.bundle("big", &spec);
     build_touch(&bundle.join("rootfs"), host.dir.path());
     let t = Instant::now();
-    create(&mut sb, "big", bundle, stdio(false, false)).await;
+    let _io = create(&mut sb, "big", bundle, stdio(false, false)).await;
     eprintln!(
         "create with hot-plug of 2 vCPUs and 1 GiB: {:?}",
         t.elapsed()
@@ -306,7 +303,7 @@ async fn hotplug_figures() {
     spec["linux"]["resources"] = json!({"memory": {"limit": -1}});
     let bundle = host.bundle("w", &spec);
     build_touch(&bundle.join("rootfs"), host.dir.path());
-    create(&mut sb, "w", bundle, stdio(false, false)).await;
+    let _io = create(&mut sb, "w", bundle, stdio(false, false)).await;
     sb.start_container(&cid("w")).await.unwrap();
 
     let mut times = Vec::new();

@@ -20,7 +20,7 @@ async fn qemu_killed_is_noticed_containers_exit_and_nothing_is_left() {
         .await
         .expect("boot");
     let spec = default_spec(&["sleep", "1000"], false);
-    create(&mut sb, "c1", host.bundle("c1", &spec), stdio(false, false)).await;
+    let _io = create(&mut sb, "c1", host.bundle("c1", &spec), stdio(false, false)).await;
     sb.start_container(&cid("c1")).await.unwrap();
     let qemu = sb.pids().into_iter().find(|p| p.name == "qemu").unwrap();
     std::process::Command::new("kill")

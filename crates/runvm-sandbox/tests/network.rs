@@ -21,15 +21,21 @@ use runvm_sandbox::{Sandbox, SandboxError, SandboxId};
 
 /// Starts container "web": busybox httpd on port 80 serving `text`, in the pod's network
 /// namespace named by path, as containerd writes it (in the guest: the VM's network).
-async fn start_web(sb: &mut Sandbox, host: &Host, ns: &Netns, text: &str) {
+async fn start_web(
+    sb: &mut Sandbox,
+    host: &Host,
+    ns: &Netns,
+    text: &str,
+) -> runvm_sandbox::process::Streams {
     let script = format!(
         "mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && exec httpd -f -p 80 -h /tmp/www"
     );
     let mut spec = default_spec(&["sh", "-c", &script], false);
     spec["root"]["readonly"] = serde_json::json!(false);
     spec["linux"]["namespaces"][1] = serde_json::json!({"type": "network", "path": ns.path()});
-    create(sb, "web", host.bundle("web", &spec), stdio(false, false)).await;
+    let io = create(sb, "web", host.bundle("web", &spec), stdio(false, false)).await;
     sb.start_container(&cid("web")).await.unwrap();
+    io
 }
 
 fn net(s: &str) -> IpNet {
@@ -112,7 +118,7 @@ async fn pod_network_through_the_vm() {
     );
 
     // A container serves a page; the peer fetches it through the VM.
-    start_web(&mut sb, &host, &ns, "hello-from-runvm").await;
+    let _web = start_web(&mut sb, &host, &ns, "hello-from-runvm").await;
     let page = ns.fetch("http://10.200.0.2/", Duration::from_secs(20));
     if page.is_err() {
         for cmd in [
@@ -180,12 +186,8 @@ async fn pod_network_through_the_vm() {
             &["wget", "-O", "-", "http://10.200.0.1:8080/"],
             false,
         );
-        sb.exec(&cid("web"), exec).await.unwrap();
-        let p = runvm_sandbox::agent::ProcessRef {
-            container_id: "web".into(),
-            exec_id: format!("wget{attempt}"),
-        };
-        let (out, err) = outputs(&mut sb, &p, true).await;
+        let io = common::exec(&mut sb, "web", exec).await;
+        let (out, err) = outputs(io).await;
         got = String::from_utf8_lossy(&out).into_owned();
         let code = sb.wait(&cid("web"), &format!("wget{attempt}")).await;
         if !got.contains("hello-from-peer") {
@@ -335,7 +337,7 @@ async fn pod_network_through_a_macvtap() {
         "{ifaces:#?}"
     );
 
-    start_web(&mut sb, &host, &ns, "hello-macvtap").await;
+    let _web = start_web(&mut sb, &host, &ns, "hello-macvtap").await;
     let page = ns
         .fetch("http://10.202.0.2/", Duration::from_secs(20))
         .expect("page through the macvtap");

@@ -124,7 +124,7 @@ async fn runvm_figures(host: &Host, ns: &Netns, model: NetworkModel) -> Figures 
         .await
         .expect("boot");
     eprintln!("runvm VM: {:?}", report.accelerator);
-    create(
+    let _web = create(
         &mut sb,
         "web",
         host.bundle(&format!("vm-web-{}", model.as_str()), &web_spec(ns)),

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use containerd_shim::api::CreateTaskRequest;
-use runvm_sandbox::agent::{ProcessRef, StdioSpec};
+use runvm_sandbox::agent::StdioSpec;
 use runvm_sandbox::container::spec::Bundle;
 use runvm_sandbox::sandbox::{create_qemu_sandbox_for, NewContainer};
 use runvm_sandbox::SandboxId;
@@ -181,15 +181,18 @@ impl Inner {
                 "the sandbox VM went away".into(),
             ));
         };
+        let mut spec = StdioSpec {
+            stdin: !stdio.stdin.is_empty(),
+            stdout: !stdio.stdout.is_empty(),
+            stderr: !stdio.stderr.is_empty() && !stdio.terminal,
+            terminal: stdio.terminal,
+            stream_token: None,
+        };
+        let opened = sb.open_streams(&mut spec).await;
         let new = NewContainer {
             id: cid,
             bundle,
-            stdio: StdioSpec {
-                stdin: !stdio.stdin.is_empty(),
-                stdout: !stdio.stdout.is_empty(),
-                stderr: !stdio.stderr.is_empty() && !stdio.terminal,
-                terminal: stdio.terminal,
-            },
+            stdio: spec,
             stdio_paths: runvm_sandbox::state::StdioRecord {
                 stdin: (!stdio.stdin.is_empty()).then(|| stdio.stdin.clone()),
                 stdout: (!stdio.stdout.is_empty()).then(|| stdio.stdout.clone()),
@@ -197,28 +200,29 @@ impl Inner {
             },
             annotations,
         };
-        let created = sb.create_container(new).await;
-        if let Err(e) = created {
-            if own {
-                self.stop_background();
-                if let Err(d) = sb.delete(true).await {
-                    tracing::warn!(error = %d, "removing the VM after a failed create");
+        let created = match opened {
+            Ok(streams) => sb.create_container(new).await.map(|_| streams),
+            Err(e) => Err(e),
+        };
+        let streams = match created {
+            Ok(streams) => streams,
+            Err(e) => {
+                if own {
+                    self.stop_background();
+                    if let Err(d) = sb.delete(true).await {
+                        tracing::warn!(error = %d, "removing the VM after a failed create");
+                    }
+                    *guard = None;
                 }
-                *guard = None;
+                return Err(ShimError::Sandbox {
+                    context: format!("creating container {}", req.id),
+                    source: Box::new(e),
+                });
             }
-            return Err(ShimError::Sandbox {
-                context: format!("creating container {}", req.id),
-                source: Box::new(e),
-            });
-        }
-        let agent = sb
-            .agent()
-            .await
-            .map_err(ShimError::sandbox("connecting to the agent"))?;
+        };
         drop(guard);
-        let process = ProcessRef::init(req.id.as_str());
         self.with_proc(&req.id, "", |p| {
-            p.start_io(&agent, &process);
+            p.start_io(&req.id, streams);
             Ok(())
         })
     }

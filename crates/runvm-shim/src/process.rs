@@ -1,15 +1,13 @@
 //! The shim's view of a container's processes: stdio relays between containerd's FIFOs (or
-//! log files) and the agent, and exit statuses that waiters watch.
+//! log files) and the process's stdio streams, and exit statuses that waiters watch.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use runvm_sandbox::agent::{Agent, ProcessRef};
-use runvm_sandbox::container::io::{copy_input, copy_output, OutputStream};
+use runvm_sandbox::process::{receive_output, send_input, FdStream, Streams};
 use serde_json::Value;
 use tokio::io::AsyncWrite;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// How long a process's output may keep flowing after it exited (a daemonized child can hold
@@ -53,6 +51,8 @@ pub struct Proc {
     pub exit: watch::Sender<Option<Exit>>,
     /// The stdin relay.
     pub stdin_task: Option<JoinHandle<()>>,
+    /// Tells the stdin relay to end the process's stdin (CloseIO).
+    pub stdin_close: Option<oneshot::Sender<()>>,
     /// The stdout and stderr relays.
     pub output_tasks: Vec<JoinHandle<()>>,
 }
@@ -67,6 +67,7 @@ impl Proc {
             paused: false,
             exit: watch::channel(None).0,
             stdin_task: None,
+            stdin_close: None,
             output_tasks: Vec::new(),
         }
     }
@@ -76,41 +77,56 @@ impl Proc {
         *self.exit.borrow()
     }
 
-    /// Starts relaying its stdio through `agent`.
-    pub fn start_io(&mut self, agent: &Arc<dyn Agent>, process: &ProcessRef) {
-        if !self.stdio.stdout.is_empty() {
-            self.output_tasks.push(relay_output(
-                Arc::clone(agent),
-                process.clone(),
-                OutputStream::Stdout,
-                self.stdio.stdout.clone(),
-            ));
+    /// Starts relaying its stdio between containerd's FIFOs and `streams` (container `id`).
+    pub fn start_io(&mut self, id: &str, streams: Streams) {
+        let Streams {
+            stdin,
+            stdout,
+            stderr,
+        } = streams;
+        for (stream, target) in [
+            (stdout, self.stdio.stdout.clone()),
+            (stderr, self.stdio.stderr.clone()),
+        ] {
+            if let Some(stream) = stream {
+                self.output_tasks
+                    .push(relay_output(id.to_string(), stream, target));
+            }
         }
-        if !self.stdio.stderr.is_empty() && !self.stdio.terminal {
-            self.output_tasks.push(relay_output(
-                Arc::clone(agent),
-                process.clone(),
-                OutputStream::Stderr,
-                self.stdio.stderr.clone(),
-            ));
-        }
-        if !self.stdio.stdin.is_empty() {
-            let agent = Arc::clone(agent);
-            let process = process.clone();
+        if let Some(stream) = stdin {
+            let (close, closed) = oneshot::channel::<()>();
+            self.stdin_close = Some(close);
             let path = self.stdio.stdin.clone();
+            let id = id.to_string();
             self.stdin_task = Some(tokio::spawn(async move {
-                // Opening a FIFO for reading waits for its writer (containerd opens it).
-                let mut input = match tokio::fs::File::open(&path).await {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::warn!(container = %process.container_id, path, error = %e, "opening stdin");
-                        return;
-                    }
+                let closed = async {
+                    let _ = closed.await;
                 };
-                if let Err(e) = copy_input(&*agent, &process, &mut input).await {
-                    tracing::debug!(container = %process.container_id, error = %e, "stdin relay ended");
+                tokio::pin!(closed);
+                // Opening a FIFO for reading waits for its writer (containerd opens it).
+                let opened = tokio::select! {
+                    f = tokio::fs::File::open(&path) => Some(f),
+                    () = &mut closed => None,
+                };
+                let result = match opened {
+                    Some(Ok(input)) => send_input(input, stream, closed).await,
+                    Some(Err(e)) => {
+                        tracing::warn!(container = %id, path, error = %e, "opening stdin");
+                        send_input(tokio::io::empty(), stream, std::future::pending()).await
+                    }
+                    None => send_input(tokio::io::empty(), stream, std::future::pending()).await,
+                };
+                if let Err(e) = result {
+                    tracing::debug!(container = %id, error = %e, "stdin relay ended");
                 }
             }));
+        }
+    }
+
+    /// Ends the process's stdin (CloseIO): the relay sends what it has, then the end.
+    pub fn close_stdin(&mut self) {
+        if let Some(close) = self.stdin_close.take() {
+            let _ = close.send(());
         }
     }
 
@@ -167,22 +183,17 @@ async fn open_output(target: &str) -> std::io::Result<Box<dyn AsyncWrite + Unpin
     Ok(Box::new(f))
 }
 
-fn relay_output(
-    agent: Arc<dyn Agent>,
-    process: ProcessRef,
-    stream: OutputStream,
-    target: String,
-) -> JoinHandle<()> {
+fn relay_output(id: String, stream: FdStream, target: String) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut out = match open_output(&target).await {
+        let out = match open_output(&target).await {
             Ok(out) => out,
             Err(e) => {
-                tracing::warn!(container = %process.container_id, target, error = %e, "opening an output stream");
+                tracing::warn!(container = %id, target, error = %e, "opening an output stream");
                 return;
             }
         };
-        if let Err(e) = copy_output(&*agent, &process, stream, &mut out).await {
-            tracing::debug!(container = %process.container_id, ?stream, error = %e, "output relay ended");
+        if let Err(e) = receive_output(stream, out).await {
+            tracing::debug!(container = %id, target, error = %e, "output relay ended");
         }
     })
 }

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use containerd_shim::ExitSignal;
-use runvm_sandbox::agent::{Agent, ProcessRef};
+use runvm_sandbox::agent::Agent;
 use runvm_sandbox::config::Config;
 use runvm_sandbox::sandbox::VmFailure;
 use runvm_sandbox::state::unix_now_ns;
-use runvm_sandbox::{ContainerId, Sandbox};
+use runvm_sandbox::Sandbox;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::task::JoinHandle;
 
@@ -89,14 +89,6 @@ impl Inner {
         })
     }
 
-    /// The agent of the sandbox (the lock is let go before returning).
-    pub async fn agent(&self) -> Result<Arc<dyn Agent>> {
-        let mut sb = self.sandbox().await?;
-        sb.agent()
-            .await
-            .map_err(ShimError::sandbox("connecting to the VM's agent"))
-    }
-
     /// Runs `f` on process `exec_id` of container `id`.
     pub fn with_proc<T>(
         &self,
@@ -141,11 +133,16 @@ impl Inner {
     }
 
     /// Waits (in the background) for a started process, drains its output, records its exit.
-    pub fn spawn_waiter(self: &Arc<Self>, agent: Arc<dyn Agent>, id: String, exec_id: String) {
+    pub fn spawn_waiter(
+        self: &Arc<Self>,
+        process: runvm_sandbox::process::Process,
+        id: String,
+        exec_id: String,
+    ) {
         let inner = Arc::clone(self);
         tokio::spawn(async move {
-            let process = ProcessRef::exec(id.as_str(), exec_id.as_str());
-            let exit = match agent.wait_process(&process).await {
+            // The handle records the exit in the container's record.
+            let exit = match process.wait().await {
                 Ok(s) => Exit {
                     status: u32::try_from(s.code).unwrap_or(255),
                     at_ns: u64::try_from(s.exited_at_unix_ns).unwrap_or_else(|_| unix_now_ns()),
@@ -160,17 +157,6 @@ impl Inner {
             };
             if let Ok(drain) = inner.with_proc(&id, &exec_id, |p| Ok(p.drain_io())) {
                 drain.await;
-            }
-            if let Ok(mut sb) = inner.sandbox().await {
-                if let Ok(cid) = ContainerId::parse(&id) {
-                    let status = runvm_sandbox::agent::ExitStatus {
-                        code: i32::try_from(exit.status).unwrap_or(255),
-                        exited_at_unix_ns: i64::try_from(exit.at_ns).unwrap_or(i64::MAX),
-                    };
-                    if let Err(e) = sb.record_exit(&cid, &exec_id, status) {
-                        tracing::debug!(container = %id, error = %e, "recording the exit");
-                    }
-                }
             }
             inner.finish(&id, &exec_id, exit);
         });

@@ -15,7 +15,6 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::ttrpc;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::{Task, TtrpcContext};
-use runvm_sandbox::agent::ProcessRef;
 use runvm_sandbox::sandbox::ExecRequest;
 use runvm_sandbox::state::StdioRecord;
 use runvm_sandbox::ContainerId;
@@ -73,12 +72,12 @@ impl TaskService {
                 }
                 Ok(())
             })?;
-            let agent = {
+            let process = {
                 let mut sb = inner.sandbox().await?;
                 sb.start_container(&cid)
                     .await
                     .map_err(ShimError::sandbox(format!("starting container {}", req.id)))?;
-                sb.agent()
+                sb.process(&cid, "", None)
                     .await
                     .map_err(ShimError::sandbox("connecting to the agent"))?
             };
@@ -86,7 +85,7 @@ impl TaskService {
                 p.started = true;
                 Ok(())
             })?;
-            inner.spawn_waiter(agent, req.id.clone(), String::new());
+            inner.spawn_waiter(process, req.id.clone(), String::new());
             inner.events.start(&req.id, pid);
             return Ok(pid);
         }
@@ -99,36 +98,41 @@ impl TaskService {
             }
             Ok((p.spec.clone().unwrap_or_default(), p.stdio.clone()))
         })?;
-        let agent = {
+        let (process, streams) = {
             let mut sb = inner.sandbox().await?;
+            let mut stdio_spec = runvm_sandbox::agent::StdioSpec {
+                stdin: !stdio.stdin.is_empty(),
+                stdout: !stdio.stdout.is_empty(),
+                stderr: !stdio.stderr.is_empty() && !stdio.terminal,
+                terminal: stdio.terminal,
+                stream_token: None,
+            };
+            let context = format!("starting exec {} in container {}", req.exec_id, req.id);
+            let streams = sb
+                .open_streams(&mut stdio_spec)
+                .await
+                .map_err(ShimError::sandbox(context.clone()))?;
             let exec = ExecRequest {
                 exec_id: req.exec_id.clone(),
                 process: spec,
-                stdio: runvm_sandbox::agent::StdioSpec {
-                    stdin: !stdio.stdin.is_empty(),
-                    stdout: !stdio.stdout.is_empty(),
-                    stderr: !stdio.stderr.is_empty() && !stdio.terminal,
-                    terminal: stdio.terminal,
-                },
+                stdio: stdio_spec,
                 stdio_paths: stdio_record(&stdio),
             };
             sb.exec(&cid, exec)
                 .await
-                .map_err(ShimError::sandbox(format!(
-                    "starting exec {} in container {}",
-                    req.exec_id, req.id
-                )))?;
-            sb.agent()
+                .map_err(ShimError::sandbox(context))?;
+            let process = sb
+                .process(&cid, &req.exec_id, None)
                 .await
-                .map_err(ShimError::sandbox("connecting to the agent"))?
+                .map_err(ShimError::sandbox("connecting to the agent"))?;
+            (process, streams)
         };
-        let process = ProcessRef::exec(req.id.as_str(), req.exec_id.as_str());
         inner.with_proc(&req.id, &req.exec_id, |p| {
             p.started = true;
-            p.start_io(&agent, &process);
+            p.start_io(&req.id, streams);
             Ok(())
         })?;
-        inner.spawn_waiter(agent, req.id.clone(), req.exec_id.clone());
+        inner.spawn_waiter(process, req.id.clone(), req.exec_id.clone());
         inner.events.exec_started(&req.id, &req.exec_id, pid);
         Ok(pid)
     }
@@ -375,10 +379,16 @@ impl TaskService {
                 req.exec_id, req.id
             )));
         }
-        let agent = self.inner.agent().await?;
-        let process = ProcessRef::exec(req.id.as_str(), req.exec_id.as_str());
-        agent
-            .resize_tty(&process, req.height, req.width)
+        let cid = container_id(&req.id)?;
+        let process = self
+            .inner
+            .sandbox()
+            .await?
+            .process(&cid, &req.exec_id, None)
+            .await
+            .map_err(ShimError::sandbox("connecting to the agent"))?;
+        process
+            .resize(req.height, req.width)
             .await
             .map_err(|e| ShimError::Sandbox {
                 context: format!("resizing the terminal of {}", req.id),
@@ -390,21 +400,17 @@ impl TaskService {
         if !req.stdin {
             return Ok(());
         }
-        let task = self
-            .inner
-            .with_proc(&req.id, &req.exec_id, |p| Ok(p.stdin_task.take()))?;
+        let task = self.inner.with_proc(&req.id, &req.exec_id, |p| {
+            p.close_stdin();
+            Ok(p.stdin_task.take())
+        })?;
         if let Some(mut task) = task {
-            // The relay ends by itself once containerd closed its end; give it a moment.
+            // The relay sends what it read, then the end of stdin; give it a moment.
             let wait = std::time::Duration::from_secs(1);
-            if tokio::time::timeout(wait, &mut task).await.is_ok() {
-                return Ok(());
+            if tokio::time::timeout(wait, &mut task).await.is_err() {
+                tracing::debug!(container = %req.id, "the stdin relay did not end in time");
+                task.abort();
             }
-            task.abort();
-        }
-        let agent = self.inner.agent().await?;
-        let process = ProcessRef::exec(req.id.as_str(), req.exec_id.as_str());
-        if let Err(e) = agent.close_stdin(&process).await {
-            tracing::debug!(container = %req.id, error = %e, "closing stdin");
         }
         Ok(())
     }

@@ -259,6 +259,14 @@ pub enum Command {
         /// The process has a terminal.
         #[arg(long)]
         terminal: bool,
+        /// The init's stdio stream sockets the caller opened, at fds 3 (stdin), 4 (stdout)
+        /// and 5 (stderr): `i`, `o`, `e` where present, `-` where not (e.g. `io-`).
+        #[arg(long, value_name = "SPEC")]
+        streams: Option<String>,
+        /// Start the exec itself: its request (JSON) is read from fd 3, and one line, `OK` or
+        /// `ERR message`, written to fd 4 once it started or failed.
+        #[arg(long)]
+        exec_request: bool,
         /// The container id.
         id: String,
     },

@@ -72,7 +72,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", crate::version_text());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Standin { exec, terminal, id } => standin::main(c, &id, &exec, terminal),
+        Command::Standin {
+            exec,
+            terminal,
+            streams,
+            exec_request,
+            id,
+        } => {
+            let handoff = if exec_request {
+                standin::Received::Exec
+            } else {
+                standin::Received::Streams(streams.unwrap_or_else(|| "---".into()))
+            };
+            standin::main(c, &id, &exec, terminal, handoff)
+        }
     }
 }
 

@@ -48,14 +48,16 @@ fn create_with_standin(
         anyhow::bail!("cannot use console socket if runvm will not detach or allocate tty");
     }
     block_on(async {
-        let sb = standalone::create(config, &id, loaded).await?;
+        let (sb, streams) = standalone::create(config, &id, loaded).await?;
         let started = (|| {
             let io = match &a.io.console_socket {
                 Some(socket) => standin::console(socket)?,
                 None => StandinIo::Inherit,
             };
             let cgroup = sb.record().vm.config.cgroup_procs.clone();
-            let mut child = standin::spawn(global, config, &id, "", terminal, io, &cgroup)?;
+            let handoff = standin::Handoff::Streams(streams.into_fds());
+            let mut child =
+                standin::spawn(global, config, &id, "", terminal, io, &cgroup, handoff)?.child;
             let recorded = HostProcess::of(child.id())
                 .context("the stand-in process exited at once")
                 .and_then(|p| Ok(standalone::set_standin(config, &id, p)?))

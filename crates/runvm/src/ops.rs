@@ -6,11 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use runvm_sandbox::agent::{ContainerStats, StdioSpec};
+use runvm_sandbox::agent::ContainerStats;
 use runvm_sandbox::config::Config;
-use runvm_sandbox::sandbox::ExecRequest;
 use runvm_sandbox::standalone::{self, StandaloneError, OCI_VERSION};
-use runvm_sandbox::state::StdioRecord;
 use runvm_sandbox::timeline;
 use runvm_sandbox::ContainerId;
 use serde_json::{json, Value};
@@ -126,8 +124,8 @@ fn exec_process_in(global: &Global, config: &Config, a: &ExecArgs) -> Result<Exi
     let id = ContainerId::parse(&a.id)?;
     let nanos = runvm_sandbox::state::unix_now_ns() % 1_000_000_000;
     let exec_id = format!("exec-{}-{nanos:x}", std::process::id());
-    let (terminal, cgroup) = block_on(async {
-        let (mut sb, st) = standalone::open(config, &id)?;
+    let (terminal, process, cgroup) = {
+        let (sb, st) = standalone::open(config, &id)?;
         // As runc: a created container takes new processes too; a paused one only with
         // --ignore-paused (and then the guest refuses it: see docs/cli.md).
         match st.status {
@@ -150,21 +148,29 @@ fn exec_process_in(global: &Global, config: &Config, a: &ExecArgs) -> Result<Exi
                 "cannot allocate tty if runvm will detach without setting console socket"
             );
         }
-        let stdio = StdioSpec::attached(terminal);
-        let request = ExecRequest {
-            exec_id: exec_id.clone(),
+        (
+            terminal,
             process,
-            stdio,
-            stdio_paths: StdioRecord::default(),
-        };
-        sb.exec(&id, request).await?;
-        Ok((terminal, sb.record().vm.config.cgroup_procs.clone()))
-    })?;
+            sb.record().vm.config.cgroup_procs.clone(),
+        )
+    };
     let io = match &a.io.console_socket {
         Some(socket) => standin::console(socket)?,
         None => StandinIo::Inherit,
     };
-    let child = standin::spawn(global, config, &id, &exec_id, terminal, io, &cgroup)?;
+    // The stand-in starts the exec over its own (the only) agent connection and says how it
+    // went; this process never connects to the agent.
+    let handoff = standin::Handoff::Exec(standin::ExecHandoff { process, terminal });
+    let started = standin::spawn(
+        global, config, &id, &exec_id, terminal, io, &cgroup, handoff,
+    )?;
+    let mut child = started.child;
+    if let Some(ready) = started.ready {
+        if let Err(e) = standin::exec_started(ready) {
+            let _ = child.wait();
+            return Err(e);
+        }
+    }
     if let Some(path) = &a.io.pid_file {
         standin::write_pid_file(path, child.id())?;
     }

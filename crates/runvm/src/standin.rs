@@ -12,8 +12,13 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use anyhow::{Context, Result};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::sys::termios;
+use runvm_sandbox::agent::StdioSpec;
 use runvm_sandbox::config::Config;
+use runvm_sandbox::process::Streams;
+use runvm_sandbox::sandbox::ExecRequest;
+use runvm_sandbox::standalone;
 use runvm_sandbox::standin::{relay, Control, Target};
+use runvm_sandbox::state::StdioRecord;
 use runvm_sandbox::ContainerId;
 use tokio::sync::mpsc;
 
@@ -73,10 +78,45 @@ pub fn console(socket: &Path) -> Result<StandinIo> {
     Ok(StandinIo::Pty(pty.slave))
 }
 
+/// What a stand-in is given besides its stdio.
+#[derive(Debug)]
+pub enum Handoff {
+    /// The init of a container the caller created: its stdio stream sockets (stdin, stdout,
+    /// stderr), which the stand-in inherits.
+    Streams([Option<OwnedFd>; 3]),
+    /// An exec the stand-in starts itself over its own agent connection (the only one the
+    /// exec uses): the request, written to it through a pipe; [`Started::ready`] says how it
+    /// went.
+    Exec(ExecHandoff),
+}
+
+/// What an exec's stand-in needs to start it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ExecHandoff {
+    /// The OCI process.
+    pub process: serde_json::Value,
+    /// Whether it has a terminal.
+    pub terminal: bool,
+}
+
+/// A stand-in started.
+#[derive(Debug)]
+pub struct Started {
+    /// The process.
+    pub child: Child,
+    /// For an exec: where it writes `OK` or `ERR message`.
+    pub ready: Option<std::fs::File>,
+}
+
+/// The fds a stand-in gets its hand-off on (stream sockets, or the exec request and the ready
+/// pipe).
+const HANDOFF_FDS: [i32; 3] = [3, 4, 5];
+
 /// Starts the stand-in for process `exec_id` ("" for the init) of container `id`, in its own
 /// session (with a terminal, that terminal becomes its controlling one, so resizes reach it),
 /// in the sandbox's host cgroup (`cgroup_procs`: its `cgroup.procs` files, which the stand-in
-/// writes itself to before it runs).
+/// writes itself to before it runs), with `handoff` on fds 3 to 5.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     global: &Global,
     config: &Config,
@@ -85,7 +125,8 @@ pub fn spawn(
     terminal: bool,
     io: StandinIo,
     cgroup_procs: &[std::path::PathBuf],
-) -> Result<Child> {
+    handoff: Handoff,
+) -> Result<Started> {
     let cgroup_files = cgroup_procs
         .iter()
         .map(|p| {
@@ -122,6 +163,53 @@ pub fn spawn(
     if terminal {
         cmd.arg("--terminal");
     }
+    // The hand-off fds, duplicated above the range they go to (so that no source is also a
+    // target), closed on exec here: the child's dup2 onto 3..5 makes the copies it keeps.
+    let mut request = None;
+    let mut ready = None;
+    let sources: Vec<Option<OwnedFd>> = match handoff {
+        Handoff::Streams(fds) => {
+            let spec: String = fds
+                .iter()
+                .zip(['i', 'o', 'e'])
+                .map(|(fd, c)| if fd.is_some() { c } else { '-' })
+                .collect();
+            cmd.args(["--streams", &spec]);
+            fds.into_iter().collect()
+        }
+        Handoff::Exec(h) => {
+            cmd.arg("--exec-request");
+            let (request_r, request_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .context("cannot make the exec request pipe")?;
+            let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .context("cannot make the exec ready pipe")?;
+            let json = serde_json::to_vec(&h).context("cannot encode the exec request")?;
+            request = Some((std::fs::File::from(request_w), json));
+            ready = Some(std::fs::File::from(ready_r));
+            vec![Some(request_r), Some(ready_w)]
+        }
+    };
+    let high: Vec<Option<OwnedFd>> = sources
+        .iter()
+        .map(|fd| {
+            fd.as_ref()
+                .map(|fd| {
+                    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+                        .map(|raw| {
+                            // SAFETY: F_DUPFD_CLOEXEC just made this fd; nothing else owns it.
+                            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
+                        })
+                })
+                .transpose()
+        })
+        .collect::<std::result::Result<_, _>>()
+        .context("cannot pass the stand-in its descriptors")?;
+    drop(sources);
+    let moves: Vec<(i32, i32)> = high
+        .iter()
+        .zip(HANDOFF_FDS)
+        .filter_map(|(fd, to)| fd.as_ref().map(|fd| (fd.as_raw_fd(), to)))
+        .collect();
     cmd.arg(id.as_str());
     let ctty = matches!(io, StandinIo::Pty(_));
     if let StandinIo::Pty(slave) = io {
@@ -129,11 +217,18 @@ pub fn spawn(
             .stdout(Stdio::from(slave.try_clone()?))
             .stderr(Stdio::from(slave));
     }
-    // SAFETY: only async-signal-safe calls (write, setsid, ioctl) between fork and exec; the
-    // cgroup descriptors stay open in the parent (and so in the child) until `spawn` returns,
-    // as `cgroup_files` outlives it, and `cgroup_fds` was allocated before the fork.
+    // SAFETY: only async-signal-safe calls (write, dup2, setsid, ioctl) between fork and exec;
+    // the cgroup and hand-off descriptors stay open in the parent (and so in the child) until
+    // `spawn` returns, as `cgroup_files` and `high` outlive it, and `cgroup_fds` and `moves`
+    // were allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            for &(from, to) in &moves {
+                // dup2 onto another number: the copy does not close on exec.
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             for &fd in &cgroup_fds {
                 // "0": the writing process itself.
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
@@ -151,11 +246,124 @@ pub fn spawn(
     }
     let child = cmd.spawn().context("cannot start the stand-in process");
     drop(cgroup_files);
-    child
+    drop(high);
+    let child = child?;
+    if let Some((mut pipe, json)) = request {
+        // The stand-in reads its request first thing; a write error means it died already,
+        // which `ready` then reports (EOF).
+        let _ = std::io::Write::write_all(&mut pipe, &json);
+    }
+    Ok(Started { child, ready })
+}
+
+/// Reads the exec stand-in's one line: Ok once the exec started, its error otherwise (also
+/// when the stand-in ended without a word).
+pub fn exec_started(ready: std::fs::File) -> Result<()> {
+    let mut line = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(ready, 64 * 1024), &mut line)
+        .context("cannot read from the exec's stand-in")?;
+    match line.trim_end().split_once(' ') {
+        _ if line.trim_end() == "OK" => Ok(()),
+        Some(("ERR", message)) => Err(anyhow::anyhow!("{message}")),
+        _ => Err(anyhow::anyhow!(
+            "the exec's stand-in ended before it started the process"
+        )),
+    }
+}
+
+/// What a stand-in was given (see [`Handoff`]).
+#[derive(Debug)]
+pub enum Received {
+    /// Stream sockets on fds 3..5, as the spec (`io-`) says.
+    Streams(String),
+    /// An exec request on fd 3, the ready pipe on fd 4.
+    Exec,
+}
+
+/// Takes fd `fd`, inherited from the parent.
+fn inherited(fd: i32) -> Result<OwnedFd> {
+    // SAFETY: fcntl(F_GETFD) only checks that the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        anyhow::bail!("descriptor {fd} was not passed to the stand-in");
+    }
+    // SAFETY: the parent passed this open descriptor for this process to own, and nothing
+    // else in this process uses it.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(fd)
+}
+
+/// The streams, and for an exec the sandbox it was started through.
+async fn received_streams(
+    config: &Config,
+    id: &ContainerId,
+    exec_id: &str,
+    received: Received,
+) -> Result<Option<(Option<runvm_sandbox::Sandbox>, Streams)>> {
+    match received {
+        Received::Streams(spec) => {
+            let spec = spec.as_bytes();
+            let mut fds: [Option<OwnedFd>; 3] = [None, None, None];
+            for (i, slot) in fds.iter_mut().enumerate() {
+                if spec.get(i).is_some_and(|c| *c != b'-') {
+                    *slot = Some(inherited(HANDOFF_FDS[i])?);
+                }
+            }
+            Ok(Some((None, Streams::from_fds(fds)?)))
+        }
+        Received::Exec => {
+            let mut request = std::fs::File::from(inherited(HANDOFF_FDS[0])?);
+            let mut ready = std::fs::File::from(inherited(HANDOFF_FDS[1])?);
+            let mut json = Vec::new();
+            std::io::Read::read_to_end(&mut request, &mut json)
+                .context("cannot read the exec request")?;
+            let started = async {
+                let h: ExecHandoff =
+                    serde_json::from_slice(&json).context("the exec request is not valid")?;
+                let (mut sb, _) = standalone::open(config, id)?;
+                let mut stdio = StdioSpec::attached(h.terminal);
+                let streams = sb.open_streams(&mut stdio).await?;
+                sb.exec(
+                    id,
+                    ExecRequest {
+                        exec_id: exec_id.to_string(),
+                        process: h.process,
+                        stdio,
+                        stdio_paths: StdioRecord::default(),
+                    },
+                )
+                .await?;
+                anyhow::Ok((sb.into_inner(), streams))
+            }
+            .await;
+            let line = match &started {
+                Ok(_) => "OK\n".to_string(),
+                Err(e) => format!("ERR {}\n", format!("{e:#}").replace('\n', " ")),
+            };
+            let _ = std::io::Write::write_all(&mut ready, line.as_bytes());
+            drop(ready);
+            match started {
+                Ok((sb, streams)) => Ok(Some((Some(sb), streams))),
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "the exec did not start");
+                    Ok(None)
+                }
+            }
+        }
+    }
 }
 
 /// The `__standin` command: relays the process until it exits, and exits with its code.
-pub fn main(config: &Config, id: &str, exec_id: &str, terminal: bool) -> Result<ExitCode> {
+pub fn main(
+    config: &Config,
+    id: &str,
+    exec_id: &str,
+    terminal: bool,
+    received: Received,
+) -> Result<ExitCode> {
     let id = ContainerId::parse(id)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -193,6 +401,10 @@ pub fn main(config: &Config, id: &str, exec_id: &str, terminal: bool) -> Result<
             });
         }
         drop(tx);
+        let Some((sandbox, streams)) = received_streams(config, &id, exec_id, received).await?
+        else {
+            return anyhow::Ok(crate::ops::EXEC_FAILED_STATUS as i32);
+        };
         let code = relay(
             config,
             Target {
@@ -200,6 +412,8 @@ pub fn main(config: &Config, id: &str, exec_id: &str, terminal: bool) -> Result<
                 exec_id,
                 terminal,
             },
+            sandbox,
+            streams,
             tokio::io::stdin(),
             tokio::io::stdout(),
             tokio::io::stderr(),

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use runvm_protocol::frame::{self, PREFIX};
-use runvm_protocol::stdio::{Header, StreamKind, HEADER_LEN, MAX_FRAME, STDIO_VSOCK_PORT, TOKEN_LEN};
+use runvm_protocol::stdio::{
+    Header, StreamKind, HEADER_LEN, MAX_FRAME, STDIO_VSOCK_PORT, TOKEN_LEN,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::Notify;
 
@@ -33,10 +35,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> StreamIo for T {}
 /// A boxed host stream.
 pub type HostStream = Box<dyn StreamIo>;
 
+/// Parked streams by token and kind, with when they arrived.
+type Parked = HashMap<([u8; TOKEN_LEN], StreamKind), (HostStream, Instant)>;
+
 /// Streams that arrived and wait for their process.
 #[derive(Default)]
 pub struct StreamRegistry {
-    parked: Mutex<HashMap<([u8; TOKEN_LEN], StreamKind), (HostStream, Instant)>>,
+    parked: Mutex<Parked>,
     arrived: Notify,
 }
 
@@ -72,10 +77,7 @@ impl StreamRegistry {
         Arc::new(StreamRegistry::default())
     }
 
-    fn map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<([u8; TOKEN_LEN], StreamKind), (HostStream, Instant)>>
-    {
+    fn map(&self) -> std::sync::MutexGuard<'_, Parked> {
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -293,7 +295,11 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(1)).await;
         });
         let claimed = registry
-            .claim(&[9; TOKEN_LEN], &[StreamKind::Stdout], Duration::from_secs(5))
+            .claim(
+                &[9; TOKEN_LEN],
+                &[StreamKind::Stdout],
+                Duration::from_secs(5),
+            )
             .await
             .unwrap();
         assert!(claimed.stdout.is_some() && claimed.stdin.is_none());
@@ -324,11 +330,15 @@ mod tests {
     async fn a_header_that_breaks_the_format_parks_nothing() {
         let registry = StreamRegistry::new();
         let (a, mut b) = duplex(64);
-        b.write_all(b"GET / HTTP/1.1\r\n\r\nxxxxxxxx").await.unwrap();
+        b.write_all(b"GET / HTTP/1.1\r\n\r\nxxxxxxxx")
+            .await
+            .unwrap();
         receive(&registry, Box::new(a)).await;
         assert!(registry.map().is_empty());
         let (a, mut b) = duplex(64);
-        b.write_all(&header(StreamKind::Stdin).encode()).await.unwrap();
+        b.write_all(&header(StreamKind::Stdin).encode())
+            .await
+            .unwrap();
         receive(&registry, Box::new(a)).await;
         assert_eq!(registry.map().len(), 1);
     }
@@ -378,7 +388,12 @@ mod tests {
             .await
             .unwrap();
         let got = out.await.unwrap();
-        assert!(got == data, "stdout differs ({} bytes of {})", got.len(), data.len());
+        assert!(
+            got == data,
+            "stdout differs ({} bytes of {})",
+            got.len(),
+            data.len()
+        );
         assert_eq!(err.await.unwrap(), b"warning");
 
         let mut msg = vec![0u8; PREFIX + 5];

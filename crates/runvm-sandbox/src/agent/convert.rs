@@ -7,8 +7,6 @@ use runvm_protocol::agent as pb;
 use super::types::*;
 use super::AgentError;
 
-/// Largest output chunk the host asks for or accepts.
-pub const MAX_CHUNK: u32 = 1 << 20;
 /// Most processes accepted in a process list.
 const MAX_PROCESSES: usize = 65_536;
 /// Longest command line accepted for a listed process.
@@ -57,26 +55,6 @@ pub fn create_request(r: &CreateContainer) -> Result<pb::CreateContainerRequest,
             .collect(),
         stdio: stdio(r.stdio),
         ..Default::default()
-    })
-}
-
-pub fn output(
-    method: &'static str,
-    max: u32,
-    r: pb::ReadStreamResponse,
-) -> Result<OutputChunk, AgentError> {
-    if r.data.len() > max as usize {
-        return Err(reject(
-            method,
-            format!(
-                "{} bytes returned for a read of at most {max}",
-                r.data.len()
-            ),
-        ));
-    }
-    Ok(OutputChunk {
-        eof: r.eof && r.data.is_empty(),
-        data: r.data,
     })
 }
 
@@ -212,30 +190,6 @@ pub fn exit_status(r: pb::WaitProcessResponse) -> Result<ExitStatus, AgentError>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn output_larger_than_asked_is_rejected() {
-        let r = pb::ReadStreamResponse {
-            data: vec![0; 11],
-            ..Default::default()
-        };
-        let e = output("ReadStdout", 10, r).unwrap_err().to_string();
-        assert!(
-            e.contains("11 bytes returned for a read of at most 10"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn eof_only_counts_with_no_data() {
-        let r = pb::ReadStreamResponse {
-            data: b"x".to_vec(),
-            eof: true,
-            ..Default::default()
-        };
-        let c = output("ReadStdout", 10, r).unwrap();
-        assert_eq!((c.data.as_slice(), c.eof), (&b"x"[..], false));
-    }
 
     #[test]
     fn exit_status_outside_shell_range_is_rejected() {

@@ -12,22 +12,22 @@ use tokio::io::AsyncWriteExt;
 
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestDetails, GuestProcess, Interface, Neighbor, OnlinedCpuMem, OutputChunk, ProcessRef, Route,
-    RpcCode, StdioSpec,
+    GuestDetails, GuestProcess, Interface, Neighbor, OnlinedCpuMem, ProcessRef, Route, RpcCode,
+    StdioSpec,
 };
 
 /// A simulated guest process: its scripted output and exit, and what it was sent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MockProcess {
-    /// Output `read_stdout` returns, then EOF.
+    /// Output sent on its stdout stream, then the stream's end.
     pub stdout: Vec<u8>,
-    /// Output `read_stderr` returns, then EOF.
+    /// Output sent on its stderr stream, then the stream's end.
     pub stderr: Vec<u8>,
     /// The exit code `wait_process` reports (default 0).
     pub exit_code: i32,
-    /// What was written to stdin.
+    /// What arrived on its stdin stream.
     pub stdin: Vec<u8>,
-    /// Whether stdin was closed.
+    /// Whether its stdin stream ended.
     pub stdin_closed: bool,
     /// Signals received.
     pub signals: Vec<i32>,
@@ -35,9 +35,6 @@ pub struct MockProcess {
     pub tty_size: Option<(u32, u32)>,
     /// Whether the process was started.
     pub started: bool,
-    /// Reads of stdout or stderr answered at once with no data and no EOF before the scripted
-    /// output (`u64::MAX`: every read, a hostile guest).
-    pub empty_reads: u64,
 }
 
 /// A simulated container.
@@ -222,7 +219,10 @@ impl MockAgent {
                     let mut buf = vec![0u8; frame::PREFIX + 4096];
                     for chunk in data.chunks(4096) {
                         buf[frame::PREFIX..frame::PREFIX + chunk.len()].copy_from_slice(chunk);
-                        if frame::write_frame(&mut end, &mut buf, chunk.len()).await.is_err() {
+                        if frame::write_frame(&mut end, &mut buf, chunk.len())
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -230,7 +230,9 @@ impl MockAgent {
                     let _ = end.flush().await;
                     // Held until the host closes, as the agent does.
                     let mut rest = [0u8; 16];
-                    while matches!(tokio::io::AsyncReadExt::read(&mut end, &mut rest).await, Ok(n) if n > 0) {}
+                    while matches!(tokio::io::AsyncReadExt::read(&mut end, &mut rest).await, Ok(n) if n > 0)
+                    {
+                    }
                 });
             }
         }
@@ -241,9 +243,19 @@ impl MockAgent {
                 let mut buf = vec![0u8; runvm_protocol::stdio::MAX_FRAME];
                 while let Ok(Some(n)) = frame::read_frame(&mut end, &mut buf).await {
                     let mut s = state.lock().expect("mock agent lock");
-                    s.processes.entry(process.clone()).or_default().stdin.extend_from_slice(&buf[..n]);
+                    s.processes
+                        .entry(process.clone())
+                        .or_default()
+                        .stdin
+                        .extend_from_slice(&buf[..n]);
                 }
-                state.lock().expect("mock agent lock").processes.entry(process).or_default().stdin_closed = true;
+                state
+                    .lock()
+                    .expect("mock agent lock")
+                    .processes
+                    .entry(process)
+                    .or_default()
+                    .stdin_closed = true;
             });
         }
     }
@@ -503,45 +515,6 @@ impl Agent for MockAgent {
         })
     }
 
-    async fn write_stdin(&self, process: &ProcessRef, data: &[u8]) -> Result<usize, AgentError> {
-        let mut s = self.record("write_stdin");
-        let p = s.process("WriteStdin", process)?;
-        if p.stdin_closed {
-            return Err(rpc(
-                "WriteStdin",
-                RpcCode::FailedPrecondition,
-                "stdin closed".into(),
-            ));
-        }
-        p.stdin.extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    async fn read_stdout(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
-        let chunk = {
-            let mut s = self.record("read_stdout");
-            let p = s.process("ReadStdout", process)?;
-            take_empty_read(p).unwrap_or_else(|| take_chunk(&mut p.stdout, max))
-        };
-        answered(chunk).await
-    }
-
-    async fn read_stderr(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
-        let chunk = {
-            let mut s = self.record("read_stderr");
-            let p = s.process("ReadStderr", process)?;
-            take_empty_read(p).unwrap_or_else(|| take_chunk(&mut p.stderr, max))
-        };
-        answered(chunk).await
-    }
-
-    async fn close_stdin(&self, process: &ProcessRef) -> Result<(), AgentError> {
-        self.record("close_stdin")
-            .process("CloseStdin", process)?
-            .stdin_closed = true;
-        Ok(())
-    }
-
     async fn resize_tty(
         &self,
         process: &ProcessRef,
@@ -556,12 +529,11 @@ impl Agent for MockAgent {
 
     async fn open_stdio(&self, header: Header) -> Result<std::os::fd::OwnedFd, AgentError> {
         let mut s = self.record("open_stdio");
-        let (host, guest) = std::os::unix::net::UnixStream::pair().map_err(|e| {
-            AgentError::Transport {
+        let (host, guest) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| AgentError::Transport {
                 method: "stdio stream",
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         s.stdio_streams
             .insert((header.token, header.kind as u8), guest);
         Ok(host.into())
@@ -571,42 +543,5 @@ impl Agent for MockAgent {
         drop(self.record("oom_event"));
         // No OOM ever happens in the mock: wait forever, like an agent with no event.
         std::future::pending().await
-    }
-}
-
-/// An empty, non-EOF answer while the process has `empty_reads` left.
-fn take_empty_read(p: &mut MockProcess) -> Option<OutputChunk> {
-    if p.empty_reads == 0 {
-        return None;
-    }
-    if p.empty_reads != u64::MAX {
-        p.empty_reads -= 1;
-    }
-    Some(OutputChunk {
-        data: Vec::new(),
-        eof: false,
-    })
-}
-
-/// Returns `chunk`; an empty non-EOF one after yielding once, as an answer over a real socket
-/// would, so that a caller that spins on such answers still lets timers run.
-async fn answered(chunk: OutputChunk) -> Result<OutputChunk, AgentError> {
-    if chunk.data.is_empty() && !chunk.eof {
-        tokio::task::yield_now().await;
-    }
-    Ok(chunk)
-}
-
-fn take_chunk(buf: &mut Vec<u8>, max: u32) -> OutputChunk {
-    if buf.is_empty() {
-        return OutputChunk {
-            data: Vec::new(),
-            eof: true,
-        };
-    }
-    let n = buf.len().min(max as usize);
-    OutputChunk {
-        data: buf.drain(..n).collect(),
-        eof: false,
     }
 }

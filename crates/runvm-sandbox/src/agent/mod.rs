@@ -16,7 +16,7 @@ pub(crate) use ttrpc_client::describe as describe_address;
 pub use ttrpc_client::{open_vsock_stream, TtrpcAgent, TtrpcConnector, VsockIo};
 pub use types::{
     ContainerStats, CpuStats, CreateContainer, ExitStatus, GuestProcess, MemoryStats, NetworkStats,
-    OutputChunk, ProcessRef, StdioSpec, Storage,
+    ProcessRef, StdioSpec, Storage,
 };
 
 use std::fmt::Debug;
@@ -250,8 +250,8 @@ impl std::fmt::Display for RpcCode {
 
 /// What the sandbox asks of the guest agent.
 ///
-/// Calls that wait for the guest to do something (`wait_process`, `read_stdout`,
-/// `read_stderr`, `oom_event`) block until it happens; drop the future to give up. All others
+/// Calls that wait for the guest to do something (`wait_process`, `oom_event`) block until it
+/// happens; drop the future to give up. All others
 /// are bounded by the agent's request timeout.
 #[async_trait]
 pub trait Agent: Send + Sync + Debug {
@@ -308,14 +308,6 @@ pub trait Agent: Send + Sync + Debug {
     ) -> Result<(), AgentError>;
     /// Waits for the process to exit.
     async fn wait_process(&self, process: &ProcessRef) -> Result<ExitStatus, AgentError>;
-    /// Writes to the process's stdin; returns how many bytes were taken.
-    async fn write_stdin(&self, process: &ProcessRef, data: &[u8]) -> Result<usize, AgentError>;
-    /// Reads up to `max` bytes of stdout (the terminal with a tty); waits for data or EOF.
-    async fn read_stdout(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError>;
-    /// Reads up to `max` bytes of stderr; waits for data or EOF.
-    async fn read_stderr(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError>;
-    /// Closes the process's stdin (it reads EOF).
-    async fn close_stdin(&self, process: &ProcessRef) -> Result<(), AgentError>;
     /// Sets the window size of the process's terminal.
     async fn resize_tty(
         &self,

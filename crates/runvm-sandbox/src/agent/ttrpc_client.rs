@@ -10,12 +10,12 @@ use runvm_protocol::agent_ttrpc::AgentServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttrpc::r#async::transport::Socket;
 
-use super::convert::{self, MAX_CHUNK};
+use super::convert;
 use super::network;
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestBootTimes, GuestDetails, GuestProcess, Interface, Neighbor, OnlinedCpuMem, OutputChunk,
-    ProcessRef, Route, RpcCode, StdioSpec,
+    GuestBootTimes, GuestDetails, GuestProcess, Interface, Neighbor, OnlinedCpuMem, ProcessRef,
+    Route, RpcCode, StdioSpec,
 };
 
 /// Longest text field accepted from the agent (versions, names).
@@ -106,10 +106,9 @@ pub async fn open_vsock_fd(
             Ok(std.into())
         }
         AgentAddress::Vsock { cid, .. } => {
-            let stream =
-                tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, port))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let stream = tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, port))
+                .await
+                .map_err(|e| e.to_string())?;
             let raw = std::os::fd::IntoRawFd::into_raw_fd(stream);
             // SAFETY: `into_raw_fd` gave up ownership of this open socket to us.
             Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
@@ -129,7 +128,9 @@ async fn hybrid_handshake(stream: &mut tokio::net::UnixStream, port: u32) -> Res
         let mut byte = [0u8; 1];
         let n = stream.read(&mut byte).await.map_err(|e| e.to_string())?;
         if n == 0 {
-            return Err("closed during the vsock handshake (nothing listens on the port yet)".into());
+            return Err(
+                "closed during the vsock handshake (nothing listens on the port yet)".into(),
+            );
         }
         if byte[0] == b'\n' {
             break;
@@ -586,66 +587,6 @@ impl Agent for TtrpcAgent {
         convert::exit_status(resp)
     }
 
-    async fn write_stdin(&self, process: &ProcessRef, data: &[u8]) -> Result<usize, AgentError> {
-        let data = &data[..data.len().min(MAX_CHUNK as usize)];
-        let req = agent::WriteStreamRequest {
-            container_id: process.container_id.clone(),
-            exec_id: process.exec_id.clone(),
-            data: data.to_vec(),
-            ..Default::default()
-        };
-        // A full pipe makes the guest wait: back-pressure, not a timeout.
-        let resp = self
-            .call_unbounded(
-                "WriteStdin",
-                self.client.write_stdin(self.unbounded_context(), &req),
-            )
-            .await?;
-        let n = resp.len as usize;
-        if n > data.len() {
-            return Err(AgentError::InvalidReply {
-                method: "WriteStdin",
-                reason: format!("{n} bytes written of {} sent", data.len()),
-            });
-        }
-        Ok(n)
-    }
-
-    async fn read_stdout(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
-        let max = max.clamp(1, MAX_CHUNK);
-        let req = read_request(process, max);
-        let resp = self
-            .call_unbounded(
-                "ReadStdout",
-                self.client.read_stdout(self.unbounded_context(), &req),
-            )
-            .await?;
-        convert::output("ReadStdout", max, resp)
-    }
-
-    async fn read_stderr(&self, process: &ProcessRef, max: u32) -> Result<OutputChunk, AgentError> {
-        let max = max.clamp(1, MAX_CHUNK);
-        let req = read_request(process, max);
-        let resp = self
-            .call_unbounded(
-                "ReadStderr",
-                self.client.read_stderr(self.unbounded_context(), &req),
-            )
-            .await?;
-        convert::output("ReadStderr", max, resp)
-    }
-
-    async fn close_stdin(&self, process: &ProcessRef) -> Result<(), AgentError> {
-        let req = agent::CloseStdinRequest {
-            container_id: process.container_id.clone(),
-            exec_id: process.exec_id.clone(),
-            ..Default::default()
-        };
-        self.call("CloseStdin", self.client.close_stdin(self.context(), &req))
-            .await
-            .map(|_| ())
-    }
-
     async fn resize_tty(
         &self,
         process: &ProcessRef,
@@ -771,15 +712,6 @@ impl Agent for TtrpcAgent {
         )
         .await
         .map(|_| ())
-    }
-}
-
-fn read_request(process: &ProcessRef, max: u32) -> agent::ReadStreamRequest {
-    agent::ReadStreamRequest {
-        container_id: process.container_id.clone(),
-        exec_id: process.exec_id.clone(),
-        len: max,
-        ..Default::default()
     }
 }
 

@@ -105,15 +105,6 @@ pub struct ExitStatus {
     pub exited_at_unix_ns: i64,
 }
 
-/// A chunk of output.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OutputChunk {
-    /// The bytes (empty at EOF).
-    pub data: Vec<u8>,
-    /// No more output will come.
-    pub eof: bool,
-}
-
 /// A process as the guest lists it (what `ps -ef` shows of it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestProcess {

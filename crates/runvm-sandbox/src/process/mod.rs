@@ -109,12 +109,7 @@ impl Process {
     /// end closes the process's stdin), its stdout and stderr to `stdout` and `stderr` until
     /// both ended. Streams not attached are skipped; a relay without streams (already taken)
     /// is an error.
-    pub async fn relay<I, O, E>(
-        &self,
-        stdin: I,
-        stdout: O,
-        stderr: E,
-    ) -> Result<Relayed, IoError>
+    pub async fn relay<I, O, E>(&self, stdin: I, stdout: O, stderr: E) -> Result<Relayed, IoError>
     where
         I: AsyncRead + Unpin + Send + 'static,
         O: AsyncWrite + Unpin + Send,
@@ -130,14 +125,12 @@ impl Process {
     }
 }
 
-/// Copies one output stream's frames to `out` until the end frame; returns the bytes.
-async fn receive<W: AsyncWrite + Unpin>(
-    stream: Option<FdStream>,
+/// Copies one output stream's frames to `out` until the end frame; returns the bytes. The
+/// stream ending without its end frame (the VM or the agent went away) is an error.
+pub async fn receive_output<W: AsyncWrite + Unpin>(
+    mut stream: FdStream,
     mut out: W,
 ) -> std::io::Result<u64> {
-    let Some(mut stream) = stream else {
-        return Ok(0);
-    };
     let mut buf = vec![0u8; MAX_FRAME];
     let mut total = 0;
     while let Some(n) = frame::read_frame(&mut stream, &mut buf).await? {
@@ -147,6 +140,33 @@ async fn receive<W: AsyncWrite + Unpin>(
     }
     Ok(total)
 }
+
+/// Sends `input` to the process's stdin stream until `input` ends or `close` completes (e.g.
+/// containerd's CloseIO), then the end frame (the process reads EOF); returns the bytes sent.
+pub async fn send_input<R, F>(mut input: R, mut stream: FdStream, close: F) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    F: std::future::Future<Output = ()>,
+{
+    use tokio::io::AsyncReadExt;
+    tokio::pin!(close);
+    let mut buf = vec![0u8; frame::PREFIX + INPUT_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = tokio::select! {
+            r = input.read(&mut buf[frame::PREFIX..]) => r?,
+            () = &mut close => 0,
+        };
+        frame::write_frame(&mut stream, &mut buf, n).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Bytes read from the host's input per frame.
+const INPUT_CHUNK: usize = 256 * 1024;
 
 /// [`Process::relay`] over streams held elsewhere (a stand-in that inherited them).
 pub async fn relay<I, O, E>(
@@ -167,14 +187,165 @@ where
     } = streams;
     if let Some(to) = to_process {
         tokio::spawn(async move {
-            // Input ending early is normal (stdin is /dev/null, or the caller closed it); the
-            // process's end of the stream stays until it is dropped here.
-            match frame::send(stdin, to, MAX_FRAME).await {
+            // Input ending early is normal (stdin is /dev/null, or the caller closed it).
+            match send_input(stdin, to, std::future::pending()).await {
                 Ok(n) => tracing::debug!(bytes = n, "stdin relayed to its end"),
                 Err(e) => tracing::debug!(error = %e, "stdin relay ended"),
             }
         });
     }
-    let (stdout, stderr) = tokio::try_join!(receive(from_stdout, stdout), receive(from_stderr, stderr))?;
+    let (stdout, stderr) = tokio::try_join!(
+        async {
+            match from_stdout {
+                Some(s) => receive_output(s, stdout).await,
+                None => Ok(0),
+            }
+        },
+        async {
+            match from_stderr {
+                Some(s) => receive_output(s, stderr).await,
+                None => Ok(0),
+            }
+        },
+    )?;
     Ok(Relayed { stdout, stderr })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use runvm_hypervisor::AgentAddress;
+
+    use super::*;
+    use crate::agent::{AgentConnector, CreateContainer, MockAgentConnector, StdioSpec};
+
+    /// A connected mock agent with container "c1" created with `stdio` (streams opened), its
+    /// init scripted to write `stdout` and `stderr`.
+    async fn created(
+        connector: &MockAgentConnector,
+        stdio: StdioSpec,
+        stdout: &[u8],
+        stderr: &[u8],
+    ) -> (Arc<dyn Agent>, Streams) {
+        let addr = AgentAddress::Vsock { cid: 3, port: 1024 };
+        let agent: Arc<dyn Agent> = connector
+            .connect(&addr, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .into();
+        let mut stdio = stdio;
+        let streams = Streams::open(&*agent, &mut stdio).await.unwrap();
+        agent
+            .create_container(CreateContainer {
+                container_id: "c1".into(),
+                sandbox_id: "s".into(),
+                spec: serde_json::json!({}),
+                storages: vec![],
+                stdio,
+            })
+            .await
+            .unwrap();
+        {
+            let state = connector.state();
+            let mut s = state.lock().unwrap();
+            let p = s.processes.entry(ProcessRef::init("c1")).or_default();
+            p.stdout = stdout.to_vec();
+            p.stderr = stderr.to_vec();
+        }
+        (agent, streams)
+    }
+
+    #[tokio::test]
+    async fn relay_carries_output_byte_exact_and_input_to_its_end() {
+        let connector = MockAgentConnector::new();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (agent, streams) = created(&connector, StdioSpec::attached(false), &big, b"oops").await;
+        agent.start_container("c1").await.unwrap();
+        let process = Process::new(agent, ProcessRef::init("c1"), None, Some(streams));
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let relayed = process
+            .relay(std::io::Cursor::new(b"typed".to_vec()), &mut out, &mut err)
+            .await
+            .unwrap();
+        assert_eq!(relayed.stdout, big.len() as u64);
+        assert!(out == big, "stdout differs");
+        assert_eq!(err, b"oops");
+        // The stdin relay runs on: wait for the mock to see its end.
+        for _ in 0..100 {
+            if connector.state().lock().unwrap().processes[&ProcessRef::init("c1")].stdin_closed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let state = connector.state();
+        let s = state.lock().unwrap();
+        let p = &s.processes[&ProcessRef::init("c1")];
+        assert_eq!(p.stdin, b"typed");
+        assert!(p.stdin_closed);
+        drop(s);
+        // Relaying twice is refused: one owner of the streams.
+        assert!(process
+            .relay(tokio::io::empty(), tokio::io::sink(), tokio::io::sink())
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_terminal_has_no_stderr_stream() {
+        let connector = MockAgentConnector::new();
+        let (_agent, streams) = created(&connector, StdioSpec::attached(true), b"", b"").await;
+        assert!(streams.stdin.is_some() && streams.stdout.is_some() && streams.stderr.is_none());
+    }
+
+    /// One handle, two tasks: one relays the output while the other signals the process and
+    /// waits for its exit.
+    #[tokio::test]
+    async fn a_process_handle_serves_two_tasks_at_once() {
+        let connector = MockAgentConnector::new();
+        let (agent, streams) = created(&connector, StdioSpec::attached(false), b"hi\n", b"").await;
+        agent.start_container("c1").await.unwrap();
+        let process = Arc::new(Process::new(
+            agent,
+            ProcessRef::init("c1"),
+            None,
+            Some(streams),
+        ));
+        let relaying = {
+            let p = Arc::clone(&process);
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                p.relay(tokio::io::empty(), &mut out, tokio::io::sink())
+                    .await
+                    .unwrap();
+                out
+            })
+        };
+        let signalling = {
+            let p = Arc::clone(&process);
+            tokio::spawn(async move {
+                p.signal(15, false).await.unwrap();
+                p.wait().await.unwrap()
+            })
+        };
+        assert_eq!(relaying.await.unwrap(), b"hi\n");
+        assert_eq!(signalling.await.unwrap().code, 128 + 15);
+    }
+
+    #[tokio::test]
+    async fn an_output_stream_cut_before_its_end_is_an_error() {
+        let connector = MockAgentConnector::new();
+        let (_agent, streams) = created(&connector, StdioSpec::attached(false), b"", b"").await;
+        // The guest's ends go away without an end frame (the VM died).
+        connector.state().lock().unwrap().stdio_streams.clear();
+        let err = relay(
+            streams,
+            tokio::io::empty(),
+            tokio::io::sink(),
+            tokio::io::sink(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("host stream"), "{err}");
+    }
 }

@@ -27,10 +27,9 @@ impl FdStream {
         fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         // SAFETY: an OwnedFd stays open, and is always the same fd, for as long as it is
         // owned, i.e. for the whole life of the AsyncFd that owns it.
-        let fd = unsafe {
-            AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
-        }
-        .map_err(|e| e.into_parts().1)?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+                .map_err(|e| e.into_parts().1)?;
         Ok(FdStream { fd })
     }
 
@@ -131,10 +130,7 @@ fn new_token() -> Result<[u8; TOKEN_LEN], AgentError> {
     if n != TOKEN_LEN as isize || token == [0u8; TOKEN_LEN] {
         return Err(AgentError::Transport {
             method: "stdio streams",
-            reason: format!(
-                "cannot draw a stream token: {}",
-                io::Error::last_os_error()
-            ),
+            reason: format!("cannot draw a stream token: {}", io::Error::last_os_error()),
         });
     }
     Ok(token)
@@ -150,10 +146,12 @@ impl Streams {
                 return Ok(None);
             }
             let fd = agent.open_stdio(Header { token, kind }).await?;
-            FdStream::new(fd).map(Some).map_err(|e| AgentError::Transport {
-                method: "stdio streams",
-                reason: format!("cannot use the {} stream: {e}", kind.as_str()),
-            })
+            FdStream::new(fd)
+                .map(Some)
+                .map_err(|e| AgentError::Transport {
+                    method: "stdio streams",
+                    reason: format!("cannot use the {} stream: {e}", kind.as_str()),
+                })
         };
         let (stdin, stdout, stderr) = tokio::try_join!(
             open(stdio.stdin, StreamKind::Stdin),

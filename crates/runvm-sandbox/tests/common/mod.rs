@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use runvm_sandbox::agent::{ProcessRef, StdioSpec};
+use runvm_sandbox::agent::StdioSpec;
 use runvm_sandbox::config::Config;
 use runvm_sandbox::container::bundle::busybox_bundle;
-use runvm_sandbox::container::io::{copy_output, OutputStream};
+use runvm_sandbox::process::Streams;
 use runvm_sandbox::sandbox::{ExecRequest, NewContainer};
 use runvm_sandbox::state::StdioRecord;
 use runvm_sandbox::{ContainerId, Sandbox};
@@ -70,10 +70,15 @@ pub fn stdio(stdin: bool, terminal: bool) -> StdioSpec {
         stdout: true,
         stderr: !terminal,
         terminal,
+        stream_token: None,
     }
 }
 
-pub async fn create(sb: &mut Sandbox, id: &str, bundle: PathBuf, stdio: StdioSpec) {
+/// Creates container `id`; returns its init's stdio streams (dropping them closes its output:
+/// its writes then fail).
+#[must_use = "the init's output fails once its streams are dropped"]
+pub async fn create(sb: &mut Sandbox, id: &str, bundle: PathBuf, mut stdio: StdioSpec) -> Streams {
+    let streams = sb.open_streams(&mut stdio).await.unwrap();
     sb.create_container(NewContainer {
         id: cid(id),
         bundle: runvm_sandbox::container::spec::Bundle::load(&bundle, id).unwrap(),
@@ -83,21 +88,25 @@ pub async fn create(sb: &mut Sandbox, id: &str, bundle: PathBuf, stdio: StdioSpe
     })
     .await
     .unwrap_or_else(|e| panic!("create {id}: {e}"));
+    streams
 }
 
-/// Output of a process until EOF: (stdout, stderr).
-pub async fn outputs(sb: &mut Sandbox, p: &ProcessRef, stderr: bool) -> (Vec<u8>, Vec<u8>) {
-    let agent = sb.agent().await.unwrap();
+/// Starts exec `req` in container `id`; returns its stdio streams.
+pub async fn exec(sb: &mut Sandbox, id: &str, mut req: ExecRequest) -> Streams {
+    let streams = sb.open_streams(&mut req.stdio).await.unwrap();
+    let exec_id = req.exec_id.clone();
+    sb.exec(&cid(id), req)
+        .await
+        .unwrap_or_else(|e| panic!("exec {exec_id} in {id}: {e}"));
+    streams
+}
+
+/// Output of a process until its streams end: (stdout, stderr).
+pub async fn outputs(streams: Streams) -> (Vec<u8>, Vec<u8>) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let o = copy_output(&*agent, p, OutputStream::Stdout, &mut out);
-    if stderr {
-        let e = copy_output(&*agent, p, OutputStream::Stderr, &mut err);
-        let (a, b) = tokio::join!(o, e);
-        a.unwrap();
-        b.unwrap();
-    } else {
-        o.await.unwrap();
-    }
+    runvm_sandbox::process::relay(streams, tokio::io::empty(), &mut out, &mut err)
+        .await
+        .unwrap();
     (out, err)
 }
 
