@@ -496,3 +496,63 @@ async fn kill_ends_the_vm_without_grace_and_marks_containers_killed() {
     sb.delete(false).await.unwrap();
     assert!(!f.root.path().join("sb1").exists());
 }
+
+/// What an exec's stand-in does (another process picking the sandbox up): streams, exec,
+/// relay, wait — over one agent connection, one ExecProcess call, the exit recorded.
+#[tokio::test]
+async fn an_exec_uses_one_agent_connection_and_its_handle_records_the_exit() {
+    let mut f = fixture(Duration::from_secs(5));
+    let (mut sb, _) = f.create().await.unwrap();
+    let bundle = f.bundle("c1", &["sleep", "100"]);
+    sb.create_container(new_container("c1", bundle))
+        .await
+        .unwrap();
+    sb.start_container(&cid("c1")).await.unwrap();
+    sb.detach();
+    let before = {
+        let agent = f.agent();
+        let mut a = agent.lock().unwrap();
+        let p = a.processes.entry(ProcessRef::exec("c1", "e1")).or_default();
+        p.stdout = b"from the exec\n".to_vec();
+        p.exit_code = 7;
+        a.calls.clear();
+        a.connects
+    };
+
+    let mut standin = f.fetch(false);
+    let mut stdio = StdioSpec::attached(false);
+    let streams = standin.open_streams(&mut stdio).await.unwrap();
+    standin
+        .exec(
+            &cid("c1"),
+            crate::sandbox::ExecRequest {
+                exec_id: "e1".into(),
+                process: serde_json::json!({"args": ["true"], "cwd": "/"}),
+                stdio,
+                stdio_paths: StdioRecord::default(),
+            },
+        )
+        .await
+        .unwrap();
+    let process = standin
+        .process(&cid("c1"), "e1", Some(streams))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    process
+        .relay(tokio::io::empty(), &mut out, tokio::io::sink())
+        .await
+        .unwrap();
+    assert_eq!(out, b"from the exec\n");
+    assert_eq!(process.wait().await.unwrap().code, 7);
+
+    let agent = f.agent();
+    let a = agent.lock().unwrap();
+    assert_eq!(a.connects - before, 1, "one agent connection for the exec");
+    let execs = a.calls.iter().filter(|c| *c == "exec_process").count();
+    assert_eq!(execs, 1, "{:?}", a.calls);
+    drop(a);
+    let record = f.store().load_container(standin.id(), &cid("c1")).unwrap();
+    assert_eq!(record.execs["e1"].exit_status, Some(7));
+    standin.delete(true).await.unwrap();
+}
