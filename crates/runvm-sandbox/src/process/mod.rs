@@ -278,12 +278,9 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let state = connector.state();
-        let s = state.lock().unwrap();
-        let p = &s.processes[&ProcessRef::init("c1")];
+        let p = connector.state().lock().unwrap().processes[&ProcessRef::init("c1")].clone();
         assert_eq!(p.stdin, b"typed");
         assert!(p.stdin_closed);
-        drop(s);
         // Relaying twice is refused: one owner of the streams.
         assert!(process
             .relay(tokio::io::empty(), tokio::io::sink(), tokio::io::sink())

@@ -546,12 +546,14 @@ async fn an_exec_uses_one_agent_connection_and_its_handle_records_the_exit() {
     assert_eq!(out, b"from the exec\n");
     assert_eq!(process.wait().await.unwrap().code, 7);
 
-    let agent = f.agent();
-    let a = agent.lock().unwrap();
-    assert_eq!(a.connects - before, 1, "one agent connection for the exec");
-    let execs = a.calls.iter().filter(|c| *c == "exec_process").count();
-    assert_eq!(execs, 1, "{:?}", a.calls);
-    drop(a);
+    let (connects, calls) = {
+        let agent = f.agent();
+        let a = agent.lock().unwrap();
+        (a.connects, a.calls.clone())
+    };
+    assert_eq!(connects - before, 1, "one agent connection for the exec");
+    let execs = calls.iter().filter(|c| *c == "exec_process").count();
+    assert_eq!(execs, 1, "{calls:?}");
     let record = f.store().load_container(standin.id(), &cid("c1")).unwrap();
     assert_eq!(record.execs["e1"].exit_status, Some(7));
     standin.delete(true).await.unwrap();
