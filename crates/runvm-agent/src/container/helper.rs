@@ -177,7 +177,7 @@ pub async fn run(
     let answered = since.elapsed();
     // It exits right after answering; wait, so that its work (state files) is complete.
     let _ = tokio::time::timeout(Duration::from_secs(10), reaper::wait(exit)).await;
-    tracing::info!(
+    tracing::debug!(
         via,
         started_us = spawned.as_micros() as u64,
         answered_us = answered.as_micros() as u64,

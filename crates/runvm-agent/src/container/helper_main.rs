@@ -62,7 +62,7 @@ pub fn main(request: Option<OsString>) -> ! {
 }
 
 /// What the helper (and a zygote's worker) logs.
-pub const LOG_FILTER: &str = "warn,libcgroups=error,runvm_agent=info";
+pub const LOG_FILTER: &str = "warn,libcgroups=error";
 
 /// Runs `request` with libcontainer in this single-threaded process (its fds 0/1/2 are the
 /// container's stdio), writes the [`Reply`] line on `result_fd` and exits. Never returns.
@@ -85,7 +85,7 @@ pub fn answer(request: Request, result_fd: RawFd) -> ! {
     }));
     let started = std::time::Instant::now();
     let reply = execute(&request);
-    tracing::info!(
+    tracing::debug!(
         libcontainer_us = started.elapsed().as_micros() as u64,
         "libcontainer done"
     );
