@@ -313,7 +313,10 @@ impl Zygote {
         }
         let early = self.early.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (fd, pid) = match early {
-            Some(e) => e,
+            Some((fd, pid)) => {
+                tracing::info!(pid, "zygote (forked at boot) in use");
+                (fd, pid)
+            }
             None => {
                 let (fd, pid) = self.launch().map_err(ZygoteError::Launch)?;
                 if slot.is_some() {
