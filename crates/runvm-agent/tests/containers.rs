@@ -49,6 +49,7 @@ async fn scenarios(g: &Guest) {
     terminals(g).await;
     bad_requests(g).await;
     oom_kill(g).await;
+    only_stdio_reaches_container_processes(g).await;
 }
 
 async fn exit_status_and_output(g: &Guest) {
@@ -482,4 +483,24 @@ async fn containers_run_in_the_guest() {
     let marker = root.path().display().to_string();
     let left = processes_naming(&marker);
     assert!(left.is_empty(), "processes left behind: {left:#?}");
+}
+
+/// Nothing the agent, its zygote or libcontainer's worker holds reaches a container's
+/// processes: the init and an exec'd process have their stdio and nothing else.
+async fn only_stdio_reaches_container_processes(g: &Guest) {
+    g.run("fds", &["sleep", "1000"], stdio(false, false, false, false))
+        .await;
+    for (exec, dir, expected) in [
+        ("init-fds", "/proc/1/fd", "0\n1\n2\n"),
+        // ls's own fd 3 is the folder it lists.
+        ("own-fds", "/proc/self/fd", "0\n1\n2\n3\n"),
+    ] {
+        g.exec("fds", exec, &["ls", dir], stdio(false, true, false, false))
+            .await
+            .unwrap();
+        let out = g.read_all("fds", exec, false).await;
+        assert_eq!(g.wait("fds", exec).await, 0);
+        assert_eq!(String::from_utf8_lossy(&out), expected, "{dir}");
+    }
+    g.remove("fds", 0).await;
 }
