@@ -138,7 +138,11 @@ pub async fn run(
         None
     };
     let (pid, exit, via) = match zygote {
-        Some(Ok(started)) => (started.pid, started.exit, "zygote"),
+        Some(Ok(started)) => {
+            // The worker has its copies: close the agent's (the container's stdio ends).
+            drop(stdio);
+            (started.pid, started.exit, "zygote")
+        }
         Some(Err(e)) => {
             tracing::warn!(error = %e, "re-executing the libcontainer helper instead");
             let pid = spawn(request, stdio, &result_w).map_err(|e| io_err("start", e))?;
@@ -149,8 +153,7 @@ pub async fn run(
             (pid, reaper.watch(pid, since), "re-exec")
         }
     };
-    // The worker has its copies: close the agent's (the container's stdio ends above all,
-    // dropped with `stdio` when the zygote took them).
+    // Only the worker may hold the result pipe's write end: its exit ends the pipe.
     drop(result_w);
     let spawned = since.elapsed();
 
