@@ -26,6 +26,8 @@ fn main() {
     let mut args = std::env::args_os().skip(1);
     match args.next() {
         Some(a) if a == container::HIDDEN_ARG => container::helper_main::main(args.next()),
+        // The zygote, re-executed after the one forked below died (container/zygote.rs).
+        Some(a) if a == container::zygote::ZYGOTE_ARG => container::zygote_main::main(),
         // A createContainer hook, started by libcontainer (container/hook_root.rs).
         Some(a) if a == container::hook_root::HOOK_ARG => container::hook_root::main(args),
         _ => {}
@@ -35,6 +37,9 @@ fn main() {
     if pid1 {
         init::mount_kernel_filesystems();
     }
+    // While the process is single-threaded (no runtime, no logging yet): fork the zygote that
+    // creates containers and processes (container/zygote.rs).
+    container::zygote::fork_early();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)

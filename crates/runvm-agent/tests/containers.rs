@@ -49,6 +49,8 @@ async fn scenarios(g: &Guest) {
     terminals(g).await;
     bad_requests(g).await;
     oom_kill(g).await;
+    only_stdio_reaches_container_processes(g).await;
+    a_killed_zygote_is_replaced(g).await;
 }
 
 async fn exit_status_and_output(g: &Guest) {
@@ -482,4 +484,60 @@ async fn containers_run_in_the_guest() {
     let marker = root.path().display().to_string();
     let left = processes_naming(&marker);
     assert!(left.is_empty(), "processes left behind: {left:#?}");
+}
+
+/// Nothing the agent, its zygote or libcontainer's worker holds reaches a container's
+/// processes: the init and an exec'd process have their stdio and nothing else.
+async fn only_stdio_reaches_container_processes(g: &Guest) {
+    g.run("fds", &["sleep", "1000"], stdio(false, false, false, false))
+        .await;
+    for (exec, dir, expected) in [
+        ("init-fds", "/proc/1/fd", "0\n1\n2\n"),
+        // ls's own fd 3 is the folder it lists.
+        ("own-fds", "/proc/self/fd", "0\n1\n2\n3\n"),
+    ] {
+        g.exec("fds", exec, &["ls", dir], stdio(false, true, false, false))
+            .await
+            .unwrap();
+        let out = g.read_all("fds", exec, false).await;
+        assert_eq!(g.wait("fds", exec).await, 0);
+        assert_eq!(String::from_utf8_lossy(&out), expected, "{dir}");
+    }
+    g.remove("fds", 0).await;
+}
+
+/// The agent's zygote (the only `/init` but PID 1 once its workers are gone), killed from a
+/// container that shares the guest's pid namespace, is replaced: the next exec works.
+async fn a_killed_zygote_is_replaced(g: &Guest) {
+    let cid = "zk";
+    make_rootfs(&g.shared, cid);
+    let mut s = spec(cid, &["sleep", "1000"], false);
+    s["linux"]["namespaces"] = json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    g.try_create(cid, &s, stdio(false, false, false, false))
+        .await
+        .unwrap();
+    g.start(cid).await.unwrap();
+    let script = "sleep 1; for p in /proc/[0-9]*; do n=${p#/proc/}; \
+        [ \"$(tr '\\0' ' ' < $p/cmdline)\" = '/init ' ] && [ $n != 1 ] && kill -9 $n && echo killed; \
+        done; true";
+    g.exec(
+        cid,
+        "kill",
+        &["sh", "-c", script],
+        stdio(false, true, false, false),
+    )
+    .await
+    .unwrap();
+    let out = g.read_all(cid, "kill", false).await;
+    assert_eq!(g.wait(cid, "kill").await, 0);
+    assert_eq!(String::from_utf8_lossy(&out), "killed\n");
+    for exec in ["after1", "after2"] {
+        g.exec(cid, exec, &["echo", "ok"], stdio(false, true, false, false))
+            .await
+            .unwrap();
+        let out = g.read_all(cid, exec, false).await;
+        assert_eq!(g.wait(cid, exec).await, 0);
+        assert_eq!(String::from_utf8_lossy(&out), "ok\n");
+    }
+    g.remove(cid, 0).await;
 }

@@ -3,17 +3,21 @@
 //! `/proc/self/exe __libcontainer REQUEST_JSON` (see `helper_main.rs`). The helper is
 //! single-threaded, gets the container's stdio as its own fds 0/1/2 (the container inherits
 //! them), calls libcontainer, writes one JSON line (a [`Reply`]) on the result fd and exits.
+//! The same work is done, without the exec, by a worker forked from the zygote
+//! (`zygote.rs`); re-executing is the fallback when the zygote cannot take a request.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use serde::{Deserialize, Serialize};
 
 use super::stdio::ChildStdio;
+use super::zygote::Zygote;
 use crate::error::{AgentError, Result};
 use crate::reaper::{self, Reaper};
 
@@ -110,53 +114,48 @@ fn cloexec_dup(fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(new) })
 }
 
-/// Runs the helper for `request` with `stdio` as its fds 0/1/2 and returns the pid it reports.
-pub async fn run(reaper: &Reaper, request: &Request, stdio: ChildStdio) -> Result<Option<i32>> {
+/// Runs `request` in a single-threaded process with `stdio` as its fds 0/1/2 and returns the
+/// pid it reports: a worker forked by the zygote (`zygote.rs`), or, if the zygote cannot take
+/// the order, the agent re-executed as the helper.
+pub async fn run(
+    reaper: &Arc<Reaper>,
+    request: &Request,
+    stdio: ChildStdio,
+) -> Result<Option<i32>> {
     let io_err = |what: &str, e: std::io::Error| {
         AgentError::internal(format!("libcontainer helper: cannot {what}: {e}"))
     };
-    let arg = serde_json::to_string(request)
-        .map_err(|e| AgentError::internal(format!("cannot encode helper request: {e}")))?;
     let (result_r, result_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("create a pipe", e.into()))?;
-    let log = cloexec_dup(2).map_err(|e| io_err("duplicate stderr", e))?;
-    let inherit = [result_w.as_raw_fd(), log.as_raw_fd()];
-
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg(HIDDEN_ARG)
-        .arg(arg)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env(RESULT_FD_ENV, inherit[0].to_string())
-        .env(LOG_FD_ENV, inherit[1].to_string())
-        .current_dir("/")
-        .stdin(Stdio::from(stdio.stdin))
-        .stdout(Stdio::from(stdio.stdout))
-        .stderr(Stdio::from(stdio.stderr));
-    // SAFETY: the closure runs in the child between fork and exec and only calls fcntl, which
-    // is async-signal-safe; it touches no memory shared with other threads.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in inherit {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
     let since = Instant::now();
-    let child = cmd.spawn().map_err(|e| io_err("start", e))?;
-    // The child has its copies: close the agent's (the container's stdio ends above all).
-    drop(cmd);
+    let zygote = if super::zygote::enabled() {
+        Some(
+            Zygote::global()
+                .start(reaper, request, &stdio, &result_w, since)
+                .await,
+        )
+    } else {
+        None
+    };
+    let (pid, exit, via) = match zygote {
+        Some(Ok(started)) => {
+            // The worker has its copies: close the agent's (the container's stdio ends).
+            drop(stdio);
+            (started.pid, started.exit, "zygote")
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "re-executing the libcontainer helper instead");
+            let pid = spawn(request, stdio, &result_w).map_err(|e| io_err("start", e))?;
+            (pid, reaper.watch(pid, since), "re-exec")
+        }
+        None => {
+            let pid = spawn(request, stdio, &result_w).map_err(|e| io_err("start", e))?;
+            (pid, reaper.watch(pid, since), "re-exec")
+        }
+    };
+    // Only the worker may hold the result pipe's write end: its exit ends the pipe.
     drop(result_w);
-    drop(log);
-    let pid = child.id() as i32;
-    drop(child);
-    let exit = reaper.watch(pid, since);
+    let spawned = since.elapsed();
 
     let reply = tokio::time::timeout(HELPER_TIMEOUT, read_reply(result_r, exit.clone())).await;
     let reply = match reply {
@@ -178,9 +177,50 @@ pub async fn run(reaper: &Reaper, request: &Request, stdio: ChildStdio) -> Resul
             "the libcontainer helper exited (status {status:?}) without an answer"
         )));
     }
+    let answered = since.elapsed();
     // It exits right after answering; wait, so that its work (state files) is complete.
     let _ = tokio::time::timeout(Duration::from_secs(10), reaper::wait(exit)).await;
+    tracing::debug!(
+        via,
+        started_us = spawned.as_micros() as u64,
+        answered_us = answered.as_micros() as u64,
+        exited_us = since.elapsed().as_micros() as u64,
+        "libcontainer helper timing"
+    );
     parse_reply(&reply)
+}
+
+/// Re-executes the agent as the helper (`helper_main.rs`); returns its pid.
+fn spawn(request: &Request, stdio: ChildStdio, result_w: &OwnedFd) -> std::io::Result<i32> {
+    let arg = serde_json::to_string(request).map_err(std::io::Error::other)?;
+    let log = cloexec_dup(2)?;
+    let inherit = [result_w.as_raw_fd(), log.as_raw_fd()];
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg(HIDDEN_ARG)
+        .arg(arg)
+        .env_clear()
+        .env("PATH", super::zygote::HELPER_PATH)
+        .env(RESULT_FD_ENV, inherit[0].to_string())
+        .env(LOG_FD_ENV, inherit[1].to_string())
+        .current_dir("/")
+        .stdin(Stdio::from(stdio.stdin))
+        .stdout(Stdio::from(stdio.stdout))
+        .stderr(Stdio::from(stdio.stderr));
+    // SAFETY: the closure runs in the child between fork and exec and only calls fcntl, which
+    // is async-signal-safe; it touches no memory shared with other threads.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    // `cmd` (with the stdio) and `log` go here: the child has its copies.
+    Ok(child.id() as i32)
 }
 
 /// Reads the reply line. Reads until a newline, not EOF: a container init waiting for start

@@ -34,18 +34,40 @@ pub fn main(request: Option<OsString>) -> ! {
         );
         std::process::exit(2);
     };
-    // SAFETY: the agent passed this fd for the helper alone; it is owned from here on.
-    let mut result = unsafe { File::from_raw_fd(result_fd) };
     if let Some(log_fd) = env_fd(LOG_FD_ENV) {
-        // SAFETY: as above, the log fd is this process's to own.
+        // SAFETY: the agent passed the log fd for the helper alone; it is owned from here on.
         let log = unsafe { File::from_raw_fd(log_fd) };
         let _ = tracing_subscriber::fmt()
             .with_writer(std::sync::Mutex::new(log))
             .with_ansi(false)
             .with_target(false)
-            .with_env_filter(tracing_subscriber::EnvFilter::new("warn,libcgroups=error"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(LOG_FILTER))
             .try_init();
     }
+    match request
+        .as_ref()
+        .and_then(|r| r.to_str())
+        .map(serde_json::from_str::<Request>)
+    {
+        Some(Ok(req)) => answer(req, result_fd),
+        Some(Err(e)) => reply_and_exit(
+            result_fd,
+            &error(ErrorKind::Internal, format!("bad helper request: {e}")),
+        ),
+        None => reply_and_exit(
+            result_fd,
+            &error(ErrorKind::Internal, "no helper request".into()),
+        ),
+    }
+}
+
+/// What the helper (and a zygote's worker) logs.
+pub const LOG_FILTER: &str = "warn,libcgroups=error";
+
+/// Runs `request` with libcontainer in this single-threaded process (its fds 0/1/2 are the
+/// container's stdio), writes the [`Reply`] line on `result_fd` and exits. Never returns.
+/// Shared by the re-executed helper and the zygote's workers.
+pub fn answer(request: Request, result_fd: RawFd) -> ! {
     // The agent (a Rust program) ignores SIGPIPE; container processes must not inherit that.
     // SAFETY: setting a signal's disposition to the default has no memory-safety conditions.
     unsafe {
@@ -61,17 +83,19 @@ pub fn main(request: Option<OsString>) -> ! {
         let _ = writeln!(f, "{}", serde_json::to_string(&reply).unwrap_or_default());
         std::process::exit(1);
     }));
+    let started = std::time::Instant::now();
+    let reply = execute(&request);
+    tracing::debug!(
+        libcontainer_us = started.elapsed().as_micros() as u64,
+        "libcontainer done"
+    );
+    reply_and_exit(result_fd, &reply)
+}
 
-    let reply = match request
-        .as_ref()
-        .and_then(|r| r.to_str())
-        .map(serde_json::from_str::<Request>)
-    {
-        Some(Ok(req)) => execute(&req),
-        Some(Err(e)) => error(ErrorKind::Internal, format!("bad helper request: {e}")),
-        None => error(ErrorKind::Internal, "no helper request".into()),
-    };
-    let line = serde_json::to_string(&reply).unwrap_or_default();
+fn reply_and_exit(result_fd: RawFd, reply: &Reply) -> ! {
+    // SAFETY: the result fd was handed to this process alone; it is owned from here on.
+    let mut result = unsafe { File::from_raw_fd(result_fd) };
+    let line = serde_json::to_string(reply).unwrap_or_default();
     let _ = writeln!(result, "{line}");
     std::process::exit(0);
 }

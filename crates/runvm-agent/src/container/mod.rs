@@ -1,7 +1,8 @@
 //! Containers in the guest: the registry the container and process RPCs work on.
 //!
-//! libcontainer (youki) does the creating, starting, exec'ing and deleting, through a
-//! single-threaded helper process (`helper.rs`); the agent keeps the stdio, waits for exits
+//! libcontainer (youki) does the creating, starting, exec'ing and deleting, in a
+//! single-threaded process: a worker forked by the zygote (`zygote.rs`), else the agent
+//! re-executed as the helper (`helper.rs`); the agent keeps the stdio, waits for exits
 //! (through the reaper), and reads and writes the cgroup files itself for kill, stats and OOM.
 //!
 //! Guest layout: libcontainer state in [`STATE_ROOT`], one bundle (config.json, exec process
@@ -19,6 +20,8 @@ mod stats;
 mod stdio;
 mod storage;
 pub mod streams;
+pub mod zygote;
+pub mod zygote_main;
 
 use std::collections::HashMap;
 use std::fmt;
