@@ -264,7 +264,11 @@ mod tests {
     fn the_repo_fragment_builds_everything_in() {
         let options = parse_fragment(FRAGMENT);
         assert_eq!(options.get("CONFIG_MODULES").map(String::as_str), Some("n"));
-        for name in ["CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_FS", "CONFIG_VIRTIO_VSOCKETS"] {
+        for name in [
+            "CONFIG_VIRTIO_PCI",
+            "CONFIG_VIRTIO_FS",
+            "CONFIG_VIRTIO_VSOCKETS",
+        ] {
             assert_eq!(options.get(name).map(String::as_str), Some("y"), "{name}");
         }
     }

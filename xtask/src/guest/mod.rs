@@ -109,7 +109,10 @@ impl KernelSource {
         let (name, version) = self.package();
         match self {
             KernelSource::Runvm { .. } => {
-                format!("runvm's kernel ({name} {version} + {})", build::FRAGMENT_PATH)
+                format!(
+                    "runvm's kernel ({name} {version} + {})",
+                    build::FRAGMENT_PATH
+                )
             }
             KernelSource::DebianCloud(_) => format!("Debian's cloud kernel ({name} {version})"),
         }
@@ -399,8 +402,13 @@ mod tests {
 
     #[test]
     fn initrd_for_runvm_kernel_holds_only_the_agent_and_no_modules() {
-        let gz = pack_initrd(b"agent".to_vec(), Vec::new(), KernelKind::Runvm, "6.1.192-runvm")
-            .unwrap();
+        let gz = pack_initrd(
+            b"agent".to_vec(),
+            Vec::new(),
+            KernelKind::Runvm,
+            "6.1.192-runvm",
+        )
+        .unwrap();
         let mut archive = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_end(&mut archive)
@@ -412,7 +420,10 @@ mod tests {
             .map(|e| e.name.as_str())
             .collect();
         assert_eq!(files, ["etc/runvm-guest", "init"]);
-        let info = entries.iter().find(|e| e.name == "etc/runvm-guest").unwrap();
+        let info = entries
+            .iter()
+            .find(|e| e.name == "etc/runvm-guest")
+            .unwrap();
         assert_eq!(info.data, b"kernel=runvm\nkernel_release=6.1.192-runvm\n");
     }
 
