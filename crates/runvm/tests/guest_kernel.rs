@@ -67,7 +67,7 @@ fn privileged_container_creates_bridges_and_iptables_nat_redirect_rules() {
         ip link add br0 type bridge
         ip link set br0 up
         brctl addbr br1
-        brctl show
+        echo bridges: $(for b in /sys/class/net/*/bridge; do basename ${b%/bridge}; done)
         iptables-nft -t nat -A OUTPUT -p tcp --dport 80 -j REDIRECT --to-ports 8080
         echo nft:; iptables-nft -t nat -L OUTPUT -n
         iptables-legacy -t nat -A PREROUTING -p tcp --dport 80 -j REDIRECT --to-ports 8081
@@ -90,12 +90,7 @@ fn privileged_container_creates_bridges_and_iptables_nat_redirect_rules() {
          cargo xtask guest)"
     );
     assert_eq!(out.status.code(), Some(0), "{context}");
-    let bridges: Vec<&str> = stdout
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|name| name.starts_with("br") && *name != "bridge")
-        .collect();
-    assert_eq!(bridges, ["br0", "br1"], "{context}");
+    assert!(stdout.contains("bridges: br0 br1\n"), "{context}");
     let (nft, legacy) = stdout.split_once("legacy:").expect(&context);
     assert!(
         nft.contains("tcp dpt:80 redir ports 8080"),
