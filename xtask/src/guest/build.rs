@@ -168,6 +168,7 @@ pub fn kernel(cache: &Path, source_version: &str, force: bool) -> Result<Built> 
     write_atomic(&entry, "release", format!("{release}\n").as_bytes())?;
     // Last: the image's presence marks a complete entry.
     write_atomic(&entry, "vmlinuz", &image)?;
+    eprintln!("    removing the build tree {}", tree.display());
     fs::remove_dir_all(&tree)
         .with_context(|| format!("cannot remove the build tree {}", tree.display()))?;
     eprintln!(
