@@ -17,10 +17,13 @@ build: setup
 	@echo "==> building the workspace"
 	$(CARGO) build --workspace
 
-## The guest image: kernel, modules and the static agent in an initramfs, in $(GUEST_DIR).
+## The guest image in $(GUEST_DIR): runvm's kernel (built once per machine, cached in
+## $(GUEST_DIR)/cache) and the static agent in an initramfs. GUEST_KERNEL=debian-cloud takes
+## Debian's cloud kernel and its modules instead.
+GUEST_KERNEL ?= runvm
 guest: setup
 	@echo "==> building the guest image in $(GUEST_DIR)"
-	$(CARGO) xtask guest --out $(GUEST_DIR)
+	$(CARGO) xtask guest --out $(GUEST_DIR) --kernel $(GUEST_KERNEL)
 
 DEMO      := target/demo
 

@@ -10,8 +10,11 @@ PREFIX="${RUNVM_PREFIX:-/opt/runvm}"
 step() { printf '\n==> %s\n' "$*"; }
 
 need_pkgs=()
+# The second line builds runvm's guest kernel (cargo xtask guest): Debian's kernel source and
+# the kernel's build tools (LZ4 compresses the kernel image).
 for p in qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev pkg-config cpio busybox-static \
-         containerd runc containernetworking-plugins umoci protobuf-compiler iptables; do
+         containerd runc containernetworking-plugins umoci protobuf-compiler iptables \
+         linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils lz4; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
@@ -22,7 +25,8 @@ if ((${#need_pkgs[@]})); then
 else
     step "Debian packages present"
 fi
-# apt-get download of the guest kernel needs package lists.
+# apt-get download of Debian's cloud kernel (cargo xtask guest --kernel debian-cloud) needs
+# package lists.
 if [ -z "$(ls -A /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ]; then
     step "refreshing apt package lists"
     apt-get update -q

@@ -16,12 +16,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Build the guest image: Debian's cloud kernel, an initramfs with the virtio, vsock,
-    /// virtiofs, net and balloon modules, and the static runvm-agent as /init.
+    /// Build the guest image: runvm's kernel (or Debian's cloud kernel and its modules, with
+    /// --kernel debian-cloud) and an initramfs with the static runvm-agent as /init.
     ///
-    /// Writes DIR/vmlinuz, DIR/initrd.img and DIR/manifest.json (downloaded kernel packages
-    /// are cached in DIR/cache). Nothing is rewritten when the kernel package, the agent binary
-    /// and the module list are unchanged since the last build, unless --force is given.
+    /// Writes DIR/vmlinuz, DIR/initrd.img and DIR/manifest.json. runvm's kernel is built once
+    /// per machine from linux-source-6.1 and guest/kernel/runvm.config and cached (in
+    /// DIR/cache, with downloaded kernel packages). Nothing is rewritten when the kernel, the
+    /// agent binary and the module list are unchanged since the last build, unless --force is
+    /// given.
     Guest(guest::GuestArgs),
     /// Benchmarks. `bench all` (what `make bench` runs): runvm side by side with runc and the
     /// floor (cold start, exec, memory per idle pod, stdout throughput, density), as a table,

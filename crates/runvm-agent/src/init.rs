@@ -81,11 +81,19 @@ pub fn mount_kernel_filesystems() {
 }
 
 /// Loads each module named in `order_file`, in order, with finit_module. A module already
-/// present (EEXIST) is fine; any other failure is logged and loading goes on.
+/// present (EEXIST) is fine; any other failure is logged and loading goes on. Without the file
+/// (runvm's own kernel, which has everything built in) there is nothing to load.
 pub fn load_modules(order_file: &Path) {
-    let Ok(list) = std::fs::read_to_string(order_file) else {
-        tracing::warn!(file = %order_file.display(), "no module list; loading none");
-        return;
+    let list = match std::fs::read_to_string(order_file) {
+        Ok(list) => list,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!("no module list: the kernel has its drivers built in");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(file = %order_file.display(), error = %e, "cannot read the module list; loading none");
+            return;
+        }
     };
     let dir = order_file.parent().unwrap_or(Path::new("/"));
     let mut loaded = 0;

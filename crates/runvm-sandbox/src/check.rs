@@ -225,11 +225,24 @@ pub fn run(config: &Config) -> CheckReport {
                 .unwrap_or("?")
                 .to_string()
         };
+        // Manifests written before the field existed carry Debian's cloud kernel.
+        let kernel = match manifest.get("kernel").and_then(|v| v.as_str()) {
+            Some("runvm") => format!(
+                "runvm's, built from {} {}",
+                field("kernel_package"),
+                field("kernel_package_version")
+            ),
+            _ => format!(
+                "Debian's cloud kernel, {} {}",
+                field("kernel_package"),
+                field("kernel_package_version")
+            ),
+        };
         items.push(item(
             "guest image manifest",
             true,
             format!(
-                "kernel {}, agent {}",
+                "kernel {} ({kernel}), agent {}",
                 field("kernel_release"),
                 field("agent_version")
             ),

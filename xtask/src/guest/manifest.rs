@@ -10,17 +10,42 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Bumped whenever the image layout or the way it is built changes, to force a rebuild.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const VMLINUZ: &str = "vmlinuz";
 pub const INITRD: &str = "initrd.img";
 
+/// Which kernel an image carries (`cargo xtask guest --kernel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelKind {
+    /// runvm's own kernel, built from Debian's kernel source with everything built in.
+    Runvm,
+    /// Debian's cloud kernel package, with the modules the guest needs in the initramfs.
+    DebianCloud,
+}
+
+impl KernelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Runvm => "runvm",
+            KernelKind::DebianCloud => "debian-cloud",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Which kernel: `runvm` (built from `kernel_package`, the source) or `debian-cloud`
+    /// (`kernel_package` is the image package).
+    pub kernel: KernelKind,
     pub kernel_package: String,
     pub kernel_package_version: String,
     pub kernel_release: String,
+    /// The SHA-256 of runvm's configuration fragment (`guest/kernel/runvm.config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_config_sha256: Option<String>,
     pub kernel_sha256: String,
     pub agent_version: String,
     pub agent_sha256: String,
@@ -33,6 +58,9 @@ pub struct Manifest {
 /// What an image is built from; when these are unchanged, so is the image.
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
+    pub kernel: KernelKind,
+    /// For runvm's kernel, its build's cache key (source version, fragment, recipe).
+    pub kernel_build_key: &'a str,
     pub kernel_package: &'a str,
     pub kernel_package_version: &'a str,
     pub agent_sha256: &'a str,
@@ -42,8 +70,10 @@ pub struct Inputs<'a> {
 impl Inputs<'_> {
     pub fn sha256(&self) -> String {
         let text = format!(
-            "format_version={FORMAT_VERSION}\nkernel_package={}\nkernel_package_version={}\n\
-             agent_sha256={}\nmodule_roots={}\n",
+            "format_version={FORMAT_VERSION}\nkernel={}\nkernel_build_key={}\n\
+             kernel_package={}\nkernel_package_version={}\nagent_sha256={}\nmodule_roots={}\n",
+            self.kernel.name(),
+            self.kernel_build_key,
             self.kernel_package,
             self.kernel_package_version,
             self.agent_sha256,
@@ -151,6 +181,8 @@ mod tests {
 
     fn inputs(agent_sha256: &str) -> Inputs<'_> {
         Inputs {
+            kernel: KernelKind::DebianCloud,
+            kernel_build_key: "",
             kernel_package: "linux-image-6.1.0-56-cloud-amd64",
             kernel_package_version: "6.1.192-2",
             agent_sha256,
@@ -164,9 +196,11 @@ mod tests {
         write_atomic(dir, VMLINUZ, b"kernel").unwrap();
         write_atomic(dir, INITRD, b"initrd").unwrap();
         let manifest = Manifest {
+            kernel: KernelKind::DebianCloud,
             kernel_package: "linux-image-6.1.0-56-cloud-amd64".into(),
             kernel_package_version: "6.1.192-2".into(),
             kernel_release: "6.1.0-56-cloud-amd64".into(),
+            kernel_config_sha256: None,
             kernel_sha256: sha256_hex(b"kernel"),
             agent_version: "0.1.0".into(),
             agent_sha256: "aa".into(),
@@ -214,6 +248,12 @@ mod tests {
         let mut other_kernel = inputs("aa");
         other_kernel.kernel_package_version = "6.1.193-1";
         assert!(!is_fresh(dir.path(), &other_kernel.sha256()));
+        let mut other_kernel = inputs("aa");
+        other_kernel.kernel = KernelKind::Runvm;
+        assert!(!is_fresh(dir.path(), &other_kernel.sha256()));
+        let mut other_build = inputs("aa");
+        other_build.kernel_build_key = "k2";
+        assert!(!is_fresh(dir.path(), &other_build.sha256()));
         let mut other_roots = inputs("aa");
         other_roots.module_roots = &["virtio_pci"];
         assert!(!is_fresh(dir.path(), &other_roots.sha256()));
