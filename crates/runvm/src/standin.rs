@@ -223,15 +223,17 @@ pub fn spawn(
     // were allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            for &(from, to) in &moves {
-                // dup2 onto another number: the copy does not close on exec.
-                if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
             for &fd in &cgroup_fds {
                 // "0": the writing process itself.
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // After the cgroup writes: a cgroup descriptor may have a number the hand-off
+            // takes.
+            for &(from, to) in &moves {
+                // dup2 onto another number: the copy does not close on exec.
+                if libc::dup2(from, to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
