@@ -22,21 +22,29 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves port-forward streams on vsock until the agent ends. A listener that cannot be made
 /// is logged: the agent serves without port forwarding.
 pub async fn serve_vsock() {
-    let addr = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, PORT_FORWARD_VSOCK_PORT);
+    accept_vsock(PORT_FORWARD_VSOCK_PORT, "port forwarding", |stream| {
+        tokio::spawn(handle(stream));
+    })
+    .await;
+}
+
+/// Accepts connections on vsock `port` until the agent ends, giving each to `serve`. A
+/// listener that cannot be made is logged (`what` names the feature lost); a failed accept is
+/// retried after 100 ms.
+pub async fn accept_vsock(port: u32, what: &str, mut serve: impl FnMut(tokio_vsock::VsockStream)) {
+    let addr = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, port);
     let listener = match tokio_vsock::VsockListener::bind(addr) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(port = PORT_FORWARD_VSOCK_PORT, error = %e, "no port forwarding: cannot listen on vsock");
+            tracing::error!(port, error = %e, "no {what}: cannot listen on vsock");
             return;
         }
     };
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(handle(stream));
-            }
+            Ok((stream, _)) => serve(stream),
             Err(e) => {
-                tracing::warn!(error = %e, "port-forward accept failed");
+                tracing::warn!(port, error = %e, "{what}: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -141,26 +141,11 @@ impl StreamRegistry {
 /// Serves stdio streams on vsock until the agent ends. A listener that cannot be made is
 /// logged: processes are then reachable only through the stdio RPCs.
 pub async fn serve_vsock(registry: Arc<StreamRegistry>) {
-    let addr = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, STDIO_VSOCK_PORT);
-    let listener = match tokio_vsock::VsockListener::bind(addr) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(port = STDIO_VSOCK_PORT, error = %e, "no stdio streams: cannot listen on vsock");
-            return;
-        }
-    };
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let registry = Arc::clone(&registry);
-                tokio::spawn(async move { receive(&registry, Box::new(stream)).await });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "stdio stream accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    crate::portfwd::accept_vsock(STDIO_VSOCK_PORT, "stdio streams", |stream| {
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move { receive(&registry, Box::new(stream)).await });
+    })
+    .await;
 }
 
 /// Reads a new stream's header and parks it; a stream with a bad or missing header is dropped.
