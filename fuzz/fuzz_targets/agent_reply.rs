@@ -51,9 +51,9 @@ async fn call(agent: &TtrpcAgent, which: u8) {
         4 => drop(agent.stats_container("c1").await),
         5 => drop(agent.list_processes("c1").await),
         6 => drop(agent.wait_process(&init).await),
-        7 => drop(agent.write_stdin(&exec, b"input").await),
-        8 => drop(agent.read_stdout(&init, 4096).await),
-        9 => drop(agent.read_stderr(&exec, 16).await),
+        7 => drop(agent.resume_container("c1").await),
+        8 => drop(agent.wait_process(&exec).await),
+        9 => drop(agent.signal_process(&exec, 9, true).await),
         10 => drop(agent.oom_event().await),
         11 => drop(agent.update_interface(&interface).await),
         12 => drop(agent.list_interfaces().await),
@@ -78,7 +78,19 @@ async fn call(agent: &TtrpcAgent, which: u8) {
                 .await,
         ),
         21 => drop(agent.signal_process(&init, 15, false).await),
-        22 => drop(agent.close_stdin(&exec).await),
+        22 => drop(
+            agent
+                .exec_process(
+                    &exec,
+                    &json!({"args": ["cat"], "cwd": "/", "terminal": true}),
+                    StdioSpec {
+                        terminal: true,
+                        stream_token: Some([7; 16]),
+                        ..StdioSpec::default()
+                    },
+                )
+                .await,
+        ),
         _ => drop(agent.resize_tty(&exec, 24, 80).await),
     }
 }

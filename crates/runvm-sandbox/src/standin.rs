@@ -46,10 +46,52 @@ pub struct Target<'a> {
 /// stdout with a terminal) to `stdout` and `stderr`, through its stdio `streams`; `controls` to
 /// it. Returns its exit code (128+N for signal N), recorded in the container's record.
 /// `sandbox`: the sandbox, if the caller has it open already (its agent connection is used).
+///
+/// The init's stand-in is what callers wait on: `state` reports the container stopped once it
+/// is gone. So it never leaves with the container's VM still running: when the VM dies it
+/// cleans up what is left (exit 137), and when it fails itself (it lost the agent for good, its
+/// records cannot be written), it ends the VM before returning the error.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<I, O, E>(
     config: &Config,
     target: Target<'_>,
+    sandbox: Option<Sandbox>,
+    streams: Streams,
+    stdin: I,
+    stdout: O,
+    stderr: E,
+    controls: mpsc::Receiver<Control>,
+) -> Result<i32, SandboxError>
+where
+    I: AsyncRead + Unpin + Send + 'static,
+    O: AsyncWrite + Unpin + Send,
+    E: AsyncWrite + Unpin + Send,
+{
+    let id = target.id;
+    let sid = match crate::standalone::sandbox_of(config, id) {
+        Ok(sid) => sid,
+        Err(crate::standalone::StandaloneError::Sandbox(e)) => return Err(e),
+        Err(_) => SandboxId::parse(id.as_str())?,
+    };
+    let result = relay_until_exit(
+        config, target, &sid, sandbox, streams, stdin, stdout, stderr, controls,
+    )
+    .await;
+    match result {
+        Err(e) if target.exec_id.is_empty() => {
+            tracing::error!(container = %id, error = %e, "the stand-in lost its container; ending its VM");
+            end_lost_vm(config, &sid).await;
+            Err(e)
+        }
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_until_exit<I, O, E>(
+    config: &Config,
+    target: Target<'_>,
+    sid: &SandboxId,
     sandbox: Option<Sandbox>,
     streams: Streams,
     stdin: I,
@@ -63,19 +105,15 @@ where
     E: AsyncWrite + Unpin + Send,
 {
     let Target { id, exec_id, .. } = target;
-    let sid = match crate::standalone::sandbox_of(config, id) {
-        Ok(sid) => sid,
-        Err(crate::standalone::StandaloneError::Sandbox(e)) => return Err(e),
-        Err(_) => SandboxId::parse(id.as_str())?,
-    };
+    let init = exec_id.is_empty();
     let mut sb = Attached::new(match sandbox {
         Some(sb) => sb,
-        None => open_sandbox(config, &sid)?,
+        None => open_sandbox(config, sid)?,
     });
     // The init's stand-in watches the VM (a handle of its own): the CLI has no other process
     // that would notice QEMU or a helper dying.
-    let watcher = if exec_id.is_empty() {
-        Some(Attached::new(open_sandbox(config, &sid)?))
+    let watcher = if init {
+        Some(Attached::new(open_sandbox(config, sid)?))
     } else {
         None
     };
@@ -84,7 +122,7 @@ where
     let process = sb.process(id, exec_id, None).await?;
     let (stdout, _, first_output) = FirstWrite::new(stdout);
     // The init process's first output goes into the sandbox's timeline, once.
-    let mut first_output = (exec_id.is_empty()).then_some(first_output);
+    let mut first_output = init.then_some(first_output);
     let streams = crate::process::relay(streams, stdin, stdout, stderr);
     tokio::pin!(streams);
     loop {
@@ -111,7 +149,7 @@ where
     }
     // The output has ended: the process has exited or is about to; keep passing signals on
     // while waiting for its status (recorded by the handle).
-    let waited = {
+    let mut waited = {
         let wait = process.wait();
         tokio::pin!(wait);
         loop {
@@ -122,22 +160,24 @@ where
             }
         }
     };
-    let code = match waited {
-        Ok(status) => status.code,
-        Err(e) => {
-            // The agent went away: if the VM died, that is the container's end (killed with
-            // it); give the watcher a moment to see it.
-            if exec_id.is_empty() {
-                if let Ok((watcher, failure)) =
-                    tokio::time::timeout(Duration::from_secs(6), &mut watch).await
-                {
-                    return vm_died(watcher, failure).await;
-                }
+    // The agent connection broke: if the VM died, the watcher says so (the container was
+    // killed with it); otherwise a fresh connection waits again, a few times.
+    let mut attempts = 0;
+    let code = loop {
+        match waited {
+            Ok(status) => break status.code,
+            Err(e) if init && attempts < REWAIT_ATTEMPTS => {
+                attempts += 1;
+                tracing::warn!(error = %e, attempts, "lost the wait for the container's init");
+                waited = tokio::select! {
+                    (watcher, failure) = &mut watch => return vm_died(watcher, failure).await,
+                    r = rewait(&mut sb, id) => r,
+                };
             }
-            return Err(e);
+            Err(e) => return Err(e),
         }
     };
-    if exec_id.is_empty() {
+    if init {
         // The init has exited (its exit is recorded): the VM goes with the last container in
         // it (others may have joined this one's namespaces, or this one another's), and
         // `state` and `delete` work from the records. Each init's stand-in records its exit
@@ -153,6 +193,35 @@ where
         }
     }
     Ok(code)
+}
+
+/// How many times the init's stand-in waits again over a fresh agent connection after the
+/// wait broke while the VM's processes still ran.
+const REWAIT_ATTEMPTS: u32 = 3;
+
+/// Waits again for the init of `id` over a fresh agent connection, after a pause.
+async fn rewait(
+    sb: &mut Sandbox,
+    id: &ContainerId,
+) -> Result<crate::agent::ExitStatus, SandboxError> {
+    tokio::time::sleep(WATCH_INTERVAL).await;
+    sb.forget_agent();
+    sb.process(id, "", None).await?.wait().await
+}
+
+/// Ends the VM of sandbox `sid` after its init's stand-in failed: without the stand-in the
+/// container counts as stopped, so nothing of it may keep running. Best effort, logged.
+async fn end_lost_vm(config: &Config, sid: &SandboxId) {
+    match open_sandbox(config, sid) {
+        Ok(mut sb) => {
+            if let Err(e) = sb.kill().await {
+                tracing::error!(sandbox = %sid, error = %e, "cannot end the VM");
+            }
+        }
+        Err(e) => {
+            tracing::error!(sandbox = %sid, error = %e, "cannot open the sandbox to end its VM")
+        }
+    }
 }
 
 /// Whether every container of the sandbox has stopped (read afresh).

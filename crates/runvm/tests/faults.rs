@@ -299,7 +299,6 @@ fn reap(pid: u32, timeout: Duration) -> Option<i32> {
 }
 
 #[test]
-#[ignore = "known defect under load (CI, 2026-12-02): after a helper's or QEMU's death the other VM processes may be left running; to fix first in issue #14's next session"]
 fn a_dead_helper_or_qemu_stops_the_container_with_137_and_leaves_nothing() {
     become_subreaper();
     let host = Host::new();
@@ -307,6 +306,11 @@ fn a_dead_helper_or_qemu_stops_the_container_with_137_and_leaves_nothing() {
         let id = format!("v-{victim}");
         let standin = run_detached(&host, &id, &["sh", "-c", "echo up; exec sleep 600"]);
         let run_dir = host.root.join(&id).join("vm");
+        // What the stand-in said (its stderr is the container's), for the failures below.
+        let said = || {
+            std::fs::read_to_string(host.dir.path().join(format!("{id}.err"))).unwrap_or_default()
+        };
+        assert_eq!(host.state(&id)["status"], "running", "{victim}: {}", said());
         let rec = record(&host, &id);
         let Some(pid) = rec["vm"]["processes"]
             .as_array()
@@ -332,8 +336,10 @@ fn a_dead_helper_or_qemu_stops_the_container_with_137_and_leaves_nothing() {
                     // on a loaded CI host the stand-in's clean-up has taken more than 10 s).
                     wait_for(Duration::from_secs(30), || processes_under(&run_dir)
                         .is_empty()),
-                    "{victim}: stopped but VM processes remain: {:?}",
-                    processes_under(&run_dir)
+                    "{victim}: stopped but VM processes remain: {:?}; stand-in alive: {}; it said: {}",
+                    processes_under(&run_dir),
+                    Path::new(&format!("/proc/{standin}")).exists(),
+                    said()
                 );
                 break;
             }
@@ -343,7 +349,8 @@ fn a_dead_helper_or_qemu_stops_the_container_with_137_and_leaves_nothing() {
         assert_eq!(
             reap(standin, Duration::from_secs(30)),
             Some(137),
-            "{victim}: the stand-in reports the container killed"
+            "{victim}: the stand-in reports the container killed; it said: {}",
+            said()
         );
         assert_eq!(host.state(&id)["status"], "stopped");
         let del = host.run(&["delete", &id]);

@@ -464,6 +464,12 @@ impl Sandbox {
         Ok(agent)
     }
 
+    /// Drops the agent connection, if any: the next call connects afresh (after the
+    /// connection broke).
+    pub fn forget_agent(&mut self) {
+        self.agent = None;
+    }
+
     fn vm_up(&self) -> bool {
         !matches!(self.record.state, State::Stopped)
     }
