@@ -6,6 +6,7 @@
 mod boot;
 mod cli;
 mod containerd;
+mod cri;
 mod floor;
 mod procs;
 mod report;
@@ -33,6 +34,9 @@ pub enum Bench {
     Cold,
     /// `ctr run --rm` through runvm's shim against runc's.
     Ctr,
+    /// The CRI path (the kubelet's): run a pod, start a container in it, stop the pod; runvm's
+    /// and runc's runtime handlers.
+    Cri,
     /// QEMU booting the kernel into an init that powers off at once.
     Floor,
     /// `exec true` into a running container.

@@ -8,6 +8,7 @@ use anyhow::{anyhow, ensure, Result};
 
 use super::cli::{Cli, Runtime};
 use super::containerd::{Containerd, RUNC_SHIM, RUNVM_SHIM};
+use super::cri;
 use super::floor::Floor;
 use super::procs::Memory;
 use super::report::{self, Metric, Results};
@@ -16,6 +17,9 @@ use super::{breakdown, mib, ratio, times, write_config, Bench, Setup};
 const COLD: &str = "cold start to workload";
 const CTR: &str = "cold start: ctr run --rm";
 const EXEC: &str = "exec latency";
+const CRI_RUN: &str = "CRI: run a pod";
+const CRI_START: &str = "CRI: start a container in a running pod";
+const CRI_STOP: &str = "CRI: stop a pod";
 const MEM: &str = "host memory per idle pod (PSS)";
 const TP: &str = "stdout throughput";
 const DENSITY: &str = "density";
@@ -85,6 +89,9 @@ impl Setup {
         }
         if self.wants(Bench::Ctr) {
             metrics.extend(self.ctr());
+        }
+        if self.wants(Bench::Cri) {
+            metrics.extend(self.cri());
         }
         if self.wants(Bench::Exec) {
             metrics.extend(self.exec());
@@ -175,6 +182,52 @@ impl Setup {
             Metric::new(CTR, "runvm shim", "ms", self.accel(), vm),
             Metric::new(CTR, "runc shim", "ms", "host", rc),
         ]
+    }
+
+    fn cri(&self) -> Vec<Metric> {
+        let k = self.k();
+        eprintln!("==> CRI: run a pod, start a container in it, stop it; runvm and runc, {k} each");
+        let config = self.work.join("cri-runvm.toml");
+        let logs = self.work.join("cri-logs");
+        let ctd = write_config(&self.base, &self.work.join("cri-state"), &config)
+            .and_then(|()| std::fs::create_dir_all(&logs).map_err(Into::into))
+            .and_then(|()| {
+                Containerd::start_cri(
+                    &self.work.join("cri"),
+                    &self.shim,
+                    &config,
+                    "runvmbench0",
+                    "10.231.78.0/24",
+                )
+            });
+        let (vm, rc) = match &ctd {
+            Ok(c) => (
+                cri::rounds(c.socket(), "runvm", k, &logs),
+                cri::rounds(c.socket(), "runc", k, &logs),
+            ),
+            Err(e) => (Err(anyhow!("{e:#}")), Err(anyhow!("{e:#}"))),
+        };
+        drop(ctd);
+        let split = |r: &Result<cri::Rounds>, pick: fn(&cri::Rounds) -> &Vec<f64>| match r {
+            Ok(r) => Ok(pick(r).clone()),
+            Err(e) => Err(anyhow!("{e:#}")),
+        };
+        let mut rows = Vec::new();
+        let groups: [(&str, fn(&cri::Rounds) -> &Vec<f64>); 3] = [
+            (CRI_RUN, |r| &r.run_pod),
+            (CRI_START, |r| &r.start_container),
+            (CRI_STOP, |r| &r.stop_pod),
+        ];
+        for (group, pick) in groups {
+            let mut row = Metric::new(group, "runvm", "ms", self.accel(), split(&vm, pick));
+            let runc = Metric::new(group, "runc", "ms", "host", split(&rc, pick));
+            if let Some(r) = ratio(&row, &runc) {
+                row.note = Some(format!("{r:.1}x runc"));
+            }
+            rows.push(row);
+            rows.push(runc);
+        }
+        rows
     }
 
     fn exec(&self) -> Vec<Metric> {
