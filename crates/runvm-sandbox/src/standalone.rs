@@ -687,6 +687,13 @@ pub async fn delete(config: &Config, id: &ContainerId, force: bool) -> Result<()
     if force {
         return force_delete(config, id).await;
     }
+    // The stand-in of a container that exited may still be stopping its VM (after it
+    // reported the exit): the VM is gone once that ends.
+    let sid = sandbox_of(config, id)?;
+    let store = Store::new(config.runtime.root.clone());
+    if let Err(e) = store.wait_teardown(&sid, TEARDOWN_WAIT) {
+        tracing::warn!(sandbox = %sid, error = %e, "the VM's teardown did not end; deleting it here");
+    }
     let (sb, st) = open(config, id)?;
     if st.status != "stopped" {
         return Err(StandaloneError::NotStopped {
@@ -736,6 +743,12 @@ fn remove_member_link(config: &Config, id: &ContainerId) -> Result<(), Standalon
     }
 }
 
+/// How long `delete` waits for a VM teardown in progress (an exited container's stand-in
+/// stopping its VM) before doing it itself.
+const TEARDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The same for `delete --force`, which kills whatever is left anyway.
+const FORCED_TEARDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Removes container `id` whatever state it is in, as `delete --force`: its stand-in and its
 /// VM's processes are killed (each checked to be what the records say), its pod network,
 /// mounts and files removed, also when its records are torn, unreadable or from a newer
@@ -753,6 +766,9 @@ pub async fn force_delete(config: &Config, id: &ContainerId) -> Result<(), Stand
     }
     kill_standin(config, id);
     let store = Store::new(config.runtime.root.clone());
+    if let Err(e) = store.wait_teardown(&sid, FORCED_TEARDOWN_WAIT) {
+        tracing::debug!(sandbox = %sid, error = %e, "purging during a teardown");
+    }
     let purged = crate::sandbox::purge(&store, &sid, config).await;
     for member in &members {
         remove_member_link(config, member)?;

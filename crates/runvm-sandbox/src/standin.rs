@@ -61,7 +61,7 @@ pub async fn relay<I, O, E>(
     stdout: O,
     stderr: E,
     controls: mpsc::Receiver<Control>,
-) -> Result<i32, SandboxError>
+) -> Result<Ended, SandboxError>
 where
     I: AsyncRead + Unpin + Send + 'static,
     O: AsyncWrite + Unpin + Send,
@@ -98,7 +98,7 @@ async fn relay_until_exit<I, O, E>(
     stdout: O,
     stderr: E,
     mut controls: mpsc::Receiver<Control>,
-) -> Result<i32, SandboxError>
+) -> Result<Ended, SandboxError>
 where
     I: AsyncRead + Unpin + Send + 'static,
     O: AsyncWrite + Unpin + Send,
@@ -133,7 +133,7 @@ where
                 }
                 break;
             }
-            (watcher, failure) = &mut watch => return vm_died(watcher, failure).await,
+            (watcher, failure) = &mut watch => return Ok(Ended::code(vm_died(watcher, failure).await)),
             Some(control) = controls.recv() => pass_on(&process, control).await,
             told = async { first_output.as_mut().expect("guarded").await },
                 if first_output.is_some() =>
@@ -155,7 +155,7 @@ where
         loop {
             tokio::select! {
                 status = &mut wait => break status,
-                (watcher, failure) = &mut watch => return vm_died(watcher, failure).await,
+                (watcher, failure) = &mut watch => return Ok(Ended::code(vm_died(watcher, failure).await)),
                 Some(control) = controls.recv() => pass_on(&process, control).await,
             }
         }
@@ -170,29 +170,103 @@ where
                 attempts += 1;
                 tracing::warn!(error = %e, attempts, "lost the wait for the container's init");
                 waited = tokio::select! {
-                    (watcher, failure) = &mut watch => return vm_died(watcher, failure).await,
+                    (watcher, failure) = &mut watch => return Ok(Ended::code(vm_died(watcher, failure).await)),
                     r = rewait(&mut sb, id) => r,
                 };
             }
             Err(e) => return Err(e),
         }
     };
-    if init {
-        // The init has exited (its exit is recorded): the VM goes with the last container in
-        // it (others may have joined this one's namespaces, or this one another's), and
-        // `state` and `delete` work from the records. Each init's stand-in records its exit
-        // before it looks, so the last one to exit sees every container stopped.
-        match all_stopped(&mut sb) {
-            Ok(true) => {
-                if let Err(e) = sb.stop().await {
-                    tracing::warn!(error = %e, "stopping the VM after the container's exit");
-                }
+    if !init {
+        return Ok(Ended::code(code));
+    }
+    // The init has exited (its exit is recorded): the VM goes with the last container in it
+    // (others may have joined this one's namespaces, or this one another's), and `state` and
+    // `delete` work from the records. Each init's stand-in records its exit before it looks,
+    // so the last one to exit sees every container stopped. The VM is handed back marked
+    // (the caller stops it, here or in a process of its own, after reporting the exit).
+    let idle_vm = match all_stopped(&mut sb) {
+        Ok(true) => match sb.hold_teardown() {
+            Ok(mark) => Some(IdleVm {
+                sandbox: sid.clone(),
+                mark,
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, "another process tears the VM down");
+                None
             }
-            Ok(false) => tracing::debug!(container = %id, "other containers still use the VM"),
-            Err(e) => tracing::warn!(error = %e, "cannot tell whether the VM is still in use"),
+        },
+        Ok(false) => {
+            tracing::debug!(container = %id, "other containers still use the VM");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether the VM is still in use");
+            None
+        }
+    };
+    Ok(Ended { code, idle_vm })
+}
+
+/// How a stand-in's process ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// Its exit code (128+N for signal N; 137 when its VM died).
+    pub code: i32,
+    /// The VM, when this was the last container running in it: to stop.
+    pub idle_vm: Option<IdleVm>,
+}
+
+impl Ended {
+    fn code(code: i32) -> Ended {
+        Ended {
+            code,
+            idle_vm: None,
         }
     }
-    Ok(code)
+}
+
+/// A VM whose containers have all stopped, marked as being torn down
+/// ([`Store::hold_teardown`](crate::store::Store::hold_teardown)) for as long as this (or a
+/// process that inherited [`IdleVm::mark`]) lives: `delete` waits for the teardown rather than
+/// racing it, and a crash in between leaves the records for `delete` to finish the work.
+#[derive(Debug)]
+pub struct IdleVm {
+    sandbox: SandboxId,
+    mark: crate::store::SandboxLock,
+}
+
+impl IdleVm {
+    /// The VM's sandbox.
+    pub fn sandbox(&self) -> &SandboxId {
+        &self.sandbox
+    }
+
+    /// The teardown mark: a process that inherits it holds the mark until it exits.
+    pub fn mark(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.mark)
+    }
+
+    /// Stops the VM in this process ([`stop_idle_vm`]); the mark goes once it is stopped.
+    pub async fn stop(self, config: &Config) {
+        if let Err(e) = stop_idle_vm(config, &self.sandbox).await {
+            tracing::warn!(sandbox = %self.sandbox, error = %e, "stopping the VM after the container's exit");
+        }
+        drop(self.mark);
+    }
+}
+
+/// Stops the VM of sandbox `sid` once its containers have all stopped (checked again: one may
+/// have joined it since): the guest powers off, QEMU and its helpers end; the records stay for
+/// `state` and `delete`. The caller holds the teardown mark.
+pub async fn stop_idle_vm(config: &Config, sid: &SandboxId) -> Result<(), SandboxError> {
+    let mut sb = Attached::new(open_sandbox(config, sid)?);
+    if all_stopped(&mut sb)? {
+        sb.stop().await?;
+    } else {
+        tracing::debug!(sandbox = %sid, "a container joined the VM: it stays");
+    }
+    Ok(())
 }
 
 /// How many times the init's stand-in waits again over a fresh agent connection after the
@@ -253,11 +327,11 @@ async fn watch_vm(watcher: Option<Attached>) -> (Attached, VmFailure) {
 
 /// After the VM died under a running container: what is left of it is stopped and removed,
 /// the container's exit recorded as killed (137), which the stand-in exits with.
-async fn vm_died(mut watcher: Attached, failure: VmFailure) -> Result<i32, SandboxError> {
+async fn vm_died(mut watcher: Attached, failure: VmFailure) -> i32 {
     if let Err(e) = watcher.handle_vm_failure(&failure).await {
         tracing::warn!(error = %e, "cleaning up after the VM");
     }
-    Ok(KILLED_EXIT_STATUS)
+    KILLED_EXIT_STATUS
 }
 
 async fn pass_on(process: &Process, control: Control) {

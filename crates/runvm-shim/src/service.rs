@@ -67,6 +67,9 @@ pub struct Inner {
     pub vm_pid: AtomicU32,
     /// The monitor and the OOM listener.
     pub background: StdMutex<Vec<JoinHandle<()>>>,
+    /// The sandbox's teardown, running behind the answer to the Delete that ended it; the
+    /// shim exits only after it.
+    pub teardown: StdMutex<Option<JoinHandle<()>>>,
 }
 
 impl Inner {
@@ -186,6 +189,42 @@ impl Inner {
     }
 
     /// Stops the monitor and the OOM listener.
+    /// Tears sandbox `sb` down in the background (see [`Inner::teardown`]): its VM stopped, its
+    /// records, mounts and network removed. Marked in its records first (refused if that
+    /// fails, with nothing changed).
+    pub fn tear_down(&self, mut sb: Sandbox) -> Result<()> {
+        let mark = sb.hold_teardown().map_err(ShimError::sandbox(format!(
+            "tearing down sandbox {}",
+            sb.id()
+        )))?;
+        let handle = tokio::spawn(async move {
+            let _mark = mark;
+            let id = sb.id().clone();
+            if let Err(e) = sb.delete(true).await {
+                tracing::error!(sandbox = %id, error = %e, "deleting the sandbox VM failed; ending it by force");
+                if let Err(e) = sb.kill().await {
+                    tracing::error!(sandbox = %id, error = %e, "cannot end the sandbox VM");
+                }
+            }
+        });
+        *self.teardown.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    /// Waits for the sandbox's teardown, if one runs.
+    pub async fn finish_teardown(&self) {
+        let handle = self
+            .teardown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            if let Err(e) = handle.await {
+                tracing::error!(error = %e, "the sandbox teardown task failed");
+            }
+        }
+    }
+
     pub fn stop_background(&self) {
         for t in self
             .background

@@ -124,10 +124,14 @@ impl Shim for RunvmShim {
                 containers: StdMutex::new(Default::default()),
                 vm_pid: AtomicU32::new(0),
                 background: StdMutex::new(Vec::new()),
+                teardown: StdMutex::new(None),
             }),
         }
     }
 }
+
+/// How long `shim delete` waits for a teardown in progress before it purges the sandbox.
+const TEARDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// After a dead shim: the container goes from its sandbox; a sandbox container takes its VM
 /// (QEMU, helpers, mounts, files) with it. Nothing there is fine.
@@ -146,7 +150,11 @@ async fn cleanup(id: &str, bundle: &Path) -> Result<(), SandboxError> {
     if sandbox == id {
         // containerd gives `shim delete` a few seconds: no grace, the VM goes at once, in
         // whatever state the dead shim left it (mid-boot, torn records: purge trusts none).
+        // A shim still tearing the VM down behind its last answer is given a moment first.
         let store = Store::new(config.runtime.root.clone());
+        if let Err(e) = store.wait_teardown(&sid, TEARDOWN_WAIT) {
+            tracing::warn!(sandbox = %sid, error = %e, "a teardown in progress did not end: purging");
+        }
         return match purge(&store, &sid, &config).await {
             Ok(report) => {
                 if let Some(reason) = report.unreadable {

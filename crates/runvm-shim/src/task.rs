@@ -218,7 +218,17 @@ impl TaskService {
         })?;
         {
             let mut guard = inner.sandbox.lock().await;
-            if let Some(sb) = guard.as_mut() {
+            if guard.as_ref().is_some_and(|sb| sb.id().as_str() == req.id) {
+                // The pod's sandbox container (or a standalone one): its exit is recorded and
+                // the VM goes with it. The answer does not wait for the power-off: once the
+                // workload is gone, the VM, its helpers, mounts and records go behind it (the
+                // teardown mark makes `shim delete` wait for it; a crash in between leaves the
+                // records for `shim delete` to purge).
+                inner.stop_background();
+                if let Some(sb) = guard.take() {
+                    inner.tear_down(sb)?;
+                }
+            } else if let Some(sb) = guard.as_mut() {
                 match sb.delete_container(&cid, true).await {
                     Ok(()) => {}
                     Err(e) if e.is_not_found() => {}
@@ -228,15 +238,6 @@ impl TaskService {
                             source: Box::new(e),
                         })
                     }
-                }
-                if sb.id().as_str() == req.id {
-                    // The pod's sandbox container (or a standalone one): the VM goes with it.
-                    inner.stop_background();
-                    sb.delete(true).await.map_err(ShimError::sandbox(format!(
-                        "deleting the sandbox VM {}",
-                        req.id
-                    )))?;
-                    *guard = None;
                 }
             }
         }
@@ -313,12 +314,22 @@ impl TaskService {
             ShimError::InvalidArgument(format!("signal {} is out of range", req.signal))
         })?;
         let mut sb = self.inner.sandbox().await?;
-        sb.signal(&cid, &req.exec_id, signal, req.all)
-            .await
-            .map_err(ShimError::sandbox(format!(
+        match sb.signal(&cid, &req.exec_id, signal, req.all).await {
+            Ok(()) => Ok(()),
+            // Its exit is recorded but not yet seen here: as runc's shim, "already finished"
+            // (containerd's stop paths ignore NotFound).
+            Err(runvm_sandbox::SandboxError::WrongState {
+                state: runvm_sandbox::state::State::Stopped,
+                ..
+            }) => Err(ShimError::NotFound(format!(
+                "process {:?} of container {}: process already finished",
+                req.exec_id, req.id
+            ))),
+            Err(e) => Err(ShimError::sandbox(format!(
                 "sending signal {} to container {}",
                 req.signal, req.id
-            )))
+            ))(e)),
+        }
     }
 
     async fn set_paused(&self, id: &str, pause: bool) -> Result<()> {
@@ -573,8 +584,12 @@ impl Task for TaskService {
 
     async fn shutdown(&self, _: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         if self.inner.ctrs().is_empty() {
-            tracing::info!("no container left; the shim exits");
-            self.inner.exit.0.signal();
+            tracing::info!("no container left; the shim exits once the VM is gone");
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(async move {
+                inner.finish_teardown().await;
+                inner.exit.0.signal();
+            });
         }
         Ok(Empty::new())
     }

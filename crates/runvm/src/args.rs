@@ -270,6 +270,12 @@ pub enum Command {
         /// The container id.
         id: String,
     },
+    /// Stops an exited container's VM (internal: started by its stand-in).
+    #[command(name = "__teardown", hide = true)]
+    Teardown {
+        /// The sandbox id.
+        sandbox: String,
+    },
 }
 
 /// Options of `exec`.

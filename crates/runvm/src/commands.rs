@@ -86,6 +86,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             standin::main(c, &id, &exec, terminal, handoff)
         }
+        Command::Teardown { sandbox } => standin::teardown_main(c, &sandbox),
     }
 }
 

@@ -40,7 +40,10 @@ fn main() -> ExitCode {
     } else {
         cli.global.log_level.as_str()
     };
-    let quiet = matches!(cli.command, Command::Standin { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Standin { .. } | Command::Teardown { .. }
+    );
     logging::init(
         cli.global.log.as_deref(),
         cli.global.log_format,

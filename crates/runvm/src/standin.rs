@@ -17,7 +17,7 @@ use runvm_sandbox::config::Config;
 use runvm_sandbox::process::Streams;
 use runvm_sandbox::sandbox::ExecRequest;
 use runvm_sandbox::standalone;
-use runvm_sandbox::standin::{relay, Control, Target};
+use runvm_sandbox::standin::{relay, Control, IdleVm, Target};
 use runvm_sandbox::state::StdioRecord;
 use runvm_sandbox::ContainerId;
 use tokio::sync::mpsc;
@@ -407,7 +407,7 @@ pub fn main(
         else {
             return anyhow::Ok(crate::ops::EXEC_FAILED_STATUS as i32);
         };
-        let code = relay(
+        let ended = relay(
             config,
             Target {
                 id: &id,
@@ -422,11 +422,78 @@ pub fn main(
             rx,
         )
         .await?;
-        anyhow::Ok(code)
+        // The exit is recorded: whoever waits on this process learns it now, while a process
+        // of its own stops the VM (holding the teardown mark `delete` waits for).
+        if let Some(vm) = ended.idle_vm {
+            if let Err(e) = spawn_teardown(&vm) {
+                tracing::warn!(error = %format!("{e:#}"), "stopping the VM here instead");
+                vm.stop(config).await;
+            }
+        }
+        anyhow::Ok(ended.code)
     });
     // The stdin relay may sit in a blocking read: do not wait for it.
     runtime.shutdown_background();
     Ok(ExitCode::from(code?.clamp(0, 255) as u8))
+}
+
+/// Starts `runvm __teardown` for `vm` in a session of its own, detached (stdio on
+/// /dev/null), with the stand-in's global options and the teardown mark as its fd 3.
+fn spawn_teardown(vm: &IdleVm) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find runvm's own binary")?;
+    // The global options are this stand-in's own, up to its command.
+    let global: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "__standin")
+        .collect();
+    let mark = nix::fcntl::fcntl(
+        vm.mark().as_raw_fd(),
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10),
+    )
+    .context("cannot pass on the teardown mark")?;
+    // SAFETY: F_DUPFD_CLOEXEC just made this fd; nothing else owns it.
+    let mark = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(mark) };
+    let raw = mark.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(global)
+        .arg("__teardown")
+        .arg(vm.sandbox().as_str())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and calls only setsid(2)
+    // and dup2(2), both async-signal-safe; `raw` stays open in the parent until the spawn
+    // returned (`mark` is dropped after it).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            // dup2 leaves the new fd open across exec.
+            nix::unistd::dup2(raw, TEARDOWN_MARK_FD)?;
+            Ok(())
+        });
+    }
+    cmd.spawn().context("cannot start the VM's teardown")?;
+    drop(mark);
+    Ok(())
+}
+
+/// Where `__teardown` finds the teardown mark.
+const TEARDOWN_MARK_FD: i32 = 3;
+
+/// The `__teardown` command: stops the VM of sandbox `sandbox` (its containers have all
+/// exited), holding the teardown mark it inherited at fd 3 until done.
+pub fn teardown_main(config: &Config, sandbox: &str) -> Result<ExitCode> {
+    let sid = runvm_sandbox::SandboxId::parse(sandbox)?;
+    let mark = inherited(TEARDOWN_MARK_FD)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(runvm_sandbox::standin::stop_idle_vm(config, &sid));
+    drop(mark);
+    result.with_context(|| format!("cannot stop the VM of {sid}"))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn window_size() -> Option<(u32, u32)> {

@@ -387,16 +387,30 @@ fn an_exited_container_holds_no_vm_and_delete_force_ends_a_running_exec() {
     assert!(reap(standin, Duration::from_secs(10)).is_some());
     assert!(processes_under(&run_dir).is_empty());
 
-    // A container whose init exits gives its VM back at once; state and delete still work.
+    // A container whose init exits gives its VM back: its stand-in reports the exit at once
+    // and the VM powers off behind it; state and delete still work.
     let standin = run_detached(&host, "e2", &["sh", "-c", "exit 7"]);
     let run_dir: PathBuf = host.root.join("e2").join("vm");
     assert_eq!(reap(standin, Duration::from_secs(30)), Some(7));
+    assert_eq!(host.state("e2")["status"], "stopped");
     assert!(
-        processes_under(&run_dir).is_empty(),
+        wait_for(Duration::from_secs(15), || processes_under(&run_dir)
+            .is_empty()),
         "the VM of a stopped container still runs: {:?}",
         processes_under(&run_dir)
     );
-    assert_eq!(host.state("e2")["status"], "stopped");
     assert!(host.run(&["delete", "e2"]).status.success());
+    // `delete` right after the exit, while the VM may still be powering off: it waits for
+    // that, and nothing is left when it returns.
+    let standin = run_detached(&host, "e3", &["sh", "-c", "exit 3"]);
+    let run_dir: PathBuf = host.root.join("e3").join("vm");
+    assert_eq!(reap(standin, Duration::from_secs(30)), Some(3));
+    let del = host.run(&["delete", "e3"]);
+    assert!(del.status.success(), "{}", text(&del.stderr));
+    assert!(
+        processes_under(&run_dir).is_empty(),
+        "delete returned with the VM running: {:?}",
+        processes_under(&run_dir)
+    );
     host.assert_nothing_left();
 }

@@ -200,6 +200,7 @@ fn write_cri_config(ctd: &Path, bridge: &str, subnet: &str) -> Result<()> {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        let _ = std::fs::copy(self.dir.join("containerd.log"), "/tmp/ctd-debug.log");
         let _ = Command::new(script("containerd-env.sh"))
             .arg("stop")
             .arg(&self.dir)

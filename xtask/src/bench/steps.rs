@@ -208,12 +208,13 @@ impl Setup {
             Err(e) => (Err(anyhow!("{e:#}")), Err(anyhow!("{e:#}"))),
         };
         drop(ctd);
-        let split = |r: &Result<cri::Rounds>, pick: fn(&cri::Rounds) -> &Vec<f64>| match r {
+        type Pick = fn(&cri::Rounds) -> &Vec<f64>;
+        let split = |r: &Result<cri::Rounds>, pick: Pick| match r {
             Ok(r) => Ok(pick(r).clone()),
             Err(e) => Err(anyhow!("{e:#}")),
         };
         let mut rows = Vec::new();
-        let groups: [(&str, fn(&cri::Rounds) -> &Vec<f64>); 3] = [
+        let groups: [(&str, Pick); 3] = [
             (CRI_RUN, |r| &r.run_pod),
             (CRI_START, |r| &r.start_container),
             (CRI_STOP, |r| &r.stop_pod),

@@ -464,6 +464,13 @@ impl Sandbox {
         Ok(agent)
     }
 
+    /// Marks the sandbox as being torn down by this process until the returned lock is
+    /// dropped ([`Store::hold_teardown`](crate::store::Store::hold_teardown)): another
+    /// process's clean-up waits for it rather than racing it.
+    pub fn hold_teardown(&self) -> Result<crate::store::SandboxLock, SandboxError> {
+        Ok(self.store.hold_teardown(&self.record.id)?)
+    }
+
     /// Drops the agent connection, if any: the next call connects afresh (after the
     /// connection broke).
     pub fn forget_agent(&mut self) {

@@ -55,6 +55,14 @@ pub struct SandboxLock {
     mode: LockMode,
 }
 
+/// The locked file: a child process that inherits it holds the lock too (`flock` locks
+/// belong to the open file, not the process), until every copy is closed.
+impl std::os::fd::AsFd for SandboxLock {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl SandboxLock {
     /// The sandbox locked.
     pub fn id(&self) -> &SandboxId {

@@ -69,6 +69,9 @@ use lock::Wait;
 pub const SANDBOX_FILE: &str = "sandbox.json";
 /// The lock file in the sandbox folder.
 pub const LOCK_FILE: &str = "lock";
+/// The file a process holds locked while it tears the sandbox down behind an answer it gave
+/// already (see [`Store::hold_teardown`]).
+pub const TEARDOWN_FILE: &str = "teardown";
 /// The folder of container folders in the sandbox folder.
 pub const CONTAINERS_DIR: &str = "containers";
 /// The container record's file in the container folder.
@@ -191,6 +194,50 @@ impl Store {
     /// The lock file of sandbox `id`.
     pub fn lock_path(&self, id: &SandboxId) -> PathBuf {
         self.sandbox_dir(id).join(LOCK_FILE)
+    }
+
+    /// Marks sandbox `id` as being torn down by this process until the returned lock is
+    /// dropped: [`Store::wait_teardown`] in another process waits for it. The sandbox's record
+    /// stays meanwhile, so a crash in between leaves it for `delete --force` to find.
+    pub fn hold_teardown(&self, id: &SandboxId) -> Result<SandboxLock, StoreError> {
+        let path = self.sandbox_dir(id).join(TEARDOWN_FILE);
+        match fsio::create_private_file(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::SandboxNotFound {
+                    id: id.clone(),
+                    root: self.root.clone(),
+                })
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    action: "create the teardown file",
+                    path,
+                    source,
+                })
+            }
+        }
+        SandboxLock::acquire(id, &self.root, path, LockMode::Exclusive, Wait::No)
+    }
+
+    /// Waits up to `timeout` for a teardown of sandbox `id` by another process
+    /// ([`Store::hold_teardown`]) to end; at once when none runs or the sandbox is gone.
+    pub fn wait_teardown(&self, id: &SandboxId, timeout: Duration) -> Result<(), StoreError> {
+        let path = self.sandbox_dir(id).join(TEARDOWN_FILE);
+        if !path.exists() {
+            return Ok(());
+        }
+        match SandboxLock::acquire(
+            id,
+            &self.root,
+            path,
+            LockMode::Shared,
+            Wait::Timeout(timeout),
+        ) {
+            Ok(_) | Err(StoreError::SandboxNotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The folder of container `id` of sandbox `sandbox`.

@@ -693,3 +693,40 @@ fn a_root_others_can_change_is_refused_by_name() {
         .to_string()
         .contains("not a folder"));
 }
+
+#[test]
+fn a_teardown_in_progress_is_waited_for_and_a_finished_one_is_not() {
+    let (_t, store) = new_store();
+    let pod = sample_sandbox("pod");
+    drop(store.create_sandbox(&pod).unwrap());
+    // No teardown: no wait.
+    store
+        .wait_teardown(&pod.id, Duration::from_millis(1))
+        .unwrap();
+    let held = store.hold_teardown(&pod.id).unwrap();
+    // A second holder is refused at once; a waiter times out naming the file.
+    assert!(matches!(
+        store.hold_teardown(&pod.id),
+        Err(StoreError::LockBusy { .. })
+    ));
+    match store.wait_teardown(&pod.id, Duration::from_millis(50)) {
+        Err(StoreError::LockTimeout { path, .. }) => assert!(path.ends_with(TEARDOWN_FILE)),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // The holder removes the sandbox, then lets go: the waiter returns once it has.
+    let waiter = {
+        let store = store.clone();
+        let id = pod.id.clone();
+        std::thread::spawn(move || store.wait_teardown(&id, Duration::from_secs(10)))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!waiter.is_finished());
+    let lock = store.lock_exclusive(&pod.id).unwrap();
+    store.remove_sandbox(lock).unwrap();
+    drop(held);
+    waiter.join().unwrap().unwrap();
+    // A sandbox that is gone has no teardown to wait for.
+    store
+        .wait_teardown(&pod.id, Duration::from_millis(1))
+        .unwrap();
+}
