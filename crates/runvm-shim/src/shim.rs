@@ -130,9 +130,6 @@ impl Shim for RunvmShim {
     }
 }
 
-/// How long `shim delete` waits for a teardown in progress before it purges the sandbox.
-const TEARDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// After a dead shim: the container goes from its sandbox; a sandbox container takes its VM
 /// (QEMU, helpers, mounts, files) with it. Nothing there is fine.
 async fn cleanup(id: &str, bundle: &Path) -> Result<(), SandboxError> {
@@ -150,10 +147,14 @@ async fn cleanup(id: &str, bundle: &Path) -> Result<(), SandboxError> {
     if sandbox == id {
         // containerd gives `shim delete` a few seconds: no grace, the VM goes at once, in
         // whatever state the dead shim left it (mid-boot, torn records: purge trusts none).
-        // A shim still tearing the VM down behind its last answer is given a moment first.
+        // A shim still tearing the VM down behind its last answer (containerd calls this as
+        // soon as that shim's connection closes) finishes the work itself: waiting for it
+        // here would put the power-off back on StopPodSandbox's path. Its records stay until
+        // it is done, for a later `delete --force` should it die meanwhile.
         let store = Store::new(config.runtime.root.clone());
-        if let Err(e) = store.wait_teardown(&sid, TEARDOWN_WAIT) {
-            tracing::warn!(sandbox = %sid, error = %e, "a teardown in progress did not end: purging");
+        if store.teardown_in_progress(&sid) {
+            tracing::info!(sandbox = %sid, "the sandbox's shim is tearing it down");
+            return Ok(());
         }
         return match purge(&store, &sid, &config).await {
             Ok(report) => {

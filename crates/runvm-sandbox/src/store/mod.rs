@@ -240,6 +240,16 @@ impl Store {
         }
     }
 
+    /// Whether another live process tears sandbox `id` down now ([`Store::hold_teardown`]).
+    pub fn teardown_in_progress(&self, id: &SandboxId) -> bool {
+        let path = self.sandbox_dir(id).join(TEARDOWN_FILE);
+        path.exists()
+            && matches!(
+                SandboxLock::acquire(id, &self.root, path, LockMode::Shared, Wait::No),
+                Err(StoreError::LockBusy { .. })
+            )
+    }
+
     /// The folder of container `id` of sandbox `sandbox`.
     pub fn container_dir(&self, sandbox: &SandboxId, id: &ContainerId) -> PathBuf {
         self.sandbox_dir(sandbox)

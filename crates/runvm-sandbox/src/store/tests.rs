@@ -703,7 +703,9 @@ fn a_teardown_in_progress_is_waited_for_and_a_finished_one_is_not() {
     store
         .wait_teardown(&pod.id, Duration::from_millis(1))
         .unwrap();
+    assert!(!store.teardown_in_progress(&pod.id));
     let held = store.hold_teardown(&pod.id).unwrap();
+    assert!(store.teardown_in_progress(&pod.id));
     // A second holder is refused at once; a waiter times out naming the file.
     assert!(matches!(
         store.hold_teardown(&pod.id),
@@ -725,6 +727,7 @@ fn a_teardown_in_progress_is_waited_for_and_a_finished_one_is_not() {
     store.remove_sandbox(lock).unwrap();
     drop(held);
     waiter.join().unwrap().unwrap();
+    assert!(!store.teardown_in_progress(&pod.id));
     // A sandbox that is gone has no teardown to wait for.
     store
         .wait_teardown(&pod.id, Duration::from_millis(1))
