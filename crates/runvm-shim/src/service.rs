@@ -190,13 +190,26 @@ impl Inner {
 
     /// Stops the monitor and the OOM listener.
     /// Tears sandbox `sb` down in the background (see [`Inner::teardown`]): its VM stopped, its
-    /// records, mounts and network removed. Marked in its records first (refused if that
-    /// fails, with nothing changed).
-    pub fn tear_down(&self, mut sb: Sandbox) -> Result<()> {
-        let mark = sb.hold_teardown().map_err(ShimError::sandbox(format!(
-            "tearing down sandbox {}",
-            sb.id()
-        )))?;
+    /// records, mounts and network removed. Its port-forward rule goes at once; the teardown
+    /// is marked in its records first (if that fails, all is done before returning).
+    pub async fn tear_down(&self, mut sb: Sandbox) -> Result<()> {
+        // containerd may remove the pod's namespace as soon as it has the answer: what runvm
+        // put in it goes first.
+        if let Err(e) = sb.remove_port_forward_rule().await {
+            tracing::warn!(sandbox = %sb.id(), error = %e, "removing the port-forward rule");
+        }
+        let mark = match sb.hold_teardown() {
+            Ok(mark) => mark,
+            Err(e) => {
+                // Unmarked, it cannot go behind the answer: it goes before it.
+                tracing::warn!(sandbox = %sb.id(), error = %e, "cannot mark the teardown; deleting the VM now");
+                let id = sb.id().to_string();
+                return sb
+                    .delete(true)
+                    .await
+                    .map_err(ShimError::sandbox(format!("deleting the sandbox VM {id}")));
+            }
+        };
         let handle = tokio::spawn(async move {
             let _mark = mark;
             let id = sb.id().clone();

@@ -226,7 +226,7 @@ impl TaskService {
                 // records for `shim delete` to purge).
                 inner.stop_background();
                 if let Some(sb) = guard.take() {
-                    inner.tear_down(sb)?;
+                    inner.tear_down(sb).await?;
                 }
             } else if let Some(sb) = guard.as_mut() {
                 match sb.delete_container(&cid, true).await {

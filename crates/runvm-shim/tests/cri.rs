@@ -174,6 +174,18 @@ async fn container_state(rt: &mut Runtime, id: &str) -> (ContainerState, i32) {
     )
 }
 
+/// Polls `done` for up to 15 s; whether it became true.
+fn eventually(done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
 /// Polls `path` for up to 20 s until it contains `needle`.
 fn wait_for_text(path: &std::path::Path, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -505,7 +517,8 @@ fn cri_pod_shares_one_vm_between_its_containers_and_leaves_nothing() {
             .into_inner()
             .containers;
         assert!(left.is_empty(), "containers left: {left:?}");
-        let gone = !cgroup.exists();
+        // The VM powers off behind StopPodSandbox's answer: its cgroup goes with it.
+        let gone = eventually(|| !cgroup.exists());
         for c in [
             "memory", "cpu", "cpuacct", "pids", "cpuset", "devices", "freezer", "blkio", "",
         ] {
@@ -1143,6 +1156,8 @@ fn cri_port_forward_reaches_a_loopback_port_in_the_pod_vm_and_leaves_nothing() {
         })
         .await
         .expect("RemovePodSandbox");
+        // The VM's teardown (behind StopPodSandbox's answer) removes the rule.
+        eventually(|| !nat_output_rules(&held_path).contains("runvm-portfwd"));
         let rules = nat_output_rules(&held_path);
         assert!(!rules.contains("runvm-portfwd"), "rule left: {rules}");
         drop(held);

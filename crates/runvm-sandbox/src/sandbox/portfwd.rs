@@ -65,8 +65,10 @@ impl Sandbox {
         })
     }
 
-    /// Removes the recorded port-forward rule, if any (part of the network teardown).
-    pub(super) async fn remove_port_forward_rule(&mut self) -> Result<(), SandboxError> {
+    /// Removes the recorded port-forward rule, if any (part of the network teardown; a caller
+    /// that stops the VM in the background removes it first, while the pod's namespace is
+    /// still reachable by its path).
+    pub async fn remove_port_forward_rule(&mut self) -> Result<(), SandboxError> {
         let Some(network) = self.record.network.clone() else {
             return Ok(());
         };
