@@ -145,7 +145,7 @@ impl Setup {
         });
         vec![
             Metric::new(COLD, "runvm run", "ms", self.accel(), vm)
-                .with_note("`true`: start to exit (VM stopped and removed)"),
+                .with_note("`true`: start to exit (the VM powers off behind it)"),
             Metric::new(COLD, "runc run", "ms", "host", rc).with_note("`true`: start to exit"),
             Metric::new(COLD, "runvm run: first output", "ms", self.accel(), vm_echo)
                 .with_note("`echo`: start to its first byte on stdout"),
