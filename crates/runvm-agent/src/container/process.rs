@@ -124,9 +124,9 @@ impl Containers {
     async fn exec_inner(self: Arc<Self>, req: agent::ExecProcessRequest) -> Result<()> {
         let (id, exec_id) = (req.container_id.as_str(), req.exec_id.as_str());
         validate_id("exec id", exec_id)?;
-        let c = self.get(id)?;
         let cfg = req.stdio.clone().unwrap_or_default();
         super::streams::check_config(&cfg)?;
+        let c = self.get(id)?;
         let process = spec::parse_process(&req.oci_process_json, id, exec_id, cfg.terminal)?;
         let _op = c.lock_op().await?;
         let status = c.status();

@@ -250,8 +250,8 @@ pub fn check_config(cfg: &runvm_protocol::agent::StdioConfig) -> Result<()> {
     if cfg.stream_token.is_empty() && !kinds.is_empty() {
         let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         return Err(AgentError::invalid(format!(
-            "stdio {} requested without a stream token (stdio travels only on the host's \
-             streams, runvm_protocol::stdio)",
+            "stdio streams requested without a stream token: {} (stdio travels only on \
+             the host's streams, runvm_protocol::stdio)",
             names.join(", ")
         )));
     }
