@@ -1,11 +1,13 @@
 //! A fake container backend for the agent's service: containers and processes in a map, no
-//! libcontainer, no cgroups, no sysfs. Ids are checked as the real backend checks them.
+//! libcontainer, no cgroups, no sysfs. Ids and stdio configs (a stream token for any stdio
+//! stream) are checked as the real backend checks them; no stream is ever claimed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use runvm_agent::container::streams::check_config;
 use runvm_agent::error::{validate_id, AgentError, Result};
 use runvm_agent::hotplug::{Onlined, MAX_WAIT};
 use runvm_agent::service::Backend;
@@ -75,6 +77,7 @@ fn json_object(what: &str, bytes: &[u8]) -> Result<serde_json::Map<String, serde
 impl Backend for FakeBackend {
     async fn create(&self, req: agent::CreateContainerRequest) -> Result<()> {
         validate_id("container id", &req.container_id)?;
+        check_config(&req.stdio.clone().unwrap_or_default())?;
         json_object("the OCI spec", &req.oci_spec_json)?;
         let mut map = self.map();
         if map.len() >= MAX_CONTAINERS {
@@ -139,6 +142,7 @@ impl Backend for FakeBackend {
     }
     async fn exec(&self, req: agent::ExecProcessRequest) -> Result<()> {
         validate_id("exec id", &req.exec_id)?;
+        check_config(&req.stdio.clone().unwrap_or_default())?;
         json_object("the OCI process", &req.oci_process_json)?;
         self.with(&req.container_id, |c| {
             if !c.started {
@@ -164,27 +168,6 @@ impl Backend for FakeBackend {
                 ..Default::default()
             }
         })
-    }
-    async fn write_stdin(&self, req: &agent::WriteStreamRequest) -> Result<u32> {
-        let len = u32::try_from(req.data.len()).unwrap_or(u32::MAX);
-        self.process(&req.container_id, &req.exec_id, || len)
-    }
-    async fn read(
-        &self,
-        req: &agent::ReadStreamRequest,
-        _stderr: bool,
-    ) -> Result<agent::ReadStreamResponse> {
-        let len = usize::try_from(req.len.min(4096)).unwrap_or(0);
-        self.process(&req.container_id, &req.exec_id, || {
-            agent::ReadStreamResponse {
-                data: vec![b'x'; len],
-                eof: len == 0,
-                ..Default::default()
-            }
-        })
-    }
-    async fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()> {
-        self.process(&req.container_id, &req.exec_id, || ())
     }
     fn resize(&self, req: &agent::TtyWinResizeRequest) -> Result<()> {
         if req.rows > u32::from(u16::MAX) || req.cols > u32::from(u16::MAX) {

@@ -359,18 +359,9 @@ fn reply_to(which: u8) -> Vec<u8> {
             }],
             ..Default::default()
         }),
-        6 => bytes(&pb::WaitProcessResponse {
+        6 | 8 => bytes(&pb::WaitProcessResponse {
             status: 143,
             exited_at_unix_ns: 1,
-            ..Default::default()
-        }),
-        7 => bytes(&pb::WriteStreamResponse {
-            len: 5,
-            ..Default::default()
-        }),
-        8 | 9 => bytes(&pb::ReadStreamResponse {
-            data: b"hello\n".to_vec(),
-            eof: false,
             ..Default::default()
         }),
         10 => bytes(&pb::OOMEvent {
@@ -421,6 +412,7 @@ fn agent_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
         oci_spec_json: spec,
         stdio: protobuf::MessageField::some(pb::StdioConfig {
             stdout: true,
+            stream_token: vec![7; 16],
             ..Default::default()
         }),
         storages: vec![pb::Storage {
@@ -455,23 +447,28 @@ fn agent_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 ..Default::default()
             }),
         ),
+        // Stdio asked for without a stream token: refused.
         request(
             7,
-            "WriteStdin",
-            bytes(&pb::WriteStreamRequest {
+            "ExecProcess",
+            bytes(&pb::ExecProcessRequest {
                 container_id: "c1".into(),
-                exec_id: "e1".into(),
-                data: b"hi\n".to_vec(),
+                exec_id: "e2".into(),
+                oci_process_json: br#"{"args":["cat"],"cwd":"/"}"#.to_vec(),
+                stdio: protobuf::MessageField::some(pb::StdioConfig {
+                    stdin: true,
+                    stdout: true,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         ),
         request(
             9,
-            "ReadStdout",
-            bytes(&pb::ReadStreamRequest {
+            "WaitProcess",
+            bytes(&pb::WaitProcessRequest {
                 container_id: "c1".into(),
                 exec_id: "e1".into(),
-                len: 16,
                 ..Default::default()
             }),
         ),
@@ -514,10 +511,11 @@ fn agent_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 ..Default::default()
             }),
         ),
+        // A method this agent no longer has (stdio moved to streams): UNIMPLEMENTED.
         request(
             25,
             "CloseStdin",
-            bytes(&pb::CloseStdinRequest {
+            bytes(&pb::WaitProcessRequest {
                 container_id: "c1".into(),
                 exec_id: "e1".into(),
                 ..Default::default()

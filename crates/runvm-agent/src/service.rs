@@ -50,16 +50,6 @@ pub trait Backend: Send + Sync + 'static {
     fn signal(&self, req: &agent::SignalProcessRequest) -> Result<()>;
     /// WaitProcess.
     async fn wait(&self, req: &agent::WaitProcessRequest) -> Result<agent::WaitProcessResponse>;
-    /// WriteStdin: how many bytes were written.
-    async fn write_stdin(&self, req: &agent::WriteStreamRequest) -> Result<u32>;
-    /// ReadStdout, or ReadStderr (`stderr`).
-    async fn read(
-        &self,
-        req: &agent::ReadStreamRequest,
-        stderr: bool,
-    ) -> Result<agent::ReadStreamResponse>;
-    /// CloseStdin.
-    async fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()>;
     /// TtyWinResize.
     fn resize(&self, req: &agent::TtyWinResizeRequest) -> Result<()>;
     /// GetOOMEvent: the next container OOM-killed; `None` once no more can come.
@@ -99,19 +89,6 @@ impl Backend for Arc<Containers> {
     }
     async fn wait(&self, req: &agent::WaitProcessRequest) -> Result<agent::WaitProcessResponse> {
         Containers::wait(self, req).await
-    }
-    async fn write_stdin(&self, req: &agent::WriteStreamRequest) -> Result<u32> {
-        Containers::write_stdin(self, req).await
-    }
-    async fn read(
-        &self,
-        req: &agent::ReadStreamRequest,
-        stderr: bool,
-    ) -> Result<agent::ReadStreamResponse> {
-        Containers::read(self, req, stderr).await
-    }
-    async fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()> {
-        Containers::close_stdin(self, req).await
     }
     fn resize(&self, req: &agent::TtyWinResizeRequest) -> Result<()> {
         Containers::resize(self, req)
@@ -412,53 +389,6 @@ impl<B: Backend> agent_ttrpc::AgentService for Agent<B> {
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
         let r = self.backend.wait(&req).await;
         answer("WaitProcess", &req.container_id, r)
-    }
-
-    async fn write_stdin(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::WriteStreamRequest,
-    ) -> ttrpc::Result<agent::WriteStreamResponse> {
-        let r = self
-            .backend
-            .write_stdin(&req)
-            .await
-            .map(|len| agent::WriteStreamResponse {
-                len,
-                ..Default::default()
-            });
-        answer("WriteStdin", &req.container_id, r)
-    }
-
-    async fn read_stdout(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::ReadStreamRequest,
-    ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        let r = self.backend.read(&req, false).await;
-        answer("ReadStdout", &req.container_id, r)
-    }
-
-    async fn read_stderr(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::ReadStreamRequest,
-    ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        let r = self.backend.read(&req, true).await;
-        answer("ReadStderr", &req.container_id, r)
-    }
-
-    async fn close_stdin(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::CloseStdinRequest,
-    ) -> ttrpc::Result<agent::Empty> {
-        let r = self.backend.close_stdin(&req).await;
-        answer(
-            "CloseStdin",
-            &req.container_id,
-            r.map(|()| agent::Empty::new()),
-        )
     }
 
     async fn tty_win_resize(

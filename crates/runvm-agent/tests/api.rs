@@ -158,11 +158,11 @@ async fn container_rpcs_check_their_input() {
     let (code, msg) = status_of(c.wait_process(ctx(), &wait).await.unwrap_err());
     assert_eq!(code, ttrpc::Code::NOT_FOUND);
     assert!(msg.contains("\"nosuch\""), "{msg}");
-    let read = agent::ReadStreamRequest {
+    let resize = agent::TtyWinResizeRequest {
         container_id: "..".into(),
         ..Default::default()
     };
-    let (code, _) = status_of(c.read_stdout(ctx(), &read).await.unwrap_err());
+    let (code, _) = status_of(c.tty_win_resize(ctx(), &resize).await.unwrap_err());
     assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
     let exec = agent::ExecProcessRequest {
         container_id: "nosuch".into(),
@@ -172,6 +172,67 @@ async fn container_rpcs_check_their_input() {
     let (code, msg) = status_of(c.exec_process(ctx(), &exec).await.unwrap_err());
     assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
     assert!(msg.contains("invalid exec id"), "{msg}");
+}
+
+/// Stdio travels only on the host's streams: a create or an exec asking for stdio without a
+/// stream token is refused by name before anything is made (here before the spec is read, and
+/// before the container is looked up).
+#[tokio::test]
+async fn stdio_without_a_stream_token_is_refused() {
+    let agent = AgentProcess::start();
+    let c = agent.client().await;
+    let stdio = |stdin, stdout, stderr| {
+        protobuf::MessageField::some(agent::StdioConfig {
+            stdin,
+            stdout,
+            stderr,
+            ..Default::default()
+        })
+    };
+    let create = agent::CreateContainerRequest {
+        container_id: "c1".into(),
+        stdio: stdio(false, true, true),
+        ..Default::default()
+    };
+    let (code, msg) = status_of(c.create_container(ctx(), &create).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    assert!(
+        msg.contains("stdout, stderr") && msg.contains("stream token"),
+        "{msg}"
+    );
+    let exec = agent::ExecProcessRequest {
+        container_id: "nosuch".into(),
+        exec_id: "e1".into(),
+        stdio: stdio(true, false, false),
+        ..Default::default()
+    };
+    let (code, msg) = status_of(c.exec_process(ctx(), &exec).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    assert!(
+        msg.contains("stdin") && msg.contains("stream token"),
+        "{msg}"
+    );
+}
+
+/// The per-chunk stdio calls an older host made (ReadStdout, WriteStdin, ...) are gone: they
+/// answer UNIMPLEMENTED, never a fake success.
+#[tokio::test]
+async fn the_removed_stdio_calls_answer_unimplemented() {
+    let agent = AgentProcess::start();
+    let client = ttrpc::r#async::Client::connect(&agent.address)
+        .await
+        .unwrap();
+    for method in ["ReadStdout", "ReadStderr", "WriteStdin", "CloseStdin"] {
+        let req = ttrpc::Request {
+            service: "runvm.agent.v1.AgentService".into(),
+            method: method.into(),
+            timeout_nano: 5_000_000_000,
+            ..Default::default()
+        };
+        let err = client.request(req).await.unwrap_err();
+        let (code, msg) = status_of(err);
+        assert_eq!(code, ttrpc::Code::UNIMPLEMENTED, "{method}: {msg}");
+    }
 }
 
 #[tokio::test]

@@ -91,7 +91,8 @@ async fn stdin_round_trip(g: &Guest) {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data))
         .unwrap();
-    let reader = tokio::spawn(read_all(g.c.clone(), "cat", "", false, 256 * 1024));
+    let mut out = g.take_output("cat", "", false).expect("stdout is attached");
+    let reader = tokio::spawn(async move { read_to_end(&mut out).await });
     for chunk in data.chunks(100_000) {
         g.write("cat", "", chunk).await;
     }
@@ -183,13 +184,8 @@ async fn init_with_a_sigterm_handler(g: &Guest) {
         stdio(false, true, false, false),
     )
     .await;
-    let req = agent::ReadStreamRequest {
-        container_id: "trap".into(),
-        len: 6,
-        ..Default::default()
-    };
-    let first = g.c.read_stdout(ctx(), &req).await.unwrap();
-    assert_eq!(first.data, b"ready\n");
+    let first = g.read_at_least("trap", "", 6).await;
+    assert_eq!(first, b"ready\n");
     g.signal("trap", "", 15, false).await;
     assert_eq!(g.wait("trap", "").await, 143);
     // Signalling an exited process is NOT_FOUND.
@@ -459,10 +455,7 @@ async fn containers_run_in_the_guest() {
     let (mut sb, _boot) = create_qemu_sandbox(&config, id, Default::default())
         .await
         .unwrap();
-    let guest = Guest {
-        c: connect(&sb.dir().join("vm/vsock.hv")).await,
-        shared: sb.dir().join("shared"),
-    };
+    let guest = Guest::new(&sb.dir().join("vm/vsock.hv"), sb.dir().join("shared")).await;
     let console = sb.dir().join("vm/console.log");
     let outcome = tokio::spawn(async move {
         scenarios(&guest).await;

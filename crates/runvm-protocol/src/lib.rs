@@ -35,8 +35,9 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// `READY`). With vhost-device-vsock the host listens on the unix socket `<uds>_<port>`.
 pub const READY_VSOCK_PORT: u32 = 1025;
 
-/// Raised on an incompatible change of `agent.proto`; reported by `Version`.
-pub const API_VERSION: u32 = 1;
+/// Raised on an incompatible change of `agent.proto`; reported by `Version`. 2: the per-chunk
+/// stdio RPCs are gone and stdio requires a stream token.
+pub const API_VERSION: u32 = 2;
 
 /// In the guest spec of a pod's container: `SANDBOX_CONTAINER_ID:TYPE,TYPE` — the namespaces
 /// (of `ipc`, `uts`, `pid`) the agent makes it join, those of the pod sandbox container's init.

@@ -38,6 +38,7 @@ impl Containers {
         let id = req.container_id.clone();
         validate_id("container id", &id)?;
         let cfg = req.stdio.clone().unwrap_or_default();
+        super::streams::check_config(&cfg)?;
         let spec = spec::parse_spec(&req.oci_spec_json, &id, cfg.terminal)?;
         let spec = self.join_pod_namespaces(spec, &id)?;
         let agent = std::env::current_exe()

@@ -43,8 +43,8 @@ pub const BUNDLES: &str = "/run/runvm/bundles";
 pub const CONSOLES: &str = "/run/runvm/console";
 /// The cgroup2 mount.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// Finished exec'd processes (exited, output drained) kept per container for late
-/// WaitProcess/Read calls; older ones are forgotten.
+/// Finished exec'd processes (exited, output sent to the end) kept per container for late
+/// WaitProcess calls; older ones are forgotten.
 const FINISHED_EXECS_KEPT: usize = 32;
 
 /// Where a container stands.
@@ -223,7 +223,7 @@ impl Containers {
     }
 
     /// The host's stdio streams for a new process whose stdio config names a stream token;
-    /// `None` without a token (the host uses the stdio RPCs).
+    /// `None` without a token (then no stream is requested: [`streams::check_config`]).
     async fn claim_streams(
         &self,
         cfg: &runvm_protocol::agent::StdioConfig,

@@ -1,5 +1,6 @@
-//! Processes of a container (its init and exec'd ones): exec, signals, waiting, stdio, and the
-//! read-only container RPCs (list, stats).
+//! Processes of a container (its init and exec'd ones): exec, signals, waiting, their stdio
+//! pipes or terminal (joined to the host's streams by `streams.rs`), and the read-only
+//! container RPCs (list, stats).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use nix::unistd::Pid;
 use runvm_protocol::agent;
 
 use super::helper::{self, Request};
-use super::stdio::{self, ProcessIo, WriteError};
+use super::stdio::{self, ProcessIo};
 use super::{blocking, detached, spec, stats, Containers, Status, CONSOLES, STATE_ROOT};
 use crate::error::{validate_id, AgentError, Result};
 use crate::reaper::{self, Exit, ExitWatch};
@@ -49,7 +50,7 @@ impl Process {
         reaper::wait(self.exit.clone()).await
     }
 
-    /// Exited and its output read to the end: nothing more to ask of it.
+    /// Exited and its output sent to the end (or its stream gone): nothing more to ask of it.
     pub fn finished(&self) -> bool {
         self.exited().is_some() && self.io.drained()
     }
@@ -75,7 +76,8 @@ fn signal_from(number: u32) -> Result<Option<Signal>> {
         .ok_or_else(|| AgentError::invalid(format!("unknown signal {number}")))
 }
 
-/// Creates the stdio of a new process: pipes, or a console socket for a terminal.
+/// Creates the stdio of a new process: pipes for the streams `cfg` asks for (`/dev/null` for
+/// the others), or a console socket for a terminal.
 pub(super) fn new_stdio(
     cfg: &agent::StdioConfig,
 ) -> Result<(
@@ -122,8 +124,9 @@ impl Containers {
     async fn exec_inner(self: Arc<Self>, req: agent::ExecProcessRequest) -> Result<()> {
         let (id, exec_id) = (req.container_id.as_str(), req.exec_id.as_str());
         validate_id("exec id", exec_id)?;
-        let c = self.get(id)?;
         let cfg = req.stdio.clone().unwrap_or_default();
+        super::streams::check_config(&cfg)?;
+        let c = self.get(id)?;
         let process = spec::parse_process(&req.oci_process_json, id, exec_id, cfg.terminal)?;
         let _op = c.lock_op().await?;
         let status = c.status();
@@ -229,60 +232,6 @@ impl Containers {
             exited_at_unix_ns: exit.at_unix_ns,
             ..Default::default()
         })
-    }
-
-    /// ReadStdout / ReadStderr.
-    pub async fn read(
-        &self,
-        req: &agent::ReadStreamRequest,
-        stderr: bool,
-    ) -> Result<agent::ReadStreamResponse> {
-        let c = self.get(&req.container_id)?;
-        let p = c.process(&req.exec_id)?;
-        let stream = if stderr { &p.io.stderr } else { &p.io.stdout };
-        let (data, eof) = stream.read(req.len).await.map_err(|e| {
-            AgentError::internal(format!("cannot read the output of {}: {e}", p.name(&c.id)))
-        })?;
-        Ok(agent::ReadStreamResponse {
-            data,
-            eof,
-            ..Default::default()
-        })
-    }
-
-    /// WriteStdin: all of the data, waiting while the process does not read.
-    pub async fn write_stdin(&self, req: &agent::WriteStreamRequest) -> Result<u32> {
-        let c = self.get(&req.container_id)?;
-        let p = c.process(&req.exec_id)?;
-        let Some(stdin) = p.io.stdin.as_ref() else {
-            return Err(AgentError::precondition(format!(
-                "{} has no stdin (not requested in its stdio)",
-                p.name(&c.id)
-            )));
-        };
-        match stdin.write(&req.data).await {
-            Ok(n) => Ok(n as u32),
-            Err(WriteError::Closed) => Err(AgentError::precondition(format!(
-                "the stdin of {} is closed",
-                p.name(&c.id)
-            ))),
-            Err(WriteError::Io(e)) => Err(AgentError::precondition(format!(
-                "cannot write to the stdin of {}: {e}",
-                p.name(&c.id)
-            ))),
-        }
-    }
-
-    /// CloseStdin: the process reads EOF (a terminal gets ^D).
-    pub async fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        let p = c.process(&req.exec_id)?;
-        if let Some(stdin) = p.io.stdin.as_ref() {
-            stdin.close().await.map_err(|e| {
-                AgentError::internal(format!("cannot close the stdin of {}: {e}", p.name(&c.id)))
-            })?;
-        }
-        Ok(())
     }
 
     /// TtyWinResize.

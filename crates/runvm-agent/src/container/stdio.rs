@@ -1,10 +1,10 @@
 //! A container process's stdio as the agent holds it: the agent's ends of the pipes (or the pty
-//! master) that the host pulls from (ReadStdout/ReadStderr) and pushes to (WriteStdin).
+//! master) that the pumps of `streams.rs` join to the host's stdio streams.
 //!
 //! There is no buffer in the agent: a read takes what the pipe holds, so a process writing
 //! faster than the host reads blocks on its full pipe, which is the back-pressure. Output pipes
-//! are enlarged to [`OUTPUT_PIPE_SIZE`] so that one read can carry that much: under TCG each
-//! round trip to the host costs milliseconds.
+//! are enlarged to [`OUTPUT_PIPE_SIZE`] so that one read, sent as one frame, can carry that
+//! much: under TCG each wake-up of the pump costs.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -17,12 +17,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Mutex;
 
-/// Most bytes one ReadStdout/ReadStderr returns.
-pub const MAX_READ: usize = 1 << 20;
 /// The capacity asked for the output pipes (the kernel's default limit for unprivileged
-/// processes, `/proc/sys/fs/pipe-max-size`, is 1 MiB; the agent is root).
+/// processes, `/proc/sys/fs/pipe-max-size`, is 1 MiB; the agent is root), as large as the
+/// largest stdio frame (`runvm_protocol::stdio::MAX_FRAME`).
 pub const OUTPUT_PIPE_SIZE: i32 = 1 << 20;
-/// The EOF character written to a terminal when the host closes its stdin (VEOF, ^D).
+/// The EOF character written to a terminal when the host ends its stdin (VEOF, ^D).
 const TTY_EOF: u8 = 0x04;
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
@@ -38,7 +37,7 @@ pub fn async_fd(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>>
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 
-/// An output stream of a process (stdout, stderr or the terminal), read by the host.
+/// An output stream of a process (stdout, stderr or the terminal), sent to the host.
 #[derive(Debug)]
 pub struct OutputStream {
     fd: Mutex<Option<AsyncFd<OwnedFd>>>,
@@ -47,7 +46,7 @@ pub struct OutputStream {
 }
 
 impl OutputStream {
-    /// A stream that was not requested: at EOF from the start.
+    /// A stream that was not requested (or is merged into stdout): at EOF from the start.
     pub fn closed() -> Self {
         OutputStream {
             fd: Mutex::new(None),
@@ -69,20 +68,6 @@ impl OutputStream {
     /// Whether EOF has been returned (nothing more will come).
     pub fn is_eof(&self) -> bool {
         self.eof.load(Ordering::Acquire)
-    }
-
-    /// Waits for data or EOF; returns at most `len` bytes (at most [`MAX_READ`]; 0 means the
-    /// most) and whether the stream is at EOF. Once at EOF, answers EOF again. Cancel-safe:
-    /// nothing read is lost if the caller gives up while waiting.
-    pub async fn read(&self, len: u32) -> io::Result<(Vec<u8>, bool)> {
-        let want = match len as usize {
-            0 => MAX_READ,
-            n => n.min(MAX_READ),
-        };
-        let mut out = vec![0u8; want];
-        let n = self.read_into(&mut out).await?;
-        out.truncate(n);
-        Ok((out, n == 0))
     }
 
     /// Waits for data or EOF, then fills `buf` (not empty) with what the pipe holds now;
@@ -134,7 +119,7 @@ fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     nix::unistd::read(fd, buf).map_err(io::Error::from)
 }
 
-/// The stdin of a process (a pipe's write end, or the pty master), written by the host.
+/// The stdin of a process (a pipe's write end, or the pty master), fed from the host's stream.
 #[derive(Debug)]
 pub struct InputStream {
     fd: Mutex<Option<AsyncFd<OwnedFd>>>,
@@ -144,7 +129,7 @@ pub struct InputStream {
 /// Why a write to stdin failed.
 #[derive(Debug)]
 pub enum WriteError {
-    /// CloseStdin was called before.
+    /// Stdin was closed before (the host's end frame).
     Closed,
     /// The process no longer reads its stdin (broken pipe) or another I/O error.
     Io(io::Error),
@@ -407,6 +392,14 @@ fn receive_fd(sock: RawFd) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
 
+    /// At most `len` bytes (not 0) from `out`, and whether it is at EOF.
+    async fn read(out: &OutputStream, len: usize) -> (Vec<u8>, bool) {
+        let mut buf = vec![0u8; len];
+        let n = out.read_into(&mut buf).await.unwrap();
+        buf.truncate(n);
+        (buf, n == 0)
+    }
+
     fn write_all(fd: &OwnedFd, data: &[u8]) {
         let mut done = 0;
         while done < data.len() {
@@ -419,13 +412,13 @@ mod tests {
         let (r, w) = pipe().unwrap();
         let out = OutputStream::new(r, false).unwrap();
         write_all(&w, b"abcdef");
-        assert_eq!(out.read(2).await.unwrap(), (b"ab".to_vec(), false));
-        assert_eq!(out.read(100).await.unwrap(), (b"cdef".to_vec(), false));
+        assert_eq!(read(&out, 2).await, (b"ab".to_vec(), false));
+        assert_eq!(read(&out, 100).await, (b"cdef".to_vec(), false));
         assert!(!out.is_eof());
         drop(w);
-        assert_eq!(out.read(10).await.unwrap(), (Vec::new(), true));
+        assert_eq!(read(&out, 10).await, (Vec::new(), true));
         assert!(out.is_eof());
-        assert_eq!(out.read(10).await.unwrap(), (Vec::new(), true));
+        assert_eq!(read(&out, 10).await, (Vec::new(), true));
     }
 
     #[tokio::test]
@@ -434,19 +427,20 @@ mod tests {
         let out = OutputStream::new(r, false).unwrap();
         write_all(&w, b"last words");
         drop(w);
-        assert_eq!(out.read(0).await.unwrap(), (b"last words".to_vec(), false));
-        assert_eq!(out.read(0).await.unwrap(), (Vec::new(), true));
+        assert_eq!(read(&out, 4096).await, (b"last words".to_vec(), false));
+        assert_eq!(read(&out, 4096).await, (Vec::new(), true));
     }
 
     #[tokio::test]
-    async fn a_read_waits_for_data_and_is_capped_at_one_mib() {
+    async fn a_read_waits_for_data_and_fills_at_most_its_buffer() {
+        const FRAME: usize = 1 << 20;
         let (r, w) = pipe().unwrap();
-        // Room for more than 1 MiB in the pipe, so the cap is what stops the read.
+        // Room for more than a frame in the pipe, so the buffer is what stops the read.
         fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(2 << 20)).ok();
         let out = std::sync::Arc::new(OutputStream::new(r, false).unwrap());
         let reader = tokio::spawn({
             let out = out.clone();
-            async move { out.read(u32::MAX).await.unwrap() }
+            async move { read(&out, FRAME).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
@@ -454,27 +448,27 @@ mod tests {
             "read must block while the pipe is empty"
         );
         let size = nix::fcntl::fcntl(w.as_raw_fd(), FcntlArg::F_GETPIPE_SZ).unwrap() as usize;
-        let data = vec![7u8; size.min(MAX_READ + 4096)];
+        let data = vec![7u8; size.min(FRAME + 4096)];
         write_all(&w, &data);
         let (got, eof) = reader.await.unwrap();
-        assert!(!eof && !got.is_empty() && got.len() <= MAX_READ);
+        assert!(!eof && !got.is_empty() && got.len() <= FRAME);
     }
 
     #[tokio::test]
     async fn a_cancelled_read_loses_nothing() {
         let (r, w) = pipe().unwrap();
         let out = OutputStream::new(r, false).unwrap();
-        let timed_out = tokio::time::timeout(Duration::from_millis(20), out.read(10)).await;
+        let timed_out = tokio::time::timeout(Duration::from_millis(20), read(&out, 10)).await;
         assert!(timed_out.is_err());
         write_all(&w, b"xyz");
-        assert_eq!(out.read(10).await.unwrap(), (b"xyz".to_vec(), false));
+        assert_eq!(read(&out, 10).await, (b"xyz".to_vec(), false));
     }
 
     #[tokio::test]
     async fn unrequested_stream_is_at_eof() {
         let out = OutputStream::closed();
         assert!(out.is_eof());
-        assert_eq!(out.read(1).await.unwrap(), (Vec::new(), true));
+        assert_eq!(read(&out, 1).await, (Vec::new(), true));
     }
 
     #[tokio::test]
@@ -520,8 +514,8 @@ mod tests {
         assert!(io.stdin.is_none() && io.stderr.is_eof() && !io.stdout.is_eof());
         write_all(&child.stdout, b"hi");
         drop(child);
-        assert_eq!(io.stdout.read(0).await.unwrap(), (b"hi".to_vec(), false));
-        assert_eq!(io.stdout.read(0).await.unwrap(), (Vec::new(), true));
+        assert_eq!(read(&io.stdout, 4096).await, (b"hi".to_vec(), false));
+        assert_eq!(read(&io.stdout, 4096).await, (Vec::new(), true));
         assert!(io.drained());
     }
 }

@@ -139,7 +139,7 @@ impl StreamRegistry {
 }
 
 /// Serves stdio streams on vsock until the agent ends. A listener that cannot be made is
-/// logged: processes are then reachable only through the stdio RPCs.
+/// logged: a process asking for streams is then refused once its claim times out.
 pub async fn serve_vsock(registry: Arc<StreamRegistry>) {
     crate::portfwd::accept_vsock(STDIO_VSOCK_PORT, "stdio streams", |stream| {
         let registry = Arc::clone(&registry);
@@ -240,6 +240,30 @@ async fn receive_input(process: Arc<Process>, mut host: HostStream) {
     }
 }
 
+/// Checks a new process's stdio config before anything is made: streams are attached only
+/// through a stream token, so asking for stdin, stdout or stderr without one is refused
+/// (INVALID_ARGUMENT) instead of leaving the process writing to pipes nobody reads. A process
+/// without a token asks for no stream and gets `/dev/null` as stdin, stdout and stderr (or, with
+/// a terminal, a terminal nobody is attached to).
+pub fn check_config(cfg: &runvm_protocol::agent::StdioConfig) -> Result<()> {
+    let kinds = wanted(cfg.stdin, cfg.stdout, cfg.stderr, cfg.terminal);
+    if cfg.stream_token.is_empty() && !kinds.is_empty() {
+        let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        return Err(AgentError::invalid(format!(
+            "stdio streams requested without a stream token: {} (stdio travels only on \
+             the host's streams, runvm_protocol::stdio)",
+            names.join(", ")
+        )));
+    }
+    if !cfg.stream_token.is_empty() && cfg.stream_token.len() != TOKEN_LEN {
+        return Err(AgentError::invalid(format!(
+            "stdio stream token of {} bytes (valid: {TOKEN_LEN})",
+            cfg.stream_token.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The streams a process's stdio config asks for.
 pub fn wanted(stdin: bool, stdout: bool, stderr: bool, terminal: bool) -> Vec<StreamKind> {
     let mut kinds = Vec::new();
@@ -309,6 +333,32 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("3 bytes"), "{err}");
+    }
+
+    #[test]
+    fn stdio_without_a_stream_token_is_refused_by_name_and_none_is_allowed() {
+        use runvm_protocol::agent::StdioConfig;
+        let cfg = |stdin, stdout, stderr, terminal, token: &[u8]| StdioConfig {
+            stdin,
+            stdout,
+            stderr,
+            terminal,
+            stream_token: token.to_vec(),
+            ..Default::default()
+        };
+        let err = check_config(&cfg(false, true, true, false, b"")).unwrap_err();
+        assert_eq!(err.code, ttrpc::Code::INVALID_ARGUMENT);
+        assert!(err.message.contains("stdout, stderr"), "{err}");
+        let err = check_config(&cfg(true, false, false, true, b"")).unwrap_err();
+        assert!(err.message.contains("stdin"), "{err}");
+        // With a terminal, stderr is merged into stdout: asking for it alone attaches nothing.
+        assert!(check_config(&cfg(false, false, true, true, b"")).is_ok());
+        assert!(check_config(&cfg(false, false, false, false, b"")).is_ok());
+        assert!(check_config(&cfg(false, false, false, true, b"")).is_ok());
+        assert!(check_config(&cfg(true, true, true, false, &[9; TOKEN_LEN])).is_ok());
+        let err = check_config(&cfg(false, true, false, false, &[9; 3])).unwrap_err();
+        assert_eq!(err.code, ttrpc::Code::INVALID_ARGUMENT);
+        assert!(err.message.contains("3 bytes"), "{err}");
     }
 
     #[tokio::test]

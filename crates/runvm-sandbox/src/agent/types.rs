@@ -25,14 +25,18 @@ pub struct StdioSpec {
     /// A pseudo-terminal (stderr merged into stdout).
     pub terminal: bool,
     /// The token of the host's stdio streams for the process
-    /// ([`Streams::open`](crate::process::Streams::open) sets it); `None`: the host uses the
-    /// stdio calls of [`Agent`](crate::agent::Agent) instead.
+    /// ([`Streams::open`](crate::process::Streams::open) sets it): stdio travels only on those
+    /// streams. `None`: no stream is attached, so `stdin`, `stdout` and `stderr` must all be
+    /// false (the agent refuses a process asking for any of them without a token,
+    /// `INVALID_ARGUMENT`); the process then has `/dev/null` as stdin, stdout and stderr.
     pub stream_token: Option<[u8; runvm_protocol::stdio::TOKEN_LEN]>,
 }
 
 impl StdioSpec {
     /// Every stream attached, as a runtime relaying its own stdio does; with a terminal,
-    /// stderr is merged into stdout.
+    /// stderr is merged into stdout. The streams are opened with
+    /// [`Streams::open`](crate::process::Streams::open) (which sets the token) before the
+    /// process is asked for.
     pub fn attached(terminal: bool) -> Self {
         StdioSpec {
             stdin: true,
