@@ -64,6 +64,10 @@ fuzz-smoke:
 BENCH_K     ?= 5
 BENCH_N     ?= 10
 BENCH_FLAGS ?=
+## The guest kernels `make bench` measures: runvm's (the guest image of `make guest`) and, with
+## debian-cloud, Debian's cloud kernel from an image in GUEST_CLOUD_DIR.
+BENCH_KERNELS  ?= runvm debian-cloud
+GUEST_CLOUD_DIR ?= /var/lib/runvm/guest-cloud
 
 ## Benchmarks: runvm against runc and the floor, BENCH_K runs each, BENCH_N pods for density
 ## (release binaries); a table, target/bench/results.json and results.svg. More flags:
@@ -73,6 +77,13 @@ bench: setup guest
 	$(CARGO) build --release -p runvm -p runvm-shim
 	@echo "==> benchmarks"
 	$(CARGO) xtask bench all --bin-dir target/release -k $(BENCH_K) -n $(BENCH_N) $(BENCH_FLAGS)
+	@if echo "$(BENCH_KERNELS)" | grep -qw debian-cloud; then \
+		echo "==> the guest image with Debian's cloud kernel in $(GUEST_CLOUD_DIR)"; \
+		$(CARGO) xtask guest --out $(GUEST_CLOUD_DIR) --kernel debian-cloud && \
+		echo "==> benchmarks with Debian's cloud kernel" && \
+		$(CARGO) xtask bench all --bin-dir target/release -k $(BENCH_K) -n $(BENCH_N) \
+			--guest-dir $(GUEST_CLOUD_DIR) --out-dir target/bench/debian-cloud $(BENCH_FLAGS); \
+	fi
 
 lint:
 	@echo "==> checking format and lints"

@@ -72,6 +72,11 @@ pub struct AllArgs {
     /// MiB the throughput benchmark's container writes to stdout.
     #[arg(long, default_value_t = 256)]
     stdout_mib: u64,
+    /// The guest image to measure (its vmlinuz and initrd.img, for runvm's VMs and the floor)
+    /// [default: the configuration's], e.g. one built with `cargo xtask guest --kernel
+    /// debian-cloud --out DIR`.
+    #[arg(long, value_name = "DIR")]
+    guest_dir: Option<PathBuf>,
     /// Run only these benchmarks (comma-separated) [default: all].
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Bench>,
@@ -111,7 +116,19 @@ pub fn all(args: AllArgs) -> Result<()> {
         "--pods {} is invalid; valid: 1 or more",
         args.pods
     );
-    let base = Config::load(args.config.as_deref())?;
+    let mut base = Config::load(args.config.as_deref())?;
+    if let Some(dir) = &args.guest_dir {
+        base.guest.kernel = dir.join("vmlinuz");
+        base.guest.initrd = dir.join("initrd.img");
+        for f in [&base.guest.kernel, &base.guest.initrd] {
+            ensure!(
+                f.is_file(),
+                "--guest-dir {}: {} is missing (build it with `cargo xtask guest --out DIR`)",
+                dir.display(),
+                f.display()
+            );
+        }
+    }
     let accel = base
         .hypervisor
         .accelerator
@@ -233,6 +250,15 @@ pub(super) fn write_config(base: &Config, root: &Path, path: &Path) -> Result<()
     };
     let root = root.to_str().context("the state root is not UTF-8")?;
     set("runtime", "root", root.into());
+    for (key, path) in [
+        ("kernel", &base.guest.kernel),
+        ("initrd", &base.guest.initrd),
+    ] {
+        let path = path
+            .to_str()
+            .context("the guest image's path is not UTF-8")?;
+        set("guest", key, path.into());
+    }
     let int = |ms: u64| toml::Value::Integer(i64::try_from(ms).unwrap_or(i64::MAX));
     set(
         "agent",

@@ -67,6 +67,8 @@ pub struct Results {
     /// Pods of the density benchmark.
     pub pods: u32,
     pub host: Host,
+    /// The guest image's kernel (runvm's VMs and the floor), from its manifest.
+    pub guest_kernel: String,
     pub metrics: Vec<Metric>,
     /// The memory measurements by kind of process.
     pub memory: BTreeMap<String, Memory>,
@@ -113,11 +115,12 @@ pub fn table(r: &Results) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "runvm benchmark: {} runs each, {} pods for density; runvm's VMs under {} ({} CPUs, \
-         kernel {}, load average at start {})",
+        "runvm benchmark: {} runs each, {} pods for density; runvm's VMs and the floor under {} \
+         with the guest kernel {} ({} CPUs, host kernel {}, load average at start {})",
         r.count,
         r.pods,
         r.accelerator,
+        r.guest_kernel,
         r.host.cpus,
         r.host.kernel,
         r.host

@@ -44,6 +44,28 @@ impl IdlePods {
     }
 }
 
+/// The kernel of the guest image whose vmlinuz is `kernel`, as its manifest names it
+/// (`runvm 6.1.192-runvm`, `debian-cloud 6.1.0-...`); its path when there is no manifest.
+fn guest_kernel(kernel: &Path) -> String {
+    let manifest = kernel
+        .parent()
+        .map(|d| d.join("manifest.json"))
+        .and_then(|m| std::fs::read(m).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let field =
+        |m: &serde_json::Value, k: &str| m.get(k).and_then(|v| v.as_str()).map(String::from);
+    match manifest {
+        Some(m) => {
+            let kind = field(&m, "kernel").unwrap_or_else(|| "?".into());
+            let release = field(&m, "kernel_release")
+                .or_else(|| field(&m, "kernel_package_version"))
+                .unwrap_or_default();
+            format!("{kind} {release}").trim().to_string()
+        }
+        None => kernel.display().to_string(),
+    }
+}
+
 /// An error to report in more than one row.
 fn again<T>(r: &Result<T>) -> Result<Vec<f64>> {
     match r {
@@ -114,6 +136,7 @@ impl Setup {
                 count: self.k(),
                 pods: self.args.pods,
                 host: report::Host::detect(runvm),
+                guest_kernel: guest_kernel(&self.base.guest.kernel),
                 metrics,
                 memory,
             },
