@@ -296,6 +296,7 @@ mod tests {
                 load_average_at_start: "0.0".into(),
                 runvm: "runvm".into(),
             },
+            guest_kernel: "runvm 6.1.192-runvm".into(),
             metrics: vec![
                 Metric::new(
                     "cold start",
