@@ -414,3 +414,39 @@ fn an_exited_container_holds_no_vm_and_delete_force_ends_a_running_exec() {
     );
     host.assert_nothing_left();
 }
+
+/// The VM's teardown runs behind the stand-in's exit in `runvm __teardown`; killed half way
+/// (a crash), it leaves records that `delete` finds: the VM, its helpers and files go then.
+#[test]
+fn a_teardown_killed_half_way_leaves_what_delete_removes() {
+    become_subreaper();
+    let host = Host::new();
+    let standin = run_detached(&host, "t1", &["sh", "-c", "sleep 1; exit 4"]);
+    let run_dir = host.root.join("t1").join("vm");
+    let root = host.root.display().to_string();
+    // The teardown starts when the container exits; it takes at least the guest's power-off.
+    let mut killed = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while killed.is_none() && Instant::now() < deadline {
+        killed = common::processes_with(&root)
+            .into_iter()
+            .find(|p| p.cmdline.iter().any(|a| a == "__teardown"))
+            .map(|p| {
+                sigkill(p.pid);
+                p.pid
+            });
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let killed = killed.expect("the container's exit started `runvm __teardown`");
+    assert_eq!(reap(standin, Duration::from_secs(30)), Some(4));
+    let _ = reap(killed, Duration::from_secs(5));
+    assert_eq!(host.state("t1")["status"], "stopped");
+    let del = host.run(&["delete", "t1"]);
+    assert!(del.status.success(), "{}", text(&del.stderr));
+    assert!(
+        processes_under(&run_dir).is_empty(),
+        "delete left the VM's processes: {:?}",
+        processes_under(&run_dir)
+    );
+    host.assert_nothing_left();
+}
