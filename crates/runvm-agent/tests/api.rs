@@ -38,11 +38,24 @@ impl AgentProcess {
     }
 
     async fn client(&self) -> AgentServiceClient {
-        AgentServiceClient::new(
-            ttrpc::r#async::Client::connect(&self.address)
-                .await
-                .unwrap(),
-        )
+        AgentServiceClient::new(self.connect().await)
+    }
+
+    /// A connection, once the agent accepts them (its socket file exists from `bind`, before
+    /// `listen`: a connection may be refused for a moment).
+    async fn connect(&self) -> ttrpc::r#async::Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ttrpc::r#async::Client::connect(&self.address).await {
+                Ok(c) => return c,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "cannot connect to the agent at {}: {e}",
+                    self.address
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -219,9 +232,7 @@ async fn stdio_without_a_stream_token_is_refused() {
 #[tokio::test]
 async fn the_removed_stdio_calls_answer_unimplemented() {
     let agent = AgentProcess::start();
-    let client = ttrpc::r#async::Client::connect(&agent.address)
-        .await
-        .unwrap();
+    let client = agent.connect().await;
     for method in ["ReadStdout", "ReadStderr", "WriteStdin", "CloseStdin"] {
         let req = ttrpc::Request {
             service: "runvm.agent.v1.AgentService".into(),
