@@ -142,7 +142,8 @@ async fn containers_in_one_vm() {
         .create_container(NewContainer {
             id: cid("nocwd"),
             bundle: runvm_sandbox::container::spec::Bundle::load(&bundle, "nocwd").unwrap(),
-            stdio: stdio(false, false),
+            // No stdio: the agent refuses stdio without the host's streams, before the cwd.
+            stdio: runvm_sandbox::agent::StdioSpec::default(),
             stdio_paths: StdioRecord::default(),
             annotations: BTreeMap::new(),
         })
