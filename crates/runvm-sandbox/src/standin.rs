@@ -133,7 +133,7 @@ where
                 }
                 break;
             }
-            (watcher, failure) = &mut watch => return Ok(Ended::code(vm_died(watcher, failure).await)),
+            (watcher, failure) = &mut watch => return Ok(Ended::exited(vm_died(watcher, failure).await)),
             Some(control) = controls.recv() => pass_on(&process, control).await,
             told = async { first_output.as_mut().expect("guarded").await },
                 if first_output.is_some() =>
@@ -155,7 +155,7 @@ where
         loop {
             tokio::select! {
                 status = &mut wait => break status,
-                (watcher, failure) = &mut watch => return Ok(Ended::code(vm_died(watcher, failure).await)),
+                (watcher, failure) = &mut watch => return Ok(Ended::exited(vm_died(watcher, failure).await)),
                 Some(control) = controls.recv() => pass_on(&process, control).await,
             }
         }
@@ -170,7 +170,7 @@ where
                 attempts += 1;
                 tracing::warn!(error = %e, attempts, "lost the wait for the container's init");
                 waited = tokio::select! {
-                    (watcher, failure) = &mut watch => return Ok(Ended::code(vm_died(watcher, failure).await)),
+                    (watcher, failure) = &mut watch => return Ok(Ended::exited(vm_died(watcher, failure).await)),
                     r = rewait(&mut sb, id) => r,
                 };
             }
@@ -178,7 +178,7 @@ where
         }
     };
     if !init {
-        return Ok(Ended::code(code));
+        return Ok(Ended::exited(code));
     }
     // The init has exited (its exit is recorded): the VM goes with the last container in it
     // (others may have joined this one's namespaces, or this one another's), and `state` and
@@ -218,7 +218,8 @@ pub struct Ended {
 }
 
 impl Ended {
-    fn code(code: i32) -> Ended {
+    /// Ended with `code`, no VM to stop.
+    fn exited(code: i32) -> Ended {
         Ended {
             code,
             idle_vm: None,

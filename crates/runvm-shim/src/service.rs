@@ -188,7 +188,6 @@ impl Inner {
         bg.push(oom);
     }
 
-    /// Stops the monitor and the OOM listener.
     /// Tears sandbox `sb` down in the background (see [`Inner::teardown`]): its VM stopped, its
     /// records, mounts and network removed. Its port-forward rule goes at once; the teardown
     /// is marked in its records first (if that fails, all is done before returning).
@@ -238,6 +237,7 @@ impl Inner {
         }
     }
 
+    /// Stops the monitor and the OOM listener.
     pub fn stop_background(&self) {
         for t in self
             .background

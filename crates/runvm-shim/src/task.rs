@@ -218,16 +218,14 @@ impl TaskService {
         })?;
         {
             let mut guard = inner.sandbox.lock().await;
-            if guard.as_ref().is_some_and(|sb| sb.id().as_str() == req.id) {
+            if let Some(sb) = guard.take_if(|sb| sb.id().as_str() == req.id) {
                 // The pod's sandbox container (or a standalone one): its exit is recorded and
                 // the VM goes with it. The answer does not wait for the power-off: once the
                 // workload is gone, the VM, its helpers, mounts and records go behind it (the
-                // teardown mark makes `shim delete` wait for it; a crash in between leaves the
-                // records for `shim delete` to purge).
+                // teardown mark makes `shim delete` leave them to this shim; a crash in
+                // between leaves the records for `delete --force` to purge).
                 inner.stop_background();
-                if let Some(sb) = guard.take() {
-                    inner.tear_down(sb).await?;
-                }
+                inner.tear_down(sb).await?;
             } else if let Some(sb) = guard.as_mut() {
                 match sb.delete_container(&cid, true).await {
                     Ok(()) => {}

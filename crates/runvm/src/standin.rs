@@ -191,17 +191,7 @@ pub fn spawn(
     };
     let high: Vec<Option<OwnedFd>> = sources
         .iter()
-        .map(|fd| {
-            fd.as_ref()
-                .map(|fd| {
-                    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
-                        .map(|raw| {
-                            // SAFETY: F_DUPFD_CLOEXEC just made this fd; nothing else owns it.
-                            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
-                        })
-                })
-                .transpose()
-        })
+        .map(|fd| fd.as_ref().map(|fd| dup_high(fd.as_fd())).transpose())
         .collect::<std::result::Result<_, _>>()
         .context("cannot pass the stand-in its descriptors")?;
     drop(sources);
@@ -447,13 +437,7 @@ fn spawn_teardown(vm: &IdleVm) -> Result<()> {
         .skip(1)
         .take_while(|a| a != "__standin")
         .collect();
-    let mark = nix::fcntl::fcntl(
-        vm.mark().as_raw_fd(),
-        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10),
-    )
-    .context("cannot pass on the teardown mark")?;
-    // SAFETY: F_DUPFD_CLOEXEC just made this fd; nothing else owns it.
-    let mark = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(mark) };
+    let mark = dup_high(vm.mark()).context("cannot pass on the teardown mark")?;
     let raw = mark.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.args(global)
@@ -476,6 +460,15 @@ fn spawn_teardown(vm: &IdleVm) -> Result<()> {
     cmd.spawn().context("cannot start the VM's teardown")?;
     drop(mark);
     Ok(())
+}
+
+/// A close-on-exec copy of `fd` numbered 10 or above: a child's `dup2` onto the hand-off
+/// numbers (3 and up) then never finds its source among its targets, and always makes a copy
+/// it keeps across exec.
+fn dup_high(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    // SAFETY: F_DUPFD_CLOEXEC just made this fd; nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
 /// Where `__teardown` finds the teardown mark.

@@ -196,11 +196,16 @@ impl Store {
         self.sandbox_dir(id).join(LOCK_FILE)
     }
 
+    /// The teardown file of sandbox `id` (see [`Store::hold_teardown`]).
+    fn teardown_path(&self, id: &SandboxId) -> PathBuf {
+        self.sandbox_dir(id).join(TEARDOWN_FILE)
+    }
+
     /// Marks sandbox `id` as being torn down by this process until the returned lock is
     /// dropped: [`Store::wait_teardown`] in another process waits for it. The sandbox's record
     /// stays meanwhile, so a crash in between leaves it for `delete --force` to find.
     pub fn hold_teardown(&self, id: &SandboxId) -> Result<SandboxLock, StoreError> {
-        let path = self.sandbox_dir(id).join(TEARDOWN_FILE);
+        let path = self.teardown_path(id);
         match fsio::create_private_file(&path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -224,10 +229,8 @@ impl Store {
     /// Waits up to `timeout` for a teardown of sandbox `id` by another process
     /// ([`Store::hold_teardown`]) to end; at once when none runs or the sandbox is gone.
     pub fn wait_teardown(&self, id: &SandboxId, timeout: Duration) -> Result<(), StoreError> {
-        let path = self.sandbox_dir(id).join(TEARDOWN_FILE);
-        if !path.exists() {
-            return Ok(());
-        }
+        // No teardown file (none ever ran) or no sandbox: SandboxNotFound, nothing to wait for.
+        let path = self.teardown_path(id);
         match SandboxLock::acquire(
             id,
             &self.root,
@@ -242,12 +245,12 @@ impl Store {
 
     /// Whether another live process tears sandbox `id` down now ([`Store::hold_teardown`]).
     pub fn teardown_in_progress(&self, id: &SandboxId) -> bool {
-        let path = self.sandbox_dir(id).join(TEARDOWN_FILE);
-        path.exists()
-            && matches!(
-                SandboxLock::acquire(id, &self.root, path, LockMode::Shared, Wait::No),
-                Err(StoreError::LockBusy { .. })
-            )
+        // No teardown file or no sandbox is SandboxNotFound: none in progress.
+        let path = self.teardown_path(id);
+        matches!(
+            SandboxLock::acquire(id, &self.root, path, LockMode::Shared, Wait::No),
+            Err(StoreError::LockBusy { .. })
+        )
     }
 
     /// The folder of container `id` of sandbox `sandbox`.
