@@ -77,6 +77,11 @@ pub trait Hypervisor: Send + Sync + Debug {
     /// value then owns nothing (dropping it stops nothing).
     fn detach(&mut self);
 
+    /// Takes over the running VM `saved` describes, which another process started and let go
+    /// of ([`detach`](Self::detach)), as `Qemu::attach` does: the VM factory's hand-over. Only
+    /// legal before [`prepare`](Self::prepare); this value then owns the VM.
+    fn adopt(&mut self, saved: VmState) -> Result<()>;
+
     /// Where the host reaches the guest agent.
     fn agent_address(&self) -> Result<AgentAddress>;
 

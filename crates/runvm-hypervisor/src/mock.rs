@@ -286,6 +286,21 @@ impl Hypervisor for MockHypervisor {
         self.state = MockState::Stopped;
     }
 
+    fn adopt(&mut self, saved: crate::VmState) -> Result<()> {
+        self.require("adopt", &[MockState::New])?;
+        self.record("adopt");
+        let mut log = self.log.lock().expect("mock log lock");
+        log.config = Some(saved.config);
+        log.processes = saved.processes;
+        drop(log);
+        self.state = if saved.paused {
+            MockState::Paused
+        } else {
+            MockState::Running
+        };
+        Ok(())
+    }
+
     fn agent_address(&self) -> Result<AgentAddress> {
         Ok(self.agent.clone())
     }

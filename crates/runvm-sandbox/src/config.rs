@@ -68,6 +68,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// Pod networking.
     pub network: NetworkConfig,
+    /// The VM factory (docs/factory.md).
+    pub factory: FactoryConfig,
     /// The file this was loaded from; `None` for built-in defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -242,6 +244,27 @@ pub struct NetworkConfig {
     pub model: crate::network::NetworkModel,
 }
 
+/// `[factory]`: VMs booted before anyone asks (docs/factory.md). Off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FactoryConfig {
+    /// How many booted VMs `runvm factory init` keeps ready; 0: no factory, every sandbox
+    /// boots its own VM.
+    pub cache: u32,
+    /// Clones of a saved template VM. Not supported (see [`FactoryConfig::TEMPLATE_REFUSED`]).
+    pub template: bool,
+}
+
+impl FactoryConfig {
+    /// The most VMs the cache may keep ready.
+    pub const MAX_CACHE: u32 = 64;
+    /// Why `factory.template = true` is refused.
+    pub const TEMPLATE_REFUSED: &'static str = "valid: false (a template clone maps the \
+        template's memory private copy-on-write, but runvm's agent channel \
+        (vhost-user-vsock) and shared folder (virtio-fs) are vhost-user devices whose \
+        backends must share the guest's memory; use factory.cache, see docs/factory.md)";
+}
+
 /// `[agent]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -402,6 +425,20 @@ impl Config {
             if !(100..=600_000).contains(&ms) {
                 return Err(invalid(key, ms.to_string(), "valid: 100 to 600000 (ms)"));
             }
+        }
+        if self.factory.cache > FactoryConfig::MAX_CACHE {
+            return Err(invalid(
+                "factory.cache",
+                self.factory.cache.to_string(),
+                "valid: 0 (no factory) to 64",
+            ));
+        }
+        if self.factory.template {
+            return Err(invalid(
+                "factory.template",
+                "true".into(),
+                FactoryConfig::TEMPLATE_REFUSED,
+            ));
         }
         if h.stop_timeout_ms > 600_000 {
             return Err(invalid(

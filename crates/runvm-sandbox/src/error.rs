@@ -10,7 +10,7 @@ use crate::agent::AgentError;
 use crate::config::ConfigError;
 use crate::container::share::ShareError;
 use crate::container::spec::SpecError;
-use crate::id::InvalidId;
+use crate::id::{InvalidId, SandboxId};
 use crate::state::{InvalidTransition, State};
 use crate::store::StoreError;
 
@@ -142,6 +142,17 @@ pub enum SandboxError {
         exec_id: String,
     },
 
+    /// The VM the factory handed over could not be made the sandbox's (the sandbox and the VM
+    /// are gone again; the caller may boot a VM of its own).
+    #[error("the factory's VM {vm} could not be adopted")]
+    FactoryVm {
+        /// The factory VM's id.
+        vm: SandboxId,
+        /// Why.
+        #[source]
+        source: Box<SandboxError>,
+    },
+
     /// A file-system operation failed.
     #[error("cannot {action} {}", path.display())]
     Io {
@@ -193,6 +204,7 @@ impl SandboxError {
             }
             SandboxError::ProcessNotFound { .. } => ErrorKind::NotFound,
             SandboxError::Io { .. } => ErrorKind::Internal,
+            SandboxError::FactoryVm { source, .. } => source.kind(),
             SandboxError::HostCgroup(crate::host_cgroup::HostCgroupError::Io { .. }) => {
                 ErrorKind::Internal
             }

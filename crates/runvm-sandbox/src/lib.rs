@@ -14,6 +14,7 @@ pub mod check;
 pub mod config;
 pub mod container;
 mod error;
+pub mod factory;
 pub mod host_cgroup;
 mod id;
 pub mod network;

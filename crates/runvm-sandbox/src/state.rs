@@ -182,6 +182,11 @@ pub struct SandboxRecord {
     /// is made, so whichever process removes the sandbox removes it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<crate::host_cgroup::HostCgroupRecord>,
+    /// The factory VM this sandbox adopted ([`crate::factory`]), whose run and shared folders
+    /// lie in `ROOT/.vmhome~ID` (computed from the root and this id, never read as a path);
+    /// `None`: the VM was booted for this sandbox, in its own folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factory_vm: Option<SandboxId>,
 }
 
 impl SandboxRecord {
@@ -206,6 +211,7 @@ impl SandboxRecord {
             timeline: vec![("created".into(), now)],
             network: None,
             host_cgroup: None,
+            factory_vm: None,
         }
     }
 

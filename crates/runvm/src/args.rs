@@ -131,6 +131,10 @@ pub enum Command {
     /// namespace, reconfigure one, list interfaces, list or replace routes. JSON in and out.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// The VM factory: VMs booted before anyone asks, handed to new sandboxes
+    /// (`[factory] cache = N`; docs/factory.md).
+    #[command(subcommand)]
+    Factory(FactoryCommand),
     /// Boots a sandbox VM, reports the accelerator, the agent's version and the time until the
     /// agent answered, then shuts it down.
     Boot {
@@ -379,6 +383,28 @@ pub struct UpdateArgs {
     pub mem_bw_schema: Option<String>,
     /// The container id.
     pub id: String,
+}
+
+/// `runvm factory` verbs.
+#[derive(Debug, Subcommand)]
+pub enum FactoryCommand {
+    /// Starts the factory of the state root: a daemon that keeps `factory.cache` VMs booted.
+    /// Returns once they are ready (the daemon runs on, its log in ROOT/~factory/factory.log),
+    /// or with --foreground serves until SIGTERM (for a systemd unit).
+    Init {
+        /// Serve in this process instead of starting a daemon.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// The factory: running or not, what its VMs are made from, VMs ready, hits and misses.
+    Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Stops the factory and ends the VMs it holds (VMs sandboxes adopted stay theirs); also
+    /// cleans up after a factory that was killed. Leaves no factory process or file.
+    Destroy,
 }
 
 /// `runvm network` verbs. JSON arguments are the JSON text, a file, or "-" for stdin.

@@ -38,6 +38,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Boot { id } => boot(c, id),
         Command::Network(n) => crate::network::run(c, n),
+        Command::Factory(f) => crate::factory::run(g, c, f),
         Command::Create(a) => oci::create(g, c, &a),
         Command::Start { id } => oci::start(c, &id),
         Command::Run {

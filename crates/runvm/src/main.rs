@@ -4,6 +4,7 @@
 mod args;
 mod argv;
 mod commands;
+mod factory;
 mod logging;
 mod network;
 mod oci;

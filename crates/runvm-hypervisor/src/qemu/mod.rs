@@ -807,6 +807,12 @@ impl Hypervisor for Qemu {
         self.state = State::Stopped;
     }
 
+    fn adopt(&mut self, saved: VmState) -> Result<()> {
+        self.require("adopt a running VM", &[State::New])?;
+        *self = Qemu::attach(self.settings.clone(), saved)?;
+        Ok(())
+    }
+
     fn agent_address(&self) -> Result<AgentAddress> {
         let (config, layout) = self.prepared()?;
         Ok(match config.vsock {

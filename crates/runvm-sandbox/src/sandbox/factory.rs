@@ -8,7 +8,7 @@ use std::time::Duration;
 use runvm_hypervisor::qemu::{Qemu, QemuSettings};
 use runvm_hypervisor::{Accelerator, HostCpu, Hypervisor, SharedDir, VmConfig, VsockBackend};
 
-use super::{BootReport, Sandbox, SandboxSettings};
+use super::{BootReport, Sandbox, SandboxSettings, VmParts, VmSource};
 use crate::agent::TtrpcConnector;
 use crate::config::{resolve_program, Config, VsockMode};
 use crate::error::SandboxError;
@@ -169,17 +169,13 @@ pub async fn create_qemu_sandbox_for(
     let (effective, size) = pod_config(config, &annotations, host)?;
     // Room to hot-plug up to the maxima (vCPUs at most 255, QEMU's limit without an IOMMU).
     let (max_vcpus, max_memory_mib) = max_size(config, &effective, host);
+    let pod_size = size;
     let size = crate::sizing::boot_with_container(size, first, (max_vcpus, max_memory_mib))?;
     let config = &effective;
     let mut settings = sandbox_settings(config, &id)?;
     settings.vm.vcpus = size.vcpus;
     settings.vm.memory_mib = size.memory_mib;
-    settings.vm.max_vcpus = max_vcpus.min(255);
-    settings.vm.max_memory_mib = if config.hypervisor.memory_hotplug {
-        u32::try_from(max_memory_mib).unwrap_or(u32::MAX)
-    } else {
-        0
-    };
+    set_maxima(&mut settings, config, max_vcpus, max_memory_mib);
     settings.netns = netns;
     if let Some(spec) = spec {
         settings.host_cgroup =
@@ -188,18 +184,97 @@ pub async fn create_qemu_sandbox_for(
             settings.vm.cgroup_procs = host_cgroup::procs_files(&request.record.path)?;
         }
     }
-    let qemu = Qemu::new(qemu_settings(config)?);
     let store = Store::open(config.runtime.root.clone())?;
-    Sandbox::create(
-        store,
-        id,
+    let source = vm_source(config, pod_size);
+    let made = Sandbox::create_from(
+        store.clone(),
+        id.clone(),
         config,
-        settings,
-        annotations,
-        Box::new(qemu),
-        Arc::new(TtrpcConnector::new(config.agent.request_timeout())),
+        settings.clone(),
+        annotations.clone(),
+        qemu_parts(config)?,
+        source,
     )
-    .await
+    .await;
+    match made {
+        Err(SandboxError::FactoryVm { vm, source }) => {
+            // The sandbox and the VM are gone again: start over with a VM of its own.
+            tracing::warn!(vm = %vm, error = %crate::ErrorChain(&*source), "the factory's VM failed; booting a VM of its own");
+            Sandbox::create_from(
+                store,
+                id,
+                config,
+                settings,
+                annotations,
+                qemu_parts(config)?,
+                VmSource::Boot {
+                    note: Some("factory-miss:adoption-failed"),
+                },
+            )
+            .await
+        }
+        other => other,
+    }
+}
+
+/// Where the VM of a sandbox of `config` whose pod asks for `pod_size` comes from: the
+/// factory when one is configured and its VMs (booted at the configured size) fit the pod,
+/// else a boot of its own. A container's own limits are hot-plugged when it is created.
+fn vm_source(config: &Config, pod_size: crate::pod_config::BootSize) -> VmSource {
+    if config.factory.cache == 0 {
+        return VmSource::Boot { note: None };
+    }
+    let base = (config.hypervisor.vcpus, config.hypervisor.memory_mib);
+    if (pod_size.vcpus, pod_size.memory_mib) != base {
+        return VmSource::Boot {
+            note: Some("factory-miss:pod-size"),
+        };
+    }
+    VmSource::Factory {
+        key: crate::factory::vm_key(config),
+    }
+}
+
+/// Sets the VM's hotplug maxima (`max_memory_mib` only with `hypervisor.memory_hotplug`).
+fn set_maxima(settings: &mut SandboxSettings, config: &Config, vcpus: u32, memory_mib: u64) {
+    settings.vm.max_vcpus = vcpus.min(255);
+    settings.vm.max_memory_mib = if config.hypervisor.memory_hotplug {
+        u32::try_from(memory_mib).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
+}
+
+/// PCIe root ports a factory VM keeps free for the cards of the pod that adopts it (its
+/// devices and later hot-adds).
+pub const FACTORY_VM_HOTPLUG_PORTS: u32 = 4;
+
+/// Settings of factory VM `vm` ([`crate::factory`]): the configured size with room to hot-plug
+/// up to the maxima, no network (the adopting pod's cards are hot-added), run and shared
+/// folders in `ROOT/.vmhome~ID`, which the adopting sandbox keeps.
+pub fn factory_vm_settings(
+    config: &Config,
+    vm: &SandboxId,
+) -> Result<SandboxSettings, SandboxError> {
+    let mut settings = sandbox_settings(config, vm)?;
+    let home = Store::new(config.runtime.root.clone()).vm_home(vm);
+    settings.vm.run_dir = home.join("vm");
+    settings.vm.shared_dir = Some(SharedDir {
+        path: home.join("shared"),
+        tag: SHARED_FS_TAG.into(),
+    });
+    settings.vm.hotplug_ports = FACTORY_VM_HOTPLUG_PORTS;
+    let (max_vcpus, max_memory_mib) = max_size(config, config, HostCapacity::detect());
+    set_maxima(&mut settings, config, max_vcpus, max_memory_mib);
+    Ok(settings)
+}
+
+/// A QEMU backend and an agent connector for a new sandbox of `config`.
+pub fn qemu_parts(config: &Config) -> Result<VmParts, SandboxError> {
+    Ok(VmParts {
+        hypervisor: Box::new(Qemu::new(qemu_settings(config)?)),
+        connector: Arc::new(TtrpcConnector::new(config.agent.request_timeout())),
+    })
 }
 
 /// Picks up sandbox `id` from the state under `config.runtime.root`, re-attaching to its VM.

@@ -6,6 +6,7 @@
 //! without touching the guest.
 
 mod admission;
+mod adopt;
 mod containers;
 mod factory;
 mod monitor;
@@ -17,11 +18,12 @@ mod resize;
 pub(crate) use containers::record_exit_in;
 pub use containers::{ContainerStatus, ExecRequest, NewContainer};
 pub use factory::{
-    create_qemu_sandbox, create_qemu_sandbox_for, create_qemu_sandbox_in, open_sandbox,
-    qemu_settings, resolve_vsock, sandbox_settings, SHARED_FS_TAG,
+    create_qemu_sandbox, create_qemu_sandbox_for, create_qemu_sandbox_in, factory_vm_settings,
+    open_sandbox, qemu_parts, qemu_settings, resolve_vsock, sandbox_settings,
+    FACTORY_VM_HOTPLUG_PORTS, SHARED_FS_TAG,
 };
 pub use monitor::VmFailure;
-pub use purge::{purge, PurgeReport};
+pub use purge::{purge, purge_vm_home, PurgeReport};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,7 +46,7 @@ pub const KILLED_EXIT_STATUS: i32 = 137;
 /// Lines of guest console quoted in boot errors.
 const CONSOLE_LINES: usize = 20;
 /// Longest wait for the sandbox's lock.
-pub(crate) const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Timing of one boot, measured on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +92,30 @@ pub struct SandboxSettings {
     pub host_cgroup: Option<crate::host_cgroup::HostCgroupRequest>,
 }
 
+/// The VM backend and agent connector a new sandbox drives.
+#[derive(Debug)]
+pub struct VmParts {
+    /// The hypervisor backend (not prepared yet).
+    pub hypervisor: Box<dyn Hypervisor>,
+    /// How the agent is reached.
+    pub connector: Arc<dyn AgentConnector>,
+}
+
+/// Where a new sandbox's VM comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmSource {
+    /// Booted for the sandbox; `note` goes into its timeline (why not from the factory).
+    Boot {
+        /// A timeline phase to record first.
+        note: Option<&'static str>,
+    },
+    /// Taken from the VM factory when it has one made from configuration `key`.
+    Factory {
+        /// [`crate::factory::vm_key`] of the sandbox's configuration.
+        key: String,
+    },
+}
+
 /// The state of a sandbox and its containers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxStatus {
@@ -125,7 +151,6 @@ impl Sandbox {
     /// Makes sandbox `id` and boots its VM: the record is stored first (so no other process can
     /// take the id), then the VM starts and the agent is waited for. The sandbox is `ready`.
     /// On error nothing is left: no process, no mount, no folder.
-    #[tracing::instrument(skip_all, fields(sandbox = %id))]
     pub async fn create(
         store: Store,
         id: SandboxId,
@@ -134,6 +159,28 @@ impl Sandbox {
         annotations: BTreeMap<String, String>,
         hypervisor: Box<dyn Hypervisor>,
         connector: Arc<dyn AgentConnector>,
+    ) -> Result<(Sandbox, BootReport), SandboxError> {
+        let parts = VmParts {
+            hypervisor,
+            connector,
+        };
+        let source = VmSource::Boot { note: None };
+        Sandbox::create_from(store, id, config, settings, annotations, parts, source).await
+    }
+
+    /// As [`create`](Sandbox::create), the VM coming from `source`: booted, or taken from the
+    /// VM factory ([`crate::factory`]; a miss boots, saying why in the timeline). A factory VM
+    /// that cannot be adopted is ended with the sandbox and reported as
+    /// [`SandboxError::FactoryVm`], after which the caller may create the sandbox again.
+    #[tracing::instrument(skip_all, fields(sandbox = %id))]
+    pub async fn create_from(
+        store: Store,
+        id: SandboxId,
+        config: &Config,
+        settings: SandboxSettings,
+        annotations: BTreeMap<String, String>,
+        parts: VmParts,
+        source: VmSource,
     ) -> Result<(Sandbox, BootReport), SandboxError> {
         let mut record = SandboxRecord::new(id, settings.vm.clone(), config.clone());
         record.annotations = annotations;
@@ -162,14 +209,34 @@ impl Sandbox {
             record,
             boot_timeout: settings.boot_timeout,
             stop_timeout: settings.stop_timeout,
-            hypervisor,
-            connector,
+            hypervisor: parts.hypervisor,
+            connector: parts.connector,
             agent: None,
             ready_signal: settings.ready_signal,
             netns: settings.netns.map(|p| (p, settings.network_model)),
             parallel_boots: config.runtime.parallel_boots(),
         };
-        match sandbox.boot(&lock).await {
+        let made = match source {
+            VmSource::Boot { note } => {
+                if let Some(note) = note {
+                    sandbox.record.mark(note);
+                }
+                sandbox.boot(&lock).await
+            }
+            VmSource::Factory { key } => {
+                let taken =
+                    crate::factory::client::take(sandbox.store.root(), sandbox.id(), &key).await;
+                match taken {
+                    Ok(handout) => sandbox.adopt(&lock, handout).await,
+                    Err(miss) => {
+                        tracing::info!(%miss, "booting a VM of its own");
+                        sandbox.record.mark(&miss.phase());
+                        sandbox.boot(&lock).await
+                    }
+                }
+            }
+        };
+        match made {
             Ok(report) => Ok((sandbox, report)),
             Err(e) => {
                 sandbox.agent = None;
@@ -184,10 +251,24 @@ impl Sandbox {
                         tracing::warn!(error = %rm, "removing the host cgroup after a failed boot");
                     }
                 }
+                let adopted = sandbox.record.factory_vm.clone();
+                if let Some(vm) = &adopted {
+                    // Whatever of the adopted VM is left (the stop above ends what it holds).
+                    let config = sandbox.record.config.clone();
+                    if let Err(rm) = purge::purge_vm_home(&sandbox.store, vm, &config).await {
+                        tracing::warn!(error = %rm, "removing the factory VM after a failed adoption");
+                    }
+                }
                 if let Err(rm) = sandbox.store.remove_sandbox(lock) {
                     tracing::warn!(error = %rm, "removing the sandbox after a failed boot");
                 }
-                Err(e)
+                match adopted {
+                    Some(vm) => Err(SandboxError::FactoryVm {
+                        vm,
+                        source: Box::new(e),
+                    }),
+                    None => Err(e),
+                }
             }
         }
     }
@@ -670,9 +751,12 @@ impl Sandbox {
         let lock = self
             .store
             .lock_exclusive_timeout(&self.record.id, LOCK_TIMEOUT)?;
-        // The VM is gone: its host cgroup goes before the record that names it.
+        // The VM is gone: its host cgroup and folder go before the record that names them.
         if let Some(cgroup) = &self.record.host_cgroup {
             crate::host_cgroup::remove(cgroup)?;
+        }
+        if let Some(vm) = &self.record.factory_vm {
+            self.store.remove_vm_home(vm)?;
         }
         self.store.remove_sandbox(lock)?;
         for c in &containers {

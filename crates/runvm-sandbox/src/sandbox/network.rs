@@ -43,6 +43,24 @@ impl Sandbox {
         Ok(())
     }
 
+    /// For an adopted factory VM (booted without a network): joins the pod's namespace as
+    /// [`setup_network`](Self::setup_network) does, recorded first, then hot-adds a card per
+    /// device (the taps opened in the namespace reach QEMU as descriptors).
+    pub(super) async fn adopt_network(&mut self, lock: &SandboxLock) -> Result<(), SandboxError> {
+        let Some((netns, model)) = self.netns.clone() else {
+            return Ok(());
+        };
+        let record = network::setup(&netns, model).await?;
+        self.record.network = Some(record.clone());
+        self.store.save_sandbox(lock, &self.record)?;
+        for e in &record.endpoints {
+            self.hypervisor.add_net_device(&net_device(e)).await?;
+        }
+        self.record.vm = self.hypervisor.save()?;
+        self.store.save_sandbox(lock, &self.record)?;
+        Ok(())
+    }
+
     /// After boot: the guest configures its cards as the pod's devices are.
     pub(super) async fn configure_guest_network(
         &mut self,

@@ -163,7 +163,49 @@ async fn kill_all(victims: &[Victim]) {
 
 /// Unmounts everything at or under `dir`, deepest first; returns what was mounted.
 fn unmount_under(store: &Store, id: &SandboxId) -> Vec<PathBuf> {
-    let mut mounts = store.mounts_of(id);
+    unmount_paths(store.mounts_of(id))
+}
+
+/// Ends factory VM `vm`'s folder in `store`'s root (`ROOT/.vmhome~ID`, see
+/// [`crate::factory`]) and whatever runs from it: processes with an argument in it (QEMU and
+/// its helpers, matched by program as in [`purge`]) are killed, mounts under it unmounted, the
+/// folder removed. For a VM no record names any more, or a pool VM being ended.
+pub async fn purge_vm_home(
+    store: &Store,
+    vm: &SandboxId,
+    config: &Config,
+) -> Result<PurgeReport, SandboxError> {
+    let home = store.vm_home(vm);
+    let programs = program_names(config);
+    let needle = format!("{}/", home.display());
+    let victims: Vec<Victim> = find_by_argument(&needle)
+        .into_iter()
+        .filter(|found| is_vm_process(found.pid, found.start_time, &programs))
+        .map(|found| Victim {
+            name: found
+                .exe
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            pid: found.pid,
+            start_time: found.start_time,
+        })
+        .collect();
+    kill_all(&victims).await;
+    let unmounted = unmount_paths(store.mounts_of_vm_home(vm));
+    store.remove_vm_home(vm)?;
+    Ok(PurgeReport {
+        unreadable: None,
+        killed: victims
+            .iter()
+            .map(|v| format!("{} {}", v.name, v.pid))
+            .collect(),
+        unmounted,
+    })
+}
+
+/// Unmounts `mounts`, deepest first; returns them.
+fn unmount_paths(mut mounts: Vec<PathBuf>) -> Vec<PathBuf> {
     mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     for m in &mounts {
         match nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
@@ -265,6 +307,13 @@ pub async fn purge(
         crate::host_cgroup::remove(cgroup)?;
     }
     report.unmounted = unmount_under(store, id);
+    if let Some(vm) = record.as_ref().and_then(|r| r.factory_vm.as_ref()) {
+        // The adopted factory VM's folder (its processes were among the victims above).
+        report
+            .unmounted
+            .extend(unmount_paths(store.mounts_of_vm_home(vm)));
+        store.remove_vm_home(vm)?;
+    }
     // Read before the records go: their poststop hooks run once the container is gone.
     let containers: Vec<_> = record
         .iter()

@@ -79,6 +79,9 @@ pub const CONTAINER_FILE: &str = "container.json";
 /// The prefix of a VM run folder kept outside its sandbox folder (see [`vm_run_dir`]). `~` is
 /// not allowed in ids, so such a folder is never taken for a sandbox.
 pub const VM_DIR_PREFIX: &str = ".vm~";
+/// The prefix of the folder of a factory VM (`ROOT/.vmhome~ID`: its run folder `vm/` and its
+/// shared folder `shared/`), which the sandbox adopting the VM keeps (see [`crate::factory`]).
+pub const VM_HOME_PREFIX: &str = ".vmhome~";
 /// The longest file name runvm or its helpers create as a unix socket in a VM run folder
 /// (`vsock.hv_1025`, with room for any vsock port).
 const LONGEST_SOCKET_NAME: usize = "vsock.hv_4294967295".len();
@@ -500,6 +503,58 @@ impl Store {
         remove_leftover_dir(&grave);
         tracing::debug!(sandbox = %id, "sandbox state removed by force");
         Ok(())
+    }
+
+    /// The folder of factory VM `vm` ([`VM_HOME_PREFIX`]): computed from the root and the id.
+    pub fn vm_home(&self, vm: &SandboxId) -> PathBuf {
+        self.root.join(format!("{VM_HOME_PREFIX}{vm}"))
+    }
+
+    /// The factory VMs whose folder lies in the root.
+    pub fn vm_homes(&self) -> Result<Vec<SandboxId>, StoreError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("list", &self.root)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", &self.root))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_prefix(VM_HOME_PREFIX)) else {
+                continue;
+            };
+            if let Ok(id) = SandboxId::parse(id) {
+                out.push(id);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The mount points at or under factory VM `vm`'s folder.
+    pub fn mounts_of_vm_home(&self, vm: &SandboxId) -> Vec<PathBuf> {
+        fsio::mounts_under(&self.vm_home(vm)).unwrap_or_default()
+    }
+
+    /// Removes factory VM `vm`'s folder (its VM must be gone); refused while anything is
+    /// mounted under it. A folder already gone is fine.
+    pub fn remove_vm_home(&self, vm: &SandboxId) -> Result<(), StoreError> {
+        let home = self.vm_home(vm);
+        match fs::symlink_metadata(&home) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error("inspect", &home)(e)),
+            Ok(meta) if !meta.is_dir() => {
+                return fs::remove_file(&home).map_err(io_error("remove", &home));
+            }
+            Ok(_) => {}
+        }
+        check_no_mounts(&home)?;
+        match fs::remove_dir_all(&home) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove the factory VM's folder", &home)(e)),
+        }
     }
 
     /// The mount points at or under sandbox `id`'s folder.

@@ -1,0 +1,109 @@
+//! Adopting a VM from the factory ([`crate::factory`]) instead of booting one: the sandbox's
+//! record names the VM first (from then on the sandbox owns it), then the VM is made the pod's:
+//! its processes join the pod's host cgroup, the pod's cards are hot-added (taps opened in the
+//! pod's namespace, handed to QEMU as descriptors), and the guest configures them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{BootReport, BootTimings, Sandbox};
+use crate::agent::{Agent, AgentError};
+use crate::error::SandboxError;
+use crate::factory::client::Handout;
+use crate::store::SandboxLock;
+
+/// How long the adopted VM's agent may take to answer its first check.
+const AGENT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Sandbox {
+    /// Makes the VM of `handout` this sandbox's (see the module documentation). On error the
+    /// record names the VM, so the caller's clean-up ends it.
+    pub(super) async fn adopt(
+        &mut self,
+        lock: &SandboxLock,
+        handout: Handout,
+    ) -> Result<BootReport, SandboxError> {
+        let t0 = Instant::now();
+        let pooled = handout.record().clone();
+        let mut saved = pooled.vm.clone();
+        // The sandbox's own choices for the VM: its host cgroup and the pod's namespace.
+        saved.config.cgroup_procs = self.record.vm.config.cgroup_procs.clone();
+        if let Some((netns, _)) = &self.netns {
+            saved.config.netns = Some(netns.clone());
+        }
+        self.record.vm = saved.clone();
+        self.record.agent_address = pooled.agent_address.clone();
+        self.record.memory_block_size = pooled.memory_block_size;
+        self.record.factory_vm = Some(handout.vm().clone());
+        self.record.mark("factory-vm-taken");
+        self.store.save_sandbox(lock, &self.record)?;
+        let vm = handout.vm().clone();
+        if let Err(e) = handout.adopted().await {
+            // The record decides: the factory finds it when it sweeps.
+            tracing::warn!(vm = %vm, error = %crate::ErrorChain(&e), "telling the factory the VM was adopted");
+        }
+        tracing::info!(vm = %vm, "adopted a VM of the factory");
+        self.hypervisor.adopt(saved)?;
+        self.join_host_cgroup()?;
+        self.adopt_network(lock).await?;
+        let agent = self.checked_agent().await?;
+        let version = agent.version().await?;
+        let guest = agent.guest_details().await?;
+        self.configure_guest_network(agent.as_ref()).await?;
+        self.agent = Some(agent);
+        self.record.vm = self.hypervisor.save()?;
+        self.record.mark("agent-ready");
+        self.store.save_sandbox(lock, &self.record)?;
+        let total = t0.elapsed();
+        tracing::info!(ms = total.as_millis() as u64, "factory VM ready");
+        Ok(BootReport {
+            accelerator: self.record.vm.config.accelerator,
+            agent: version,
+            guest,
+            timings: BootTimings {
+                vm_started: Duration::ZERO,
+                agent_ready: total,
+                total,
+            },
+        })
+    }
+
+    /// Moves the VM's processes (QEMU and its helpers, each with all its threads) into the
+    /// sandbox's host cgroup, when it has one. Memory they charged before stays charged where
+    /// it was (cgroup v2 does not move charges); what they allocate from now on is the pod's.
+    fn join_host_cgroup(&self) -> Result<(), SandboxError> {
+        let files = &self.record.vm.config.cgroup_procs;
+        for process in self.hypervisor.pids() {
+            for file in files {
+                std::fs::write(file, process.pid.to_string()).map_err(|source| {
+                    SandboxError::Io {
+                        action: "move the factory VM's processes into",
+                        path: file.clone(),
+                        source,
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent of the adopted VM, once it answers a check.
+    async fn checked_agent(&mut self) -> Result<Arc<dyn Agent>, SandboxError> {
+        let agent = self.agent().await?;
+        match tokio::time::timeout(AGENT_CHECK_TIMEOUT, agent.check()).await {
+            Ok(Ok(())) => Ok(agent),
+            Ok(Err(e)) => {
+                self.agent = None;
+                Err(e.into())
+            }
+            Err(_) => {
+                self.agent = None;
+                Err(AgentError::Timeout {
+                    method: "Check",
+                    timeout: AGENT_CHECK_TIMEOUT,
+                }
+                .into())
+            }
+        }
+    }
+}
