@@ -43,8 +43,12 @@ pub fn run(g: &Global, config: &Config, command: FactoryCommand) -> Result<ExitC
 /// The running daemon's status, or what is on disk without one.
 async fn status(config: &Config) -> Result<FactoryStatus> {
     let root = &config.runtime.root;
-    if let Some(status) = client::status(root).await? {
-        return Ok(status);
+    match client::status(root).await {
+        Ok(Some(status)) => return Ok(status),
+        Ok(None) => {}
+        // A daemon that died while it answered is as good as none.
+        Err(_) if !daemon::daemon_running(&factory::factory_dir(root)) => {}
+        Err(e) => return Err(e.into()),
     }
     let records = factory::pool_store(root)
         .list_sandboxes()

@@ -73,7 +73,7 @@ pub enum FactoryError {
         pid: u32,
     },
     /// A file or socket operation failed.
-    #[error("cannot {action} {}: {source}", path.display())]
+    #[error("cannot {action} {}", path.display())]
     Io {
         /// What was being done.
         action: &'static str,
