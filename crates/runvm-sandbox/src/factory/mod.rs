@@ -333,3 +333,6 @@ pub async fn sweep(config: &Config) -> Result<SweepReport, FactoryError> {
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests;
