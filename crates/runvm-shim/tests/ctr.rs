@@ -346,3 +346,38 @@ fn bad_requests_get_the_right_ttrpc_codes_and_start_nothing() {
 
     env.kill_and_remove("t9");
 }
+
+/// With `[factory] cache = 1` and `runvm factory init`, the shim's sandbox takes the factory's
+/// booted VM (the factory counts the hit), and removing the task leaves nothing of it.
+#[test]
+fn ctr_run_takes_its_vm_from_the_factory() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start_configured("[factory]\ncache = 1\n");
+    let runvm = std::path::Path::new(env!("CARGO_BIN_EXE_containerd-shim-runvm-v2"))
+        .with_file_name("runvm");
+    assert!(runvm.exists(), "{} is not built", runvm.display());
+    let factory = |verb: &[&str]| {
+        let mut cmd = std::process::Command::new(&runvm);
+        cmd.arg("--config").arg(env.runvm_config()).arg("factory");
+        cmd.args(verb);
+        common::run_ok(&mut cmd)
+    };
+    factory(&["init"]);
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "f1",
+        "cat",
+        "/proc/sys/kernel/random/uuid",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim().len(), 36);
+    let status: serde_json::Value =
+        serde_json::from_slice(&factory(&["status", "--format", "json"]).stdout).unwrap();
+    assert_eq!(status["hits"], 1, "{status}");
+    factory(&["destroy"]);
+    env.assert_clean();
+}

@@ -55,7 +55,11 @@ fn the_key_changes_with_what_a_vm_is_made_from() {
     assert_ne!(vm_key(&base), vm_key(&other));
     let mut network = base.clone();
     network.factory.cache = 3;
-    assert_eq!(vm_key(&base), vm_key(&network), "the factory's own size is no part of a VM");
+    assert_eq!(
+        vm_key(&base),
+        vm_key(&network),
+        "the factory's own size is no part of a VM"
+    );
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("vmlinuz");
     std::fs::write(&kernel, b"one").unwrap();

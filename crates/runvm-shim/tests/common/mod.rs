@@ -29,17 +29,28 @@ pub struct Env {
 impl Env {
     /// containerd with runvm's shim, for `ctr`, and busybox in the `default` namespace.
     pub fn start() -> Env {
-        Env::start_with(None)
+        Env::start_with(None, "")
+    }
+
+    /// As [`Env::start`], with `extra` appended to runvm's configuration file
+    /// ([`Env::runvm_config`]).
+    pub fn start_configured(extra: &str) -> Env {
+        Env::start_with(None, extra)
+    }
+
+    /// runvm's configuration file, which the shim reads (`RUNVM_CONFIG`).
+    pub fn runvm_config(&self) -> PathBuf {
+        self.dir.path().join("runvm.toml")
     }
 
     /// containerd whose CRI plugin runs pods with runvm (runtime handler `runvm`), a pause image
     /// and busybox in the `k8s.io` namespace, and a bridge network (`bridge`, host-local
     /// addresses in `subnet`) configured for CNI.
     pub fn start_cri(bridge: &str, subnet: &str) -> Env {
-        Env::start_with(Some((bridge, subnet)))
+        Env::start_with(Some((bridge, subnet)), "")
     }
 
-    fn start_with(cri: Option<(&str, &str)>) -> Env {
+    fn start_with(cri: Option<(&str, &str)>, extra: &str) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("runvm-shim-")
             .tempdir()
@@ -56,7 +67,7 @@ impl Env {
             &config,
             // Room to hot-plug (tests/cri/hotplug.rs): up to 4 vCPUs and 2.5 GiB.
             format!(
-                "[runtime]\nroot = \"{}\"\n[hypervisor]\nmax_vcpus = 4\nmax_memory_mib = 2560\n",
+                "[runtime]\nroot = \"{}\"\n[hypervisor]\nmax_vcpus = 4\nmax_memory_mib = 2560\n{extra}",
                 d.join("runvm").display()
             ),
         )
