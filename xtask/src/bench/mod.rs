@@ -7,6 +7,7 @@ mod boot;
 mod cli;
 mod containerd;
 mod cri;
+mod factory;
 mod floor;
 mod procs;
 mod report;
@@ -39,6 +40,9 @@ pub enum Bench {
     Cri,
     /// QEMU booting the kernel into an init that powers off at once.
     Floor,
+    /// Warm starts from the VM factory's pool (`runvm run`, `ctr run --rm`) against runc's,
+    /// the pool's fill and refill times, an idle VM's host CPU.
+    Factory,
     /// `exec true` into a running container.
     Exec,
     /// PSS of 1 and 10 idle pods.

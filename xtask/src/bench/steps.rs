@@ -79,11 +79,11 @@ impl Setup {
         self.args.only.is_empty() || self.args.only.contains(&b)
     }
 
-    fn k(&self) -> u32 {
+    pub(super) fn k(&self) -> u32 {
         self.args.count
     }
 
-    fn accel(&self) -> &str {
+    pub(super) fn accel(&self) -> &str {
         &self.accel
     }
 
@@ -111,6 +111,9 @@ impl Setup {
         }
         if self.wants(Bench::Ctr) {
             metrics.extend(self.ctr());
+        }
+        if self.wants(Bench::Factory) {
+            metrics.extend(self.factory());
         }
         if self.wants(Bench::Cri) {
             metrics.extend(self.cri());
