@@ -18,6 +18,9 @@ const STOP_WAIT: Duration = Duration::from_secs(60);
 pub fn run(g: &Global, config: &Config, command: FactoryCommand) -> Result<ExitCode> {
     match command {
         FactoryCommand::Init { foreground: true } => {
+            if let Err(e) = daemon::lower_priority() {
+                tracing::warn!(error = %e, "cannot lower the factory's CPU priority");
+            }
             block_on(async {
                 daemon::serve(config.clone(), |socket| {
                     tracing::info!(socket = %socket.display(), "factory listening");

@@ -27,6 +27,20 @@ use crate::id::SandboxId;
 use crate::sandbox::{factory_vm_settings, qemu_parts, Sandbox, VmSource};
 use crate::store::Store;
 
+/// The nice value the daemon (and so every VM it boots) runs at: refilling the pool yields
+/// the CPU to the pods starting; a VM gets the normal priority back when it is adopted.
+pub const POOL_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`POOL_NICE`]; threads and processes it
+/// creates afterwards inherit it. Call before the daemon's runtime starts.
+pub fn lower_priority() -> std::io::Result<()> {
+    // SAFETY: setpriority(2) on the calling thread (who = 0) with a plain value.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, POOL_NICE) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// How often the ready VMs are checked.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a sandbox may take between a hand-out and its `adopted`.

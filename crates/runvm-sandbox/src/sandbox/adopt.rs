@@ -45,6 +45,7 @@ impl Sandbox {
         tracing::info!(vm = %vm, "adopted a VM of the factory");
         self.hypervisor.adopt(saved)?;
         self.join_host_cgroup()?;
+        self.restore_priority();
         self.adopt_network(lock).await?;
         let agent = self.checked_agent().await?;
         let version = agent.version().await?;
@@ -85,6 +86,33 @@ impl Sandbox {
             }
         }
         Ok(())
+    }
+
+    /// Gives every thread of the VM's processes the normal CPU priority again: the factory
+    /// boots its VMs niced ([`crate::factory::daemon::POOL_NICE`]) so that refilling the pool
+    /// does not slow the pods starting, and a pod's VM must not stay behind others'. Best
+    /// effort: a thread that cannot be changed is logged.
+    fn restore_priority(&self) {
+        for process in self.hypervisor.pids() {
+            let tasks = format!("/proc/{}/task", process.pid);
+            let Ok(entries) = std::fs::read_dir(&tasks) else {
+                continue;
+            };
+            for tid in entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            {
+                // SAFETY: setpriority(2) with plain integers; a thread that is gone fails with
+                // ESRCH, which is ignored.
+                let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) };
+                if r != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::ESRCH) {
+                        tracing::warn!(tid, error = %e, "restoring the priority of a VM thread");
+                    }
+                }
+            }
+        }
     }
 
     /// The agent of the adopted VM, once it answers a check.
