@@ -147,11 +147,13 @@ impl Reaper {
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            // SIGCHLD is never lost (a pending signal is kept, and each pass reaps every child
+            // that exited), so no timer wakes an idle guest while it is watched.
             match sigchld.as_mut() {
                 Some(s) => {
-                    tokio::select! {
-                        _ = s.recv() => {}
-                        _ = tick.tick() => {}
+                    if s.recv().await.is_none() {
+                        tracing::error!("SIGCHLD is no longer delivered; reaping every second");
+                        sigchld = None;
                     }
                 }
                 None => {

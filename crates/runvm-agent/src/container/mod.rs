@@ -295,6 +295,8 @@ impl Reservation {
             .map()
             .insert(self.id.clone(), Slot::Ready(container));
         self.filled = true;
+        // The OOM monitor sleeps while there is no container.
+        self.containers.oom.wake();
     }
 }
 

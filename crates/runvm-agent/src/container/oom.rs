@@ -1,12 +1,13 @@
 //! OOM events: the `oom_kill` counter of each container's memory.events, watched every half
-//! second (and once more just before a container is removed). Each increase queues one event
+//! second while there are containers (an idle guest without any is not woken: under TCG each
+//! wake-up costs the host CPU), and once more just before a container is removed. Each increase queues one event
 //! with the container's id; GetOOMEvent takes them in order, waiting while none is queued.
 
 use std::sync::atomic::Ordering;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, Notify};
 
 use super::{stats, Container, Containers};
 
@@ -19,6 +20,8 @@ const PERIOD: Duration = Duration::from_millis(500);
 pub struct OomEvents {
     tx: mpsc::Sender<String>,
     rx: Mutex<mpsc::Receiver<String>>,
+    /// Wakes the monitor when a container appears.
+    added: Arc<Notify>,
 }
 
 impl OomEvents {
@@ -27,7 +30,13 @@ impl OomEvents {
         OomEvents {
             tx,
             rx: Mutex::new(rx),
+            added: Arc::new(Notify::new()),
         }
+    }
+
+    /// A container was added: the monitor watches again.
+    pub fn wake(&self) {
+        self.added.notify_one();
     }
 
     /// Queues an event if the container's OOM-kill count rose since last seen.
@@ -54,6 +63,18 @@ pub fn spawn_monitor(containers: Weak<Containers>) {
         let mut tick = tokio::time::interval(PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let Some(registry) = containers.upgrade() else {
+                return;
+            };
+            if registry.all().is_empty() {
+                // A container added meanwhile left a permit: this returns at once then.
+                let added = Arc::clone(&registry.oom.added);
+                drop(registry);
+                added.notified().await;
+                tick.reset();
+                continue;
+            }
+            drop(registry);
             tick.tick().await;
             let Some(containers) = containers.upgrade() else {
                 return;
