@@ -4,6 +4,8 @@
 //! The test boots one VM (about 5 s under TCG) and shares it between all its checks.
 
 mod common;
+#[path = "cri/factory.rs"]
+mod factory;
 #[path = "cri/hotplug.rs"]
 mod hotplug;
 

@@ -50,6 +50,11 @@ impl Env {
         Env::start_with(Some((bridge, subnet)), "")
     }
 
+    /// As [`Env::start_cri`], with `extra` appended to runvm's configuration file.
+    pub fn start_cri_configured(bridge: &str, subnet: &str, extra: &str) -> Env {
+        Env::start_with(Some((bridge, subnet)), extra)
+    }
+
     fn start_with(cri: Option<(&str, &str)>, extra: &str) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("runvm-shim-")
