@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ fn factory_host(cache: u32) -> (Host, PathBuf) {
 }
 
 /// `runvm --config CONFIG ARGS`.
-fn runvm(host: &Host, config: &PathBuf, args: &[&str]) -> Output {
+fn runvm(host: &Host, config: &Path, args: &[&str]) -> Output {
     let mut all = vec!["--config", config.to_str().unwrap()];
     all.extend_from_slice(args);
     host.cmd(&all).stdin(Stdio::null()).output().unwrap()
@@ -37,7 +37,7 @@ fn ok(out: Output, what: &str) -> String {
     text(&out.stdout)
 }
 
-fn status(host: &Host, config: &PathBuf) -> Value {
+fn status(host: &Host, config: &Path) -> Value {
     let out = ok(
         runvm(host, config, &["factory", "status", "--format", "json"]),
         "factory status",
@@ -46,7 +46,7 @@ fn status(host: &Host, config: &PathBuf) -> Value {
 }
 
 /// `runvm run -d` of a sleeper with the factory's configuration.
-fn run_sleeper(host: &Host, config: &PathBuf, id: &str) {
+fn run_sleeper(host: &Host, config: &Path, id: &str) {
     let b = host.bundle(id, &spec(&["sleep", "1000"]));
     let err = host.dir.path().join(format!("{id}.err"));
     let status = host
@@ -85,14 +85,14 @@ fn phases(record: &Value) -> Vec<String> {
         .collect()
 }
 
-fn exec(host: &Host, config: &PathBuf, id: &str, script: &str) -> String {
+fn exec(host: &Host, config: &Path, id: &str, script: &str) -> String {
     ok(
         runvm(host, config, &["exec", id, "/bin/sh", "-c", script]),
         script,
     )
 }
 
-fn wait_ready(host: &Host, config: &PathBuf, ready: u64) -> Value {
+fn wait_ready(host: &Host, config: &Path, ready: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let s = status(host, config);
@@ -120,7 +120,7 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-fn remove(host: &Host, config: &PathBuf, id: &str) {
+fn remove(host: &Host, config: &Path, id: &str) {
     ok(runvm(host, config, &["delete", "--force", id]), "delete");
 }
 
