@@ -187,6 +187,10 @@ pub struct SandboxRecord {
     /// `None`: the VM was booted for this sandbox, in its own folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factory_vm: Option<SandboxId>,
+    /// The pod's own size (the configured base plus CRI's sandbox limits and annotations) when
+    /// its VM booted smaller (a factory VM) and was hot-plugged to it: resizes never go below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_size: Option<runvm_hypervisor::VmSize>,
 }
 
 impl SandboxRecord {
@@ -212,6 +216,7 @@ impl SandboxRecord {
             network: None,
             host_cgroup: None,
             factory_vm: None,
+            pod_size: None,
         }
     }
 

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use runvm_hypervisor::VmSize;
+
 use super::{BootReport, BootTimings, Sandbox};
 use crate::agent::{Agent, AgentError};
 use crate::error::SandboxError;
@@ -22,6 +24,7 @@ impl Sandbox {
         &mut self,
         lock: &SandboxLock,
         handout: Handout,
+        pod_size: VmSize,
     ) -> Result<BootReport, SandboxError> {
         let t0 = Instant::now();
         let pooled = handout.record().clone();
@@ -52,6 +55,7 @@ impl Sandbox {
         let guest = agent.guest_details().await?;
         self.configure_guest_network(agent.as_ref()).await?;
         self.agent = Some(agent);
+        self.grow_to_pod(lock, pod_size).await?;
         self.record.vm = self.hypervisor.save()?;
         self.record.mark("agent-ready");
         self.store.save_sandbox(lock, &self.record)?;
@@ -67,6 +71,24 @@ impl Sandbox {
                 total,
             },
         })
+    }
+
+    /// Hot-plugs the VM (booted at the configured size) up to the pod's own size, which
+    /// then stays its floor ([`crate::state::SandboxRecord::pod_size`]).
+    async fn grow_to_pod(&mut self, lock: &SandboxLock, pod: VmSize) -> Result<(), SandboxError> {
+        let now = self.record.vm.config.size();
+        if pod.vcpus <= now.vcpus && pod.memory_mib <= now.memory_mib {
+            return Ok(());
+        }
+        self.record.pod_size = Some(pod);
+        self.store.save_sandbox(lock, &self.record)?;
+        let target = VmSize {
+            vcpus: pod.vcpus.max(now.vcpus),
+            memory_mib: pod.memory_mib.max(now.memory_mib),
+        };
+        self.apply_size(lock, target).await?;
+        self.record.mark("factory-vm-sized");
+        Ok(())
     }
 
     /// Moves the VM's processes (QEMU and its helpers, each with all its threads) into the

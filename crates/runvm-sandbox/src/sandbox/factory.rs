@@ -185,7 +185,7 @@ pub async fn create_qemu_sandbox_for(
         }
     }
     let store = Store::open(config.runtime.root.clone())?;
-    let source = vm_source(config, pod_size);
+    let source = vm_source(config, pod_size, &settings);
     let made = Sandbox::create_from(
         store.clone(),
         id.clone(),
@@ -218,20 +218,33 @@ pub async fn create_qemu_sandbox_for(
 }
 
 /// Where the VM of a sandbox of `config` whose pod asks for `pod_size` comes from: the
-/// factory when one is configured and its VMs (booted at the configured size) fit the pod,
-/// else a boot of its own. A container's own limits are hot-plugged when it is created.
-fn vm_source(config: &Config, pod_size: crate::pod_config::BootSize) -> VmSource {
+/// factory when one is configured and its VMs (booted at the configured size, with room up to
+/// the maxima of `settings`) can be hot-plugged to the pod's size, else a boot of its own. A
+/// container's own limits are hot-plugged when it is created, as for any sandbox.
+fn vm_source(
+    config: &Config,
+    pod_size: crate::pod_config::BootSize,
+    settings: &SandboxSettings,
+) -> VmSource {
     if config.factory.cache == 0 {
         return VmSource::Boot { note: None };
     }
-    let base = (config.hypervisor.vcpus, config.hypervisor.memory_mib);
-    if (pod_size.vcpus, pod_size.memory_mib) != base {
+    let pod = runvm_hypervisor::VmSize {
+        vcpus: pod_size.vcpus,
+        memory_mib: pod_size.memory_mib,
+    };
+    let base = config.hypervisor.memory_mib;
+    let reachable = pod.vcpus <= settings.vm.max_vcpus.max(config.hypervisor.vcpus)
+        && (pod.memory_mib <= base
+            || (settings.vm.max_memory_mib != 0 && pod.memory_mib <= settings.vm.max_memory_mib));
+    if !reachable {
         return VmSource::Boot {
             note: Some("factory-miss:pod-size"),
         };
     }
     VmSource::Factory {
         key: crate::factory::vm_key(config),
+        pod_size: pod,
     }
 }
 

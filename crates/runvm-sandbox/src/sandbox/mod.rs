@@ -113,6 +113,8 @@ pub enum VmSource {
     Factory {
         /// [`crate::factory::vm_key`] of the sandbox's configuration.
         key: String,
+        /// The pod's size, which the VM (booted at the configured size) is hot-plugged to.
+        pod_size: runvm_hypervisor::VmSize,
     },
 }
 
@@ -223,11 +225,11 @@ impl Sandbox {
                 }
                 sandbox.boot(&lock).await
             }
-            VmSource::Factory { key } => {
+            VmSource::Factory { key, pod_size } => {
                 let taken =
                     crate::factory::client::take(sandbox.store.root(), sandbox.id(), &key).await;
                 match taken {
-                    Ok(handout) => sandbox.adopt(&lock, handout).await,
+                    Ok(handout) => sandbox.adopt(&lock, handout, pod_size).await,
                     Err(miss) => {
                         tracing::info!(%miss, "booting a VM of its own");
                         sandbox.record.mark(&miss.phase());

@@ -61,9 +61,14 @@ impl Sandbox {
     /// refused naming the value and the configuration key; nothing is changed.
     pub(super) fn plan_size(&self, change: Change<'_>) -> Result<Option<VmSize>, SandboxError> {
         let vm = &self.record.vm.config;
+        // A factory VM's boot size is the factory's; the pod's own size is its floor.
+        let floor = self.record.pod_size.unwrap_or(VmSize {
+            vcpus: 0,
+            memory_mib: 0,
+        });
         let boot = VmSize {
-            vcpus: vm.vcpus,
-            memory_mib: vm.memory_mib,
+            vcpus: vm.vcpus.max(floor.vcpus),
+            memory_mib: vm.memory_mib.max(floor.memory_mib),
         };
         let max = vm.max_size();
         if max == boot || !matches!(self.record.state, State::Ready | State::Running) {

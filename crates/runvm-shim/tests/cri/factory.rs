@@ -1,38 +1,19 @@
-//! A CRI pod whose VM comes from the VM factory (`[factory] cache = 1`): the pod's network is
-//! hot-added into the pooled VM (its taps made in the pod's namespace and handed to QEMU), the
-//! pod's IP reaches a server in it, its VM joins the pod's cgroup, and nothing is left after.
+//! A CRI pod whose VM comes from the VM factory (`[factory] cache = 1`): the pooled VM (booted
+//! at the configured 1 vCPU / 512 MiB) grows to the pod's size (its CPU and memory limits),
+//! the pod's network is hot-added into it (taps made in the pod's namespace and handed to
+//! QEMU), the pod's IP reaches a server in it, its VM joins the pod's cgroup, and nothing is
+//! left after.
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StopPodSandboxRequest,
+    PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
 };
 
 use super::common::{run_ok, Env, SERIAL};
 use super::{
-    channel, cri_cgroup_parent, exec_sync, http_get, pod_cgroup, qemu_in, start_container,
-    wait_for_images,
+    channel, exec_sync, http_get, pod_cgroup, pod_config, qemu_in, start_container, wait_for_images,
 };
-
-/// A pod without CPU or memory limits: its VM has the configured size, as the factory's.
-fn plain_pod(env: &Env) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "warm".into(),
-            uid: "9d1c7f36-0d6e-4a0e-9c51-runvm-factory".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "warm-pod".into(),
-        log_directory: env.dir.path().join("pod-logs").display().to_string(),
-        linux: Some(k8s_cri::v1::LinuxPodSandboxConfig {
-            cgroup_parent: cri_cgroup_parent(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn cri_pod_runs_in_a_factory_vm_with_its_network_hot_added() {
@@ -56,7 +37,8 @@ fn cri_pod_runs_in_a_factory_vm_with_its_network_hot_added() {
         let ch = channel(&env.socket).await;
         let mut rt = RuntimeServiceClient::new(ch.clone());
         wait_for_images(&mut ImageServiceClient::new(ch)).await;
-        let pod = plain_pod(&env);
+        // 1 CPU and 256 MiB of limits: the VM grows to 2 vCPUs and 768 MiB.
+        let pod = pod_config(&env);
         let pod_id = rt
             .run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(pod.clone()),
@@ -77,6 +59,7 @@ fn cri_pod_runs_in_a_factory_vm_with_its_network_hot_added() {
             .expect("the pod's sandbox record"),
         )
         .unwrap();
+        eprintln!("the pod's timeline: {}", record["timeline"]);
         assert!(
             record["factory_vm"].is_string(),
             "the pod's VM is not the factory's: {}",
@@ -112,6 +95,19 @@ fn cri_pod_runs_in_a_factory_vm_with_its_network_hot_added() {
             false,
         )
         .await;
+        assert_eq!(
+            record["pod_size"],
+            serde_json::json!({"vcpus": 2, "memory_mib": 768}),
+            "{}",
+            record["timeline"]
+        );
+        let (cpus, _, _) =
+            exec_sync(&mut rt, &web, &["cat", "/sys/devices/system/cpu/online"]).await;
+        assert_eq!(
+            cpus.trim(),
+            "0-1",
+            "the factory VM did not grow to the pod's 2 vCPUs"
+        );
         let (addrs, _, _) = exec_sync(&mut rt, &web, &["ip", "-4", "addr"]).await;
         assert!(
             addrs.contains(&ip),
