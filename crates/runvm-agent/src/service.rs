@@ -245,6 +245,26 @@ impl<B: Backend> agent_ttrpc::AgentService for Agent<B> {
         Ok(agent::Empty::new())
     }
 
+    async fn set_guest_time(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SetGuestTimeRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let set = if req.nsec >= 1_000_000_000 || req.sec < 0 {
+            Err(crate::error::AgentError::invalid(format!(
+                "{}.{:09} is no time; valid: seconds >= 0 and nanoseconds below 1000000000",
+                req.sec, req.nsec
+            )))
+        } else {
+            let ts = nix::sys::time::TimeSpec::new(req.sec, i64::from(req.nsec));
+            nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+                .map_err(|e| crate::error::AgentError::internal(format!("clock_settime: {e}")))
+        };
+        answer("SetGuestTime", "", set)?;
+        tracing::debug!(sec = req.sec, "wall clock set by the host");
+        Ok(agent::Empty::new())
+    }
+
     async fn online_cpu_mem(
         &self,
         _ctx: &TtrpcContext,

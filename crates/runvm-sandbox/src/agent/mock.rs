@@ -331,6 +331,11 @@ impl Agent for MockAgent {
         })
     }
 
+    async fn set_guest_time(&self, _now: std::time::SystemTime) -> Result<(), AgentError> {
+        drop(self.record("set_guest_time"));
+        Ok(())
+    }
+
     async fn online_cpu_mem(
         &self,
         cpus: u32,

@@ -266,6 +266,8 @@ pub trait Agent: Send + Sync + Debug {
     /// Onlines hot-added vCPUs (waiting up to `wait` for `cpus` to be online) and memory
     /// blocks, after the VM was resized.
     async fn online_cpu_mem(&self, cpus: u32, wait: Duration) -> Result<OnlinedCpuMem, AgentError>;
+    /// Sets the guest's wall clock to `now` (the host's, taken as the request is sent).
+    async fn set_guest_time(&self, now: std::time::SystemTime) -> Result<(), AgentError>;
 
     /// Creates a container; its init process waits for `start_container`.
     async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError>;

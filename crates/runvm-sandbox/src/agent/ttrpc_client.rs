@@ -407,6 +407,23 @@ impl Agent for TtrpcAgent {
         })
     }
 
+    async fn set_guest_time(&self, now: std::time::SystemTime) -> Result<(), AgentError> {
+        let since = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let req = agent::SetGuestTimeRequest {
+            sec: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+            nsec: since.subsec_nanos(),
+            ..Default::default()
+        };
+        self.call(
+            "SetGuestTime",
+            self.client.set_guest_time(self.context(), &req),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn shutdown(&self) -> Result<(), AgentError> {
         let req = agent::ShutdownRequest::new();
         self.call("Shutdown", self.client.shutdown(self.context(), &req))

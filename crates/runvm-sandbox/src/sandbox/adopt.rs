@@ -51,6 +51,7 @@ impl Sandbox {
         self.restore_priority();
         self.adopt_network(lock).await?;
         let agent = self.checked_agent().await?;
+        super::sync_guest_clock(agent.as_ref()).await;
         let version = agent.version().await?;
         let guest = agent.guest_details().await?;
         self.configure_guest_network(agent.as_ref()).await?;

@@ -335,6 +335,7 @@ impl Sandbox {
             asked,
             unix_now_ns(),
         ));
+        sync_guest_clock(agent.as_ref()).await;
         self.configure_guest_network(agent.as_ref()).await?;
         self.agent = Some(agent);
         self.record.vm = self.hypervisor.save()?;
@@ -824,6 +825,15 @@ impl Sandbox {
             .ok_or_else(|| {
                 self.wrong_state("share files with the guest", " (it has no shared folder)")
             })
+    }
+}
+
+/// Sets the guest's wall clock to the host's (the guest read only the RTC's whole seconds at
+/// boot, and a factory VM may have waited long). A failure (an older agent) is logged: the
+/// guest keeps its own clock.
+pub(crate) async fn sync_guest_clock(agent: &dyn Agent) {
+    if let Err(e) = agent.set_guest_time(std::time::SystemTime::now()).await {
+        tracing::warn!(error = %e, "cannot set the guest's clock");
     }
 }
 
