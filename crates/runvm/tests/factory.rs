@@ -267,3 +267,65 @@ fn factory_configuration_errors_name_the_key_and_what_is_valid() {
     assert!(!host.root.join("~factory").exists());
     host.assert_nothing_left();
 }
+
+#[test]
+fn a_changed_guest_image_is_never_handed_out_and_the_pool_is_remade() {
+    let host = Host::new();
+    // A kernel of the test's own, which the test "rebuilds" (its modification time changes).
+    let kernel = host.dir.path().join("vmlinuz");
+    std::fs::copy("/var/lib/runvm/guest/vmlinuz", &kernel).unwrap();
+    let config = host.dir.path().join("runvm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[guest]\nkernel = \"{}\"\n[factory]\ncache = 1\n",
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    let _cleanup = Cleanup {
+        host: &host,
+        config: config.clone(),
+        ids: &["old", "new"],
+    };
+    ok(runvm(&host, &config, &["factory", "init"]), "factory init");
+    let key = status(&host, &config)["source"]["key"].clone();
+    let later = std::time::SystemTime::now() + Duration::from_secs(10);
+    std::fs::File::options()
+        .write(true)
+        .open(&kernel)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+
+    // The pool's VM is from the old kernel: not handed out; the sandbox boots its own.
+    let b = host.bundle("old", &spec(&["true"]));
+    let run = |id: &str| {
+        ok(
+            runvm(
+                &host,
+                &config,
+                &["run", "--keep", "--bundle", b.to_str().unwrap(), id],
+            ),
+            "run",
+        );
+        let phases = phases(&record(&host, id));
+        remove(&host, &config, id);
+        phases
+    };
+    let first = run("old");
+    assert!(
+        first.contains(&"factory-miss:stale".to_string()),
+        "{first:?}"
+    );
+    // The pool is remade from the new kernel, and its VM handed out.
+    let s = wait_ready(&host, &config, 1);
+    assert_ne!(s["source"]["key"], key, "{s}");
+    let second = run("new");
+    assert!(
+        second.contains(&"factory-vm-taken".to_string()),
+        "{second:?}"
+    );
+    ok(runvm(&host, &config, &["factory", "destroy"]), "destroy");
+    host.assert_nothing_left();
+}

@@ -64,7 +64,9 @@ struct Stats {
 /// The daemon's shared state.
 struct Pool {
     config: Config,
-    source: FactorySource,
+    /// What new VMs are made from; re-read when a sandbox asks with another key (a guest
+    /// image rebuilt, QEMU upgraded): VMs made from the old are then ended and replaced.
+    source: Mutex<FactorySource>,
     /// The sandboxes' store (the state root), where VM folders lie.
     sandboxes: Store,
     /// The pool's own store.
@@ -171,7 +173,7 @@ pub async fn serve(config: Config, ready: impl FnOnce(&Path)) -> Result<(), Fact
     let listener = bind(&socket)?;
     let (stop, mut stopped) = watch::channel(false);
     let pool = Arc::new(Pool {
-        source: source(&config),
+        source: Mutex::new(source(&config)),
         config,
         sandboxes,
         store,
@@ -292,7 +294,7 @@ impl Pool {
             boot_failures: stats.boot_failures,
             last_boot_ms: stats.last_boot_ms,
             last_refill_ms: stats.last_refill_ms,
-            source: self.source.clone(),
+            source: self.source().clone(),
             records: u32::try_from(records).unwrap_or(u32::MAX),
         }
     }
@@ -301,7 +303,8 @@ impl Pool {
     async fn boot_one(&self) -> Result<Sandbox, SandboxError> {
         let vm = new_vm_id()?;
         let settings = factory_vm_settings(&self.config, &vm)?;
-        let annotations = BTreeMap::from([(KEY_ANNOTATION.to_string(), self.source.key.clone())]);
+        let key = self.source().key.clone();
+        let annotations = BTreeMap::from([(KEY_ANNOTATION.to_string(), key)]);
         let made = Sandbox::create_from(
             self.store.clone(),
             vm.clone(),
@@ -462,20 +465,60 @@ impl Pool {
         }
     }
 
+    fn source(&self) -> std::sync::MutexGuard<'_, FactorySource> {
+        self.source.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The first ready VM made from `key`; ready VMs made from another (booted while the
+    /// source changed) are ended.
+    async fn take_ready(&self, key: &str) -> Option<Sandbox> {
+        loop {
+            let sb = self.ready.lock().await.pop_front()?;
+            if sb
+                .record()
+                .annotations
+                .get(KEY_ANNOTATION)
+                .map(String::as_str)
+                == Some(key)
+            {
+                return Some(sb);
+            }
+            tracing::info!(vm = %sb.id(), "ending a pool VM made from an older source");
+            self.end(sb).await;
+        }
+    }
+
     fn miss(&self) {
         self.stats().misses += 1;
     }
 
     /// Hands a ready VM to `sandbox`, then waits for its `adopted`.
     async fn hand_out(&self, conn: &mut BufReader<UnixStream>, sandbox: SandboxId, key: String) {
-        if key != self.source.key {
+        let current = self.source().key.clone();
+        if key != current {
+            // The files the key covers may have changed since the pool was made.
+            let fresh = source(&self.config);
+            if fresh.key != key {
+                self.miss();
+                let reason = format!(
+                    "another-configuration: the factory makes VMs from {} and this sandbox's \
+                     configuration gives {key}; start a factory with the same configuration",
+                    fresh.key
+                );
+                let _ = reply(conn, &Reply::Miss { reason }).await;
+                return;
+            }
+            tracing::info!(old = %current, new = %fresh.key, "the guest image or QEMU changed; replacing the pool's VMs");
+            *self.source.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+            let stale: Vec<Sandbox> = self.ready.lock().await.drain(..).collect();
+            for sb in stale {
+                self.end(sb).await;
+            }
+            self.wake.notify_one();
             self.miss();
-            let reason = format!(
-                "another configuration: the pool's VMs are made from {} and this sandbox's \
-                 configuration, guest image or QEMU gives {key}; restart the factory \
-                 (`runvm factory destroy`, then `init`) after such a change",
-                self.source.key
-            );
+            let reason = "stale: the pool's VMs were made from an older guest image or QEMU; \
+                          it is refilling"
+                .to_string();
             let _ = reply(conn, &Reply::Miss { reason }).await;
             return;
         }
@@ -490,7 +533,7 @@ impl Pool {
             .await;
             return;
         }
-        let taken = self.ready.lock().await.pop_front();
+        let taken = self.take_ready(&key).await;
         let Some(mut sb) = taken else {
             self.miss();
             let reason = format!(

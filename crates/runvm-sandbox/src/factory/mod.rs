@@ -147,7 +147,7 @@ pub enum Reply {
     },
     /// To [`Request::Take`]: no VM; the sandbox boots its own.
     Miss {
-        /// Why (`empty`, `another configuration`, ...).
+        /// Why (`empty`, `stale`, `another-configuration`, ...).
         reason: String,
     },
     /// Done.
