@@ -135,7 +135,7 @@ impl Reaper {
         }
     }
 
-    /// Reaps children on SIGCHLD (and every second, in case a signal was coalesced away).
+    /// Reaps children on SIGCHLD (every second instead when SIGCHLD cannot be watched).
     pub async fn run(self: Arc<Self>) {
         let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
         {
@@ -146,6 +146,8 @@ impl Reaper {
             }
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Children that exited before SIGCHLD was watched.
+        self.reap_all();
         loop {
             // SIGCHLD is never lost (a pending signal is kept, and each pass reaps every child
             // that exited), so no timer wakes an idle guest while it is watched.
