@@ -8,7 +8,7 @@ use std::sync::Arc;
 use containerd_shim::api::CreateTaskRequest;
 use runvm_sandbox::agent::StdioSpec;
 use runvm_sandbox::container::spec::Bundle;
-use runvm_sandbox::sandbox::{create_qemu_sandbox_for, NewContainer};
+use runvm_sandbox::sandbox::{NewContainer, NewSandbox};
 use runvm_sandbox::SandboxId;
 
 use crate::error::{Result, ShimError};
@@ -138,14 +138,17 @@ impl Inner {
                 // The VM goes into the pod's host cgroup (the sandbox container's cgroupsPath);
                 // a pod's sandbox container has no limits (the pod's size comes from
                 // containerd's sizing annotations), a container with its own VM boots with its.
-                let (mut sb, report) = create_qemu_sandbox_for(
-                    &self.config,
-                    sid,
-                    annotations.clone(),
+                let request = NewSandbox {
+                    config: &self.config,
+                    id: sid,
+                    annotations: annotations.clone(),
                     netns,
-                    Some(&bundle.spec),
-                )
-                .await
+                    spec: Some(&bundle.spec),
+                };
+                let (mut sb, report) = self
+                    .provider
+                    .create(request)
+                    .await
                 .map_err(ShimError::sandbox(format!(
                     "creating the VM of container {}",
                     req.id

@@ -18,6 +18,19 @@ pub struct Event {
     body: Box<dyn MessageDyn>,
 }
 
+#[cfg(test)]
+impl Event {
+    /// Its topic (`/tasks/exit`, ...).
+    pub fn topic(&self) -> &'static str {
+        self.topic
+    }
+
+    /// Its payload, as `T` when it is one.
+    pub fn body<T: containerd_shim::protos::protobuf::MessageFull>(&self) -> Option<&T> {
+        self.body.downcast_ref::<T>()
+    }
+}
+
 /// The task service's side of the event channel.
 #[derive(Debug, Clone)]
 pub struct Events {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use containerd_shim::ExitSignal;
 use runvm_sandbox::agent::Agent;
 use runvm_sandbox::config::Config;
-use runvm_sandbox::sandbox::VmFailure;
+use runvm_sandbox::sandbox::{SandboxProvider, VmFailure};
 use runvm_sandbox::state::unix_now_ns;
 use runvm_sandbox::Sandbox;
 use tokio::sync::{Mutex, MutexGuard};
@@ -55,6 +55,8 @@ pub struct Inner {
     pub config: Config,
     /// Why the configuration could not be loaded (creating containers is refused then).
     pub config_error: Option<String>,
+    /// Where sandboxes come from (QEMU: the VM factory or a cold boot; a mock in unit tests).
+    pub provider: Arc<dyn SandboxProvider>,
     /// Events to containerd.
     pub events: Events,
     /// Set to end the shim.
@@ -73,6 +75,28 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// The state of a shim without containers yet, its sandboxes from `provider`.
+    pub fn new(
+        config: Config,
+        config_error: Option<String>,
+        provider: Arc<dyn SandboxProvider>,
+        events: Events,
+        exit: ShimExit,
+    ) -> Inner {
+        Inner {
+            config,
+            config_error,
+            provider,
+            events,
+            exit,
+            sandbox: Mutex::new(None),
+            containers: StdMutex::new(HashMap::new()),
+            vm_pid: AtomicU32::new(0),
+            background: StdMutex::new(Vec::new()),
+            teardown: StdMutex::new(None),
+        }
+    }
+
     /// The containers, locked (never held across an await).
     pub fn ctrs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Ctr>> {
         self.containers.lock().unwrap_or_else(|p| p.into_inner())

@@ -2,8 +2,7 @@
 //! (clean up after a dead shim), and the daemon's task service.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use containerd_shim::api::DeleteResponse;
@@ -11,11 +10,10 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{spawn, Config as ShimConfig, ExitSignal, Flags, Shim, StartOpts};
 use runvm_sandbox::config::Config;
-use runvm_sandbox::sandbox::{open_sandbox, purge};
+use runvm_sandbox::sandbox::{purge, QemuProvider, SandboxProvider};
 use runvm_sandbox::state::unix_now_ns;
 use runvm_sandbox::store::Store;
 use runvm_sandbox::{ContainerId, SandboxError, SandboxId};
-use tokio::sync::Mutex;
 
 use crate::events::{timestamp, Events};
 use crate::pod;
@@ -115,17 +113,13 @@ impl Shim for RunvmShim {
             }
         };
         TaskService {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Inner::new(
                 config,
                 config_error,
-                events: Events::spawn(publisher, self.namespace.clone()),
-                exit: self.exit.clone(),
-                sandbox: Mutex::new(None),
-                containers: StdMutex::new(Default::default()),
-                vm_pid: AtomicU32::new(0),
-                background: StdMutex::new(Vec::new()),
-                teardown: StdMutex::new(None),
-            }),
+                Arc::new(QemuProvider),
+                Events::spawn(publisher, self.namespace.clone()),
+                self.exit.clone(),
+            )),
         }
     }
 }
@@ -167,7 +161,7 @@ async fn cleanup(id: &str, bundle: &Path) -> Result<(), SandboxError> {
             Err(e) => Err(e),
         };
     }
-    let mut sb = match open_sandbox(&config, &sid) {
+    let mut sb = match QemuProvider.open(&config, &sid) {
         Ok(sb) => sb,
         Err(e) if e.is_not_found() => return Ok(()),
         Err(e) => return Err(e),

@@ -597,3 +597,7 @@ impl Task for TaskService {
 pub(crate) fn rootfs_of(bundle: &str) -> PathBuf {
     PathBuf::from(bundle).join("rootfs")
 }
+
+#[cfg(test)]
+#[path = "task_tests.rs"]
+mod tests;

@@ -35,6 +35,9 @@ pub struct MockProcess {
     pub tty_size: Option<(u32, u32)>,
     /// Whether the process was started.
     pub started: bool,
+    /// Runs until it is signalled (`wait_process` answers then, with 128 + the signal);
+    /// else it exits as soon as it is waited for.
+    pub until_signalled: bool,
 }
 
 /// A simulated container.
@@ -508,7 +511,19 @@ impl Agent for MockAgent {
     }
 
     async fn wait_process(&self, process: &ProcessRef) -> Result<ExitStatus, AgentError> {
-        let mut s = self.record("wait_process");
+        drop(self.record("wait_process"));
+        loop {
+            let running = {
+                let mut s = self.state.lock().expect("mock agent lock");
+                let p = s.process("WaitProcess", process)?;
+                p.until_signalled && p.signals.is_empty()
+            };
+            if !running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut s = self.state.lock().expect("mock agent lock");
         let p = s.process("WaitProcess", process)?;
         let code = match p.signals.last() {
             Some(sig) => 128 + sig,

@@ -12,6 +12,7 @@ mod factory;
 mod monitor;
 mod network;
 mod portfwd;
+mod provider;
 mod purge;
 mod resize;
 
@@ -23,6 +24,7 @@ pub use factory::{
     FACTORY_VM_HOTPLUG_PORTS, SHARED_FS_TAG,
 };
 pub use monitor::VmFailure;
+pub use provider::{MockCreated, MockProvider, NewSandbox, QemuProvider, SandboxProvider};
 pub use purge::{purge, purge_vm_home, PurgeReport};
 
 use std::collections::BTreeMap;
