@@ -145,14 +145,13 @@ impl Inner {
                     netns,
                     spec: Some(&bundle.spec),
                 };
+                // From the VM factory or booted cold: the provider decides.
+                let context = format!("creating the VM of container {}", req.id);
                 let (mut sb, report) = self
                     .provider
                     .create(request)
                     .await
-                .map_err(ShimError::sandbox(format!(
-                    "creating the VM of container {}",
-                    req.id
-                )))?;
+                    .map_err(ShimError::sandbox(context))?;
                 tracing::info!(sandbox = %sb.id(), accelerator = ?report.accelerator, "sandbox VM ready");
                 if let Some(q) = sb.pids().iter().find(|p| p.name == "qemu") {
                     self.vm_pid.store(q.pid, Ordering::Relaxed);

@@ -93,7 +93,11 @@ impl Harness {
 
     /// A pod: its sandbox container `pod` and container `ctr` in the pod's VM.
     async fn create_pod(&self, pod: &str, ctr: &str) {
-        let sandbox = self.bundle(pod, &["sh"], &[(CONTAINER_TYPE, "sandbox"), (SANDBOX_ID, pod)]);
+        let sandbox = self.bundle(
+            pod,
+            &["sh"],
+            &[(CONTAINER_TYPE, "sandbox"), (SANDBOX_ID, pod)],
+        );
         self.create(pod, sandbox).await.unwrap();
         let member = self.bundle(
             ctr,
@@ -227,9 +231,19 @@ async fn a_pods_sandbox_container_makes_the_vm_and_its_containers_join_it() {
     let created = h.provider.created();
     assert_eq!(created.len(), 1, "one VM for the pod: {created:?}");
     assert_eq!(created[0].id, SandboxId::parse("pod1").unwrap());
-    assert!(created[0].with_spec, "the sandbox container's spec goes to the VM");
+    assert!(
+        created[0].with_spec,
+        "the sandbox container's spec goes to the VM"
+    );
     assert_eq!(created[0].annotations[CONTAINER_TYPE], "sandbox");
-    let in_guest: Vec<String> = h.agent().lock().unwrap().containers.keys().cloned().collect();
+    let in_guest: Vec<String> = h
+        .agent()
+        .lock()
+        .unwrap()
+        .containers
+        .keys()
+        .cloned()
+        .collect();
     assert_eq!(in_guest, ["c1", "pod1"]);
     let events = h.drain_events();
     assert_eq!(topics(&events), ["/tasks/create", "/tasks/create"]);
@@ -287,7 +301,10 @@ async fn killing_a_finished_process_is_not_found_process_already_finished() {
     h.wait("t4", "").await;
     let err = h.kill("t4", "", 15).await.unwrap_err();
     assert_eq!(err.code(), Code::NOT_FOUND, "{err}");
-    assert!(err.to_string().contains("process already finished"), "{err}");
+    assert!(
+        err.to_string().contains("process already finished"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -310,7 +327,11 @@ async fn an_exec_runs_in_the_running_container_with_its_own_exit_and_events() {
         .exit_code = 4;
     h.start("t5", "e1").await.unwrap();
     assert_eq!(h.wait("t5", "e1").await, 4);
-    assert_eq!(h.state("t5", "").unwrap().0, Status::RUNNING, "the init runs on");
+    assert_eq!(
+        h.state("t5", "").unwrap().0,
+        Status::RUNNING,
+        "the init runs on"
+    );
     assert_eq!(h.delete("t5", "e1").await.unwrap(), 4);
     let err = h.state("t5", "e1").unwrap_err();
     assert_eq!(err.code(), Code::NOT_FOUND, "{err}");
@@ -362,7 +383,10 @@ async fn bad_requests_get_their_codes_and_make_no_vm() {
                            "io.kubernetes.cri.sandbox-id":"t9"}}"#,
     )
     .unwrap();
-    let err = h.create("bad", bad.display().to_string()).await.unwrap_err();
+    let err = h
+        .create("bad", bad.display().to_string())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{err}");
     assert!(err.chain().contains("process.args"), "{}", err.chain());
     // Unknown container, unknown exec.
@@ -381,7 +405,11 @@ async fn bad_requests_get_their_codes_and_make_no_vm() {
 #[tokio::test]
 async fn a_container_of_a_pod_this_shim_does_not_run_is_not_found() {
     let h = harness();
-    let member = h.bundle("c1", &["sh"], &[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "pod9")]);
+    let member = h.bundle(
+        "c1",
+        &["sh"],
+        &[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "pod9")],
+    );
     let err = h.create("c1", member).await.unwrap_err();
     assert_eq!(err.code(), Code::NOT_FOUND, "{err}");
     assert!(h.provider.created().is_empty());
@@ -419,7 +447,10 @@ async fn a_running_container_is_not_deleted_and_after_its_exit_the_vm_goes() {
     assert!(vm.lock().unwrap().calls.iter().any(|c| c == "stop"));
     assert_eq!(h.state("t7", "").unwrap_err().code(), Code::NOT_FOUND);
     let events = h.drain_events();
-    let delete = events.iter().find(|e| e.topic() == "/tasks/delete").unwrap();
+    let delete = events
+        .iter()
+        .find(|e| e.topic() == "/tasks/delete")
+        .unwrap();
     assert_eq!(delete.body::<TaskDelete>().unwrap().exit_status, 143);
     // The sandbox is gone from the service too.
     let err = h.start("t7", "").await.unwrap_err();
@@ -463,7 +494,11 @@ async fn pids_and_stats_come_from_the_guest() {
         .await
         .unwrap();
     let any = stats.stats.as_ref().unwrap();
-    assert!(any.type_url.ends_with("io.containerd.cgroups.v2.Metrics"), "{}", any.type_url);
+    assert!(
+        any.type_url.ends_with("io.containerd.cgroups.v2.Metrics"),
+        "{}",
+        any.type_url
+    );
     use containerd_shim::protos::cgroups_v2::metrics::Metrics;
     use containerd_shim::protos::protobuf::Message;
     let metrics = Metrics::parse_from_bytes(&any.value).unwrap();
