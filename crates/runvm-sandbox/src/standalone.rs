@@ -29,7 +29,9 @@ use crate::container::spec::Bundle;
 use crate::error::SandboxError;
 use crate::id::{ContainerId, SandboxId};
 use crate::process::Streams;
-use crate::sandbox::{create_qemu_sandbox_for, open_sandbox, NewContainer, Sandbox};
+use crate::sandbox::{
+    open_sandbox, NewContainer, NewSandbox, QemuProvider, Sandbox, SandboxProvider,
+};
 use crate::state::{State, StdioRecord};
 use crate::store::Store;
 
@@ -249,11 +251,22 @@ pub async fn create(
     id: &ContainerId,
     bundle: Bundle,
 ) -> Result<(Sandbox, Streams), StandaloneError> {
+    create_with(&QemuProvider, config, id, bundle).await
+}
+
+/// As [`create`], the sandbox made (or, for a container joining another's namespaces,
+/// opened) by `provider`.
+pub async fn create_with(
+    provider: &dyn SandboxProvider,
+    config: &Config,
+    id: &ContainerId,
+    bundle: Bundle,
+) -> Result<(Sandbox, Streams), StandaloneError> {
     if std::fs::symlink_metadata(member_link(config, id)).is_ok() {
         return Err(StandaloneError::Exists(id.to_string()));
     }
     if let Some(owner) = bundle.prepared.member_of.clone() {
-        return create_member(config, id, &owner, bundle).await;
+        return create_member(provider, config, id, &owner, bundle).await;
     }
     let sid = SandboxId::parse(id.as_str()).map_err(SandboxError::from)?;
     if Store::new(config.runtime.root.clone())
@@ -263,15 +276,14 @@ pub async fn create(
         return Err(StandaloneError::Exists(id.to_string()));
     }
     // The VM is this container's: in its host cgroup, booted with its limits.
-    let (mut sb, _) = create_qemu_sandbox_for(
+    let request = NewSandbox {
         config,
-        sid,
-        bundle.annotations.clone(),
-        bundle.netns.clone(),
-        Some(&bundle.spec),
-    )
-    .await
-    .map_err(|e| match e {
+        id: sid,
+        annotations: bundle.annotations.clone(),
+        netns: bundle.netns.clone(),
+        spec: Some(&bundle.spec),
+    };
+    let (mut sb, _) = provider.create(request).await.map_err(|e| match e {
         SandboxError::AlreadyExists { .. } => StandaloneError::Exists(id.to_string()),
         e => e.into(),
     })?;
@@ -288,6 +300,7 @@ pub async fn create(
 /// agent joins them in the guest). Refused when `owner` has stopped, or when the spec names a
 /// host network namespace other than the one its VM runs in. On error nothing is left.
 async fn create_member(
+    provider: &dyn SandboxProvider,
     config: &Config,
     id: &ContainerId,
     owner: &str,
@@ -307,7 +320,9 @@ async fn create_member(
         )));
     }
     let sid = sandbox_of(config, &owner_id)?;
-    let mut sb = open_sandbox(config, &sid).map_err(|e| not_found_as(&owner_id, e))?;
+    let mut sb = provider
+        .open(config, &sid)
+        .map_err(|e| not_found_as(&owner_id, e))?;
     if let Some(wanted) = &bundle.netns {
         let vm_netns = sb.record().network.as_ref().map(|n| n.netns.clone());
         if !vm_netns.as_deref().is_some_and(|ns| same_file(ns, wanted)) {
@@ -674,8 +689,19 @@ impl Drop for Attached {
 
 /// Opens the sandbox of container `id` with its current OCI state.
 pub fn open(config: &Config, id: &ContainerId) -> Result<(Attached, OciState), StandaloneError> {
+    open_with(&QemuProvider, config, id)
+}
+
+/// As [`open`], the sandbox opened by `provider`.
+pub fn open_with(
+    provider: &dyn SandboxProvider,
+    config: &Config,
+    id: &ContainerId,
+) -> Result<(Attached, OciState), StandaloneError> {
     let st = state(config, id)?;
-    let sb = open_sandbox(config, &sandbox_of(config, id)?).map_err(|e| not_found_as(id, e))?;
+    let sb = provider
+        .open(config, &sandbox_of(config, id)?)
+        .map_err(|e| not_found_as(id, e))?;
     Ok((Attached::new(sb), st))
 }
 

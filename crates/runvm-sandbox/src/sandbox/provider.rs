@@ -305,6 +305,39 @@ mod tests {
         sb.delete(true).await.unwrap();
     }
 
+    #[tokio::test]
+    async fn the_clis_create_and_open_take_their_sandbox_from_the_provider() {
+        use crate::standalone;
+        let root = tempfile::tempdir().unwrap();
+        let config = config(&root.path().join("state"));
+        let bundle = root.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let spec = crate::container::bundle::default_spec(&["sh"], false);
+        crate::container::bundle::busybox_bundle(&bundle, &spec).unwrap();
+        let id = crate::ContainerId::parse("c1").unwrap();
+        let loaded = standalone::check_bundle(&config, &bundle, &id).unwrap();
+        let provider = MockProvider::new();
+        let (sb, _streams) = standalone::create_with(&provider, &config, &id, loaded)
+            .await
+            .unwrap();
+        assert_eq!(provider.created()[0].id.as_str(), "c1");
+        assert!(provider.created()[0].with_spec);
+        assert!(provider
+            .agent()
+            .lock()
+            .unwrap()
+            .containers
+            .contains_key("c1"));
+        sb.detach();
+        let (attached, state) = standalone::open_with(&provider, &config, &id).unwrap();
+        assert_eq!(state.id, "c1");
+        drop(attached);
+        let mut sb = provider
+            .open(&config, &SandboxId::parse("c1").unwrap())
+            .unwrap();
+        sb.delete(true).await.unwrap();
+    }
+
     #[test]
     fn opening_an_unknown_sandbox_is_not_found() {
         let root = tempfile::tempdir().unwrap();
