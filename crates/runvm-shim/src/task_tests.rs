@@ -544,3 +544,21 @@ async fn a_vm_that_dies_ends_every_running_process_with_137() {
     let exit = events.iter().find(|e| e.topic() == "/tasks/exit").unwrap();
     assert_eq!(exit.body::<TaskExit>().unwrap().exit_status, 137);
 }
+
+#[tokio::test]
+async fn pause_and_resume_show_in_state_in_the_guest_and_in_events() {
+    let mut h = harness();
+    h.create_own("t12", &["sleep", "100"]).await;
+    h.runs_until_signalled("t12", "");
+    h.start("t12", "").await.unwrap();
+    h.svc.set_paused("t12", true).await.unwrap();
+    assert_eq!(h.state("t12", "").unwrap().0, Status::PAUSED);
+    assert!(h.agent().lock().unwrap().containers["t12"].paused);
+    h.svc.set_paused("t12", false).await.unwrap();
+    assert_eq!(h.state("t12", "").unwrap().0, Status::RUNNING);
+    assert!(!h.agent().lock().unwrap().containers["t12"].paused);
+    let err = h.svc.set_paused("nope", true).await.unwrap_err();
+    assert_eq!(err.code(), Code::NOT_FOUND, "{err}");
+    let events = h.drain_events();
+    assert_eq!(topics(&events)[2..], ["/tasks/paused", "/tasks/resumed"]);
+}
