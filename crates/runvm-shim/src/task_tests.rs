@@ -11,7 +11,7 @@ use containerd_shim::api::{
     CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, PidsRequest, StartRequest,
     StateRequest, StatsRequest, WaitRequest,
 };
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskOOM, TaskStart};
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::ttrpc::Code;
@@ -561,4 +561,42 @@ async fn pause_and_resume_show_in_state_in_the_guest_and_in_events() {
     assert_eq!(err.code(), Code::NOT_FOUND, "{err}");
     let events = h.drain_events();
     assert_eq!(topics(&events)[2..], ["/tasks/paused", "/tasks/resumed"]);
+}
+
+#[tokio::test]
+async fn an_oom_kill_in_the_guest_is_published() {
+    let mut h = harness();
+    h.create_own("t13", &["sleep", "100"]).await;
+    h.agent().lock().unwrap().oom_kills.push_back("t13".into());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let oom = loop {
+        let events = h.drain_events();
+        if let Some(e) = events.iter().find(|e| e.topic() == "/tasks/oom") {
+            break e.body::<TaskOOM>().unwrap().container_id.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no /tasks/oom");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(oom, "t13");
+}
+
+#[tokio::test]
+async fn a_second_start_and_deleting_a_running_exec_are_refused() {
+    let h = harness();
+    h.create_own("t14", &["sleep", "100"]).await;
+    h.runs_until_signalled("t14", "");
+    h.start("t14", "").await.unwrap();
+    let err = h.start("t14", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::FAILED_PRECONDITION, "{err}");
+    h.exec("t14", "e1", &["sleep", "100"]).unwrap();
+    h.runs_until_signalled("t14", "e1");
+    h.start("t14", "e1").await.unwrap();
+    let err = h.start("t14", "e1").await.unwrap_err();
+    assert_eq!(err.code(), Code::FAILED_PRECONDITION, "{err}");
+    let err = h.delete("t14", "e1").await.unwrap_err();
+    assert_eq!(err.code(), Code::FAILED_PRECONDITION, "{err}");
+    h.kill("t14", "e1", 9).await.unwrap();
+    assert_eq!(h.wait("t14", "e1").await, 137);
+    assert_eq!(h.delete("t14", "e1").await.unwrap(), 137);
+    assert_eq!(h.state("t14", "").unwrap().0, Status::RUNNING);
 }

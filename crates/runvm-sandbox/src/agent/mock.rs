@@ -84,6 +84,8 @@ pub struct MockAgentState {
     /// The guest's ends of stdio streams opened and not yet joined to a process, by token and
     /// stream (0 stdin, 1 stdout, 2 stderr).
     pub stdio_streams: BTreeMap<([u8; TOKEN_LEN], u8), std::os::unix::net::UnixStream>,
+    /// Containers whose OOM kill `oom_event` reports next, in order (it waits while empty).
+    pub oom_kills: std::collections::VecDeque<String>,
 }
 
 impl Default for MockAgentState {
@@ -107,6 +109,7 @@ impl Default for MockAgentState {
             fail_network: None,
             online_cpus: 0,
             stdio_streams: BTreeMap::new(),
+            oom_kills: Default::default(),
         }
     }
 }
@@ -561,7 +564,18 @@ impl Agent for MockAgent {
 
     async fn oom_event(&self) -> Result<String, AgentError> {
         drop(self.record("oom_event"));
-        // No OOM ever happens in the mock: wait forever, like an agent with no event.
-        std::future::pending().await
+        // Waits, like an agent with no event, until a test scripts an OOM kill.
+        loop {
+            let next = self
+                .state
+                .lock()
+                .expect("mock agent lock")
+                .oom_kills
+                .pop_front();
+            if let Some(container) = next {
+                return Ok(container);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
