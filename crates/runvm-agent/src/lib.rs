@@ -6,6 +6,7 @@ pub mod container;
 pub mod error;
 pub mod hotplug;
 pub mod init;
+pub mod metrics;
 pub mod network;
 pub mod portfwd;
 pub mod reaper;

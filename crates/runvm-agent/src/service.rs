@@ -56,6 +56,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn next_oom_event(&self) -> Option<String>;
     /// OnlineCPUMem: brings `cpus` vCPUs online (waiting at most `wait`), then the memory.
     async fn online_cpu_mem(&self, cpus: u32, wait: std::time::Duration) -> Result<Onlined>;
+    /// The containers' ids and cgroup folders, for GetGuestMetrics (none by default).
+    fn container_cgroups(&self) -> Vec<(String, std::path::PathBuf)> {
+        Vec::new()
+    }
 }
 
 #[async_trait]
@@ -101,6 +105,9 @@ impl Backend for Arc<Containers> {
             .await
             .map_err(|e| AgentError::internal(format!("onlining CPUs and memory: {e}")))
             .and_then(|r| r)
+    }
+    fn container_cgroups(&self) -> Vec<(String, std::path::PathBuf)> {
+        Containers::cgroups(self)
     }
 }
 
@@ -157,7 +164,7 @@ fn kernel_release() -> String {
 }
 
 /// (MemTotal, MemAvailable) in bytes from a /proc/meminfo text.
-fn parse_meminfo(text: &str) -> (u64, u64) {
+pub(crate) fn parse_meminfo(text: &str) -> (u64, u64) {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -232,6 +239,20 @@ impl<B: Backend> agent_ttrpc::AgentService for Agent<B> {
             }),
             ..Default::default()
         })
+    }
+
+    async fn get_guest_metrics(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::GuestMetricsRequest,
+    ) -> ttrpc::Result<agent::GuestMetricsResponse> {
+        let containers = self.backend.container_cgroups();
+        let read = tokio::task::spawn_blocking(move || {
+            crate::metrics::read(std::path::Path::new("/proc"), &containers)
+        })
+        .await
+        .map_err(|e| AgentError::internal(format!("reading the guest metrics: {e}")));
+        answer("GetGuestMetrics", "", read)
     }
 
     async fn shutdown(

@@ -16,7 +16,7 @@ mod lifecycle;
 mod oom;
 mod process;
 mod spec;
-mod stats;
+pub(crate) mod stats;
 mod stdio;
 mod storage;
 pub mod streams;
@@ -262,6 +262,14 @@ impl Containers {
                 Slot::Ready(c) => Some(Arc::clone(c)),
                 Slot::Creating => None,
             })
+            .collect()
+    }
+
+    /// The id and cgroup folder of every ready container (GetGuestMetrics).
+    pub fn cgroups(&self) -> Vec<(String, PathBuf)> {
+        self.all()
+            .iter()
+            .map(|c| (c.id.clone(), c.cgroup_dir.clone()))
             .collect()
     }
 

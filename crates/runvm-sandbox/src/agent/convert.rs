@@ -18,8 +18,51 @@ const MAX_INTERFACES: usize = 256;
 /// Longest id or interface name accepted.
 const MAX_NAME: usize = 128;
 
-fn reject(method: &'static str, reason: String) -> AgentError {
+pub(super) fn reject(method: &'static str, reason: String) -> AgentError {
     AgentError::InvalidReply { method, reason }
+}
+
+/// A name from the guest (container id, interface): bounded and printable, or refused.
+pub(super) fn checked_name(method: &'static str, name: String) -> Result<String, AgentError> {
+    if name.len() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(reject(
+            method,
+            format!(
+                "a name of {} bytes or with control characters (limit {MAX_NAME} printable bytes)",
+                name.len()
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+/// The interface counters of a reply, bounded in number and names.
+pub(super) fn network(
+    method: &'static str,
+    interfaces: Vec<pb::NetworkStats>,
+) -> Result<Vec<NetworkStats>, AgentError> {
+    if interfaces.len() > MAX_INTERFACES {
+        return Err(reject(
+            method,
+            format!("{} interfaces (limit {MAX_INTERFACES})", interfaces.len()),
+        ));
+    }
+    interfaces
+        .into_iter()
+        .map(|n| {
+            Ok(NetworkStats {
+                name: checked_name(method, n.name)?,
+                rx_bytes: n.rx_bytes,
+                rx_packets: n.rx_packets,
+                rx_errors: n.rx_errors,
+                rx_dropped: n.rx_dropped,
+                tx_bytes: n.tx_bytes,
+                tx_packets: n.tx_packets,
+                tx_errors: n.tx_errors,
+                tx_dropped: n.tx_dropped,
+            })
+        })
+        .collect()
 }
 
 pub fn stdio(s: StdioSpec) -> MessageField<pb::StdioConfig> {
@@ -105,36 +148,11 @@ pub fn processes(r: pb::ListProcessesResponse) -> Result<Vec<GuestProcess>, Agen
 }
 
 pub fn stats(r: pb::StatsContainerResponse) -> Result<ContainerStats, AgentError> {
-    if r.network.len() > MAX_INTERFACES {
-        return Err(reject(
-            "StatsContainer",
-            format!("{} interfaces (limit {MAX_INTERFACES})", r.network.len()),
-        ));
-    }
     let cpu = r.cpu.into_option().unwrap_or_default();
     let mem = r.memory.into_option().unwrap_or_default();
     let pids = r.pids.into_option().unwrap_or_default();
     let io = r.io.into_option().unwrap_or_default();
-    let network = r
-        .network
-        .into_iter()
-        .map(|n| {
-            if n.name.len() > MAX_NAME || n.name.chars().any(char::is_control) {
-                return Err(reject("StatsContainer", "bad interface name".into()));
-            }
-            Ok(NetworkStats {
-                name: n.name,
-                rx_bytes: n.rx_bytes,
-                rx_packets: n.rx_packets,
-                rx_errors: n.rx_errors,
-                rx_dropped: n.rx_dropped,
-                tx_bytes: n.tx_bytes,
-                tx_packets: n.tx_packets,
-                tx_errors: n.tx_errors,
-                tx_dropped: n.tx_dropped,
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    let network = network("StatsContainer", r.network)?;
     Ok(ContainerStats {
         cpu: CpuStats {
             usage_total_ns: cpu.usage_total_ns,

@@ -11,8 +11,8 @@ use runvm_protocol::stdio::{Header, TOKEN_LEN};
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestDetails, GuestProcess, Interface, Neighbor, OnlinedCpuMem, ProcessRef, Route, RpcCode,
+    Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, ContainerUsage,
+    CreateContainer, ExitStatus, GuestDetails, GuestMetrics, GuestProcess, Interface, Neighbor, OnlinedCpuMem, ProcessRef, Route, RpcCode,
     StdioSpec,
 };
 
@@ -319,6 +319,25 @@ impl Agent for MockAgent {
 
     async fn version(&self) -> Result<AgentVersion, AgentError> {
         Ok(self.record("version").version.clone())
+    }
+
+    async fn guest_metrics(&self) -> Result<GuestMetrics, AgentError> {
+        let s = self.record("guest_metrics");
+        // A 512 MiB guest, half of it free, each container using 1 MiB and 1 ms of CPU.
+        Ok(GuestMetrics {
+            mem_total_bytes: 512 << 20,
+            mem_available_bytes: 256 << 20,
+            containers: s
+                .containers
+                .keys()
+                .map(|id| ContainerUsage {
+                    container_id: id.clone(),
+                    memory_bytes: 1 << 20,
+                    cpu_usage_ns: 1_000_000,
+                })
+                .collect(),
+            ..Default::default()
+        })
     }
 
     async fn guest_details(&self) -> Result<GuestDetails, AgentError> {

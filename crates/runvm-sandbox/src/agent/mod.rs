@@ -5,11 +5,13 @@
 //! checks sizes and contents before anything reaches the caller.
 
 mod convert;
+mod guest_metrics;
 mod mock;
 mod network;
 mod ttrpc_client;
 mod types;
 
+pub use guest_metrics::{ContainerUsage, GuestCpuTime, GuestMetrics};
 pub use mock::{MockAgent, MockAgentConnector, MockAgentState, MockContainer, MockProcess};
 pub use network::{Interface, IpNet, Neighbor, Route};
 pub(crate) use ttrpc_client::describe as describe_address;
@@ -268,6 +270,9 @@ pub trait Agent: Send + Sync + Debug {
     async fn online_cpu_mem(&self, cpus: u32, wait: Duration) -> Result<OnlinedCpuMem, AgentError>;
     /// Sets the guest's wall clock to `now` (the host's, taken as the request is sent).
     async fn set_guest_time(&self, now: std::time::SystemTime) -> Result<(), AgentError>;
+    /// The guest's own view of its use (memory, CPU, load, containers, network), for the
+    /// node monitor. An older agent answers `UNIMPLEMENTED`.
+    async fn guest_metrics(&self) -> Result<GuestMetrics, AgentError>;
 
     /// Creates a container; its init process waits for `start_container`.
     async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError>;

@@ -424,6 +424,17 @@ impl Agent for TtrpcAgent {
         .map(|_| ())
     }
 
+    async fn guest_metrics(&self) -> Result<super::GuestMetrics, AgentError> {
+        let req = agent::GuestMetricsRequest::new();
+        let resp = self
+            .call(
+                "GetGuestMetrics",
+                self.client.get_guest_metrics(self.context(), &req),
+            )
+            .await?;
+        super::guest_metrics::from_reply(resp)
+    }
+
     async fn shutdown(&self) -> Result<(), AgentError> {
         let req = agent::ShutdownRequest::new();
         self.call("Shutdown", self.client.shutdown(self.context(), &req))
