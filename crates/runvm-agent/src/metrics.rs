@@ -131,7 +131,10 @@ mod tests {
                 ("gone".to_string(), dir.path().join("none")),
             ],
         );
-        assert_eq!((m.mem_total_bytes, m.mem_available_bytes), (1_024_000, 614_400));
+        assert_eq!(
+            (m.mem_total_bytes, m.mem_available_bytes),
+            (1_024_000, 614_400)
+        );
         let ns_per_tick = 1_000_000_000 / clock_ticks();
         assert_eq!(m.cpu.user_ns, 10 * ns_per_tick);
         assert_eq!(m.cpu.idle_ns, 200 * ns_per_tick);

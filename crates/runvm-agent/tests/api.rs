@@ -117,6 +117,22 @@ async fn health_version_and_details_answer() {
     assert!(d.boot_times.agent_listening_us >= d.boot_times.init_entered_us);
 }
 
+#[tokio::test]
+async fn guest_metrics_report_this_hosts_memory_cpu_and_load() {
+    let agent = AgentProcess::start();
+    let c = agent.client().await;
+    let m = c
+        .get_guest_metrics(ctx(), &agent::GuestMetricsRequest::new())
+        .await
+        .unwrap();
+    assert!(m.mem_total_bytes > m.mem_available_bytes && m.mem_available_bytes > 0);
+    assert!(m.cpu.user_ns > 0 && m.cpu.idle_ns > 0, "{:?}", m.cpu);
+    assert!(m.load1 >= 0.0 && m.load15.is_finite());
+    // No container was created; the host's interfaces show, loopback left out.
+    assert!(m.containers.is_empty());
+    assert!(m.network.iter().all(|n| n.name != "lo"));
+}
+
 /// Every RPC of the API is implemented now; the network ones refuse bad input by name before
 /// touching any interface (this agent runs on the test host, not in a VM).
 #[tokio::test]

@@ -81,10 +81,7 @@ pub(super) fn from_reply(r: pb::GuestMetricsResponse) -> Result<GuestMetrics, Ag
     if r.containers.len() > MAX_CONTAINERS {
         return Err(reject(
             METHOD,
-            format!(
-                "{} containers (limit {MAX_CONTAINERS})",
-                r.containers.len()
-            ),
+            format!("{} containers (limit {MAX_CONTAINERS})", r.containers.len()),
         ));
     }
     let load = [r.load1, r.load5, r.load15];

@@ -12,8 +12,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, ContainerUsage,
-    CreateContainer, ExitStatus, GuestDetails, GuestMetrics, GuestProcess, Interface, Neighbor, OnlinedCpuMem, ProcessRef, Route, RpcCode,
-    StdioSpec,
+    CreateContainer, ExitStatus, GuestDetails, GuestMetrics, GuestProcess, Interface, Neighbor,
+    OnlinedCpuMem, ProcessRef, Route, RpcCode, StdioSpec,
 };
 
 /// A simulated guest process: its scripted output and exit, and what it was sent.
