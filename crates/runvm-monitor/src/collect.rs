@@ -26,6 +26,9 @@ pub const POD_ANNOTATIONS: [(&str, &str); 3] = [
 /// The phase that ends a boot: the host's first answer from the agent.
 pub const BOOT_END: &str = "agent-ready";
 
+/// The phase the host marks when QEMU runs (before the agent answers).
+const VM_STARTED: &str = "vm-started";
+
 /// Label pairs of a series.
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -255,9 +258,17 @@ impl Collector {
     }
 }
 
-/// Whether the sandbox's agent can answer: its VM runs and is not paused.
+/// Whether the sandbox's agent can answer: its VM runs, is not paused, and its latest boot
+/// ended (the host never connects to a guest still booting: connections tried before the
+/// guest's vsock is up were seen to wedge vhost-device-vsock).
 fn guest_answers(record: &SandboxRecord) -> bool {
-    matches!(record.state, State::Ready | State::Running) && !record.vm.paused
+    let last = |phase: &str| record.timeline.iter().rposition(|(p, _)| p == phase);
+    let booted = match (last(BOOT_END), last(VM_STARTED)) {
+        (Some(ready), Some(started)) => ready > started,
+        (ready, None) => ready.is_some(),
+        (None, Some(_)) => false,
+    };
+    matches!(record.state, State::Ready | State::Running) && !record.vm.paused && booted
 }
 
 /// `sandbox_id`, then the pod's name, namespace and uid where CRI's annotations give them.
@@ -312,6 +323,46 @@ mod tests {
         );
         assert_eq!(total, Some(2.0));
         assert_eq!(boot_phases(&recorded[..3]), (Vec::new(), None));
+    }
+
+    #[test]
+    fn only_a_booted_running_guest_is_asked() {
+        use runvm_hypervisor::{Accelerator, VmConfig, VsockBackend};
+        let vm = VmConfig {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            kernel_params: vec![],
+            accelerator: Accelerator::Tcg,
+            shared_dir: None,
+            vsock: VsockBackend::VhostUser,
+            run_dir: "/tmp/x".into(),
+            netns: None,
+            net_devices: Vec::new(),
+            hotplug_ports: 0,
+            vhost_net: false,
+            tcg_tb_size_mib: 0,
+            cgroup_procs: Vec::new(),
+            max_vcpus: 0,
+            max_memory_mib: 0,
+            hotplugged: Default::default(),
+        };
+        let id = SandboxId::parse("s").unwrap();
+        let mut r = SandboxRecord::new(id, vm, Default::default());
+        let mark = |r: &mut SandboxRecord, p: &str| r.timeline.push((p.to_string(), 0));
+        mark(&mut r, VM_STARTED);
+        assert!(!guest_answers(&r), "booting");
+        mark(&mut r, BOOT_END);
+        assert!(guest_answers(&r));
+        r.vm.paused = true;
+        assert!(!guest_answers(&r), "paused");
+        r.vm.paused = false;
+        r.state = State::Stopped;
+        assert!(!guest_answers(&r), "stopped");
+        r.state = State::Running;
+        mark(&mut r, VM_STARTED);
+        assert!(!guest_answers(&r), "booting again after a stop");
     }
 
     #[test]

@@ -254,6 +254,9 @@ pub enum Command {
     },
     /// Prints what runvm supports, as runc's features JSON.
     Features,
+    /// Serves Prometheus metrics of every sandbox (host cost, guest view, boot phases) on
+    /// /metrics until stopped; see docs/observability.md.
+    Monitor(crate::monitor::MonitorArgs),
     /// The stand-in process (internal: started by create, run and exec).
     #[command(name = "__standin", hide = true)]
     Standin {

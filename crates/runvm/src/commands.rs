@@ -69,6 +69,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Update(a) => ops::update(c, &a),
         Command::Spec { bundle } => oci::spec(&bundle),
         Command::Features => ops::features(),
+        Command::Monitor(a) => crate::monitor::run(c, &a),
         Command::Version => {
             println!("{}", crate::version_text());
             Ok(ExitCode::SUCCESS)

@@ -6,6 +6,7 @@ mod argv;
 mod commands;
 mod factory;
 mod logging;
+mod monitor;
 mod network;
 mod oci;
 mod ops;
