@@ -28,9 +28,28 @@ impl Host {
         cmd.env_remove("RUNVM_CONFIG")
             .env_remove("RUST_LOG")
             .arg("--root")
-            .arg(&self.root)
-            .args(args);
+            .arg(&self.root);
+        if let Some(config) = self.guest_override() {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.args(args);
         cmd
+    }
+
+    /// With `RUNVM_TEST_GUEST=DIR`, a configuration whose guest image is DIR's (a guest built
+    /// with `cargo xtask guest --out DIR`, to test an agent without replacing the machine's).
+    fn guest_override(&self) -> Option<PathBuf> {
+        let guest = PathBuf::from(std::env::var_os("RUNVM_TEST_GUEST")?);
+        let config = self.dir.path().join("guest-override.toml");
+        if !config.exists() {
+            let text = format!(
+                "[guest]\nkernel = {:?}\ninitrd = {:?}\n",
+                guest.join("vmlinuz"),
+                guest.join("initrd.img")
+            );
+            std::fs::write(&config, text).unwrap();
+        }
+        Some(config)
     }
 
     /// Runs runvm and collects its output (for commands that leave no process behind).
