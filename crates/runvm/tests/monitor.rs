@@ -167,7 +167,7 @@ fn two_sandboxes_reach_promtool_and_prometheus_and_a_deleted_ones_series_go() {
     let host = Host::new();
     run_detached(&host, "mon-a", &["sleep", "600"]);
     run_detached(&host, "mon-b", &["sleep", "600"]);
-    let (_monitor, address) = start_monitor(&host);
+    let (monitor, address) = start_monitor(&host);
 
     let exposition = get(address, "/metrics");
     for id in ["mon-a", "mon-b"] {
@@ -202,7 +202,7 @@ fn two_sandboxes_reach_promtool_and_prometheus_and_a_deleted_ones_series_go() {
     );
     promtool_check(&exposition);
 
-    let (_prometheus, prometheus) = start_prometheus(host.dir.path(), address);
+    let (prometheus_process, prometheus) = start_prometheus(host.dir.path(), address);
     let pss = wait_for_series(
         prometheus,
         r#"runvm_sandbox_process_pss_bytes{sandbox_id="mon-a",process="qemu"}"#,
@@ -220,7 +220,8 @@ fn two_sandboxes_reach_promtool_and_prometheus_and_a_deleted_ones_series_go() {
 
     assert!(host.run(&["kill", "mon-a", "KILL"]).status.success());
     assert!(host.run(&["delete", "--force", "mon-a"]).status.success());
-    drop(_monitor);
+    drop(prometheus_process);
+    drop(monitor);
     host.assert_nothing_left();
 }
 
