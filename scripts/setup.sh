@@ -11,9 +11,10 @@ step() { printf '\n==> %s\n' "$*"; }
 
 need_pkgs=()
 # The second line builds runvm's guest kernel (cargo xtask guest): Debian's kernel source and
-# the kernel's build tools (LZ4 compresses the kernel image).
+# the kernel's build tools (LZ4 compresses the kernel image). prometheus gives promtool and the
+# server the `runvm monitor` test checks its metrics with.
 for p in qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev pkg-config cpio busybox-static \
-         containerd runc containernetworking-plugins umoci protobuf-compiler iptables \
+         containerd runc containernetworking-plugins umoci protobuf-compiler iptables prometheus \
          linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils lz4; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done

@@ -9,6 +9,7 @@ mod containerd;
 mod cri;
 mod factory;
 mod floor;
+mod monitor;
 mod procs;
 mod report;
 mod stats;
@@ -49,7 +50,7 @@ pub enum Bench {
     Memory,
     /// A container writing to stdout.
     Throughput,
-    /// N idle pods started in parallel.
+    /// N idle pods started in parallel (and a `runvm monitor` scrape of them).
     Density,
 }
 

@@ -10,6 +10,7 @@ use super::cli::{Cli, Runtime};
 use super::containerd::{Containerd, RUNC_SHIM, RUNVM_SHIM};
 use super::cri;
 use super::floor::Floor;
+use super::monitor::{scrape_cost, ScrapeCost};
 use super::procs::Memory;
 use super::report::{self, Metric, Results};
 use super::{breakdown, mib, ratio, times, write_config, Bench, Setup};
@@ -23,11 +24,14 @@ const CRI_STOP: &str = "CRI: stop a pod";
 const MEM: &str = "host memory per idle pod (PSS)";
 const TP: &str = "stdout throughput";
 const DENSITY: &str = "density";
+const SCRAPE: &str = "runvm monitor: one scrape";
 
 /// What [`Setup::idle_pods`] found.
 struct IdlePods {
     wall: Duration,
     memory: Memory,
+    /// What a `runvm monitor` scrape of them cost.
+    scrape: Result<ScrapeCost>,
     /// Pods that failed to start at first, with the error.
     retried: Vec<String>,
 }
@@ -328,7 +332,27 @@ impl Setup {
         let mut wall = Metric::new(DENSITY, &label, "s", self.accel(), wall);
         wall.note = r.as_ref().ok().and_then(IdlePods::retry_note);
         let label = format!("runvm: {n} pods, total PSS");
-        let rows = vec![wall, Metric::new(DENSITY, &label, "MiB", self.accel(), pss)];
+        let mut rows = vec![wall, Metric::new(DENSITY, &label, "MiB", self.accel(), pss)];
+        let label = format!("{n} idle pods, monitor CPU time");
+        let scrape = match &r {
+            Ok(p) => p.scrape.as_ref().map_err(|e| anyhow!("{e:#}")),
+            Err(e) => Err(anyhow!("{e:#}")),
+        };
+        let mut row = Metric::new(
+            SCRAPE,
+            &label,
+            "ms",
+            self.accel(),
+            scrape.map(|s| s.cpu_ms.clone()),
+        );
+        if let Ok(Ok(s)) = r.as_ref().map(|p| p.scrape.as_ref()) {
+            row.note = Some(format!(
+                "{} sandboxes seen; wall time {:.1} ms (median), first scrape {:.1} ms (opens \
+                 every agent connection)",
+                s.sandboxes, s.wall_ms, s.first_wall_ms
+            ));
+        }
+        rows.push(row);
         (rows, (n == 10).then_some(r))
     }
 
@@ -381,9 +405,11 @@ impl Setup {
             "found {} processes for {n} pods",
             memory.processes
         );
+        let scrape = scrape_cost(&cli);
         Ok(IdlePods {
             wall,
             memory,
+            scrape,
             retried: pods.retried.clone(),
         })
     }
