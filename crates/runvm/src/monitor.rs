@@ -28,7 +28,8 @@ pub struct MonitorArgs {
     /// The longest an agent may take to connect and answer, ms; a sandbox whose agent takes
     /// longer is shown without the guest's view and counted in
     /// runvm_monitor_scrape_errors_total{stage="agent"}.
-    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    #[arg(long, default_value_t = 1000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub agent_timeout_ms: u64,
 }
 
@@ -44,7 +45,7 @@ pub fn run(config: &Config, args: &MonitorArgs) -> Result<ExitCode> {
             roots.push(root);
         }
     }
-    let timeout = Duration::from_millis(args.agent_timeout_ms.max(1));
+    let timeout = Duration::from_millis(args.agent_timeout_ms);
     let sources = Sources {
         stores: roots.iter().cloned().map(Store::new).collect(),
         procfs: ProcFs::default(),
