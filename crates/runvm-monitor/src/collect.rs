@@ -14,7 +14,7 @@ use runvm_sandbox::state::{SandboxRecord, State};
 use runvm_sandbox::store::Store;
 use runvm_sandbox::{timeline, SandboxId};
 
-use crate::procfs::{ProcError, ProcFs, ProcessUsage};
+use crate::procfs::{ProcError, ProcFs, ProcessUsage, PssCache};
 
 /// The CRI annotations that name a sandbox's pod, with the label each becomes.
 pub const POD_ANNOTATIONS: [(&str, &str); 3] = [
@@ -110,6 +110,8 @@ pub struct Sources {
     pub connector: Arc<dyn AgentConnector>,
     /// The longest an agent may take to connect and answer.
     pub agent_timeout: Duration,
+    /// How long a process's PSS reading is reused (zero: read at every scrape).
+    pub pss_max_age: Duration,
 }
 
 /// Collects [`Scan`]s, keeping agent connections between them.
@@ -117,12 +119,14 @@ pub struct Sources {
 pub struct Collector {
     sources: Sources,
     agents: HashMap<SandboxKey, Arc<dyn Agent>>,
+    pss: PssCache,
 }
 
 impl Collector {
     /// A collector over `sources`.
     pub fn new(sources: Sources) -> Collector {
         Collector {
+            pss: PssCache::new(sources.pss_max_age),
             sources,
             agents: HashMap::new(),
         }
@@ -138,7 +142,9 @@ impl Collector {
         let mut scan = Scan::default();
         let mut seen_ids = HashSet::new();
         let mut asks = Vec::new();
-        for store in &self.sources.stores {
+        let mut live_processes = HashSet::new();
+        let stores = self.sources.stores.clone();
+        for store in &stores {
             let ids = match store.list_sandboxes() {
                 Ok(ids) => ids,
                 // A root not made yet holds no sandbox.
@@ -164,6 +170,7 @@ impl Collector {
                     continue;
                 }
                 let sample = self.sample(store, &record, &mut scan.errors);
+                live_processes.extend(record.vm.processes.iter().map(|p| (p.pid, p.start_time)));
                 if guest_answers(&record) {
                     if let Some(address) = record.agent_address.clone() {
                         asks.push((scan.sandboxes.len(), address));
@@ -172,12 +179,13 @@ impl Collector {
                 scan.sandboxes.push(sample);
             }
         }
+        self.pss.retain(&live_processes);
         self.ask_agents(&mut scan, asks).await;
         scan
     }
 
     fn sample(
-        &self,
+        &mut self,
         store: &Store,
         record: &SandboxRecord,
         errors: &mut Vec<(Stage, String)>,
@@ -185,11 +193,21 @@ impl Collector {
         let mut processes = Vec::new();
         if record.state != State::Stopped {
             for p in &record.vm.processes {
-                match self.sources.procfs.usage(p.pid, p.start_time) {
-                    Ok(usage) => processes.push((p.name.clone(), usage)),
-                    Err(ProcError::Gone { .. }) => {}
+                let procfs = &self.sources.procfs;
+                let mut usage = match procfs.usage(p.pid, p.start_time) {
+                    Ok(usage) => usage,
+                    Err(ProcError::Gone { .. }) => continue,
+                    Err(e) => {
+                        errors.push((Stage::Process, format!("{}: {e}", record.id)));
+                        continue;
+                    }
+                };
+                match self.pss.get(procfs, p.pid, p.start_time) {
+                    Ok(pss) => usage.pss_bytes = Some(pss),
+                    Err(ProcError::Gone { .. }) => continue,
                     Err(e) => errors.push((Stage::Process, format!("{}: {e}", record.id))),
                 }
+                processes.push((p.name.clone(), usage));
             }
         }
         let (boot_phases, boot_seconds) = boot_phases(&record.timeline);

@@ -365,7 +365,9 @@ impl Metrics {
                 let pl = with(l, "process", name.clone());
                 f.process_cpu.get_or_create(&pl).inc_by(u.cpu_seconds);
                 f.process_rss.get_or_create(&pl).set(int(u.rss_bytes));
-                f.process_pss.get_or_create(&pl).set(int(u.pss_bytes));
+                if let Some(pss) = u.pss_bytes {
+                    f.process_pss.get_or_create(&pl).set(int(pss));
+                }
                 f.process_threads.get_or_create(&pl).set(int(u.threads));
                 f.process_fds.get_or_create(&pl).set(int(u.open_fds));
             }

@@ -87,6 +87,7 @@ fn fake_process(proc: &Path, pid: u32) {
         "00-ff ---p 0 0:0 0 [rollup]\nRss: 204800 kB\nPss: 102400 kB\n",
     )
     .unwrap();
+    std::fs::write(dir.join("statm"), "90000 51200 100 1 0 4000 0\n").unwrap();
     std::fs::write(dir.join("fd").join("0"), "").unwrap();
 }
 
@@ -145,6 +146,7 @@ fn fixture() -> Fixture {
         procfs: ProcFs::new(proc),
         connector: Arc::new(ByAddress::default()),
         agent_timeout: Duration::from_millis(200),
+        pss_max_age: Duration::ZERO,
     });
     Fixture {
         _dir: dir,
@@ -362,6 +364,7 @@ async fn the_server_answers_metrics_and_refuses_other_paths_and_methods() {
         procfs: ProcFs::new(f._dir.path().join("proc")),
         connector: Arc::new(ByAddress::default()),
         agent_timeout: Duration::from_millis(100),
+        pss_max_age: Duration::from_secs(60),
     }));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::server::serve(listener, monitor, async {

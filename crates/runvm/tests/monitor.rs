@@ -57,7 +57,10 @@ fn get(address: SocketAddr, path: &str) -> String {
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
     body.to_string()
 }
 
@@ -191,10 +194,17 @@ fn two_sandboxes_reach_promtool_and_prometheus_and_a_deleted_ones_series_go() {
         let up = format!(r#"runvm_sandbox_agent_up{{sandbox_id="{id}"}}"#);
         assert_eq!(value(&exposition, &up), Some(1.0), "{exposition}");
         let total = format!(r#"runvm_guest_memory_total_bytes{{sandbox_id="{id}"}}"#);
-        assert!(value(&exposition, &total).unwrap_or(0.0) > 1e7, "{exposition}");
-        let container =
-            format!(r#"runvm_guest_container_memory_bytes{{sandbox_id="{id}",container_id="{id}"}}"#);
-        assert!(value(&exposition, &container).unwrap_or(0.0) > 0.0, "{exposition}");
+        assert!(
+            value(&exposition, &total).unwrap_or(0.0) > 1e7,
+            "{exposition}"
+        );
+        let container = format!(
+            r#"runvm_guest_container_memory_bytes{{sandbox_id="{id}",container_id="{id}"}}"#
+        );
+        assert!(
+            value(&exposition, &container).unwrap_or(0.0) > 0.0,
+            "{exposition}"
+        );
     }
     assert_eq!(
         value(&exposition, "runvm_boot_duration_seconds_count"),
@@ -214,7 +224,10 @@ fn two_sandboxes_reach_promtool_and_prometheus_and_a_deleted_ones_series_go() {
     let deleted = host.run(&["delete", "--force", "mon-b"]);
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
     let exposition = get(address, "/metrics");
-    assert!(!exposition.contains(r#"sandbox_id="mon-b""#), "{exposition}");
+    assert!(
+        !exposition.contains(r#"sandbox_id="mon-b""#),
+        "{exposition}"
+    );
     assert!(exposition.contains(r#"sandbox_id="mon-a""#));
     assert_eq!(value(&exposition, "runvm_monitor_sandboxes"), Some(1.0));
 
@@ -231,10 +244,16 @@ fn a_listen_address_in_use_or_malformed_is_refused_by_name() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
     let out = host.run(&["monitor", "--listen", &address]);
-    assert_fails(&out, &format!("cannot listen on {address}: the address is in use"));
+    assert_fails(
+        &out,
+        &format!("cannot listen on {address}: the address is in use"),
+    );
     let out = host.run(&["monitor", "--listen", "localhost"]);
     assert_fails(&out, "invalid listen address \"localhost\": no port");
-    assert_fails(&out, "expected IP:PORT, [IPv6]:PORT, localhost:PORT or :PORT");
+    assert_fails(
+        &out,
+        "expected IP:PORT, [IPv6]:PORT, localhost:PORT or :PORT",
+    );
     let out = host.run(&["monitor", "--listen", "example.org:9464"]);
     assert_fails(&out, "the host is not an IP address");
 }
