@@ -64,8 +64,8 @@ pub struct SandboxSample {
     /// The guest's view; `None` when its agent was not asked (VM paused or stopped) or did not
     /// answer.
     pub guest: Option<GuestMetrics>,
-    /// Whether the agent was asked and answered.
-    pub agent_up: bool,
+    /// Whether the agent answered; `None` when it was not asked.
+    pub agent_up: Option<bool>,
 }
 
 /// Where a scrape failed; counted by the monitor, never fatal.
@@ -224,7 +224,7 @@ impl Collector {
             boot_seconds,
             processes,
             guest: None,
-            agent_up: false,
+            agent_up: None,
         }
     }
 
@@ -261,10 +261,11 @@ impl Collector {
                 Ok((agent, metrics)) => {
                     self.agents.insert(key.clone(), agent);
                     scan.sandboxes[index].guest = Some(metrics);
-                    scan.sandboxes[index].agent_up = true;
+                    scan.sandboxes[index].agent_up = Some(true);
                     live.insert(key);
                 }
                 Err(reason) => {
+                    scan.sandboxes[index].agent_up = Some(false);
                     self.agents.remove(&key);
                     scan.errors
                         .push((Stage::Agent, format!("sandbox {}: {reason}", key.id)));

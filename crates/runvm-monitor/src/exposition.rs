@@ -371,7 +371,7 @@ impl Metrics {
                 f.process_threads.get_or_create(&pl).set(int(u.threads));
                 f.process_fds.get_or_create(&pl).set(int(u.open_fds));
             }
-            self.guest(s.agent_up, l, s.guest.as_ref(), s.state);
+            self.guest(s.agent_up, l, s.guest.as_ref());
         }
         let live: HashSet<&SandboxKey> = scan.sandboxes.iter().map(|s| &s.key).collect();
         self.observed.retain(|k| live.contains(k));
@@ -386,13 +386,12 @@ impl Metrics {
 
     fn guest(
         &self,
-        up: bool,
+        up: Option<bool>,
         l: &Labels,
         guest: Option<&runvm_sandbox::agent::GuestMetrics>,
-        state: State,
     ) {
         let f = &self.sandbox;
-        if matches!(state, State::Ready | State::Running) || up {
+        if let Some(up) = up {
             f.agent_up.get_or_create(l).set(i64::from(up));
         }
         let Some(g) = guest else { return };
