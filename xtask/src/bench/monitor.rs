@@ -36,10 +36,15 @@ impl Drop for Monitor {
     }
 }
 
-/// Starts `runvm monitor` over `cli`'s root and measures [`SCRAPES`] scrapes.
-pub fn scrape_cost(cli: &Cli) -> Result<ScrapeCost> {
+/// Starts `runvm monitor` over `cli`'s root and measures [`SCRAPES`] scrapes, with PSS read at
+/// every scrape (`fresh_pss`) or kept between readings (the monitor's default age).
+pub fn scrape_cost(cli: &Cli, fresh_pss: bool) -> Result<ScrapeCost> {
+    let mut args = vec!["monitor", "--listen", "127.0.0.1:0"];
+    if fresh_pss {
+        args.extend(["--pss-max-age-secs", "0"]);
+    }
     let mut child = cli
-        .cmd(&["monitor", "--listen", "127.0.0.1:0"])
+        .cmd(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

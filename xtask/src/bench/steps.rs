@@ -30,8 +30,8 @@ const SCRAPE: &str = "runvm monitor: one scrape";
 struct IdlePods {
     wall: Duration,
     memory: Memory,
-    /// What a `runvm monitor` scrape of them cost.
-    scrape: Result<ScrapeCost>,
+    /// What a `runvm monitor` scrape of them cost, PSS read every time and kept.
+    scrape: [Result<ScrapeCost>; 2],
     /// Pods that failed to start at first, with the error.
     retried: Vec<String>,
 }
@@ -333,26 +333,32 @@ impl Setup {
         wall.note = r.as_ref().ok().and_then(IdlePods::retry_note);
         let label = format!("runvm: {n} pods, total PSS");
         let mut rows = vec![wall, Metric::new(DENSITY, &label, "MiB", self.accel(), pss)];
-        let label = format!("{n} idle pods, monitor CPU time");
-        let scrape = match &r {
-            Ok(p) => p.scrape.as_ref().map_err(|e| anyhow!("{e:#}")),
-            Err(e) => Err(anyhow!("{e:#}")),
-        };
-        let mut row = Metric::new(
-            SCRAPE,
-            &label,
-            "ms",
-            self.accel(),
-            scrape.map(|s| s.cpu_ms.clone()),
-        );
-        if let Ok(Ok(s)) = r.as_ref().map(|p| p.scrape.as_ref()) {
-            row.note = Some(format!(
-                "{} sandboxes seen; wall time {:.1} ms (median), first scrape {:.1} ms (opens \
-                 every agent connection)",
-                s.sandboxes, s.wall_ms, s.first_wall_ms
-            ));
+        for (i, how) in ["PSS read every scrape", "PSS readings kept"]
+            .iter()
+            .enumerate()
+        {
+            let label = format!("{n} idle pods, monitor CPU time, {how}");
+            let scrape = match &r {
+                Ok(p) => p.scrape[i].as_ref().map_err(|e| anyhow!("{e:#}")),
+                Err(e) => Err(anyhow!("{e:#}")),
+            };
+            let note = scrape.as_ref().ok().map(|s| {
+                format!(
+                    "{} sandboxes seen; wall time {:.1} ms (median), first scrape {:.1} ms \
+                     (opens every agent connection)",
+                    s.sandboxes, s.wall_ms, s.first_wall_ms
+                )
+            });
+            let mut row = Metric::new(
+                SCRAPE,
+                &label,
+                "ms",
+                self.accel(),
+                scrape.map(|s| s.cpu_ms.clone()),
+            );
+            row.note = note;
+            rows.push(row);
         }
-        rows.push(row);
         (rows, (n == 10).then_some(r))
     }
 
@@ -405,7 +411,7 @@ impl Setup {
             "found {} processes for {n} pods",
             memory.processes
         );
-        let scrape = scrape_cost(&cli);
+        let scrape = [scrape_cost(&cli, true), scrape_cost(&cli, false)];
         Ok(IdlePods {
             wall,
             memory,
