@@ -2,7 +2,8 @@
 //! socket pair whose other end sends the fuzzed bytes as a hostile guest would (ttrpc frames
 //! carrying protobuf responses), while the host makes a few calls the input picks. Covers the
 //! ttrpc client's frame decoding, protobuf decoding and every check of `agent::convert`,
-//! `agent::network` and the client (texts, sizes, exit statuses, ids, interfaces, routes).
+//! `agent::network`, `agent::guest_metrics` and the client (texts, sizes, exit statuses, ids,
+//! interfaces, routes, guest metrics).
 //!
 //! Input: the first four bytes pick the calls, the rest is what "the guest" sends.
 #![no_main]
@@ -43,7 +44,7 @@ async fn call(agent: &TtrpcAgent, which: u8) {
         device: "eth0".into(),
         mac: "02:00:00:00:00:02".into(),
     };
-    match which % 24 {
+    match which % 25 {
         0 => drop(agent.check().await),
         1 => drop(agent.version().await),
         2 => drop(agent.guest_details().await),
@@ -91,7 +92,8 @@ async fn call(agent: &TtrpcAgent, which: u8) {
                 )
                 .await,
         ),
-        _ => drop(agent.resize_tty(&exec, 24, 80).await),
+        23 => drop(agent.resize_tty(&exec, 24, 80).await),
+        _ => drop(agent.guest_metrics().await),
     }
 }
 
