@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runvm_sandbox::agent::{Agent, AgentConnector, AgentError, GuestMetrics};
+use runvm_sandbox::factory::{self, FactoryStatus};
 use runvm_sandbox::state::{SandboxRecord, State};
 use runvm_sandbox::store::Store;
 use runvm_sandbox::{timeline, SandboxId};
@@ -77,6 +78,8 @@ pub enum Stage {
     Process,
     /// The agent did not answer in time, or refused.
     Agent,
+    /// A root's VM factory did not answer its status in time, or broke the protocol.
+    Factory,
 }
 
 impl Stage {
@@ -86,8 +89,18 @@ impl Stage {
             Stage::Record => "record",
             Stage::Process => "process",
             Stage::Agent => "agent",
+            Stage::Factory => "factory",
         }
     }
+}
+
+/// A root's VM factory ([`runvm_sandbox::factory`]) as one scrape saw it.
+#[derive(Debug, Clone)]
+pub struct FactorySample {
+    /// The state root it serves.
+    pub root: PathBuf,
+    /// Its daemon's status; `None` when no daemon answers.
+    pub status: Option<FactoryStatus>,
 }
 
 /// What one scrape found.
@@ -95,6 +108,8 @@ impl Stage {
 pub struct Scan {
     /// The sandboxes, by root then id.
     pub sandboxes: Vec<SandboxSample>,
+    /// The roots that have a factory folder (a factory was started there and not destroyed).
+    pub factories: Vec<FactorySample>,
     /// What failed, with why.
     pub errors: Vec<(Stage, String)>,
 }
@@ -180,7 +195,33 @@ impl Collector {
             }
         }
         self.pss.retain(&live_processes);
-        self.ask_agents(&mut scan, asks).await;
+        let timeout = self.sources.agent_timeout;
+        let factories = stores
+            .iter()
+            .map(|s| s.root().to_path_buf())
+            .filter(|root| factory::factory_dir(root).is_dir())
+            .map(|root| async move {
+                let status = tokio::time::timeout(timeout, factory::client::status(&root))
+                    .await
+                    .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                (root, status)
+            });
+        let (_, factories) = futures_util::future::join(
+            self.ask_agents(&mut scan, asks),
+            futures_util::future::join_all(factories),
+        )
+        .await;
+        for (root, status) in factories {
+            let status = status.unwrap_or_else(|reason| {
+                scan.errors.push((
+                    Stage::Factory,
+                    format!("the factory of {}: {reason}", root.display()),
+                ));
+                None
+            });
+            scan.factories.push(FactorySample { root, status });
+        }
         scan
     }
 

@@ -233,6 +233,111 @@ impl SandboxFamilies {
     }
 }
 
+/// The factory families (label `root`): cleared and refilled at every scrape.
+#[derive(Debug, Default)]
+struct FactoryFamilies {
+    up: IntGauge,
+    configured: IntGauge,
+    ready: IntGauge,
+    booting: IntGauge,
+    handouts: IntCounter,
+    misses: IntCounter,
+    boot_failures: IntCounter,
+    last_boot: FloatGauge,
+    last_refill: FloatGauge,
+}
+
+impl FactoryFamilies {
+    fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "runvm_factory_up",
+            "1 when the root's VM factory answered, 0 when its folder exists but no daemon answers",
+            &self.up,
+        );
+        register(
+            r,
+            "runvm_factory_vms_configured",
+            "VMs the factory keeps ready (factory.cache)",
+            &self.configured,
+        );
+        register(
+            r,
+            "runvm_factory_vms_ready",
+            "VMs ready in the factory's pool",
+            &self.ready,
+        );
+        register(
+            r,
+            "runvm_factory_vm_booting",
+            "1 while the factory boots a pool VM",
+            &self.booting,
+        );
+        register(
+            r,
+            "runvm_factory_handouts",
+            "VMs the factory handed to sandboxes",
+            &self.handouts,
+        );
+        register(
+            r,
+            "runvm_factory_misses",
+            "Requests the factory answered without a VM",
+            &self.misses,
+        );
+        register(
+            r,
+            "runvm_factory_boot_failures",
+            "Pool boots that failed",
+            &self.boot_failures,
+        );
+        register(
+            r,
+            "runvm_factory_last_boot_seconds",
+            "How long the factory's last pool boot took",
+            &self.last_boot,
+        );
+        register(
+            r,
+            "runvm_factory_last_refill_seconds",
+            "From the factory's last hand-out until its pool was full again",
+            &self.last_refill,
+        );
+    }
+
+    fn clear(&self) {
+        for f in [&self.up, &self.configured, &self.ready, &self.booting] {
+            f.clear();
+        }
+        for f in [&self.handouts, &self.misses, &self.boot_failures] {
+            f.clear();
+        }
+        self.last_boot.clear();
+        self.last_refill.clear();
+    }
+
+    fn fill(&self, factories: &[crate::collect::FactorySample]) {
+        self.clear();
+        for f in factories {
+            let l = vec![("root", f.root.display().to_string())];
+            self.up.get_or_create(&l).set(i64::from(f.status.is_some()));
+            let Some(s) = &f.status else { continue };
+            self.configured.get_or_create(&l).set(i64::from(s.cache));
+            self.ready.get_or_create(&l).set(i64::from(s.ready));
+            self.booting.get_or_create(&l).set(i64::from(s.booting));
+            self.handouts.get_or_create(&l).inc_by(s.hits);
+            self.misses.get_or_create(&l).inc_by(s.misses);
+            self.boot_failures.get_or_create(&l).inc_by(s.boot_failures);
+            if let Some(ms) = s.last_boot_ms {
+                self.last_boot.get_or_create(&l).set(ms as f64 / 1e3);
+            }
+            if let Some(ms) = s.last_refill_ms {
+                self.last_refill.get_or_create(&l).set(ms as f64 / 1e3);
+            }
+        }
+    }
+}
+
 /// Registers `family` (the registry keeps a clone sharing its values).
 fn register<M>(r: &mut Registry, name: &str, help: &str, family: &Family<Labels, M>)
 where
@@ -257,6 +362,7 @@ fn int(v: u64) -> i64 {
 pub struct Metrics {
     registry: Registry,
     sandbox: SandboxFamilies,
+    factory: FactoryFamilies,
     boot_phase: Histograms,
     boot: Histogram,
     scrape_duration: Histogram,
@@ -281,6 +387,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let sandbox = SandboxFamilies::default();
         sandbox.register(&mut registry);
+        let factory = FactoryFamilies::default();
+        factory.register(&mut registry);
         let boot_phase = Histograms::new_with_constructor(boot_histogram as fn() -> Histogram);
         let boot = boot_histogram();
         let scrape_duration = scrape_histogram();
@@ -326,6 +434,7 @@ impl Metrics {
         Metrics {
             registry,
             sandbox,
+            factory,
             boot_phase,
             boot,
             scrape_duration,
@@ -373,6 +482,7 @@ impl Metrics {
             }
             self.guest(s.agent_up, l, s.guest.as_ref());
         }
+        self.factory.fill(&scan.factories);
         let live: HashSet<&SandboxKey> = scan.sandboxes.iter().map(|s| &s.key).collect();
         self.observed.retain(|k| live.contains(k));
         for (stage, _) in &scan.errors {

@@ -401,7 +401,73 @@ async fn the_server_answers_metrics_and_refuses_other_paths_and_methods() {
 #[test]
 fn stages_have_stable_label_values() {
     assert_eq!(
-        [Stage::Record, Stage::Process, Stage::Agent].map(Stage::as_str),
-        ["record", "process", "agent"]
+        [Stage::Record, Stage::Process, Stage::Agent, Stage::Factory].map(Stage::as_str),
+        ["record", "process", "agent", "factory"]
+    );
+}
+
+#[tokio::test]
+async fn a_roots_factory_shows_its_pool_and_a_silent_one_is_down() {
+    use runvm_sandbox::factory::{factory_dir, socket_path, FactoryStatus, Reply};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let f = fixture();
+    let root = f.store.root().to_path_buf();
+    // No factory folder: no factory series at all.
+    let text = f.monitor.scrape(Format::Prometheus).await.unwrap();
+    assert!(!text.contains("runvm_factory_up{"), "{text}");
+    // A folder without a daemon: down.
+    std::fs::create_dir_all(factory_dir(&root)).unwrap();
+    let text = f.monitor.scrape(Format::Prometheus).await.unwrap();
+    let at = format!(r#"{{root="{}"}}"#, root.display());
+    assert_eq!(value(&text, &format!("runvm_factory_up{at}")), Some(0.0));
+    assert_eq!(value(&text, &format!("runvm_factory_vms_ready{at}")), None);
+    // A daemon answering its status, as the factory's protocol has it (one JSON line each way).
+    let listener = tokio::net::UnixListener::bind(socket_path(&root)).unwrap();
+    let status = FactoryStatus {
+        running: true,
+        cache: 3,
+        ready: 2,
+        booting: true,
+        hits: 7,
+        misses: 1,
+        last_boot_ms: Some(1500),
+        ..FactoryStatus::default()
+    };
+    let daemon = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = BufReader::new(stream);
+        let mut request = String::new();
+        stream.read_line(&mut request).await.unwrap();
+        assert!(request.contains("status"), "{request}");
+        let mut reply = serde_json::to_string(&Reply::Status(Box::new(status))).unwrap();
+        reply.push('\n');
+        stream.get_mut().write_all(reply.as_bytes()).await.unwrap();
+    });
+    let text = f.monitor.scrape(Format::Prometheus).await.unwrap();
+    daemon.await.unwrap();
+    assert_eq!(value(&text, &format!("runvm_factory_up{at}")), Some(1.0));
+    assert_eq!(
+        value(&text, &format!("runvm_factory_vms_configured{at}")),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(&text, &format!("runvm_factory_vms_ready{at}")),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&text, &format!("runvm_factory_vm_booting{at}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&text, &format!("runvm_factory_handouts_total{at}")),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(&text, &format!("runvm_factory_last_boot_seconds{at}")),
+        Some(1.5)
+    );
+    assert_eq!(
+        value(&text, &format!("runvm_factory_last_refill_seconds{at}")),
+        None
     );
 }
