@@ -67,6 +67,8 @@ pub struct SandboxSample {
     pub guest: Option<GuestMetrics>,
     /// Whether the agent answered; `None` when it was not asked.
     pub agent_up: Option<bool>,
+    /// How long its answer took (the request on an open connection), seconds.
+    pub agent_seconds: Option<f64>,
 }
 
 /// Where a scrape failed; counted by the monitor, never fatal.
@@ -266,6 +268,7 @@ impl Collector {
             processes,
             guest: None,
             agent_up: None,
+            agent_seconds: None,
         }
     }
 
@@ -286,8 +289,10 @@ impl Collector {
                         Some(a) => a,
                         None => Arc::from(connector.connect(&address, timeout).await?),
                     };
+                    // The request alone: a new connection's handshake is not the agent's latency.
+                    let asked = std::time::Instant::now();
                     let metrics = agent.guest_metrics().await?;
-                    Ok::<_, AgentError>((agent, metrics))
+                    Ok::<_, AgentError>((agent, metrics, asked.elapsed().as_secs_f64()))
                 })
                 .await
                 .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))
@@ -299,9 +304,10 @@ impl Collector {
         let mut live = HashSet::new();
         for (index, key, asked) in answers {
             match asked {
-                Ok((agent, metrics)) => {
+                Ok((agent, metrics, seconds)) => {
                     self.agents.insert(key.clone(), agent);
                     scan.sandboxes[index].guest = Some(metrics);
+                    scan.sandboxes[index].agent_seconds = Some(seconds);
                     scan.sandboxes[index].agent_up = Some(true);
                     live.insert(key);
                 }

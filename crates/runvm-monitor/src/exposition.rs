@@ -25,6 +25,11 @@ fn boot_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// Agent requests: 100 µs to about 3 s, as scrapes.
+fn request_histogram() -> Histogram {
+    scrape_histogram()
+}
+
 /// Scrapes: 100 µs to about 3 s.
 fn scrape_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 15))
@@ -64,6 +69,7 @@ struct SandboxFamilies {
     containers: IntGauge,
     boot_seconds: FloatGauge,
     agent_up: IntGauge,
+    agent_latency: FloatGauge,
     process_cpu: FloatCounter,
     process_rss: IntGauge,
     process_pss: IntGauge,
@@ -108,6 +114,12 @@ impl SandboxFamilies {
             "runvm_sandbox_agent_up",
             "1 when the sandbox's agent answered this scrape, 0 when it was asked and did not",
             &self.agent_up,
+        );
+        register(
+            r,
+            "runvm_sandbox_agent_request_seconds",
+            "How long the sandbox's agent took to answer this scrape's GetGuestMetrics",
+            &self.agent_latency,
         );
         register(
             r,
@@ -213,6 +225,7 @@ impl SandboxFamilies {
         self.containers.clear();
         self.boot_seconds.clear();
         self.agent_up.clear();
+        self.agent_latency.clear();
         self.process_cpu.clear();
         self.process_rss.clear();
         self.process_pss.clear();
@@ -366,6 +379,7 @@ pub struct Metrics {
     boot_phase: Histograms,
     boot: Histogram,
     scrape_duration: Histogram,
+    agent_requests: Histograms,
     scrape_errors: IntCounter,
     sandboxes: Gauge,
     connections: Gauge,
@@ -392,6 +406,8 @@ impl Metrics {
         let boot_phase = Histograms::new_with_constructor(boot_histogram as fn() -> Histogram);
         let boot = boot_histogram();
         let scrape_duration = scrape_histogram();
+        let agent_requests =
+            Histograms::new_with_constructor(request_histogram as fn() -> Histogram);
         let scrape_errors = IntCounter::default();
         let sandboxes = Gauge::default();
         let connections = Gauge::default();
@@ -410,6 +426,11 @@ impl Metrics {
             "runvm_monitor_scrape_duration_seconds",
             "Time the monitor took to collect a scrape",
             scrape_duration.clone(),
+        );
+        registry.register(
+            "runvm_agent_request_duration_seconds",
+            "Agent requests the monitor made, by method, on open connections",
+            agent_requests.clone(),
         );
         registry.register(
             "runvm_monitor_scrape_errors",
@@ -438,6 +459,7 @@ impl Metrics {
             boot_phase,
             boot,
             scrape_duration,
+            agent_requests,
             scrape_errors,
             sandboxes,
             connections,
@@ -481,6 +503,12 @@ impl Metrics {
                 f.process_fds.get_or_create(&pl).set(int(u.open_fds));
             }
             self.guest(s.agent_up, l, s.guest.as_ref());
+            if let Some(seconds) = s.agent_seconds {
+                f.agent_latency.get_or_create(l).set(seconds);
+                self.agent_requests
+                    .get_or_create(&vec![("method", "GetGuestMetrics".to_string())])
+                    .observe(seconds);
+            }
         }
         self.factory.fill(&scan.factories);
         let live: HashSet<&SandboxKey> = scan.sandboxes.iter().map(|s| &s.key).collect();

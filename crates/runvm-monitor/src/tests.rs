@@ -231,6 +231,20 @@ async fn a_scrape_shows_each_sandbox_with_pod_labels_host_cost_and_guest_view() 
     );
     assert_eq!(value(&text, "runvm_monitor_sandboxes"), Some(2.0));
     assert_eq!(value(&text, "runvm_monitor_agent_connections"), Some(1.0));
+    // One agent answered: its latency, per sandbox and in the histogram.
+    assert!(value(
+        &text,
+        &format!("runvm_sandbox_agent_request_seconds{{{a}}}")
+    )
+    .is_some());
+    assert!(!text.contains(&format!("runvm_sandbox_agent_request_seconds{{{b}}}")));
+    assert_eq!(
+        value(
+            &text,
+            r#"runvm_agent_request_duration_seconds_count{method="GetGuestMetrics"}"#
+        ),
+        Some(1.0)
+    );
     // Both boots were observed once, phase by phase.
     assert_eq!(value(&text, "runvm_boot_duration_seconds_count"), Some(2.0));
     assert_eq!(
