@@ -49,19 +49,26 @@ fn start_monitor(host: &Host) -> (Killed, SocketAddr) {
     (child, address)
 }
 
-/// The body of `GET path` (HTTP/1.0: the server closes after the answer).
-fn get(address: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(address).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+/// The status line and body of `GET path` (HTTP/1.0: the server closes after the answer);
+/// `None` when nothing listens yet.
+fn try_get(address: SocketAddr, path: &str) -> Option<(String, String)> {
+    let mut s = TcpStream::connect(address).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
     let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
+    s.read_to_string(&mut answer).ok()?;
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    body.to_string()
+    Some((
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    ))
+}
+
+/// The body of `GET path`, which must answer 200.
+fn get(address: SocketAddr, path: &str) -> String {
+    let (status, body) = try_get(address, path).expect("the server answers");
+    assert!(status.contains(" 200 "), "{status}: {body}");
+    body
 }
 
 /// The value of the series starting with `series` (name and labels as printed).
@@ -146,10 +153,9 @@ fn wait_for_series(prometheus: SocketAddr, query: &str, log: &Path) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(90);
     let path = format!("/api/v1/query?query={}", encode(query));
     loop {
-        let answer = TcpStream::connect(prometheus)
-            .ok()
-            .map(|_| get(prometheus, &path));
-        if let Some(answer) = answer {
+        // Prometheus answers 503 until it is ready.
+        let answer = try_get(prometheus, &path).filter(|(status, _)| status.contains(" 200 "));
+        if let Some((_, answer)) = answer {
             let json: serde_json::Value = serde_json::from_str(&answer).unwrap();
             assert_eq!(json["status"], "success", "{json}");
             if let Some(v) = json["data"]["result"][0]["value"][1].as_str() {
