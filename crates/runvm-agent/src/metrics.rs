@@ -8,9 +8,14 @@ use runvm_protocol::agent;
 
 use crate::container::stats;
 
-/// Reads the guest metrics under `proc_root` (`/proc` in the guest); `containers` are the ids
-/// and cgroup folders of the agent's containers. A missing file reads as zeros.
-pub fn read(proc_root: &Path, containers: &[(String, PathBuf)]) -> agent::GuestMetricsResponse {
+/// Reads the guest metrics under `proc_root` (`/proc` in the guest) and `net_root`
+/// (`/sys/class/net`); `containers` are the ids and cgroup folders of the agent's containers.
+/// A missing file reads as zeros.
+pub fn read(
+    proc_root: &Path,
+    net_root: &Path,
+    containers: &[(String, PathBuf)],
+) -> agent::GuestMetricsResponse {
     let text = |name: &str| std::fs::read_to_string(proc_root.join(name)).unwrap_or_default();
     let (mem_total_bytes, mem_available_bytes) = crate::service::parse_meminfo(&text("meminfo"));
     let [load1, load5, load15] = parse_loadavg(&text("loadavg"));
@@ -25,9 +30,23 @@ pub fn read(proc_root: &Path, containers: &[(String, PathBuf)]) -> agent::GuestM
             .iter()
             .map(|(id, dir)| container_usage(id, dir))
             .collect(),
-        network: stats::net_dev(&text("net/dev")),
+        network: stats::net_dev(&text("net/dev"))
+            .into_iter()
+            .filter(|n| is_up(net_root, &n.name))
+            .collect(),
         ..Default::default()
     }
+}
+
+/// Whether interface `name` is up (IFF_UP in `NET_ROOT/NAME/flags`). The kernel's own
+/// fallback devices (tunl0, sit0, bond0, dummy0, ...) stay down and would only add empty
+/// series; an interface whose flags cannot be read is kept.
+fn is_up(net_root: &Path, name: &str) -> bool {
+    const IFF_UP: u64 = 0x1;
+    let Ok(text) = std::fs::read_to_string(net_root.join(name).join("flags")) else {
+        return true;
+    };
+    u64::from_str_radix(text.trim().trim_start_matches("0x"), 16).map_or(true, |f| f & IFF_UP != 0)
 }
 
 /// USER_HZ: the unit of /proc/stat's times.
@@ -117,15 +136,22 @@ mod tests {
             proc.join("net/dev"),
             "Inter-| Receive | Transmit\n face |bytes\n\
              lo: 1 1 0 0 0 0 0 0 1 1 0 0 0 0 0 0\n\
-             eth0: 700 7 0 0 0 0 0 0 300 3 0 0 0 0 0 0\n",
+             eth0: 700 7 0 0 0 0 0 0 300 3 0 0 0 0 0 0\n\
+             tunl0: 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n",
         )
         .unwrap();
+        let net = dir.path().join("net");
+        for (name, flags) in [("eth0", "0x1003"), ("tunl0", "0x80")] {
+            std::fs::create_dir_all(net.join(name)).unwrap();
+            std::fs::write(net.join(name).join("flags"), format!("{flags}\n")).unwrap();
+        }
         let cg = dir.path().join("cg");
         std::fs::create_dir_all(&cg).unwrap();
         std::fs::write(cg.join("memory.current"), "4096\n").unwrap();
         std::fs::write(cg.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\n").unwrap();
         let m = read(
             &proc,
+            &net,
             &[
                 ("c1".to_string(), cg),
                 ("gone".to_string(), dir.path().join("none")),
@@ -148,14 +174,16 @@ mod tests {
             (m.containers[1].memory_bytes, m.containers[1].cpu_usage_ns),
             (0, 0)
         );
+        // tunl0 is down: left out, as lo.
         assert_eq!(m.network.len(), 1);
+        assert_eq!(m.network[0].name, "eth0");
         assert_eq!((m.network[0].rx_bytes, m.network[0].tx_bytes), (700, 300));
     }
 
     #[test]
     fn unreadable_or_garbled_files_read_as_zeros() {
         let dir = tempfile::tempdir().unwrap();
-        let m = read(dir.path(), &[]);
+        let m = read(dir.path(), dir.path(), &[]);
         assert_eq!(m.mem_total_bytes, 0);
         assert_eq!(m.cpu.user_ns, 0);
         assert_eq!(m.load1, 0.0);

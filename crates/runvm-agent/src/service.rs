@@ -252,6 +252,7 @@ impl<B: Backend> agent_ttrpc::AgentService for Agent<B> {
         let containers = self.backend.container_cgroups();
         Ok(crate::metrics::read(
             std::path::Path::new("/proc"),
+            std::path::Path::new("/sys/class/net"),
             &containers,
         ))
     }

@@ -72,7 +72,7 @@ pub struct GuestMetrics {
     pub load: [f64; 3],
     /// Each container's usage.
     pub containers: Vec<ContainerUsage>,
-    /// The guest's interfaces (loopback left out).
+    /// The guest's interfaces that are up (loopback left out).
     pub network: Vec<NetworkStats>,
 }
 
