@@ -22,6 +22,20 @@ impl Drop for Killed {
     }
 }
 
+/// Deletes (`--force`) its sandboxes when the test ends, however it ends.
+struct Deleted<'a> {
+    host: &'a Host,
+    ids: Vec<&'static str>,
+}
+
+impl Drop for Deleted<'_> {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            let _ = self.host.run(&["delete", "--force", id]);
+        }
+    }
+}
+
 /// `runvm monitor --listen 127.0.0.1:0` over the host's root; its address from its first line.
 fn start_monitor(host: &Host) -> (Killed, SocketAddr) {
     let mut child = host
@@ -174,6 +188,10 @@ fn wait_for_series(prometheus: SocketAddr, query: &str, log: &Path) -> f64 {
 #[test]
 fn two_sandboxes_reach_promtool_and_prometheus_and_a_deleted_ones_series_go() {
     let host = Host::new();
+    let sandboxes = Deleted {
+        host: &host,
+        ids: vec!["mon-a", "mon-b"],
+    };
     run_detached(&host, "mon-a", &["sleep", "600"]);
     run_detached(&host, "mon-b", &["sleep", "600"]);
     let (monitor, address) = start_monitor(&host);
@@ -212,6 +230,13 @@ fn two_sandboxes_reach_promtool_and_prometheus_and_a_deleted_ones_series_go() {
             "{exposition}"
         );
     }
+    // The guest kernel's fallback devices are down: no series of theirs.
+    for down in ["tunl0", "sit0", "dummy0", "bond0"] {
+        assert!(
+            !exposition.contains(&format!(r#"interface="{down}""#)),
+            "{exposition}"
+        );
+    }
     assert_eq!(
         value(&exposition, "runvm_boot_duration_seconds_count"),
         Some(2.0)
@@ -241,6 +266,7 @@ fn two_sandboxes_reach_promtool_and_prometheus_and_a_deleted_ones_series_go() {
     assert!(host.run(&["delete", "--force", "mon-a"]).status.success());
     drop(prometheus_process);
     drop(monitor);
+    drop(sandboxes);
     host.assert_nothing_left();
 }
 
