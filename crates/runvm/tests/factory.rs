@@ -196,7 +196,14 @@ fn sandboxes_take_their_own_vms_from_the_pool_and_it_refills() {
     assert!(out.contains("destroyed"), "{out}");
     assert!(!host.root.join("~factory").exists());
     exec(&host, &config, "c2", "true");
+    // A record torn beyond reading: `delete --force` still finds the VM it adopted (its
+    // folder names the sandbox) and ends it.
+    let home2 = host
+        .root
+        .join(format!(".vmhome~{}", r2["factory_vm"].as_str().unwrap()));
+    std::fs::write(host.root.join("c2/sandbox.json"), b"{ torn").unwrap();
     remove(&host, &config, "c2");
+    assert!(!home2.exists(), "{} left", home2.display());
     host.assert_nothing_left();
 }
 

@@ -45,6 +45,8 @@ pub fn lower_priority() -> std::io::Result<()> {
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a sandbox may take between a hand-out and its `adopted`.
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may stay silent before the daemon closes it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest pause after failed boots.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -214,8 +216,16 @@ pub async fn serve(config: Config, ready: impl FnOnce(&Path)) -> Result<(), Fact
     drop(listener);
     let _ = std::fs::remove_file(&socket);
     let _ = refill.await;
-    // Hand-outs in flight finish (each ends within ADOPT_TIMEOUT).
-    while handlers.join_next().await.is_some() {}
+    // Hand-outs in flight finish (each ends within ADOPT_TIMEOUT, plus the owner check).
+    let drained = tokio::time::timeout(
+        ADOPT_TIMEOUT + IDLE_TIMEOUT + Duration::from_secs(35),
+        async { while handlers.join_next().await.is_some() {} },
+    )
+    .await;
+    if drained.is_err() {
+        tracing::warn!("connections still open at shutdown; closing them");
+        handlers.abort_all();
+    }
     let vms: Vec<Sandbox> = pool.ready.lock().await.drain(..).collect();
     for sb in vms {
         pool.end(sb).await;
@@ -316,7 +326,9 @@ impl Pool {
         )
         .await;
         if made.is_err() {
-            if let Err(e) = self.sandboxes.remove_vm_home(&vm) {
+            // Whatever still runs from its folder goes with it.
+            if let Err(e) = crate::sandbox::purge_vm_home(&self.sandboxes, &vm, &self.config).await
+            {
                 tracing::warn!(vm = %vm, error = %e, "removing a failed pool VM's folder");
             }
         }
@@ -426,7 +438,7 @@ impl Pool {
     async fn handle(self: Arc<Self>, stream: UnixStream) {
         let mut conn = BufReader::new(stream);
         loop {
-            let request = match read_request(&mut conn, None).await {
+            let request = match read_request(&mut conn, Some(IDLE_TIMEOUT)).await {
                 Some(Ok(r)) => r,
                 Some(Err(problem)) => {
                     tracing::warn!(%problem, "a bad factory request");

@@ -265,7 +265,10 @@ pub enum Owner {
 /// Who owns pool VM `vm`, handed to `handed_to` (if it was), with sandboxes in `store`.
 /// Waits for the sandbox's lock (its creator may be saving the record that names the VM).
 pub fn owner(store: &Store, vm: &SandboxId, handed_to: Option<&str>) -> Owner {
-    let Some(sandbox) = handed_to.and_then(|s| SandboxId::parse(s).ok()) else {
+    // The VM folder's owner file (written before the sandbox's record names the VM) stands in
+    // for a pool record that cannot be read.
+    let marked = adopter(store, vm);
+    let Some(sandbox) = handed_to.and_then(|s| SandboxId::parse(s).ok()).or(marked) else {
         return Owner::Pool;
     };
     let record = store
@@ -276,6 +279,25 @@ pub fn owner(store: &Store, vm: &SandboxId, handed_to: Option<&str>) -> Owner {
         Ok(_) | Err(StoreError::SandboxNotFound { .. }) => Owner::Pool,
         Err(e) => Owner::Unknown(crate::ErrorChain(&e).to_string()),
     }
+}
+
+/// The file in a VM's folder naming the sandbox adopting it.
+pub const OWNER_FILE: &str = "owner";
+
+/// Names sandbox `sandbox` as the adopter of VM `vm` in the VM's folder, before the sandbox's
+/// record names the VM: `delete --force` of a sandbox whose record cannot be read, and the
+/// sweep, find the VM from it.
+pub fn mark_adopter(store: &Store, vm: &SandboxId, sandbox: &SandboxId) -> std::io::Result<()> {
+    let home = store.vm_home(vm);
+    let tmp = home.join(format!(".{OWNER_FILE}.tmp"));
+    std::fs::write(&tmp, sandbox.as_str())?;
+    std::fs::rename(&tmp, home.join(OWNER_FILE))
+}
+
+/// The sandbox VM `vm`'s folder names as its adopter, if any.
+pub fn adopter(store: &Store, vm: &SandboxId) -> Option<SandboxId> {
+    let text = std::fs::read_to_string(store.vm_home(vm).join(OWNER_FILE)).ok()?;
+    SandboxId::parse(text.trim()).ok()
 }
 
 /// What [`sweep`] did.
@@ -299,39 +321,88 @@ pub async fn sweep(config: &Config) -> Result<SweepReport, FactoryError> {
     let sandboxes = Store::new(root.clone());
     let pool = pool_store(root);
     let mut report = SweepReport::default();
+    // Each VM on its own: one that cannot be ended does not keep the others running.
+    let mut failed: Vec<String> = Vec::new();
     for vm in pool.list_sandboxes()? {
         let handed = pool
             .load_sandbox(&vm)
             .ok()
             .and_then(|r| r.annotations.get(HANDED_TO_ANNOTATION).cloned());
-        match owner(&sandboxes, &vm, handed.as_deref()) {
-            Owner::Sandbox(sandbox) => {
-                pool.remove_sandbox_forced(&vm, pool.try_lock_exclusive(&vm).ok())?;
-                report.left_to_sandboxes.push((vm, sandbox));
+        let resolved = match owner(&sandboxes, &vm, handed.as_deref()) {
+            Owner::Sandbox(sandbox) => pool
+                .remove_sandbox_forced(&vm, pool.try_lock_exclusive(&vm).ok())
+                .map_err(FactoryError::from)
+                .map(|()| report.left_to_sandboxes.push((vm.clone(), sandbox))),
+            Owner::Pool => end_pool_vm(&pool, &sandboxes, &vm, config)
+                .await
+                .map(|()| report.ended.push(vm.clone())),
+            Owner::Unknown(why) => {
+                report.undecided.push((vm.clone(), why));
+                Ok(())
             }
-            Owner::Pool => {
-                crate::sandbox::purge(&pool, &vm, config).await?;
-                crate::sandbox::purge_vm_home(&sandboxes, &vm, config).await?;
-                report.ended.push(vm);
-            }
-            Owner::Unknown(why) => report.undecided.push((vm, why)),
+        };
+        if let Err(e) = resolved {
+            tracing::warn!(vm = %vm, error = %crate::ErrorChain(&e), "resolving a pool VM");
+            failed.push(format!("{vm}: {}", crate::ErrorChain(&e)));
+            report
+                .undecided
+                .push((vm, crate::ErrorChain(&e).to_string()));
         }
     }
-    let undecided: Vec<&SandboxId> = report.undecided.iter().map(|(vm, _)| vm).collect();
-    let named: Vec<SandboxId> = sandboxes
-        .list_sandboxes()?
-        .iter()
-        .filter_map(|id| sandboxes.load_sandbox(id).ok())
-        .filter_map(|r| r.factory_vm)
-        .collect();
+    let undecided: Vec<SandboxId> = report.undecided.iter().map(|(vm, _)| vm.clone()).collect();
+    let ids = sandboxes.list_sandboxes()?;
+    let mut named = Vec::new();
+    let mut unreadable = false;
+    for id in &ids {
+        match sandboxes.load_sandbox(id) {
+            Ok(r) => named.extend(r.factory_vm),
+            // A record that cannot be read may name any VM: its folder's owner file decides.
+            Err(_) => unreadable = true,
+        }
+    }
     for vm in sandboxes.vm_homes()? {
-        if named.contains(&vm) || undecided.contains(&&vm) {
+        if named.contains(&vm) || undecided.contains(&vm) {
             continue;
         }
-        crate::sandbox::purge_vm_home(&sandboxes, &vm, config).await?;
-        report.orphans.push(vm);
+        if let Some(sandbox) = adopter(&sandboxes, &vm) {
+            if unreadable && ids.contains(&sandbox) {
+                report.undecided.push((
+                    vm,
+                    format!("named by {sandbox}, whose record cannot be read"),
+                ));
+                continue;
+            }
+        }
+        match crate::sandbox::purge_vm_home(&sandboxes, &vm, config).await {
+            Ok(_) => report.orphans.push(vm),
+            Err(e) => {
+                failed.push(format!("{vm}: {}", crate::ErrorChain(&e)));
+                report
+                    .undecided
+                    .push((vm, crate::ErrorChain(&e).to_string()));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        tracing::warn!(?failed, "some factory VMs could not be ended");
     }
     Ok(report)
+}
+
+/// Ends pool VM `vm`: its processes and record (`pool`), its folder (`sandboxes`' root).
+async fn end_pool_vm(
+    pool: &Store,
+    sandboxes: &Store,
+    vm: &SandboxId,
+    config: &Config,
+) -> Result<(), FactoryError> {
+    match crate::sandbox::purge(pool, vm, config).await {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    crate::sandbox::purge_vm_home(sandboxes, vm, config).await?;
+    Ok(())
 }
 
 #[cfg(test)]

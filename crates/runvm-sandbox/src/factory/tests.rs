@@ -42,6 +42,24 @@ fn a_vm_whose_sandbox_recorded_it_is_the_sandboxes() {
 }
 
 #[test]
+fn a_vm_whose_folder_names_a_sandbox_that_recorded_it_is_the_sandboxes() {
+    // The pool record is gone or unreadable (no handed-to): the folder's owner file decides.
+    let (_dir, store) = store();
+    std::fs::create_dir_all(store.vm_home(&id("vm-1"))).unwrap();
+    mark_adopter(&store, &id("vm-1"), &id("c1")).unwrap();
+    assert_eq!(adopter(&store, &id("vm-1")), Some(id("c1")));
+    assert_eq!(
+        owner(&store, &id("vm-1"), None),
+        Owner::Pool,
+        "c1 does not exist"
+    );
+    let mut record = sample_sandbox("c1");
+    record.factory_vm = Some(id("vm-1"));
+    drop(store.create_sandbox(&record).unwrap());
+    assert_eq!(owner(&store, &id("vm-1"), None), Owner::Sandbox(id("c1")));
+}
+
+#[test]
 fn a_handed_to_that_is_no_id_leaves_the_vm_to_the_pool() {
     let (_dir, store) = store();
     assert_eq!(owner(&store, &id("vm-1"), Some("../etc")), Owner::Pool);

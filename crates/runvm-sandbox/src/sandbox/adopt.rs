@@ -28,6 +28,21 @@ impl Sandbox {
     ) -> Result<BootReport, SandboxError> {
         let t0 = Instant::now();
         let pooled = handout.record().clone();
+        let vm = handout.vm().clone();
+        // The paths the VM lives at are the ones computed from the root and its id, or the
+        // hand-out is refused (a record never decides what is removed).
+        let home = self.store.vm_home(&vm);
+        let shared = pooled.vm.config.shared_dir.as_ref().map(|s| s.path.clone());
+        if pooled.id != vm
+            || pooled.vm.config.run_dir != home.join("vm")
+            || shared != Some(home.join("shared"))
+        {
+            return Err(SandboxError::Io {
+                action: "adopt the factory VM (its record names other folders than its own)",
+                path: home,
+                source: std::io::ErrorKind::InvalidData.into(),
+            });
+        }
         let mut saved = pooled.vm.clone();
         // The sandbox's own choices for the VM: its host cgroup and the pod's namespace.
         saved.config.cgroup_procs = self.record.vm.config.cgroup_procs.clone();
@@ -37,10 +52,17 @@ impl Sandbox {
         self.record.vm = saved.clone();
         self.record.agent_address = pooled.agent_address.clone();
         self.record.memory_block_size = pooled.memory_block_size;
-        self.record.factory_vm = Some(handout.vm().clone());
+        // Named in the VM's folder first: found from there if this record becomes unreadable.
+        crate::factory::mark_adopter(&self.store, &vm, self.id()).map_err(|source| {
+            SandboxError::Io {
+                action: "name the adopting sandbox in",
+                path: self.store.vm_home(&vm),
+                source,
+            }
+        })?;
+        self.record.factory_vm = Some(vm.clone());
         self.record.mark("factory-vm-taken");
         self.store.save_sandbox(lock, &self.record)?;
-        let vm = handout.vm().clone();
         if let Err(e) = handout.adopted().await {
             // The record decides: the factory finds it when it sweeps.
             tracing::warn!(vm = %vm, error = %crate::ErrorChain(&e), "telling the factory the VM was adopted");
@@ -97,6 +119,12 @@ impl Sandbox {
     /// it was (cgroup v2 does not move charges); what they allocate from now on is the pod's.
     fn join_host_cgroup(&self) -> Result<(), SandboxError> {
         let files = &self.record.vm.config.cgroup_procs;
+        if files.is_empty() {
+            // No cgroup of the pod's: the creator's, where a VM booted for it would be (not
+            // the factory's, whose stop or limits must not reach a sandbox's VM).
+            self.join_creators_cgroup();
+            return Ok(());
+        }
         for process in self.hypervisor.pids() {
             for file in files {
                 std::fs::write(file, process.pid.to_string()).map_err(|source| {
@@ -133,6 +161,34 @@ impl Sandbox {
                     if e.raw_os_error() != Some(libc::ESRCH) {
                         tracing::warn!(tid, error = %e, "restoring the priority of a VM thread");
                     }
+                }
+            }
+        }
+    }
+
+    /// Moves the VM's processes into this process's own cgroup (each v1 hierarchy, or v2).
+    /// Best effort: a hierarchy that refuses is logged.
+    fn join_creators_cgroup(&self) {
+        let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let root = std::path::Path::new(crate::host_cgroup::CGROUP_ROOT);
+        let files: Vec<std::path::PathBuf> = text
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                let relative = path.trim_start_matches('/');
+                let hierarchy = match controllers {
+                    "" => root.to_path_buf(),
+                    named => root.join(named.trim_start_matches("name=")),
+                };
+                let file = hierarchy.join(relative).join("cgroup.procs");
+                file.exists().then_some(file)
+            })
+            .collect();
+        for process in self.hypervisor.pids() {
+            for file in &files {
+                if let Err(e) = std::fs::write(file, process.pid.to_string()) {
+                    tracing::warn!(file = %file.display(), pid = process.pid, error = %e, "moving a factory VM's process into its creator's cgroup");
                 }
             }
         }

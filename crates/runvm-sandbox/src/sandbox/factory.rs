@@ -166,6 +166,7 @@ pub async fn create_qemu_sandbox_for(
 ) -> Result<(Sandbox, BootReport), SandboxError> {
     let first = spec.map(crate::sizing::spec_workload).unwrap_or_default();
     let host = HostCapacity::detect();
+    let base = config;
     let (effective, size) = pod_config(config, &annotations, host)?;
     // Room to hot-plug up to the maxima (vCPUs at most 255, QEMU's limit without an IOMMU).
     let (max_vcpus, max_memory_mib) = max_size(config, &effective, host);
@@ -185,7 +186,12 @@ pub async fn create_qemu_sandbox_for(
         }
     }
     let store = Store::open(config.runtime.root.clone())?;
-    let source = vm_source(config, pod_size, &settings);
+    // The key of the configuration the VM is made from: the pod's, at the configured size
+    // (annotations that size the pod are hot-plugged, not a reason to miss).
+    let mut keyed = config.clone();
+    keyed.hypervisor.vcpus = base.hypervisor.vcpus;
+    keyed.hypervisor.memory_mib = base.hypervisor.memory_mib;
+    let source = vm_source(&keyed, pod_size, &settings);
     let made = Sandbox::create_from(
         store.clone(),
         id.clone(),

@@ -263,15 +263,17 @@ impl Sandbox {
                         tracing::warn!(error = %rm, "removing the factory VM after a failed adoption");
                     }
                 }
-                if let Err(rm) = sandbox.store.remove_sandbox(lock) {
+                let removed = sandbox.store.remove_sandbox(lock);
+                if let Err(rm) = &removed {
                     tracing::warn!(error = %rm, "removing the sandbox after a failed boot");
                 }
                 match adopted {
-                    Some(vm) => Err(SandboxError::FactoryVm {
+                    // Only a sandbox that is gone again may be created anew with a VM of its own.
+                    Some(vm) if removed.is_ok() => Err(SandboxError::FactoryVm {
                         vm,
                         source: Box::new(e),
                     }),
-                    None => Err(e),
+                    _ => Err(e),
                 }
             }
         }

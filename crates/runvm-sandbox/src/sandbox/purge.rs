@@ -313,6 +313,15 @@ pub async fn purge(
             .unmounted
             .extend(unmount_paths(store.mounts_of_vm_home(vm)));
         store.remove_vm_home(vm)?;
+    } else if record.is_none() {
+        // An unreadable record may have named a factory VM: its folder names the sandbox.
+        for vm in store.vm_homes().unwrap_or_default() {
+            if crate::factory::adopter(store, &vm).as_ref() == Some(id) {
+                let ended = purge_vm_home(store, &vm, config).await?;
+                report.killed.extend(ended.killed);
+                report.unmounted.extend(ended.unmounted);
+            }
+        }
     }
     // Read before the records go: their poststop hooks run once the container is gone.
     let containers: Vec<_> = record
