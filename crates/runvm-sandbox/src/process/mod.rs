@@ -152,10 +152,23 @@ where
     tokio::pin!(close);
     let mut buf = vec![0u8; frame::PREFIX + INPUT_CHUNK];
     let mut total = 0u64;
+    let mut closing = false;
     loop {
-        let n = tokio::select! {
-            r = input.read(&mut buf[frame::PREFIX..]) => r?,
-            () = &mut close => 0,
+        let n = if closing {
+            // Closed (containerd's CloseIO comes right after its client wrote its last bytes
+            // and closed the FIFO): what is still readable goes first, then the end.
+            match tokio::time::timeout(CLOSE_DRAIN, input.read(&mut buf[frame::PREFIX..])).await {
+                Ok(r) => r?,
+                Err(_) => 0,
+            }
+        } else {
+            tokio::select! {
+                r = input.read(&mut buf[frame::PREFIX..]) => r?,
+                () = &mut close => {
+                    closing = true;
+                    continue;
+                }
+            }
         };
         frame::write_frame(&mut stream, &mut buf, n).await?;
         if n == 0 {
@@ -164,6 +177,9 @@ where
         total += n as u64;
     }
 }
+
+/// After a close, how long the input may take to yield what is still readable.
+const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Bytes read from the host's input per frame.
 const INPUT_CHUNK: usize = 256 * 1024;
@@ -286,6 +302,30 @@ mod tests {
             .relay(tokio::io::empty(), tokio::io::sink(), tokio::io::sink())
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn input_still_readable_when_stdin_is_closed_goes_before_the_end() {
+        use tokio::io::AsyncWriteExt;
+        // containerd's client writes its last bytes, closes the FIFO and sends CloseIO at
+        // once: the close may be seen before the bytes were read.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stream = FdStream::new(std::os::fd::OwnedFd::from(ours)).unwrap();
+        let (input, mut writer) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            writer.write_all(b"last words\n").await.unwrap();
+        });
+        let sent = send_input(input, stream, std::future::ready(()))
+            .await
+            .unwrap();
+        assert_eq!(sent, 11);
+        let mut peer = FdStream::new(std::os::fd::OwnedFd::from(theirs)).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        let n = frame::read_frame(&mut peer, &mut buf).await.unwrap();
+        assert_eq!(n, Some(11));
+        assert_eq!(&buf[..11], b"last words\n");
+        assert_eq!(frame::read_frame(&mut peer, &mut buf).await.unwrap(), None);
     }
 
     #[tokio::test]
