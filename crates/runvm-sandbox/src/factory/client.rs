@@ -76,6 +76,23 @@ impl Connection {
         })
     }
 
+    /// As [`Connection::open`]; `None` when no daemon serves `root` (no socket, or nobody
+    /// listening on it).
+    async fn open_if_running(root: &Path) -> Result<Option<Connection>, FactoryError> {
+        match Connection::open(root).await {
+            Ok(c) => Ok(Some(c)),
+            Err(FactoryError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn protocol(&self, problem: impl Into<String>) -> FactoryError {
         FactoryError::Protocol {
             socket: self.socket.clone(),
@@ -162,16 +179,9 @@ impl Handout {
 /// Asks the factory of state root `root` for a VM made from configuration `key` (see
 /// [`super::vm_key`]) for sandbox `sandbox`.
 pub async fn take(root: &Path, sandbox: &SandboxId, key: &str) -> Result<Handout, Miss> {
-    let mut connection = match Connection::open(root).await {
-        Ok(c) => c,
-        Err(FactoryError::Io { source, .. })
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Err(Miss::NotRunning)
-        }
+    let mut connection = match Connection::open_if_running(root).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return Err(Miss::NotRunning),
         Err(e) => return Err(Miss::Failed(crate::ErrorChain(&e).to_string())),
     };
     let request = Request::Take {
@@ -192,17 +202,8 @@ pub async fn take(root: &Path, sandbox: &SandboxId, key: &str) -> Result<Handout
 
 /// The running daemon's status; `None` when no daemon answers at `root`.
 pub async fn status(root: &Path) -> Result<Option<FactoryStatus>, FactoryError> {
-    let mut connection = match Connection::open(root).await {
-        Ok(c) => c,
-        Err(FactoryError::Io { source, .. })
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
+    let Some(mut connection) = Connection::open_if_running(root).await? else {
+        return Ok(None);
     };
     match connection.call(&Request::Status).await? {
         Reply::Status(status) => Ok(Some(*status)),
@@ -212,17 +213,8 @@ pub async fn status(root: &Path) -> Result<Option<FactoryStatus>, FactoryError> 
 
 /// Asks the running daemon to stop (it ends its VMs and exits). `false`: none answers.
 pub async fn stop(root: &Path) -> Result<bool, FactoryError> {
-    let mut connection = match Connection::open(root).await {
-        Ok(c) => c,
-        Err(FactoryError::Io { source, .. })
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(false)
-        }
-        Err(e) => return Err(e),
+    let Some(mut connection) = Connection::open_if_running(root).await? else {
+        return Ok(false);
     };
     match connection.call(&Request::Stop).await? {
         Reply::Ok => Ok(true),
