@@ -1,0 +1,1 @@
+//! runvm telemetry (being written).
