@@ -11,3 +11,4 @@ pub mod network;
 pub mod portfwd;
 pub mod reaper;
 pub mod service;
+pub mod telemetry;

@@ -40,12 +40,7 @@ fn main() {
     // While the process is single-threaded (no runtime, no logging yet): fork the zygote that
     // creates containers and processes (container/zygote.rs).
     container::zygote::fork_early();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(LOG_FILTER))
-        .init();
+    runvm_agent::telemetry::init_logging(pid1, LOG_FILTER);
     let listen = match listen_address(pid1) {
         Ok(a) => a,
         Err(e) => {
@@ -112,7 +107,9 @@ async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
     let agent = Agent::new(boot, Arc::clone(&shutdown), reaper, Arc::clone(&streams));
     let mut server = bind_with_retry(&listen)
         .await?
-        .register_service(create_agent_service(Arc::new(agent)));
+        .register_service(runvm_agent::telemetry::traced(create_agent_service(
+            Arc::new(agent),
+        )));
     server
         .start()
         .await

@@ -257,6 +257,15 @@ impl<B: Backend> agent_ttrpc::AgentService for Agent<B> {
         ))
     }
 
+    async fn read_telemetry(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadTelemetryRequest,
+    ) -> ttrpc::Result<agent::TelemetryBatch> {
+        let batch = crate::telemetry::read(&req).await;
+        answer("ReadTelemetry", "", batch)
+    }
+
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,

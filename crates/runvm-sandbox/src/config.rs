@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::regular_file::{read_regular_file_to_string, FileError};
 
+mod telemetry;
+pub use telemetry::TracingConfig;
+
 /// The default configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runvm/config.toml";
 /// The environment variable that names the configuration file.
@@ -70,6 +73,8 @@ pub struct Config {
     pub network: NetworkConfig,
     /// The VM factory (docs/factory.md).
     pub factory: FactoryConfig,
+    /// OpenTelemetry traces (docs/observability.md).
+    pub tracing: TracingConfig,
     /// The file this was loaded from; `None` for built-in defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -438,6 +443,13 @@ impl Config {
                 "factory.template",
                 "true".into(),
                 FactoryConfig::TEMPLATE_REFUSED,
+            ));
+        }
+        if !self.tracing.endpoint_is_valid() {
+            return Err(invalid(
+                "tracing.otlp_endpoint",
+                format!("{:?}", self.tracing.otlp_endpoint),
+                TracingConfig::VALID_ENDPOINT,
             ));
         }
         if h.stop_timeout_ms > 600_000 {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod container;
 mod error;
 pub mod factory;
+pub mod guest_telemetry;
 pub mod host_cgroup;
 mod id;
 pub mod network;

@@ -14,9 +14,12 @@ mod task;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
-use tracing_subscriber::EnvFilter;
+use runvm_sandbox::agent::GuestLogLevel;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// What containerd asked the binary to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,12 +65,49 @@ fn init_logging() {
     let debug = args.iter().any(|a| a == "-debug" || a == "--debug");
     let default = if debug { "debug" } else { "info" };
     let filter = EnvFilter::try_from_env("RUNVM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = GUEST_LOG_LEVEL.set(guest_level(filter.max_level_hint()));
     let writer = Mutex::new(log_writer(action));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(writer)
+    let (traces, slot) = runvm_telemetry::trace_slot();
+    let _ = TRACES.set(slot);
+    let _ = tracing_subscriber::registry()
+        .with(traces)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(writer)
+                .with_filter(filter),
+        )
         .try_init();
+}
+
+/// Where the OpenTelemetry layer goes once the configuration is read (`observe`).
+static TRACES: OnceLock<runvm_telemetry::TraceSlot> = OnceLock::new();
+/// The least severe guest record the shim's log takes: its own level.
+static GUEST_LOG_LEVEL: OnceLock<GuestLogLevel> = OnceLock::new();
+
+/// The level of the shim's log filter as a guest level (its most verbose directive).
+fn guest_level(hint: Option<tracing::level_filters::LevelFilter>) -> GuestLogLevel {
+    use tracing::level_filters::LevelFilter;
+    match hint {
+        Some(LevelFilter::TRACE) => GuestLogLevel::Trace,
+        Some(LevelFilter::DEBUG) => GuestLogLevel::Debug,
+        Some(LevelFilter::INFO) | None => GuestLogLevel::Info,
+        Some(LevelFilter::WARN) => GuestLogLevel::Warn,
+        Some(_) => GuestLogLevel::Error,
+    }
+}
+
+/// Once the configuration is read: the guest agents' records go to the shim's log, and the
+/// shim's spans to `[tracing] otlp_endpoint` if set (docs/observability.md).
+pub(crate) fn observe(config: &runvm_sandbox::config::Config) {
+    runvm_sandbox::guest_telemetry::enable(
+        GUEST_LOG_LEVEL.get().copied().unwrap_or(GuestLogLevel::Info),
+    );
+    if config.tracing.enabled() {
+        if let Some(slot) = TRACES.get() {
+            slot.start(&config.tracing.otlp_endpoint, "containerd-shim-runvm-v2");
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {

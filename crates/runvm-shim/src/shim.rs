@@ -106,7 +106,10 @@ impl Shim for RunvmShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         let (config, config_error) = match load_config() {
-            Ok(c) => (c, None),
+            Ok(c) => {
+                crate::observe(&c);
+                (c, None)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "the shim cannot create containers");
                 (Config::default(), Some(e))

@@ -486,10 +486,10 @@ impl Task for TaskService {
 
     async fn create(
         &self,
-        _: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
-        let span = tracing::info_span!("create", container = %req.id);
+        let span = request_span(ctx, "shim Create", &req.id, "");
         let pid = self.inner.create(&req).instrument(span).await?;
         Ok(CreateTaskResponse {
             pid,
@@ -497,16 +497,18 @@ impl Task for TaskService {
         })
     }
 
-    async fn start(&self, _: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
-        let pid = self.do_start(&req).await?;
+    async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let span = request_span(ctx, "shim Start", &req.id, &req.exec_id);
+        let pid = self.do_start(&req).instrument(span).await?;
         Ok(StartResponse {
             pid,
             ..Default::default()
         })
     }
 
-    async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
-        Ok(self.do_delete(&req).await?)
+    async fn delete(&self, ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        let span = request_span(ctx, "shim Delete", &req.id, &req.exec_id);
+        Ok(self.do_delete(&req).instrument(span).await?)
     }
 
     async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
@@ -535,13 +537,15 @@ impl Task for TaskService {
         .into())
     }
 
-    async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
-        self.do_kill(&req).await?;
+    async fn kill(&self, ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let span = request_span(ctx, "shim Kill", &req.id, &req.exec_id);
+        self.do_kill(&req).instrument(span).await?;
         Ok(Empty::new())
     }
 
-    async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        self.do_exec(&req)?;
+    async fn exec(&self, ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let span = request_span(ctx, "shim Exec", &req.id, &req.exec_id);
+        span.in_scope(|| self.do_exec(&req))?;
         Ok(Empty::new())
     }
 
@@ -591,6 +595,26 @@ impl Task for TaskService {
         }
         Ok(Empty::new())
     }
+}
+
+/// The span of one task request, named `name`; its parent is containerd's span when the
+/// request's metadata carries a W3C `traceparent` (containerd with tracing on), so a pod's
+/// requests join containerd's trace.
+fn request_span(ctx: &TtrpcContext, name: &'static str, id: &str, exec_id: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "task",
+        otel.name = name,
+        otel.kind = "server",
+        container = %id,
+        exec = %exec_id
+    );
+    runvm_telemetry::set_parent_from(
+        &span,
+        ctx.metadata
+            .iter()
+            .filter_map(|(k, v)| v.first().map(|v| (k.as_str(), v.as_str()))),
+    );
+    span
 }
 
 /// Where a bundle's rootfs is.

@@ -26,6 +26,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     ) {
         runvm_sandbox::store::check_root(&config.runtime.root)?;
     }
+    let level = if g.debug { "debug" } else { g.log_level.as_str() };
+    let _trace = crate::traces::start(c, &cli.command, level);
     match cli.command {
         Command::Check => Ok(check(&config)),
         Command::Env => {

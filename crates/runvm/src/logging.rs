@@ -27,6 +27,9 @@ struct LogSink {
 
 static LOG: OnceLock<LogSink> = OnceLock::new();
 
+/// Where the OpenTelemetry layer goes once the configuration says where traces go.
+static TRACES: OnceLock<runvm_telemetry::TraceSlot> = OnceLock::new();
+
 /// Sets up logging, as runc's logrus: with `log`, events go to that file; else to stderr unless
 /// `quiet` (the stand-in, whose stderr is the container's). Either way a line is logrus text
 /// (`time="..." level=warning msg="..."`, never terminal colour codes) or, with `--log-format
@@ -51,15 +54,27 @@ pub fn init(log: Option<&Path>, format: LogFormat, level: &str, quiet: bool) {
     if sink.is_none() && !quiet {
         sink = Some((Box::new(std::io::stderr()), false));
     }
-    let Some((out, file)) = sink else { return };
-    let _ = LOG.set(LogSink {
-        out: Mutex::new(out),
-        json,
-        file,
+    let (traces, slot) = runvm_telemetry::trace_slot();
+    let _ = TRACES.set(slot);
+    let sink_layer = sink.map(|(out, file)| {
+        let _ = LOG.set(LogSink {
+            out: Mutex::new(out),
+            json,
+            file,
+        });
+        SinkLayer.with_filter(filter())
     });
     let _ = tracing_subscriber::registry()
-        .with(SinkLayer.with_filter(filter()))
+        .with(traces)
+        .with(sink_layer)
         .try_init();
+}
+
+/// Exports this process's spans to `endpoint` from now on (`[tracing] otlp_endpoint`).
+pub fn start_traces(endpoint: &str) {
+    if let Some(slot) = TRACES.get() {
+        slot.start(endpoint, "runvm");
+    }
 }
 
 /// Writes `msg` at error level to the log file, if there is one (stderr gets the error from

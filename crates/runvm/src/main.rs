@@ -12,6 +12,7 @@ mod oci;
 mod ops;
 mod ps;
 mod standin;
+mod traces;
 
 use std::process::ExitCode;
 

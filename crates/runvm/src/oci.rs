@@ -16,12 +16,21 @@ use crate::standin::{self, StandinIo};
 
 /// Runs `f` on a fresh async runtime.
 pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use tracing::Instrument;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(f)
+        .block_on(
+            async {
+                let result = f.await;
+                // What the agents logged meanwhile, and the spans of this command's calls.
+                runvm_sandbox::guest_telemetry::finish_all().await;
+                result
+            }
+            .instrument(tracing::Span::current()),
+        )
 }
 
 fn cid(id: &str) -> Result<ContainerId> {

@@ -13,7 +13,8 @@ use tokio::io::AsyncWriteExt;
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, ContainerUsage,
     CreateContainer, ExitStatus, GuestDetails, GuestMetrics, GuestProcess, Interface, Neighbor,
-    OnlinedCpuMem, ProcessRef, Route, RpcCode, StdioSpec,
+    GuestLogLevel, GuestTelemetry, OnlinedCpuMem, ProcessRef, Route, RpcCode, StdioSpec,
+    TelemetryRequest,
 };
 
 /// A simulated guest process: its scripted output and exit, and what it was sent.
@@ -86,6 +87,10 @@ pub struct MockAgentState {
     pub stdio_streams: BTreeMap<([u8; TOKEN_LEN], u8), std::os::unix::net::UnixStream>,
     /// Containers whose OOM kill `oom_event` reports next, in order (it waits while empty).
     pub oom_kills: std::collections::VecDeque<String>,
+    /// What the guest queued for the host (`read_telemetry` takes it; it does not wait).
+    pub telemetry: GuestTelemetry,
+    /// The level the host last asked the guest to queue from.
+    pub telemetry_level: Option<GuestLogLevel>,
 }
 
 impl Default for MockAgentState {
@@ -108,6 +113,8 @@ impl Default for MockAgentState {
             neighbors: Vec::new(),
             fail_network: None,
             online_cpus: 0,
+            telemetry: GuestTelemetry::default(),
+            telemetry_level: None,
             stdio_streams: BTreeMap::new(),
             oom_kills: Default::default(),
         }
@@ -319,6 +326,21 @@ impl Agent for MockAgent {
 
     async fn version(&self) -> Result<AgentVersion, AgentError> {
         Ok(self.record("version").version.clone())
+    }
+
+    async fn read_telemetry(
+        &self,
+        request: TelemetryRequest,
+    ) -> Result<GuestTelemetry, AgentError> {
+        let mut s = self.record("read_telemetry");
+        s.telemetry_level = Some(request.level);
+        let mut batch = std::mem::take(&mut s.telemetry);
+        batch.records.retain(|r| r.level <= request.level);
+        let rest = batch
+            .records
+            .split_off(batch.records.len().min(request.max_records as usize));
+        s.telemetry.records = rest;
+        Ok(batch)
     }
 
     async fn guest_metrics(&self) -> Result<GuestMetrics, AgentError> {

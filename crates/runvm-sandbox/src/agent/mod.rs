@@ -8,12 +8,16 @@ mod convert;
 mod guest_metrics;
 mod mock;
 mod network;
+mod telemetry;
 mod ttrpc_client;
 mod types;
 
 pub use guest_metrics::{ContainerUsage, GuestCpuTime, GuestMetrics};
 pub use mock::{MockAgent, MockAgentConnector, MockAgentState, MockContainer, MockProcess};
 pub use network::{Interface, IpNet, Neighbor, Route};
+pub use telemetry::{
+    GuestLogLevel, GuestLogRecord, GuestTelemetry, TelemetryRequest, MAX_RECORDS as MAX_TELEMETRY_RECORDS,
+};
 pub(crate) use ttrpc_client::describe as describe_address;
 pub use ttrpc_client::{open_vsock_stream, TtrpcAgent, TtrpcConnector, VsockIo};
 pub use types::{
@@ -273,6 +277,11 @@ pub trait Agent: Send + Sync + Debug {
     /// The guest's own view of its use (memory, CPU, load, containers, network), for the
     /// node monitor. An older agent answers `UNIMPLEMENTED`.
     async fn guest_metrics(&self) -> Result<GuestMetrics, AgentError>;
+    /// Takes the agent's queued log records and finished spans, waiting up to `request.wait`
+    /// while none are queued; from then on the agent queues records from `request.level`.
+    /// An older agent answers `UNIMPLEMENTED`.
+    async fn read_telemetry(&self, request: TelemetryRequest)
+        -> Result<GuestTelemetry, AgentError>;
 
     /// Creates a container; its init process waits for `start_container`.
     async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError>;

@@ -8,14 +8,15 @@ use runvm_hypervisor::AgentAddress;
 use runvm_protocol::agent;
 use runvm_protocol::agent_ttrpc::AgentServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument;
 use ttrpc::r#async::transport::Socket;
 
 use super::convert;
 use super::network;
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, CreateContainer, ExitStatus,
-    GuestBootTimes, GuestDetails, GuestProcess, Interface, Neighbor, OnlinedCpuMem, ProcessRef,
-    Route, RpcCode, StdioSpec,
+    GuestBootTimes, GuestDetails, GuestProcess, GuestTelemetry, Interface, Neighbor, OnlinedCpuMem,
+    ProcessRef, Route, RpcCode, StdioSpec, TelemetryRequest,
 };
 
 /// Longest text field accepted from the agent (versions, names).
@@ -215,15 +216,13 @@ impl TtrpcAgent {
         }
     }
 
-    fn context(&self) -> ttrpc::context::Context {
-        ttrpc::context::with_timeout(self.request_timeout.as_nanos() as i64)
-    }
-
-    async fn call<T, F>(&self, method: &'static str, fut: F) -> Result<T, AgentError>
+    async fn call<T, F, Fut>(&self, method: &'static str, request: F) -> Result<T, AgentError>
     where
-        F: std::future::Future<Output = ttrpc::Result<T>>,
+        F: FnOnce(ttrpc::context::Context) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
     {
-        self.call_within(method, self.request_timeout, fut).await
+        self.call_within(method, self.request_timeout, request)
+            .await
     }
 
     /// How long a call that starts processes in the guest (CreateContainer, ExecProcess) may
@@ -233,42 +232,74 @@ impl TtrpcAgent {
         self.request_timeout * SPAWN_TIMEOUT_FACTOR
     }
 
-    fn spawn_context(&self) -> ttrpc::context::Context {
-        ttrpc::context::with_timeout(
-            i64::try_from(self.spawn_timeout().as_nanos()).unwrap_or(i64::MAX),
-        )
-    }
-
-    async fn call_within<T, F>(
+    /// One call of `method`, within `timeout`: `request` is given the ttrpc context (that
+    /// timeout, and the trace context of the call's span when traces are exported).
+    async fn call_within<T, F, Fut>(
         &self,
         method: &'static str,
         timeout: Duration,
-        fut: F,
+        request: F,
     ) -> Result<T, AgentError>
     where
-        F: std::future::Future<Output = ttrpc::Result<T>>,
+        F: FnOnce(ttrpc::context::Context) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
     {
+        self.call_in_span(call_span(method), method, timeout, request)
+            .await
+    }
+
+    /// [`TtrpcAgent::call_within`] in `span` (none: not traced).
+    async fn call_in_span<T, F, Fut>(
+        &self,
+        span: tracing::Span,
+        method: &'static str,
+        timeout: Duration,
+        request: F,
+    ) -> Result<T, AgentError>
+    where
+        F: FnOnce(ttrpc::context::Context) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        let context = traced_context(
+            &span,
+            ttrpc::context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX)),
+        );
         // The client enforces the context's timeout too; this bounds the whole call regardless.
-        let result = tokio::time::timeout(timeout + Duration::from_millis(100), fut)
+        let result = tokio::time::timeout(timeout + Duration::from_millis(100), request(context))
+            .instrument(span)
             .await
             .map_err(|_| AgentError::Timeout { method, timeout })?;
         result.map_err(|e| map_error(method, timeout, e))
     }
-}
 
-impl TtrpcAgent {
     /// A call that waits for the guest (wait, read, OOM): no request timeout.
-    async fn call_unbounded<T, F>(&self, method: &'static str, fut: F) -> Result<T, AgentError>
+    async fn call_unbounded<T, F, Fut>(&self, method: &'static str, request: F) -> Result<T, AgentError>
     where
-        F: std::future::Future<Output = ttrpc::Result<T>>,
+        F: FnOnce(ttrpc::context::Context) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
     {
-        fut.await
+        let span = call_span(method);
+        let context = traced_context(&span, ttrpc::context::with_timeout(0));
+        request(context)
+            .instrument(span)
+            .await
             .map_err(|e| map_error(method, self.request_timeout, e))
     }
+}
 
-    fn unbounded_context(&self) -> ttrpc::context::Context {
-        ttrpc::context::with_timeout(0)
+/// The span of one agent call (its guest side is the agent's span of the same name, a child).
+fn call_span(method: &'static str) -> tracing::Span {
+    tracing::info_span!("agent call", otel.name = method, otel.kind = "client", rpc.method = method)
+}
+
+/// `context` with the W3C trace context of `span` in its metadata, when traces are exported.
+fn traced_context(span: &tracing::Span, mut context: ttrpc::context::Context) -> ttrpc::context::Context {
+    if runvm_telemetry::enabled() && !span.is_none() {
+        for (key, value) in span.in_scope(runvm_telemetry::inject_current) {
+            context.add(key, value);
+        }
     }
+    context
 }
 
 /// [`TtrpcAgent::spawn_timeout`]: this many request timeouts.
@@ -333,7 +364,7 @@ impl Agent for TtrpcAgent {
     async fn check(&self) -> Result<(), AgentError> {
         let req = agent::CheckRequest::new();
         let resp = self
-            .call("Check", self.client.check(self.context(), &req))
+            .call("Check", |c| self.client.check(c, &req))
             .await?;
         match resp.status.enum_value() {
             Ok(agent::check_response::ServingStatus::SERVING) => Ok(()),
@@ -347,7 +378,7 @@ impl Agent for TtrpcAgent {
     async fn version(&self) -> Result<AgentVersion, AgentError> {
         let req = agent::VersionRequest::new();
         let resp = self
-            .call("Version", self.client.version(self.context(), &req))
+            .call("Version", |c| self.client.version(c, &req))
             .await?;
         Ok(AgentVersion {
             agent_version: checked_text("Version", "agent_version", resp.agent_version)?,
@@ -361,7 +392,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call(
                 "GetGuestDetails",
-                self.client.get_guest_details(self.context(), &req),
+                |c| self.client.get_guest_details(c, &req),
             )
             .await?;
         let boot = resp.boot_times.into_option().unwrap_or_default();
@@ -387,19 +418,11 @@ impl Agent for TtrpcAgent {
             ..Default::default()
         };
         // The agent may wait `wait` for the CPUs to appear: the request may take that long.
-        let context = ttrpc::context::with_timeout(
-            i64::try_from((self.request_timeout + wait).as_nanos()).unwrap_or(i64::MAX),
-        );
-        let resp = tokio::time::timeout(
-            self.request_timeout + wait + Duration::from_millis(100),
-            self.client.online_cpu_mem(context, &req),
-        )
-        .await
-        .map_err(|_| AgentError::Timeout {
-            method: "OnlineCPUMem",
-            timeout: self.request_timeout + wait,
-        })?
-        .map_err(|e| map_error("OnlineCPUMem", self.request_timeout + wait, e))?;
+        let resp = self
+            .call_within("OnlineCPUMem", self.request_timeout + wait, |c| {
+                self.client.online_cpu_mem(c, &req)
+            })
+            .await?;
         Ok(OnlinedCpuMem {
             online_cpus: resp.online_cpus,
             onlined_memory_blocks: resp.onlined_memory_blocks,
@@ -418,7 +441,7 @@ impl Agent for TtrpcAgent {
         };
         self.call(
             "SetGuestTime",
-            self.client.set_guest_time(self.context(), &req),
+            |c| self.client.set_guest_time(c, &req),
         )
         .await
         .map(|_| ())
@@ -429,7 +452,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call(
                 "GetGuestMetrics",
-                self.client.get_guest_metrics(self.context(), &req),
+                |c| self.client.get_guest_metrics(c, &req),
             )
             .await?;
         super::guest_metrics::from_reply(resp)
@@ -437,9 +460,24 @@ impl Agent for TtrpcAgent {
 
     async fn shutdown(&self) -> Result<(), AgentError> {
         let req = agent::ShutdownRequest::new();
-        self.call("Shutdown", self.client.shutdown(self.context(), &req))
+        self.call("Shutdown", |c| self.client.shutdown(c, &req))
             .await
             .map(|_| ())
+    }
+
+    async fn read_telemetry(
+        &self,
+        request: TelemetryRequest,
+    ) -> Result<GuestTelemetry, AgentError> {
+        let req = super::telemetry::request(&request);
+        let timeout = self.request_timeout + Duration::from_millis(u64::from(req.wait_ms));
+        // Not traced: reading the spans must not make more of them.
+        let reply = self
+            .call_in_span(tracing::Span::none(), "ReadTelemetry", timeout, |c| {
+                self.client.read_telemetry(c, &req)
+            })
+            .await?;
+        super::telemetry::from_reply(&request, reply)
     }
 
     async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError> {
@@ -447,7 +485,7 @@ impl Agent for TtrpcAgent {
         self.call_within(
             "CreateContainer",
             self.spawn_timeout(),
-            self.client.create_container(self.spawn_context(), &req),
+            |c| self.client.create_container(c, &req),
         )
         .await
         .map(|_| ())
@@ -460,7 +498,7 @@ impl Agent for TtrpcAgent {
         };
         self.call(
             "StartContainer",
-            self.client.start_container(self.context(), &req),
+            |c| self.client.start_container(c, &req),
         )
         .await
         .map(|_| ())
@@ -478,20 +516,19 @@ impl Agent for TtrpcAgent {
         };
         // Removal may wait `timeout_secs` for processes to exit, then up to 10 s for the kill:
         // allow for both.
-        let ctx = ttrpc::context::with_timeout(
-            (self.request_timeout + Duration::from_secs(u64::from(timeout_secs) + 15)).as_nanos()
-                as i64,
-        );
-        self.call_unbounded("RemoveContainer", self.client.remove_container(ctx, &req))
-            .await
-            .map(|_| ())
+        let timeout = self.request_timeout + Duration::from_secs(u64::from(timeout_secs) + 15);
+        self.call_within("RemoveContainer", timeout, |c| {
+            self.client.remove_container(c, &req)
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = container_request(container_id);
         self.call(
             "PauseContainer",
-            self.client.pause_container(self.context(), &req),
+            |c| self.client.pause_container(c, &req),
         )
         .await
         .map(|_| ())
@@ -501,7 +538,7 @@ impl Agent for TtrpcAgent {
         let req = container_request(container_id);
         self.call(
             "ResumeContainer",
-            self.client.resume_container(self.context(), &req),
+            |c| self.client.resume_container(c, &req),
         )
         .await
         .map(|_| ())
@@ -522,7 +559,7 @@ impl Agent for TtrpcAgent {
         };
         self.call(
             "UpdateContainer",
-            self.client.update_container(self.context(), &req),
+            |c| self.client.update_container(c, &req),
         )
         .await
         .map(|_| ())
@@ -533,7 +570,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call(
                 "StatsContainer",
-                self.client.stats_container(self.context(), &req),
+                |c| self.client.stats_container(c, &req),
             )
             .await?;
         convert::stats(resp)
@@ -547,7 +584,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call(
                 "ListProcesses",
-                self.client.list_processes(self.context(), &req),
+                |c| self.client.list_processes(c, &req),
             )
             .await?;
         convert::processes(resp)
@@ -569,7 +606,7 @@ impl Agent for TtrpcAgent {
         self.call_within(
             "ExecProcess",
             self.spawn_timeout(),
-            self.client.exec_process(self.spawn_context(), &req),
+            |c| self.client.exec_process(c, &req),
         )
         .await
         .map(|_| ())
@@ -594,7 +631,7 @@ impl Agent for TtrpcAgent {
         };
         self.call(
             "SignalProcess",
-            self.client.signal_process(self.context(), &req),
+            |c| self.client.signal_process(c, &req),
         )
         .await
         .map(|_| ())
@@ -609,7 +646,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call_unbounded(
                 "WaitProcess",
-                self.client.wait_process(self.unbounded_context(), &req),
+                |c| self.client.wait_process(c, &req),
             )
             .await?;
         convert::exit_status(resp)
@@ -630,7 +667,7 @@ impl Agent for TtrpcAgent {
         };
         self.call(
             "TtyWinResize",
-            self.client.tty_win_resize(self.context(), &req),
+            |c| self.client.tty_win_resize(c, &req),
         )
         .await
         .map(|_| ())
@@ -670,7 +707,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call_unbounded(
                 "GetOOMEvent",
-                self.client.get_oom_event(self.unbounded_context(), &req),
+                |c| self.client.get_oom_event(c, &req),
             )
             .await?;
         convert::oom_container(resp)
@@ -684,7 +721,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call(
                 "UpdateInterface",
-                self.client.update_interface(self.context(), &req),
+                |c| self.client.update_interface(c, &req),
             )
             .await?;
         network::from_pb_interface("UpdateInterface", resp)
@@ -695,7 +732,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call(
                 "ListInterfaces",
-                self.client.list_interfaces(self.context(), &req),
+                |c| self.client.list_interfaces(c, &req),
             )
             .await?;
         network::from_pb_interfaces("ListInterfaces", resp.interfaces)
@@ -712,7 +749,7 @@ impl Agent for TtrpcAgent {
         let resp = self
             .call(
                 "UpdateRoutes",
-                self.client.update_routes(self.context(), &req),
+                |c| self.client.update_routes(c, &req),
             )
             .await?;
         network::from_pb_routes("UpdateRoutes", resp.routes)
@@ -721,7 +758,7 @@ impl Agent for TtrpcAgent {
     async fn list_routes(&self) -> Result<Vec<Route>, AgentError> {
         let req = agent::ListRoutesRequest::new();
         let resp = self
-            .call("ListRoutes", self.client.list_routes(self.context(), &req))
+            .call("ListRoutes", |c| self.client.list_routes(c, &req))
             .await?;
         network::from_pb_routes("ListRoutes", resp.routes)
     }
@@ -736,7 +773,7 @@ impl Agent for TtrpcAgent {
         };
         self.call(
             "AddARPNeighbors",
-            self.client.add_arp_neighbors(self.context(), &req),
+            |c| self.client.add_arp_neighbors(c, &req),
         )
         .await
         .map(|_| ())

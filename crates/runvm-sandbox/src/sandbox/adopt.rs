@@ -20,6 +20,7 @@ const AGENT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 impl Sandbox {
     /// Makes the VM of `handout` this sandbox's (see the module documentation). On error the
     /// record names the VM, so the caller's clean-up ends it.
+    #[tracing::instrument(name = "sandbox.adopt", skip_all)]
     pub(super) async fn adopt(
         &mut self,
         lock: &SandboxLock,
@@ -77,6 +78,7 @@ impl Sandbox {
         let version = agent.version().await?;
         let guest = agent.guest_details().await?;
         self.configure_guest_network(agent.as_ref()).await?;
+        crate::guest_telemetry::watch(self.record.id.as_str(), &agent);
         self.agent = Some(agent);
         self.grow_to_pod(lock, pod_size).await?;
         self.record.vm = self.hypervisor.save()?;

@@ -123,7 +123,7 @@ impl Sandbox {
     /// Creates a container from its bundle: the spec is checked, the rootfs and bind-mount
     /// sources are shared into the VM, the agent creates it (state `ready`, init waiting for
     /// start). On error nothing is stored, mounted or left in the guest.
-    #[tracing::instrument(skip_all, fields(sandbox = %self.record.id, container = %new.id))]
+    #[tracing::instrument(name = "sandbox.create_container", skip_all, fields(sandbox = %self.record.id, container = %new.id))]
     pub async fn create_container(
         &mut self,
         new: NewContainer,
@@ -269,6 +269,7 @@ impl Sandbox {
     }
 
     /// Starts a created container (ready to running); a ready sandbox becomes running.
+    #[tracing::instrument(name = "sandbox.start_container", skip_all, fields(sandbox = %self.record.id, container = %id))]
     pub async fn start_container(&mut self, id: &ContainerId) -> Result<(), SandboxError> {
         let c = self.container(id)?;
         if c.state != State::Ready {
@@ -309,6 +310,7 @@ impl Sandbox {
 
     /// Runs another process in a created or running container (runc allows both; a paused
     /// one's new process would freeze before the guest can report it started).
+    #[tracing::instrument(name = "sandbox.exec", skip_all, fields(sandbox = %self.record.id, container = %id))]
     pub async fn exec(&mut self, id: &ContainerId, req: ExecRequest) -> Result<(), SandboxError> {
         exec_id_ok(&req.exec_id)?;
         let c = self.container(id)?;
@@ -358,6 +360,7 @@ impl Sandbox {
 
     /// Sends `signal` to a process of the container (the init for an empty `exec_id`), or with
     /// `all` to every process of it.
+    #[tracing::instrument(name = "sandbox.signal", skip_all, fields(sandbox = %self.record.id, container = %id))]
     pub async fn signal(
         &mut self,
         id: &ContainerId,
@@ -452,6 +455,7 @@ impl Sandbox {
     }
 
     /// Freezes a running container.
+    #[tracing::instrument(name = "sandbox.pause_container", skip_all, fields(sandbox = %self.record.id, container = %id))]
     pub async fn pause_container(&mut self, id: &ContainerId) -> Result<(), SandboxError> {
         self.container(id)?
             .state
@@ -465,6 +469,7 @@ impl Sandbox {
     }
 
     /// Thaws a paused container.
+    #[tracing::instrument(name = "sandbox.resume_container", skip_all, fields(sandbox = %self.record.id, container = %id))]
     pub async fn resume_container(&mut self, id: &ContainerId) -> Result<(), SandboxError> {
         let state = self.container(id)?.state;
         if state != State::Paused {
@@ -489,6 +494,7 @@ impl Sandbox {
     /// resizes the VM to the sandbox's new needs: grown before the container's limits are
     /// raised, shrunk after they are lowered. A need past the VM's maxima is refused by name,
     /// with the VM and the container unchanged.
+    #[tracing::instrument(name = "sandbox.update_container", skip_all, fields(sandbox = %self.record.id, container = %id))]
     pub async fn update_resources(
         &mut self,
         id: &ContainerId,
@@ -536,6 +542,7 @@ impl Sandbox {
 
     /// Removes a container: refused while it runs or is paused unless `force` (which kills its
     /// processes). Its guest state, mounts and record go.
+    #[tracing::instrument(name = "sandbox.delete_container", skip_all, fields(sandbox = %self.record.id, container = %id))]
     pub async fn delete_container(
         &mut self,
         id: &ContainerId,

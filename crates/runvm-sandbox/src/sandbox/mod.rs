@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use runvm_hypervisor::{Accelerator, Hypervisor, VmConfig, VmProcess};
 
+use tracing::Instrument;
+
 use crate::agent::{Agent, AgentConnector, AgentError, AgentVersion, GuestDetails};
 use crate::config::Config;
 use crate::error::SandboxError;
@@ -176,7 +178,7 @@ impl Sandbox {
     /// VM factory ([`crate::factory`]; a miss boots, saying why in the timeline). A factory VM
     /// that cannot be adopted is ended with the sandbox and reported as
     /// [`SandboxError::FactoryVm`], after which the caller may create the sandbox again.
-    #[tracing::instrument(skip_all, fields(sandbox = %id))]
+    #[tracing::instrument(name = "sandbox.create", skip_all, fields(sandbox = %id))]
     pub async fn create_from(
         store: Store,
         id: SandboxId,
@@ -279,6 +281,7 @@ impl Sandbox {
         }
     }
 
+    #[tracing::instrument(name = "sandbox.boot", skip_all)]
     async fn boot(&mut self, lock: &SandboxLock) -> Result<BootReport, SandboxError> {
         let t0 = Instant::now();
         if let Some(share) = &self.record.vm.config.shared_dir {
@@ -317,7 +320,10 @@ impl Sandbox {
                 .save_sandbox(lock, record)
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         };
-        self.hypervisor.start(&mut on_spawn).await?;
+        self.hypervisor
+            .start(&mut on_spawn)
+            .instrument(tracing::info_span!("vm.start"))
+            .await?;
         let vm_started = t0.elapsed();
         for (phase, at) in self.hypervisor.start_marks() {
             self.record
@@ -341,6 +347,7 @@ impl Sandbox {
         ));
         sync_guest_clock(agent.as_ref()).await;
         self.configure_guest_network(agent.as_ref()).await?;
+        crate::guest_telemetry::watch(self.record.id.as_str(), &agent);
         self.agent = Some(agent);
         self.record.vm = self.hypervisor.save()?;
         self.record.agent_address = Some(self.hypervisor.agent_address()?);
@@ -417,6 +424,7 @@ impl Sandbox {
     /// Connects and health-checks the agent until it answers, the VM dies, or the boot timeout
     /// passes. With `ready`, the first connection waits for the agent's announcement: connecting
     /// to a guest whose vsock is not up yet has been seen to wedge vhost-device-vsock.
+    #[tracing::instrument(name = "agent.wait", skip_all)]
     async fn wait_for_agent(
         &mut self,
         ready: Option<tokio::net::UnixListener>,
@@ -548,6 +556,7 @@ impl Sandbox {
         };
         let agent: Arc<dyn Agent> =
             Arc::from(self.connector.connect(&address, self.boot_timeout).await?);
+        crate::guest_telemetry::watch(self.record.id.as_str(), &agent);
         self.agent = Some(Arc::clone(&agent));
         Ok(agent)
     }
@@ -618,6 +627,7 @@ impl Sandbox {
 
     /// Starts the sandbox: ready (or stopped with its VM up) to running, starting every
     /// container that is ready.
+    #[tracing::instrument(name = "sandbox.start", skip(self), fields(sandbox = %self.record.id))]
     pub async fn start(&mut self) -> Result<(), SandboxError> {
         self.reload()?;
         self.transition(State::Running)?;
@@ -630,6 +640,7 @@ impl Sandbox {
     }
 
     /// Pauses the VM (QMP `stop`); its running containers are marked paused.
+    #[tracing::instrument(name = "sandbox.pause", skip(self), fields(sandbox = %self.record.id))]
     pub async fn pause(&mut self) -> Result<(), SandboxError> {
         self.reload()?;
         if self.record.state != State::Running {
@@ -646,6 +657,7 @@ impl Sandbox {
     }
 
     /// Resumes the VM; its paused containers run again.
+    #[tracing::instrument(name = "sandbox.resume", skip(self), fields(sandbox = %self.record.id))]
     pub async fn resume(&mut self) -> Result<(), SandboxError> {
         self.reload()?;
         if self.record.state != State::Paused {
@@ -664,7 +676,7 @@ impl Sandbox {
     /// Stops the sandbox: every container is killed and marked stopped, the agent powers the
     /// guest off, the VM and its helpers stop (by force after the stop timeout). The record
     /// stays (state `stopped`) until [`delete`](Sandbox::delete).
-    #[tracing::instrument(skip(self), fields(sandbox = %self.record.id))]
+    #[tracing::instrument(name = "sandbox.stop", skip(self), fields(sandbox = %self.record.id))]
     pub async fn stop(&mut self) -> Result<(), SandboxError> {
         self.reload()?;
         if self.record.state == State::Stopped {
@@ -699,6 +711,8 @@ impl Sandbox {
             for h in handles {
                 let _ = h.await;
             }
+            // What the guest logged until now reaches the host before it powers off.
+            crate::guest_telemetry::drain(self.record.id.as_str()).await;
             if let Err(e) = agent.shutdown().await {
                 tracing::warn!(error = %e, "agent shutdown failed; stopping the VM by force");
             }
@@ -719,6 +733,7 @@ impl Sandbox {
     /// Stops the sandbox at once, for cleaning up after a crashed caller: no grace for the
     /// containers or the guest. The VM is ended (QMP `quit`, then SIGKILL), every container is
     /// marked stopped with status 137 (killed) where none was known, the shares are unmounted.
+    #[tracing::instrument(name = "sandbox.kill", skip(self), fields(sandbox = %self.record.id))]
     pub async fn kill(&mut self) -> Result<(), SandboxError> {
         self.reload()?;
         if self.record.state == State::Stopped {
@@ -738,6 +753,7 @@ impl Sandbox {
 
     /// Removes the sandbox: refused while it runs or is paused unless `force`, which stops it
     /// first. Every container record, mount and file goes.
+    #[tracing::instrument(name = "sandbox.delete", skip(self), fields(sandbox = %self.record.id))]
     pub async fn delete(&mut self, force: bool) -> Result<(), SandboxError> {
         self.reload()?;
         if matches!(self.record.state, State::Running | State::Paused) && !force {

@@ -1,0 +1,82 @@
+//! The CLI's part of observability (docs/observability.md): each command that drives a sandbox
+//! runs in one span, the root of its trace (exported when `[tracing] otlp_endpoint` is set),
+//! and relays what the agents it talks to logged into its own log.
+
+use std::time::Duration;
+
+use runvm_sandbox::agent::GuestLogLevel;
+use runvm_sandbox::config::Config;
+
+use crate::Command;
+
+/// How long a command's exit may wait for its spans to be sent.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The command's span, entered; on drop it ends and what is left of the trace is sent.
+#[derive(Debug)]
+pub struct CommandTrace {
+    entered: Option<tracing::span::EnteredSpan>,
+}
+
+impl Drop for CommandTrace {
+    fn drop(&mut self) {
+        // The root span ends first, so that it is in what the shutdown sends.
+        drop(self.entered.take());
+        runvm_telemetry::shutdown_global(EXPORT_TIMEOUT);
+    }
+}
+
+/// The OCI name of a command that drives sandboxes, `None` for the others (they neither trace
+/// nor take agents' logs: `monitor` reads guests' metrics and must leave their logs to the
+/// shim or the command that owns the sandbox).
+fn traced_name(command: &Command) -> Option<&'static str> {
+    Some(match command {
+        Command::Boot { .. } => "boot",
+        Command::Create(_) => "create",
+        Command::Start { .. } => "start",
+        Command::Run { .. } => "run",
+        Command::Kill { .. } => "kill",
+        Command::Delete { .. } => "delete",
+        Command::Exec(_) => "exec",
+        Command::Ps { .. } => "ps",
+        Command::Pause { .. } => "pause",
+        Command::Resume { .. } => "resume",
+        Command::Update(_) => "update",
+        Command::Events { .. } => "events",
+        Command::State { .. } => "state",
+        Command::Check
+        | Command::Env
+        | Command::Network(_)
+        | Command::Factory(_)
+        | Command::List { .. }
+        | Command::Spec { .. }
+        | Command::Features
+        | Command::Monitor(_)
+        | Command::Version
+        | Command::Standin { .. }
+        | Command::Teardown { .. } => return None,
+    })
+}
+
+/// Starts `command`'s trace (when traces are configured) and the relay of guest logs at
+/// `level`, the CLI's log level.
+pub fn start(config: &Config, command: &Command, level: &str) -> CommandTrace {
+    let Some(name) = traced_name(command) else {
+        return CommandTrace { entered: None };
+    };
+    runvm_sandbox::guest_telemetry::enable(
+        GuestLogLevel::parse(level).unwrap_or(GuestLogLevel::Warn),
+    );
+    if config.tracing.enabled() {
+        crate::logging::start_traces(&config.tracing.otlp_endpoint);
+    }
+    let span = tracing::info_span!(
+        "runvm",
+        otel.name = %format!("runvm {name}"),
+        otel.kind = "internal",
+        runvm.command = name
+    );
+    CommandTrace {
+        entered: Some(span.entered()),
+    }
+}
