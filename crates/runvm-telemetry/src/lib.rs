@@ -1,1 +1,166 @@
-//! runvm telemetry (being written).
+//! runvm's OpenTelemetry traces (issue #16, docs/observability.md).
+//!
+//! - Host side ([`Telemetry`]): a process (CLI command, shim, monitor) exports its `tracing` spans
+//!   over OTLP/gRPC to the `[tracing] otlp_endpoint` and relays the guest's spans to the same
+//!   endpoint. An unreachable endpoint never blocks or fails the process: it is reported once.
+//! - Propagation ([`inject_current`], [`extract`], [`set_parent_from`]): W3C trace context as
+//!   (key, value) pairs, carried in the agent channel's ttrpc metadata.
+//! - Guest side ([`guest::SpanQueue`]): the agent has no network out; it records only spans whose
+//!   parent came from the host, queues them in memory, and the host takes them over the agent
+//!   channel as an encoded OTLP `ExportTraceServiceRequest`.
+//! - Tests ([`receiver`], feature `receiver`): an in-process OTLP receiver.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub mod guest;
+mod host;
+mod propagation;
+#[cfg(feature = "receiver")]
+pub mod receiver;
+
+pub use host::Telemetry;
+pub use propagation::{extract, inject_current, set_parent_from};
+
+/// The largest encoded `ExportTraceServiceRequest` the host accepts from a guest (and the guest's
+/// [`guest::SpanQueue::take`] makes).
+pub const MAX_GUEST_REQUEST_BYTES: usize = 4 << 20;
+
+/// What can go wrong when starting the export.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The `[tracing] otlp_endpoint` value is not one runvm can export to.
+    #[error("invalid [tracing] otlp_endpoint {value:?}: {reason}")]
+    InvalidEndpoint {
+        /// The value as configured.
+        value: String,
+        /// What is wrong and what would be valid.
+        reason: String,
+    },
+    /// The exporter could not be set up (its thread, runtime or client).
+    #[error("cannot start the trace export: {reason}")]
+    Start {
+        /// What failed.
+        reason: String,
+    },
+}
+
+const VALID: &str = "expected \"\" (off) or http://HOST:PORT or https://HOST:PORT (OTLP over gRPC)";
+
+/// Checks a `[tracing] otlp_endpoint` value: `""` (off) or an `http://HOST:PORT` /
+/// `https://HOST:PORT` URL (OTLP over gRPC, so no path).
+///
+/// ```
+/// assert!(runvm_telemetry::validate_endpoint("").is_ok());
+/// assert!(runvm_telemetry::validate_endpoint("http://127.0.0.1:4317").is_ok());
+/// assert!(runvm_telemetry::validate_endpoint("127.0.0.1:4317").is_err());
+/// ```
+pub fn validate_endpoint(value: &str) -> Result<(), TelemetryError> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    check_url(value).map_err(|reason| TelemetryError::InvalidEndpoint {
+        value: value.to_owned(),
+        reason,
+    })
+}
+
+fn check_url(value: &str) -> Result<(), String> {
+    let authority = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"))
+        .ok_or_else(|| format!("no http:// or https:// scheme; {VALID}"))?;
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    if authority.contains(['/', '?', '#', '@']) || authority.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "only HOST:PORT may follow the scheme (OTLP over gRPC has no path); {VALID}"
+        ));
+    }
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| format!("no port; {VALID}"))?;
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+        }
+    };
+    if !host_ok {
+        return Err(format!("no valid HOST; {VALID}"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(()),
+        _ => Err(format!("PORT must be 1 to 65535; {VALID}")),
+    }
+}
+
+static GLOBAL: OnceLock<Telemetry> = OnceLock::new();
+
+/// Makes `t` the process-wide instance (for code deep in libraries, such as the sandbox
+/// library forwarding guest spans) and returns it. If one is installed already, that one stays
+/// and is returned, and `t` is stopped.
+pub fn install_global(t: Telemetry) -> &'static Telemetry {
+    // When one is installed already, the closure (and `t` in it) is dropped, which stops `t`.
+    GLOBAL.get_or_init(move || t)
+}
+
+/// The process-wide instance, if [`install_global`] was called.
+pub fn global() -> Option<&'static Telemetry> {
+    GLOBAL.get()
+}
+
+/// Flushes and stops the process-wide instance (a CLI before it exits), bounded by `timeout`.
+pub fn shutdown_global(timeout: Duration) {
+    if let Some(t) = GLOBAL.get() {
+        t.stop(timeout);
+    }
+}
+
+/// Whether traces are exported in this process (a global instance is installed and running):
+/// the agent client sends trace context only then.
+pub fn enabled() -> bool {
+    GLOBAL.get().is_some_and(Telemetry::is_running)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_endpoint_accepts_off_and_grpc_urls() {
+        for ok in [
+            "",
+            "http://127.0.0.1:4317",
+            "https://collector:4317",
+            "http://collector.example.com:4317/",
+            "http://[::1]:4317",
+        ] {
+            assert!(validate_endpoint(ok).is_ok(), "{ok:?} refused");
+        }
+    }
+
+    #[test]
+    fn validate_endpoint_refuses_others_naming_the_value() {
+        for bad in [
+            "127.0.0.1:4317",
+            "ftp://x",
+            "http://",
+            "http://host",
+            "http://host:0",
+            "http://host:99999",
+            "http://host:4317/v1/traces",
+            "http://:4317",
+            "http://[::1:4317",
+            " http://host:4317",
+        ] {
+            let err = validate_endpoint(bad).expect_err(bad).to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+            assert!(err.contains("http://HOST:PORT"), "{err}");
+        }
+    }
+}
