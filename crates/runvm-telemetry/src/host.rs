@@ -30,8 +30,10 @@ use crate::{validate_endpoint, TelemetryError, MAX_GUEST_REQUEST_BYTES};
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting to the endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Guest requests being sent at once; more are dropped (the endpoint is slow or unreachable).
-const MAX_FORWARDS_IN_FLIGHT: usize = 16;
+/// Guest requests being decoded or sent at once; more are dropped (the endpoint is slow or
+/// unreachable). Small because a decoded request can be much larger than its (guest-made,
+/// at most 4 MiB) encoding.
+const MAX_FORWARDS_IN_FLIGHT: usize = 4;
 /// How long dropping a running `Telemetry` (not shut down) waits for its flush.
 const DROP_TIMEOUT: Duration = Duration::from_secs(1);
 

@@ -163,4 +163,32 @@ mod tests {
             assert!(err.contains("http://HOST:PORT"), "{err}");
         }
     }
+
+    /// The only test in this binary touching the process-wide instance.
+    #[test]
+    fn global_is_enabled_from_install_until_shutdown() {
+        assert!(!enabled() && global().is_none());
+        let first = Telemetry::start("http://127.0.0.1:1", "runvm-test").expect("start");
+        assert_eq!(install_global(first).endpoint(), "http://127.0.0.1:1");
+        assert!(enabled());
+        // A second one is refused (and stopped); the first stays.
+        let second = Telemetry::start("http://127.0.0.1:2", "runvm-test").expect("start");
+        assert_eq!(install_global(second).endpoint(), "http://127.0.0.1:1");
+        let started = std::time::Instant::now();
+        shutdown_global(Duration::from_secs(1));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(!enabled());
+        assert!(global().is_some());
+    }
+
+    #[test]
+    fn start_refuses_off_and_invalid_endpoints() {
+        for bad in ["", "localhost:4317"] {
+            let err = Telemetry::start(bad, "runvm-test").expect_err(bad);
+            assert!(
+                matches!(err, TelemetryError::InvalidEndpoint { .. }),
+                "{err}"
+            );
+        }
+    }
 }

@@ -92,3 +92,23 @@ fn forwarded_garbage_is_refused_without_disturbing_the_export() {
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["after garbage"]);
 }
+
+#[test]
+fn shutdown_is_bounded_when_the_endpoint_never_answers() {
+    // A listener nobody accepts on: the kernel completes the TCP handshake, then nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
+    let telemetry = Telemetry::start(&endpoint, "runvm-test").expect("start");
+    let subscriber = tracing_subscriber::registry().with(telemetry.layer());
+    tracing::subscriber::with_default(subscriber, || {
+        let _entered = tracing::info_span!("never answered").entered();
+    });
+    let started = Instant::now();
+    telemetry.shutdown(Duration::from_secs(1));
+    let took = started.elapsed();
+    // It waited for the flush (which hangs), but not past its bound.
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1500),
+        "shutdown took {took:?}"
+    );
+}
