@@ -105,11 +105,12 @@ async fn serve(listen: String, mut boot: BootTimes) -> Result<(), String> {
     boot.agent_listening_us = init::boottime_us();
     let streams = container::streams::StreamRegistry::new();
     let agent = Agent::new(boot, Arc::clone(&shutdown), reaper, Arc::clone(&streams));
-    let mut server = bind_with_retry(&listen)
-        .await?
-        .register_service(runvm_agent::telemetry::traced(create_agent_service(
-            Arc::new(agent),
-        )));
+    let mut server =
+        bind_with_retry(&listen)
+            .await?
+            .register_service(runvm_agent::telemetry::traced(create_agent_service(
+                Arc::new(agent),
+            )));
     server
         .start()
         .await

@@ -225,11 +225,11 @@ pub fn init_logging(pid1: bool, console_filter: &str) {
     let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "runvm-agent");
     let _ = PROVIDER.set(provider);
     // Spans of every level; of the events inside them only warnings and errors (span events).
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(
-        tracing_subscriber::filter::filter_fn(|m| {
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
             m.is_span() || *m.level() <= tracing::Level::WARN
-        }),
-    );
+        }));
     let console = (!pid1).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -304,7 +304,11 @@ struct Traced {
 
 #[async_trait]
 impl MethodHandler for Traced {
-    async fn handler(&self, ctx: TtrpcContext, req: ttrpc::Request) -> ttrpc::Result<ttrpc::Response> {
+    async fn handler(
+        &self,
+        ctx: TtrpcContext,
+        req: ttrpc::Request,
+    ) -> ttrpc::Result<ttrpc::Response> {
         if !ctx.metadata.contains_key("traceparent") {
             return self.inner.handler(ctx, req).await;
         }

@@ -290,3 +290,80 @@ fn sigterm_stops_the_agent_cleanly() {
     assert!(status.success());
     agent.assert_exits_cleanly("SIGTERM");
 }
+
+/// A call carrying the host's W3C trace context is served in a span whose parent is the host's;
+/// `ReadTelemetry` gives it (an OTLP request) with the agent's log records; a call without one
+/// records no span.
+#[tokio::test]
+async fn a_traced_call_gives_a_guest_span_under_the_hosts_and_logs_come_with_it() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+
+    let agent = AgentProcess::start();
+    let c = agent.client().await;
+    let read = |wait_ms| agent::ReadTelemetryRequest {
+        wait_ms,
+        log_level: "info".into(),
+        ..Default::default()
+    };
+    // The agent's start-up records are there; an untraced call adds no span.
+    c.version(ctx(), &agent::VersionRequest::new())
+        .await
+        .unwrap();
+    let first = c.read_telemetry(ctx(), &read(0)).await.unwrap();
+    assert!(
+        first
+            .records
+            .iter()
+            .any(|r| r.message.contains("runvm-agent listening") && r.level == "info"),
+        "{:?}",
+        first.records
+    );
+    assert!(first.spans.is_empty(), "an untraced call recorded a span");
+
+    let parent_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_span = "00f067aa0ba902b7";
+    let mut traced = ctx();
+    traced.add(
+        "traceparent".into(),
+        format!("00-{parent_trace}-{parent_span}-01"),
+    );
+    c.version(traced, &agent::VersionRequest::new())
+        .await
+        .unwrap();
+    let mut spans = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let batch = c.read_telemetry(ctx(), &read(100)).await.unwrap();
+        if !batch.spans.is_empty() {
+            let req = ExportTraceServiceRequest::decode(batch.spans.as_slice()).unwrap();
+            for rs in req.resource_spans {
+                for ss in rs.scope_spans {
+                    spans.extend(ss.spans);
+                }
+            }
+            break;
+        }
+    }
+    let span = spans
+        .iter()
+        .find(|s| s.name == "Version")
+        .unwrap_or_else(|| panic!("no Version span: {spans:?}"));
+    assert_eq!(hex(&span.trace_id), parent_trace);
+    assert_eq!(hex(&span.parent_span_id), parent_span);
+
+    // A bad level is refused by name.
+    let bad = agent::ReadTelemetryRequest {
+        log_level: "loud".into(),
+        ..Default::default()
+    };
+    let err = c.read_telemetry(ctx(), &bad).await.unwrap_err().to_string();
+    assert!(
+        err.contains("loud") && err.contains("valid: error, warn"),
+        "{err}"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

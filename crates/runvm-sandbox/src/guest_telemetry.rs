@@ -53,7 +53,10 @@ fn relays() -> Option<&'static Relays> {
 pub fn watch(sandbox: &str, agent: &Arc<dyn Agent>) {
     let Some(relays) = relays() else { return };
     let mut by_sandbox = relays.by_sandbox.lock().unwrap_or_else(|p| p.into_inner());
-    if by_sandbox.get(sandbox).is_some_and(|r| !r.task.is_finished()) {
+    if by_sandbox
+        .get(sandbox)
+        .is_some_and(|r| !r.task.is_finished())
+    {
         return;
     }
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -247,8 +250,14 @@ mod tests {
             .lines()
             .find(|l| l.contains("disk nearly full"))
             .unwrap_or_else(|| panic!("no guest line in {text:?}"));
-        assert!(line.contains("WARN") && line.contains("sandbox=pod-1"), "{line}");
-        assert!(line.contains("2023-11-14T22:13:20"), "the guest's time: {line}");
+        assert!(
+            line.contains("WARN") && line.contains("sandbox=pod-1"),
+            "{line}"
+        );
+        assert!(
+            line.contains("2023-11-14T22:13:20"),
+            "the guest's time: {line}"
+        );
         assert!(!text.contains("too chatty"), "{text}");
         assert!(text.contains("dropped=3"), "{text}");
         assert_eq!(

@@ -67,10 +67,27 @@ fn init_logging() {
     let filter = EnvFilter::try_from_env("RUNVM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = GUEST_LOG_LEVEL.set(guest_level(filter.max_level_hint()));
     let writer = Mutex::new(log_writer(action));
-    let (traces, slot) = runvm_telemetry::trace_slot();
-    let _ = TRACES.set(slot);
+    // The daemon reads runvm's configuration once, now: it says where traces go, and the
+    // task service takes it from here (`config`).
+    let mut trace_error = None;
+    let mut traces = None;
+    if action == Action::Daemon {
+        let config = shim::load_config();
+        if let Ok(c) = &config {
+            if c.tracing.enabled() {
+                match runvm_telemetry::Telemetry::start(
+                    &c.tracing.otlp_endpoint,
+                    "containerd-shim-runvm-v2",
+                ) {
+                    Ok(t) => traces = Some(runvm_telemetry::install_global(t)),
+                    Err(e) => trace_error = Some(e),
+                }
+            }
+        }
+        let _ = CONFIG.set(config);
+    }
     let _ = tracing_subscriber::registry()
-        .with(traces)
+        .with(traces.map(|t| t.layer::<tracing_subscriber::Registry>()))
         .with(
             tracing_subscriber::fmt::layer()
                 .with_ansi(false)
@@ -78,10 +95,18 @@ fn init_logging() {
                 .with_filter(filter),
         )
         .try_init();
+    if let Some(e) = trace_error {
+        tracing::warn!(error = %e, "traces are not exported");
+    }
 }
 
-/// Where the OpenTelemetry layer goes once the configuration is read (`observe`).
-static TRACES: OnceLock<runvm_telemetry::TraceSlot> = OnceLock::new();
+/// runvm's configuration as the daemon read it at its start.
+static CONFIG: OnceLock<Result<runvm_sandbox::config::Config, String>> = OnceLock::new();
+
+/// The configuration read at the start (read now if it was not: a test's task service).
+pub(crate) fn config() -> Result<runvm_sandbox::config::Config, String> {
+    CONFIG.get().cloned().unwrap_or_else(shim::load_config)
+}
 /// The least severe guest record the shim's log takes: its own level.
 static GUEST_LOG_LEVEL: OnceLock<GuestLogLevel> = OnceLock::new();
 
@@ -97,17 +122,14 @@ fn guest_level(hint: Option<tracing::level_filters::LevelFilter>) -> GuestLogLev
     }
 }
 
-/// Once the configuration is read: the guest agents' records go to the shim's log, and the
-/// shim's spans to `[tracing] otlp_endpoint` if set (docs/observability.md).
-pub(crate) fn observe(config: &runvm_sandbox::config::Config) {
+/// The guest agents' records go to the shim's log from now on (docs/observability.md).
+pub(crate) fn relay_guest_logs() {
     runvm_sandbox::guest_telemetry::enable(
-        GUEST_LOG_LEVEL.get().copied().unwrap_or(GuestLogLevel::Info),
+        GUEST_LOG_LEVEL
+            .get()
+            .copied()
+            .unwrap_or(GuestLogLevel::Info),
     );
-    if config.tracing.enabled() {
-        if let Some(slot) = TRACES.get() {
-            slot.start(&config.tracing.otlp_endpoint, "containerd-shim-runvm-v2");
-        }
-    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -105,11 +105,9 @@ impl Shim for RunvmShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        let (config, config_error) = match load_config() {
-            Ok(c) => {
-                crate::observe(&c);
-                (c, None)
-            }
+        crate::relay_guest_logs();
+        let (config, config_error) = match crate::config() {
+            Ok(c) => (c, None),
             Err(e) => {
                 tracing::error!(error = %e, "the shim cannot create containers");
                 (Config::default(), Some(e))

@@ -506,7 +506,11 @@ impl Task for TaskService {
         })
     }
 
-    async fn delete(&self, ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+    async fn delete(
+        &self,
+        ctx: &TtrpcContext,
+        req: DeleteRequest,
+    ) -> ttrpc::Result<DeleteResponse> {
         let span = request_span(ctx, "shim Delete", &req.id, &req.exec_id);
         Ok(self.do_delete(&req).instrument(span).await?)
     }

@@ -40,6 +40,34 @@ fn ctr_run_prints_and_propagates_exit_codes() {
     env.assert_clean();
 }
 
+/// The agent's log records travel to the host: a line the agent logged in the guest is in the
+/// shim's log (which containerd copies into its own), with the sandbox id and its level.
+#[test]
+fn a_line_the_agent_logs_lands_in_the_shims_log_with_the_sandbox_id() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::start();
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "guestlog",
+        "echo",
+        "hi",
+    ]);
+    assert!(out.status.success());
+    env.assert_clean();
+    let log = std::fs::read_to_string(env.dir.path().join("ctd/containerd.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("runvm::guest") && l.contains("runvm-agent listening"))
+        .unwrap_or_else(|| panic!("no guest line in the shim's log:\n{log}"));
+    assert!(line.contains("sandbox=guestlog"), "{line}");
+    assert!(line.contains("INFO"), "{line}");
+    assert!(line.contains("guest_time="), "{line}");
+}
+
 /// `ctr run -t` needs a terminal: `script` gives it one. The container's output comes back
 /// through the guest's pty, and its exit code through ctr.
 #[test]

@@ -59,6 +59,7 @@ impl SpanQueue {
             .build();
         SdkTracerProvider::builder()
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)))
+            .with_id_generator(crate::guest_ids::GuestIds::new())
             .with_resource(resource)
             .with_simple_exporter(self.clone())
             .build()

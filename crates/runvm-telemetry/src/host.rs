@@ -149,7 +149,7 @@ impl fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Starts exporting to `endpoint` (an `http://HOST:PORT` or `https://HOST:PORT` OTLP/gRPC
+    /// Starts exporting to `endpoint` (an `http://HOST:PORT` OTLP/gRPC
     /// URL) as service `service_name` ("runvm", "containerd-shim-runvm-v2"), and sets the global
     /// text-map propagator to W3C trace context.
     ///
@@ -160,7 +160,7 @@ impl Telemetry {
         if endpoint.is_empty() {
             return Err(TelemetryError::InvalidEndpoint {
                 value: String::new(),
-                reason: "\"\" means tracing is off; exporting needs http://HOST:PORT or https://HOST:PORT".into(),
+                reason: "\"\" means tracing is off; exporting needs http://HOST:PORT".into(),
             });
         }
         let (runtime, channel, stop_runtime) = spawn_runtime(endpoint)?;

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub mod guest;
+mod guest_ids;
 mod host;
 mod propagation;
 #[cfg(feature = "receiver")]
@@ -45,10 +46,10 @@ pub enum TelemetryError {
     },
 }
 
-const VALID: &str = "expected \"\" (off) or http://HOST:PORT or https://HOST:PORT (OTLP over gRPC)";
+const VALID: &str = "expected \"\" (off) or http://HOST:PORT (OTLP over gRPC)";
 
-/// Checks a `[tracing] otlp_endpoint` value: `""` (off) or an `http://HOST:PORT` /
-/// `https://HOST:PORT` URL (OTLP over gRPC, so no path).
+/// Checks a `[tracing] otlp_endpoint` value: `""` (off) or an `http://HOST:PORT` URL (OTLP over
+/// gRPC, so no path). `https://` is refused: this build has no TLS for OTLP.
 ///
 /// ```
 /// assert!(runvm_telemetry::validate_endpoint("").is_ok());
@@ -66,10 +67,17 @@ pub fn validate_endpoint(value: &str) -> Result<(), TelemetryError> {
 }
 
 fn check_url(value: &str) -> Result<(), String> {
+    if value.starts_with("https://") {
+        // tonic is built without TLS here (its TLS stack is not among runvm's dependencies):
+        // every export would fail, so the value is refused up front.
+        return Err(format!(
+            "https:// is not supported (this build has no TLS for OTLP); send to a local \
+             collector over http:// instead; {VALID}"
+        ));
+    }
     let authority = value
         .strip_prefix("http://")
-        .or_else(|| value.strip_prefix("https://"))
-        .ok_or_else(|| format!("no http:// or https:// scheme; {VALID}"))?;
+        .ok_or_else(|| format!("no http:// scheme; {VALID}"))?;
     let authority = authority.strip_suffix('/').unwrap_or(authority);
     if authority.contains(['/', '?', '#', '@']) || authority.chars().any(char::is_whitespace) {
         return Err(format!(
@@ -136,7 +144,6 @@ mod tests {
         for ok in [
             "",
             "http://127.0.0.1:4317",
-            "https://collector:4317",
             "http://collector.example.com:4317/",
             "http://[::1]:4317",
         ] {
@@ -147,6 +154,7 @@ mod tests {
     #[test]
     fn validate_endpoint_refuses_others_naming_the_value() {
         for bad in [
+            "https://collector:4317",
             "127.0.0.1:4317",
             "ftp://x",
             "http://",

@@ -9,13 +9,20 @@ use runvm_sandbox::{check, sandbox, SandboxId};
 
 use crate::{oci, ops, standin, Cli, Command};
 
-pub fn run(cli: Cli) -> Result<ExitCode> {
-    let g = &cli.global;
+/// The configuration (`--config`, `$RUNVM_CONFIG` or the default file) with `--root` applied,
+/// read and checked once, before logging starts (it says where traces go).
+pub fn load_config(g: &crate::args::Global) -> Result<Config> {
     let mut config = Config::load(g.config.as_deref())?;
     if let Some(root) = &g.root {
         config.runtime.root = std::path::absolute(root)?;
         config.validate()?;
     }
+    Ok(config)
+}
+
+pub fn run(cli: Cli, config: Result<Config>) -> Result<ExitCode> {
+    let g = &cli.global;
+    let config = config?;
     let c = &config;
     // Records under the root decide what runvm kills and removes: a root others can change
     // is refused before any command reads or writes there.
@@ -26,8 +33,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     ) {
         runvm_sandbox::store::check_root(&config.runtime.root)?;
     }
-    let level = if g.debug { "debug" } else { g.log_level.as_str() };
-    let _trace = crate::traces::start(c, &cli.command, level);
+    let level = if g.debug {
+        "debug"
+    } else {
+        g.log_level.as_str()
+    };
+    let _trace = crate::traces::start(&cli.command, level);
     match cli.command {
         Command::Check => Ok(check(&config)),
         Command::Env => {

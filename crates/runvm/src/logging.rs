@@ -27,14 +27,18 @@ struct LogSink {
 
 static LOG: OnceLock<LogSink> = OnceLock::new();
 
-/// Where the OpenTelemetry layer goes once the configuration says where traces go.
-static TRACES: OnceLock<runvm_telemetry::TraceSlot> = OnceLock::new();
-
 /// Sets up logging, as runc's logrus: with `log`, events go to that file; else to stderr unless
 /// `quiet` (the stand-in, whose stderr is the container's). Either way a line is logrus text
 /// (`time="..." level=warning msg="..."`, never terminal colour codes) or, with `--log-format
 /// json`, a JSON object.
-pub fn init(log: Option<&Path>, format: LogFormat, level: &str, quiet: bool) {
+/// With `traces`, spans are exported through it (`[tracing] otlp_endpoint`).
+pub fn init(
+    log: Option<&Path>,
+    format: LogFormat,
+    level: &str,
+    quiet: bool,
+    traces: Option<&'static runvm_telemetry::Telemetry>,
+) {
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env()
             .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
@@ -54,8 +58,7 @@ pub fn init(log: Option<&Path>, format: LogFormat, level: &str, quiet: bool) {
     if sink.is_none() && !quiet {
         sink = Some((Box::new(std::io::stderr()), false));
     }
-    let (traces, slot) = runvm_telemetry::trace_slot();
-    let _ = TRACES.set(slot);
+    let traces = traces.map(|t| t.layer::<tracing_subscriber::Registry>());
     let sink_layer = sink.map(|(out, file)| {
         let _ = LOG.set(LogSink {
             out: Mutex::new(out),
@@ -68,13 +71,6 @@ pub fn init(log: Option<&Path>, format: LogFormat, level: &str, quiet: bool) {
         .with(traces)
         .with(sink_layer)
         .try_init();
-}
-
-/// Exports this process's spans to `endpoint` from now on (`[tracing] otlp_endpoint`).
-pub fn start_traces(endpoint: &str) {
-    if let Some(slot) = TRACES.get() {
-        slot.start(endpoint, "runvm");
-    }
 }
 
 /// Writes `msg` at error level to the log file, if there is one (stderr gets the error from

@@ -47,13 +47,22 @@ fn main() -> ExitCode {
         cli.command,
         Command::Standin { .. } | Command::Teardown { .. }
     );
+    let config = commands::load_config(&cli.global);
+    let traces = match &config {
+        Ok(c) => traces::exporter(c, &cli.command),
+        Err(_) => Ok(None),
+    };
     logging::init(
         cli.global.log.as_deref(),
         cli.global.log_format,
         level,
         quiet,
+        traces.as_ref().ok().copied().flatten(),
     );
-    match commands::run(cli) {
+    if let Err(e) = traces {
+        tracing::warn!(error = %e, "traces are not exported");
+    }
+    match commands::run(cli, config) {
         Ok(code) => code,
         Err(e) => {
             logging::error(&format!("{e:#}"));

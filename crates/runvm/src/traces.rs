@@ -58,18 +58,28 @@ fn traced_name(command: &Command) -> Option<&'static str> {
     })
 }
 
-/// Starts `command`'s trace (when traces are configured) and the relay of guest logs at
-/// `level`, the CLI's log level.
-pub fn start(config: &Config, command: &Command, level: &str) -> CommandTrace {
+/// The process's span exporter when `command` drives sandboxes and `[tracing] otlp_endpoint`
+/// is set: started before logging, whose subscriber takes its layer.
+pub fn exporter(
+    config: &Config,
+    command: &Command,
+) -> Result<Option<&'static runvm_telemetry::Telemetry>, runvm_telemetry::TelemetryError> {
+    if traced_name(command).is_none() || !config.tracing.enabled() {
+        return Ok(None);
+    }
+    let telemetry = runvm_telemetry::Telemetry::start(&config.tracing.otlp_endpoint, "runvm")?;
+    Ok(Some(runvm_telemetry::install_global(telemetry)))
+}
+
+/// Starts `command`'s trace (the root span, exported when [`exporter`] gave one) and the relay
+/// of guest logs at `level`, the CLI's log level.
+pub fn start(command: &Command, level: &str) -> CommandTrace {
     let Some(name) = traced_name(command) else {
         return CommandTrace { entered: None };
     };
     runvm_sandbox::guest_telemetry::enable(
         GuestLogLevel::parse(level).unwrap_or(GuestLogLevel::Warn),
     );
-    if config.tracing.enabled() {
-        crate::logging::start_traces(&config.tracing.otlp_endpoint);
-    }
     let span = tracing::info_span!(
         "runvm",
         otel.name = %format!("runvm {name}"),

@@ -12,8 +12,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::{
     Agent, AgentConnector, AgentError, AgentVersion, ContainerStats, ContainerUsage,
-    CreateContainer, ExitStatus, GuestDetails, GuestMetrics, GuestProcess, Interface, Neighbor,
-    GuestLogLevel, GuestTelemetry, OnlinedCpuMem, ProcessRef, Route, RpcCode, StdioSpec,
+    CreateContainer, ExitStatus, GuestDetails, GuestLogLevel, GuestMetrics, GuestProcess,
+    GuestTelemetry, Interface, Neighbor, OnlinedCpuMem, ProcessRef, Route, RpcCode, StdioSpec,
     TelemetryRequest,
 };
 

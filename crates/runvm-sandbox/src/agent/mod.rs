@@ -16,7 +16,8 @@ pub use guest_metrics::{ContainerUsage, GuestCpuTime, GuestMetrics};
 pub use mock::{MockAgent, MockAgentConnector, MockAgentState, MockContainer, MockProcess};
 pub use network::{Interface, IpNet, Neighbor, Route};
 pub use telemetry::{
-    GuestLogLevel, GuestLogRecord, GuestTelemetry, TelemetryRequest, MAX_RECORDS as MAX_TELEMETRY_RECORDS,
+    GuestLogLevel, GuestLogRecord, GuestTelemetry, TelemetryRequest,
+    MAX_RECORDS as MAX_TELEMETRY_RECORDS,
 };
 pub(crate) use ttrpc_client::describe as describe_address;
 pub use ttrpc_client::{open_vsock_stream, TtrpcAgent, TtrpcConnector, VsockIo};

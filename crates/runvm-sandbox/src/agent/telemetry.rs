@@ -209,7 +209,10 @@ mod tests {
     #[test]
     fn a_record_cannot_forge_a_log_line_or_grow_unbounded() {
         let reply = agent::TelemetryBatch {
-            records: vec![record("warn", "one\ntime=\"x\" level=error msg=\"forged\"\u{1b}[31m")],
+            records: vec![record(
+                "warn",
+                "one\ntime=\"x\" level=error msg=\"forged\"\u{1b}[31m",
+            )],
             ..Default::default()
         };
         let t = from_reply(&asked(10), reply).unwrap();
@@ -232,7 +235,10 @@ mod tests {
             ..Default::default()
         };
         let e = from_reply(&asked(10), reply).unwrap_err().to_string();
-        assert!(e.contains("\"loud\"") && e.contains("valid: error, warn"), "{e}");
+        assert!(
+            e.contains("\"loud\"") && e.contains("valid: error, warn"),
+            "{e}"
+        );
         let reply = agent::TelemetryBatch {
             records: vec![record("info", "a"), record("info", "b")],
             ..Default::default()

@@ -273,7 +273,11 @@ impl TtrpcAgent {
     }
 
     /// A call that waits for the guest (wait, read, OOM): no request timeout.
-    async fn call_unbounded<T, F, Fut>(&self, method: &'static str, request: F) -> Result<T, AgentError>
+    async fn call_unbounded<T, F, Fut>(
+        &self,
+        method: &'static str,
+        request: F,
+    ) -> Result<T, AgentError>
     where
         F: FnOnce(ttrpc::context::Context) -> Fut,
         Fut: std::future::Future<Output = ttrpc::Result<T>>,
@@ -289,11 +293,19 @@ impl TtrpcAgent {
 
 /// The span of one agent call (its guest side is the agent's span of the same name, a child).
 fn call_span(method: &'static str) -> tracing::Span {
-    tracing::info_span!("agent call", otel.name = method, otel.kind = "client", rpc.method = method)
+    tracing::info_span!(
+        "agent call",
+        otel.name = method,
+        otel.kind = "client",
+        rpc.method = method
+    )
 }
 
 /// `context` with the W3C trace context of `span` in its metadata, when traces are exported.
-fn traced_context(span: &tracing::Span, mut context: ttrpc::context::Context) -> ttrpc::context::Context {
+fn traced_context(
+    span: &tracing::Span,
+    mut context: ttrpc::context::Context,
+) -> ttrpc::context::Context {
     if runvm_telemetry::enabled() && !span.is_none() {
         for (key, value) in span.in_scope(runvm_telemetry::inject_current) {
             context.add(key, value);
@@ -363,9 +375,7 @@ fn rpc_code(code: ttrpc::Code) -> RpcCode {
 impl Agent for TtrpcAgent {
     async fn check(&self) -> Result<(), AgentError> {
         let req = agent::CheckRequest::new();
-        let resp = self
-            .call("Check", |c| self.client.check(c, &req))
-            .await?;
+        let resp = self.call("Check", |c| self.client.check(c, &req)).await?;
         match resp.status.enum_value() {
             Ok(agent::check_response::ServingStatus::SERVING) => Ok(()),
             other => Err(AgentError::InvalidReply {
@@ -390,10 +400,9 @@ impl Agent for TtrpcAgent {
     async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
         let req = agent::GuestDetailsRequest::new();
         let resp = self
-            .call(
-                "GetGuestDetails",
-                |c| self.client.get_guest_details(c, &req),
-            )
+            .call("GetGuestDetails", |c| {
+                self.client.get_guest_details(c, &req)
+            })
             .await?;
         let boot = resp.boot_times.into_option().unwrap_or_default();
         Ok(GuestDetails {
@@ -439,21 +448,17 @@ impl Agent for TtrpcAgent {
             nsec: since.subsec_nanos(),
             ..Default::default()
         };
-        self.call(
-            "SetGuestTime",
-            |c| self.client.set_guest_time(c, &req),
-        )
-        .await
-        .map(|_| ())
+        self.call("SetGuestTime", |c| self.client.set_guest_time(c, &req))
+            .await
+            .map(|_| ())
     }
 
     async fn guest_metrics(&self) -> Result<super::GuestMetrics, AgentError> {
         let req = agent::GuestMetricsRequest::new();
         let resp = self
-            .call(
-                "GetGuestMetrics",
-                |c| self.client.get_guest_metrics(c, &req),
-            )
+            .call("GetGuestMetrics", |c| {
+                self.client.get_guest_metrics(c, &req)
+            })
             .await?;
         super::guest_metrics::from_reply(resp)
     }
@@ -482,11 +487,9 @@ impl Agent for TtrpcAgent {
 
     async fn create_container(&self, request: CreateContainer) -> Result<(), AgentError> {
         let req = convert::create_request(&request)?;
-        self.call_within(
-            "CreateContainer",
-            self.spawn_timeout(),
-            |c| self.client.create_container(c, &req),
-        )
+        self.call_within("CreateContainer", self.spawn_timeout(), |c| {
+            self.client.create_container(c, &req)
+        })
         .await
         .map(|_| ())
     }
@@ -496,12 +499,9 @@ impl Agent for TtrpcAgent {
             container_id: container_id.to_string(),
             ..Default::default()
         };
-        self.call(
-            "StartContainer",
-            |c| self.client.start_container(c, &req),
-        )
-        .await
-        .map(|_| ())
+        self.call("StartContainer", |c| self.client.start_container(c, &req))
+            .await
+            .map(|_| ())
     }
 
     async fn remove_container(
@@ -526,22 +526,16 @@ impl Agent for TtrpcAgent {
 
     async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = container_request(container_id);
-        self.call(
-            "PauseContainer",
-            |c| self.client.pause_container(c, &req),
-        )
-        .await
-        .map(|_| ())
+        self.call("PauseContainer", |c| self.client.pause_container(c, &req))
+            .await
+            .map(|_| ())
     }
 
     async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = container_request(container_id);
-        self.call(
-            "ResumeContainer",
-            |c| self.client.resume_container(c, &req),
-        )
-        .await
-        .map(|_| ())
+        self.call("ResumeContainer", |c| self.client.resume_container(c, &req))
+            .await
+            .map(|_| ())
     }
 
     async fn update_container(
@@ -557,21 +551,15 @@ impl Agent for TtrpcAgent {
             }),
             ..Default::default()
         };
-        self.call(
-            "UpdateContainer",
-            |c| self.client.update_container(c, &req),
-        )
-        .await
-        .map(|_| ())
+        self.call("UpdateContainer", |c| self.client.update_container(c, &req))
+            .await
+            .map(|_| ())
     }
 
     async fn stats_container(&self, container_id: &str) -> Result<ContainerStats, AgentError> {
         let req = container_request(container_id);
         let resp = self
-            .call(
-                "StatsContainer",
-                |c| self.client.stats_container(c, &req),
-            )
+            .call("StatsContainer", |c| self.client.stats_container(c, &req))
             .await?;
         convert::stats(resp)
     }
@@ -582,10 +570,7 @@ impl Agent for TtrpcAgent {
             ..Default::default()
         };
         let resp = self
-            .call(
-                "ListProcesses",
-                |c| self.client.list_processes(c, &req),
-            )
+            .call("ListProcesses", |c| self.client.list_processes(c, &req))
             .await?;
         convert::processes(resp)
     }
@@ -603,11 +588,9 @@ impl Agent for TtrpcAgent {
             stdio: convert::stdio(stdio),
             ..Default::default()
         };
-        self.call_within(
-            "ExecProcess",
-            self.spawn_timeout(),
-            |c| self.client.exec_process(c, &req),
-        )
+        self.call_within("ExecProcess", self.spawn_timeout(), |c| {
+            self.client.exec_process(c, &req)
+        })
         .await
         .map(|_| ())
     }
@@ -629,12 +612,9 @@ impl Agent for TtrpcAgent {
             all,
             ..Default::default()
         };
-        self.call(
-            "SignalProcess",
-            |c| self.client.signal_process(c, &req),
-        )
-        .await
-        .map(|_| ())
+        self.call("SignalProcess", |c| self.client.signal_process(c, &req))
+            .await
+            .map(|_| ())
     }
 
     async fn wait_process(&self, process: &ProcessRef) -> Result<ExitStatus, AgentError> {
@@ -644,10 +624,7 @@ impl Agent for TtrpcAgent {
             ..Default::default()
         };
         let resp = self
-            .call_unbounded(
-                "WaitProcess",
-                |c| self.client.wait_process(c, &req),
-            )
+            .call_unbounded("WaitProcess", |c| self.client.wait_process(c, &req))
             .await?;
         convert::exit_status(resp)
     }
@@ -665,12 +642,9 @@ impl Agent for TtrpcAgent {
             cols,
             ..Default::default()
         };
-        self.call(
-            "TtyWinResize",
-            |c| self.client.tty_win_resize(c, &req),
-        )
-        .await
-        .map(|_| ())
+        self.call("TtyWinResize", |c| self.client.tty_win_resize(c, &req))
+            .await
+            .map(|_| ())
     }
 
     async fn open_stdio(
@@ -705,10 +679,7 @@ impl Agent for TtrpcAgent {
     async fn oom_event(&self) -> Result<String, AgentError> {
         let req = agent::GetOOMEventRequest::new();
         let resp = self
-            .call_unbounded(
-                "GetOOMEvent",
-                |c| self.client.get_oom_event(c, &req),
-            )
+            .call_unbounded("GetOOMEvent", |c| self.client.get_oom_event(c, &req))
             .await?;
         convert::oom_container(resp)
     }
@@ -719,10 +690,7 @@ impl Agent for TtrpcAgent {
             ..Default::default()
         };
         let resp = self
-            .call(
-                "UpdateInterface",
-                |c| self.client.update_interface(c, &req),
-            )
+            .call("UpdateInterface", |c| self.client.update_interface(c, &req))
             .await?;
         network::from_pb_interface("UpdateInterface", resp)
     }
@@ -730,10 +698,7 @@ impl Agent for TtrpcAgent {
     async fn list_interfaces(&self) -> Result<Vec<Interface>, AgentError> {
         let req = agent::ListInterfacesRequest::new();
         let resp = self
-            .call(
-                "ListInterfaces",
-                |c| self.client.list_interfaces(c, &req),
-            )
+            .call("ListInterfaces", |c| self.client.list_interfaces(c, &req))
             .await?;
         network::from_pb_interfaces("ListInterfaces", resp.interfaces)
     }
@@ -747,10 +712,7 @@ impl Agent for TtrpcAgent {
             ..Default::default()
         };
         let resp = self
-            .call(
-                "UpdateRoutes",
-                |c| self.client.update_routes(c, &req),
-            )
+            .call("UpdateRoutes", |c| self.client.update_routes(c, &req))
             .await?;
         network::from_pb_routes("UpdateRoutes", resp.routes)
     }
@@ -771,10 +733,9 @@ impl Agent for TtrpcAgent {
             }),
             ..Default::default()
         };
-        self.call(
-            "AddARPNeighbors",
-            |c| self.client.add_arp_neighbors(c, &req),
-        )
+        self.call("AddARPNeighbors", |c| {
+            self.client.add_arp_neighbors(c, &req)
+        })
         .await
         .map(|_| ())
     }

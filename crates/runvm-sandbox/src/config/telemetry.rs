@@ -14,7 +14,7 @@ pub struct TracingConfig {
 impl TracingConfig {
     /// What `tracing.otlp_endpoint` may be.
     pub const VALID_ENDPOINT: &'static str =
-        "valid: \"\" (no traces) or an OTLP/gRPC URL, http://HOST:PORT or https://HOST:PORT";
+        "valid: \"\" (no traces) or an OTLP/gRPC URL http://HOST:PORT (no TLS: https:// is refused)";
 
     /// Whether traces are exported.
     pub fn enabled(&self) -> bool {
@@ -35,13 +35,17 @@ mod tests {
     fn tracing_is_off_by_default_and_a_bad_endpoint_is_named_with_what_is_valid() {
         let c = Config::default();
         assert!(!c.tracing.enabled());
-        let c = Config::from_toml("[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n").unwrap();
+        let c =
+            Config::from_toml("[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n").unwrap();
         c.validate().unwrap();
         assert!(c.tracing.enabled());
         let c = Config::from_toml("[tracing]\notlp_endpoint = \"127.0.0.1:4317\"\n").unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("tracing.otlp_endpoint"), "{err}");
-        assert!(err.contains("\"127.0.0.1:4317\"") && err.contains("http://HOST:PORT"), "{err}");
+        assert!(
+            err.contains("\"127.0.0.1:4317\"") && err.contains("http://HOST:PORT"),
+            "{err}"
+        );
         let err = Config::from_toml("[tracing]\nendpoint = \"x\"\n").unwrap_err();
         assert!(err.contains("endpoint"), "{err}");
     }

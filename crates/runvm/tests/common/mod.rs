@@ -36,6 +36,30 @@ impl Host {
         cmd
     }
 
+    /// As [`Host::cmd`], with a configuration file of `toml` (plus the `RUNVM_TEST_GUEST`
+    /// guest image, if set).
+    pub fn cmd_configured(&self, toml: &str, args: &[&str]) -> Command {
+        let mut text = toml.to_string();
+        if let Some(guest) = std::env::var_os("RUNVM_TEST_GUEST").map(PathBuf::from) {
+            text.push_str(&format!(
+                "\n[guest]\nkernel = {:?}\ninitrd = {:?}\n",
+                guest.join("vmlinuz"),
+                guest.join("initrd.img")
+            ));
+        }
+        let config = self.dir.path().join("configured.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runvm"));
+        cmd.env_remove("RUNVM_CONFIG")
+            .env_remove("RUST_LOG")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--config")
+            .arg(&config)
+            .args(args);
+        cmd
+    }
+
     /// With `RUNVM_TEST_GUEST=DIR`, a configuration whose guest image is DIR's (a guest built
     /// with `cargo xtask guest --out DIR`, to test an agent without replacing the machine's).
     fn guest_override(&self) -> Option<PathBuf> {
