@@ -261,7 +261,17 @@ impl IdleVm {
 /// have joined it since): the guest powers off, QEMU and its helpers end; the records stay for
 /// `state` and `delete`. The caller holds the teardown mark.
 pub async fn stop_idle_vm(config: &Config, sid: &SandboxId) -> Result<(), SandboxError> {
-    let mut sb = Attached::new(open_sandbox(config, sid)?);
+    let sb = match open_sandbox(config, sid) {
+        Ok(sb) => sb,
+        // Deleted meanwhile (`runvm run` deletes its container and sandbox as soon as the
+        // init exited): nothing is left to stop.
+        Err(e) if e.kind() == crate::error::ErrorKind::NotFound => {
+            tracing::debug!(sandbox = %sid, "the sandbox is gone already");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut sb = Attached::new(sb);
     if all_stopped(&mut sb)? {
         sb.stop().await?;
     } else {

@@ -103,6 +103,10 @@ fn runvm_run_is_one_trace_with_agent_spans_under_host_spans_and_the_guest_log_in
     assert!(line.contains("sandbox=traced"), "{line}");
     assert!(line.contains("level=info"), "{line}");
     assert!(!log_text.contains("level=debug"), "{log_text}");
+    assert!(
+        !log_text.contains("level=error"),
+        "a plain run logs no error: {log_text}"
+    );
     host.assert_nothing_left();
 }
 
