@@ -3,7 +3,8 @@
 //! As PID 1 it mounts the kernel file systems, loads the kernel modules listed in
 //! `/lib/modules/load-order`, reaps orphans, serves the agent API (ttrpc) on vsock port 1024
 //! and port-forward streams on vsock port 1026 (`portfwd`). A `Shutdown` request or SIGTERM
-//! makes it sync and power the VM off.
+//! makes it sync and power the VM off. Its log records are queued for the host, which reads
+//! them with `ReadTelemetry` (`telemetry.rs`; on the console too until a host first reads).
 //!
 //! For tests on the host it can run as an ordinary process serving a unix socket:
 //! `runvm-agent --listen unix:///tmp/agent.sock` (no mounts, no modules, exit instead of
@@ -17,7 +18,7 @@ use runvm_protocol::agent_ttrpc::create_agent_service;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 
-/// What the agent logs: INFO, with youki's libraries quieter (libcgroups warns about every
+/// What the agent logs on stderr outside a VM (tests): INFO, with youki's libraries quieter (libcgroups warns about every
 /// controller it does not know, e.g. rdma and misc).
 pub const LOG_FILTER: &str = "info,libcgroups=error,libcontainer=warn";
 

@@ -1,6 +1,8 @@
 //! What the agent tells the host of itself (docs/observability.md): its log records and the
 //! spans of traced agent calls are queued here, bounded, and the host takes them with
-//! `ReadTelemetry`; the serial console keeps the kernel's output only.
+//! `ReadTelemetry`. The serial console keeps the kernel's output: the agent writes its records
+//! there too only until a host has read them once, so that a guest whose agent never reaches
+//! the host (listening elsewhere, stuck) still leaves its account in the VM's console log.
 //!
 //! - Records: a `tracing` layer ([`HostLogLayer`]) queues each event from the level the host
 //!   last asked for (info until it asks; youki's libraries capped at error and warn), at most
@@ -152,6 +154,9 @@ impl LogQueue {
 }
 
 static LOGS: LazyLock<LogQueue> = LazyLock::new(LogQueue::new);
+/// Whether records also go to the console (PID 1, until the host first reads them).
+static CONSOLE_UNTIL_READ: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 static SPANS: LazyLock<SpanQueue> = LazyLock::new(SpanQueue::new);
 /// Kept for the life of the agent: the tracer of the OpenTelemetry layer exports through it.
 static PROVIDER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
@@ -208,6 +213,14 @@ impl<S: tracing::Subscriber> Layer<S> for HostLogLayer {
         }
         let mut message = Message::default();
         event.record(&mut message);
+        if CONSOLE_UNTIL_READ.load(Ordering::Relaxed) {
+            eprintln!(
+                "runvm-agent: {} {}: {}",
+                meta.level(),
+                meta.target(),
+                message.0
+            );
+        }
         LOGS.push(agent::LogRecord {
             time_unix_ns: unix_now_ns(),
             level: level_name(level_number(meta.level())).to_string(),
@@ -221,6 +234,7 @@ impl<S: tracing::Subscriber> Layer<S> for HostLogLayer {
 /// Sets up the agent's logging: records queued for the host, spans of traced calls recorded,
 /// and, outside a VM (`pid1` false: tests), the log on stderr as well (`console_filter`).
 pub fn init_logging(pid1: bool, console_filter: &str) {
+    CONSOLE_UNTIL_READ.store(pid1, Ordering::Relaxed);
     let provider = SPANS.tracer_provider();
     let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "runvm-agent");
     let _ = PROVIDER.set(provider);
@@ -246,6 +260,8 @@ pub fn init_logging(pid1: bool, console_filter: &str) {
 
 /// `ReadTelemetry`: sets the level asked for, then takes what is queued.
 pub async fn read(req: &agent::ReadTelemetryRequest) -> Result<agent::TelemetryBatch, AgentError> {
+    // A host reads them: from now on they reach it, and the console is the kernel's.
+    CONSOLE_UNTIL_READ.store(false, Ordering::Relaxed);
     if !req.log_level.is_empty() {
         let level = parse_level(&req.log_level).ok_or_else(|| {
             AgentError::invalid(format!(
