@@ -11,7 +11,7 @@ use super::cli::Cli;
 use super::containerd::{Containerd, RUNC_SHIM, RUNVM_SHIM};
 use super::procs::{self, timed};
 use super::report::Metric;
-use super::{ratio, times, write_config, Setup};
+use super::{edit_config, ratio, times, write_config, Setup};
 
 const WARM: &str = "warm start (VM factory)";
 const IDLE_CPU: &str = "host CPU of an idle VM";
@@ -89,11 +89,11 @@ impl Setup {
             std::fs::create_dir_all(&dir)?;
             let config = dir.join("runvm.toml");
             write_config(&self.base, &dir.join("state"), &config)?;
-            let mut doc: toml::Table = std::fs::read_to_string(&config)?.parse()?;
-            let mut factory = toml::Table::new();
-            factory.insert("cache".into(), toml::Value::Integer(i64::from(CACHE)));
-            doc.insert("factory".into(), toml::Value::Table(factory));
-            std::fs::write(&config, toml::to_string(&doc)?)?;
+            edit_config(&config, |doc| {
+                let mut factory = toml::Table::new();
+                factory.insert("cache".into(), toml::Value::Integer(i64::from(CACHE)));
+                doc.insert("factory".into(), toml::Value::Table(factory));
+            })?;
             let mut cli = self.runvm.within(&dir)?;
             cli.config = config;
             Ok(cli)

@@ -14,6 +14,7 @@ mod procs;
 mod report;
 mod stats;
 mod steps;
+mod tracing;
 
 pub use boot::{boot, run, BootBenchArgs, RunBenchArgs};
 
@@ -44,6 +45,9 @@ pub enum Bench {
     /// Warm starts from the VM factory's pool (`runvm run`, `ctr run --rm`) against runc's,
     /// the pool's fill and refill times, an idle VM's host CPU.
     Factory,
+    /// Cold `runvm run` with traces off and on (exported over OTLP to a receiver in xtask),
+    /// and the spans that came per traced run.
+    Tracing,
     /// `exec true` into a running container.
     Exec,
     /// PSS of 1 and 10 idle pods.
@@ -276,6 +280,17 @@ pub(super) fn write_config(base: &Config, root: &Path, path: &Path) -> Result<()
     set("agent", "request_timeout_ms", int(request));
     let start = base.hypervisor.start_timeout_ms.max(60_000);
     set("hypervisor", "start_timeout_ms", int(start));
+    std::fs::write(path, toml::to_string(&doc)?)
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// Changes the configuration file at `path` (as [`write_config`] wrote it) with `edit`.
+pub(super) fn edit_config(path: &Path, edit: impl FnOnce(&mut toml::Table)) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("parse {}", path.display()))?;
+    edit(&mut doc);
     std::fs::write(path, toml::to_string(&doc)?)
         .with_context(|| format!("write {}", path.display()))
 }

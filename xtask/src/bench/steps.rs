@@ -119,6 +119,9 @@ impl Setup {
         if self.wants(Bench::Factory) {
             metrics.extend(self.factory());
         }
+        if self.wants(Bench::Tracing) {
+            metrics.extend(self.tracing());
+        }
         if self.wants(Bench::Cri) {
             metrics.extend(self.cri());
         }
