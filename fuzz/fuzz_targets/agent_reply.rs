@@ -2,8 +2,8 @@
 //! socket pair whose other end sends the fuzzed bytes as a hostile guest would (ttrpc frames
 //! carrying protobuf responses), while the host makes a few calls the input picks. Covers the
 //! ttrpc client's frame decoding, protobuf decoding and every check of `agent::convert`,
-//! `agent::network`, `agent::guest_metrics` and the client (texts, sizes, exit statuses, ids,
-//! interfaces, routes, guest metrics).
+//! `agent::network`, `agent::guest_metrics`, `agent::telemetry` and the client (texts, sizes,
+//! exit statuses, ids, interfaces, routes, guest metrics, guest log records).
 //!
 //! Input: the first four bytes pick the calls, the rest is what "the guest" sends.
 #![no_main]
@@ -13,7 +13,10 @@ use std::time::Duration;
 use arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use runvm_fuzz::runtime;
-use runvm_sandbox::agent::{Agent, Interface, Neighbor, ProcessRef, Route, StdioSpec, TtrpcAgent};
+use runvm_sandbox::agent::{
+    Agent, GuestLogLevel, Interface, Neighbor, ProcessRef, Route, StdioSpec, TelemetryRequest,
+    TtrpcAgent,
+};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -44,7 +47,7 @@ async fn call(agent: &TtrpcAgent, which: u8) {
         device: "eth0".into(),
         mac: "02:00:00:00:00:02".into(),
     };
-    match which % 25 {
+    match which % 26 {
         0 => drop(agent.check().await),
         1 => drop(agent.version().await),
         2 => drop(agent.guest_details().await),
@@ -93,6 +96,15 @@ async fn call(agent: &TtrpcAgent, which: u8) {
                 .await,
         ),
         23 => drop(agent.resize_tty(&exec, 24, 80).await),
+        24 => drop(
+            agent
+                .read_telemetry(TelemetryRequest {
+                    wait: Duration::ZERO,
+                    level: GuestLogLevel::Debug,
+                    max_records: 64,
+                })
+                .await,
+        ),
         _ => drop(agent.guest_metrics().await),
     }
 }

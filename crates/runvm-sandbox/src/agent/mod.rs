@@ -17,7 +17,7 @@ pub use mock::{MockAgent, MockAgentConnector, MockAgentState, MockContainer, Moc
 pub use network::{Interface, IpNet, Neighbor, Route};
 pub use telemetry::{
     GuestLogLevel, GuestLogRecord, GuestTelemetry, TelemetryRequest,
-    MAX_RECORDS as MAX_TELEMETRY_RECORDS,
+    MAX_RECORDS as MAX_TELEMETRY_RECORDS, MAX_WAIT as MAX_TELEMETRY_WAIT,
 };
 pub(crate) use ttrpc_client::describe as describe_address;
 pub use ttrpc_client::{open_vsock_stream, TtrpcAgent, TtrpcConnector, VsockIo};
