@@ -14,18 +14,21 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use runvm_protocol::agent;
+use runvm_protocol::telemetry::{
+    DEFAULT_RECORDS_PER_READ, LEVELS, MAX_READ_WAIT_MS, MAX_RECORDS_PER_READ,
+    MAX_RECORD_BYTES_PER_READ, MAX_RECORD_MESSAGE,
+};
 use runvm_telemetry::guest::SpanQueue;
 use tokio::sync::Notify;
 use tracing::field::{Field, Visit};
 use tracing::Instrument;
 use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 use ttrpc::r#async::{MethodHandler, Service, TtrpcContext};
 
@@ -33,16 +36,11 @@ use crate::error::AgentError;
 
 /// Most records kept for the host.
 pub const MAX_QUEUED_RECORDS: usize = 1024;
-/// Longest message queued, bytes (longer ones are cut, marked with `…`).
-pub const MAX_MESSAGE: usize = 4096;
-/// Most records in one answer when the host does not say.
-const DEFAULT_BATCH: usize = 256;
-/// Most records in one answer.
-const MAX_BATCH: usize = 1024;
 /// Most spans in one answer.
 const MAX_SPANS: usize = 512;
-/// Longest wait of one read.
-const MAX_WAIT: Duration = Duration::from_secs(10);
+/// What a record costs in an answer beyond its message and target, bytes (time, level,
+/// framing), for the answer's byte budget.
+const RECORD_OVERHEAD: usize = 32;
 /// The RPCs never traced: reading the telemetry (it would feed itself) and the health check.
 const UNTRACED: [&str; 2] = ["ReadTelemetry", "Check"];
 
@@ -63,32 +61,30 @@ fn level_number(level: &tracing::Level) -> u8 {
     }
 }
 
+/// The wire name of level `n` (`runvm_protocol::telemetry::LEVELS`, most severe first).
 fn level_name(n: u8) -> &'static str {
-    match n {
-        ERROR => "error",
-        WARN => "warn",
-        INFO => "info",
-        DEBUG => "debug",
-        _ => "trace",
-    }
+    LEVELS[usize::from(n.clamp(ERROR, TRACE) - 1)]
 }
 
 /// The level named `name`, as the host names them.
 fn parse_level(name: &str) -> Option<u8> {
-    [ERROR, WARN, INFO, DEBUG, TRACE]
-        .into_iter()
-        .find(|&n| level_name(n) == name)
+    LEVELS
+        .iter()
+        .position(|&l| l == name)
+        .and_then(|i| u8::try_from(i + 1).ok())
 }
 
-/// The most verbose level queued for a target: youki's libraries are loud (libcgroups warns
-/// about every controller it does not know).
+/// The most verbose level queued for a target: the agent's own records at any level; youki's
+/// libraries are loud (libcgroups warns about every controller it does not know); the other
+/// libraries only warn and error (ttrpc traces every message it sends, `ReadTelemetry`'s
+/// answers included: queued, they would wake the next read at once, for ever).
 fn target_cap(target: &str) -> u8 {
-    if target.starts_with("libcgroups") {
-        ERROR
-    } else if target.starts_with("libcontainer") {
-        WARN
-    } else {
+    if target.starts_with("runvm") {
         TRACE
+    } else if target.starts_with("libcgroups") {
+        ERROR
+    } else {
+        WARN
     }
 }
 
@@ -98,6 +94,8 @@ pub struct LogQueue {
     state: Mutex<QueueState>,
     ready: Notify,
     level: AtomicU8,
+    /// Reads begun, to tell a read that was overtaken while it waited.
+    reads: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +110,7 @@ impl LogQueue {
             state: Mutex::new(QueueState::default()),
             ready: Notify::new(),
             level: AtomicU8::new(INFO),
+            reads: AtomicU64::new(0),
         }
     }
 
@@ -132,16 +131,39 @@ impl LogQueue {
         self.ready.notify_one();
     }
 
-    /// Up to `max` records (oldest first) and the count dropped since the last take; waits up
-    /// to `wait` while none are queued.
-    async fn take(&self, max: usize, wait: Duration) -> (Vec<agent::LogRecord>, u64) {
-        if self.is_empty() && !wait.is_zero() {
-            let _ = tokio::time::timeout(wait, self.ready.notified()).await;
+    /// Up to `max` records (oldest first) of at most `budget` bytes together, and the count
+    /// dropped since the last take; waits up to `wait` while none are queued. A read that a
+    /// newer one overtook while it waited (its host gave up on it: the connection closed, or a
+    /// last read came) takes nothing: what it would take goes to the newer one.
+    async fn take(
+        &self,
+        max: usize,
+        budget: usize,
+        wait: Duration,
+    ) -> Option<(Vec<agent::LogRecord>, u64)> {
+        let generation = self.reads.fetch_add(1, Ordering::AcqRel) + 1;
+        let deadline = tokio::time::Instant::now() + wait;
+        // A permit left by records a read already took wakes this one with nothing to take:
+        // wait again until the deadline.
+        while self.is_empty() && tokio::time::Instant::now() < deadline {
+            let _ = tokio::time::timeout_at(deadline, self.ready.notified()).await;
+            if self.reads.load(Ordering::Acquire) != generation {
+                return None;
+            }
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let n = state.records.len().min(max);
+        let mut n = 0;
+        let mut bytes = 0;
+        for r in state.records.iter().take(max) {
+            let size = r.message.len() + r.target.len() + RECORD_OVERHEAD;
+            if n > 0 && bytes + size > budget {
+                break;
+            }
+            bytes += size;
+            n += 1;
+        }
         let records = state.records.drain(..n).collect();
-        (records, std::mem::take(&mut state.dropped))
+        Some((records, std::mem::take(&mut state.dropped)))
     }
 
     fn is_empty(&self) -> bool {
@@ -225,7 +247,7 @@ impl<S: tracing::Subscriber> Layer<S> for HostLogLayer {
             time_unix_ns: unix_now_ns(),
             level: level_name(level_number(meta.level())).to_string(),
             target: meta.target().to_string(),
-            message: bounded(message.0, MAX_MESSAGE),
+            message: bounded(message.0, MAX_RECORD_MESSAGE),
             ..Default::default()
         });
     }
@@ -251,11 +273,16 @@ pub fn init_logging(pid1: bool, console_filter: &str) {
             .with_target(false)
             .with_filter(tracing_subscriber::EnvFilter::new(console_filter))
     });
-    let _ = tracing_subscriber::registry()
+    let subscriber = tracing_subscriber::registry()
         .with(console)
         .with(HostLogLayer)
-        .with(otel)
-        .try_init();
+        .with(otel);
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    // Records of libraries logging through the `log` crate (ttrpc): warnings and errors only,
+    // so that nothing below is even formatted.
+    let _ = tracing_log::LogTracer::builder()
+        .with_max_level(tracing_log::log::LevelFilter::Warn)
+        .init();
 }
 
 /// `ReadTelemetry`: sets the level asked for, then takes what is queued.
@@ -271,12 +298,18 @@ pub async fn read(req: &agent::ReadTelemetryRequest) -> Result<agent::TelemetryB
         })?;
         LOGS.level.store(level, Ordering::Relaxed);
     }
-    let max = match req.max_records as usize {
-        0 => DEFAULT_BATCH,
-        n => n.min(MAX_BATCH),
+    let max = match req.max_records {
+        0 => DEFAULT_RECORDS_PER_READ,
+        n => n.min(MAX_RECORDS_PER_READ),
     };
-    let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
-    let (records, dropped_records) = LOGS.take(max, wait).await;
+    let wait = Duration::from_millis(u64::from(req.wait_ms.min(MAX_READ_WAIT_MS)));
+    let Some((records, dropped_records)) = LOGS
+        .take(max as usize, MAX_RECORD_BYTES_PER_READ, wait)
+        .await
+    else {
+        // Overtaken by a newer read: answer empty, leave everything to it.
+        return Ok(agent::TelemetryBatch::default());
+    };
     let (spans, dropped_spans) = SPANS.take(MAX_SPANS);
     Ok(agent::TelemetryBatch {
         records,
@@ -361,12 +394,49 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        let (records, dropped) = rt.block_on(q.take(MAX_BATCH, Duration::ZERO));
+        let (records, dropped) = rt
+            .block_on(q.take(MAX_QUEUED_RECORDS, usize::MAX, Duration::ZERO))
+            .unwrap();
         assert_eq!(dropped, 5);
         assert_eq!(records.len(), MAX_QUEUED_RECORDS);
         assert_eq!(records[0].message, "5");
-        let (records, dropped) = rt.block_on(q.take(MAX_BATCH, Duration::from_millis(10)));
+        let (records, dropped) = rt
+            .block_on(q.take(MAX_QUEUED_RECORDS, usize::MAX, Duration::from_millis(10)))
+            .unwrap();
         assert!(records.is_empty() && dropped == 0);
+    }
+
+    #[test]
+    fn an_answer_keeps_to_its_byte_budget_and_an_overtaken_read_takes_nothing() {
+        let q = std::sync::Arc::new(LogQueue::new());
+        for _ in 0..10 {
+            q.push(agent::LogRecord {
+                message: "x".repeat(1000),
+                ..Default::default()
+            });
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (records, _) = rt.block_on(q.take(100, 3500, Duration::ZERO)).unwrap();
+        assert_eq!(records.len(), 3, "3 records of about 1 KiB fit 3500 bytes");
+        let (records, _) = rt
+            .block_on(q.take(100, usize::MAX, Duration::ZERO))
+            .unwrap();
+        assert_eq!(records.len(), 7);
+        // A read waiting on an empty queue is overtaken by a newer one.
+        let waiting = {
+            let q = std::sync::Arc::clone(&q);
+            rt.spawn(async move { q.take(100, usize::MAX, Duration::from_secs(5)).await })
+        };
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+        q.push(agent::LogRecord::default());
+        let newer = rt
+            .block_on(q.take(100, usize::MAX, Duration::ZERO))
+            .unwrap();
+        assert_eq!(newer.0.len(), 1);
+        assert!(rt.block_on(waiting).unwrap().is_none());
     }
 
     #[test]
@@ -375,6 +445,7 @@ mod tests {
         assert!(q.wants(&tracing::Level::INFO, "runvm_agent"));
         assert!(!q.wants(&tracing::Level::DEBUG, "runvm_agent"));
         assert!(!q.wants(&tracing::Level::WARN, "libcgroups::v2"));
+        assert!(!q.wants(&tracing::Level::INFO, "ttrpc::r#async::server"));
         q.level.store(DEBUG, Ordering::Relaxed);
         assert!(q.wants(&tracing::Level::DEBUG, "runvm_agent"));
         assert!(!q.wants(&tracing::Level::INFO, "libcontainer::process"));
@@ -385,7 +456,7 @@ mod tests {
 
     #[test]
     fn long_messages_are_cut_on_a_character_boundary() {
-        let s = bounded("é".repeat(MAX_MESSAGE), 5);
+        let s = bounded("é".repeat(MAX_RECORD_MESSAGE), 5);
         assert_eq!(s, "éé…");
     }
 }

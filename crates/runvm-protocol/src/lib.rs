@@ -25,6 +25,7 @@ pub mod agent_ttrpc {
 pub mod frame;
 pub mod portfwd;
 pub mod stdio;
+pub mod telemetry;
 
 pub use ttrpc;
 

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::agent::{Agent, AgentError, GuestLogLevel, GuestLogRecord, GuestTelemetry, RpcCode};
 use crate::agent::{TelemetryRequest, MAX_TELEMETRY_RECORDS};
@@ -22,6 +22,18 @@ use crate::agent::{TelemetryRequest, MAX_TELEMETRY_RECORDS};
 const POLL_WAIT: Duration = crate::agent::MAX_TELEMETRY_WAIT;
 /// Records asked for per read.
 const BATCH: u32 = 256;
+/// How long a last read ([`drain`], [`finish_all`]) may take in all, reading until the queues
+/// are empty.
+const LAST_READ: Duration = Duration::from_secs(2);
+/// Guest records logged per second and sandbox, at most (a burst of [`RATE_BURST`]); more are
+/// counted and said once a minute: a guest cannot flood the host's log.
+const RATE_PER_SEC: f64 = 200.0;
+const RATE_BURST: f64 = 1024.0;
+/// Longest pause of a relay after a failed read (it doubles from 1 s).
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The shortest time between two reads of a relay: a guest answering at once with nothing
+/// cannot make the host spin.
+const MIN_READ_INTERVAL: Duration = Duration::from_millis(100);
 /// The `tracing` target of relayed records.
 pub const TARGET: &str = "runvm::guest";
 
@@ -83,7 +95,7 @@ pub async fn drain(sandbox: &str) {
         by_sandbox.get(sandbox).map(|r| Arc::clone(&r.agent))
     };
     if let Some(agent) = agent {
-        let _ = read_once(sandbox, agent.as_ref(), relays.level, Duration::ZERO).await;
+        read_all(sandbox, agent.as_ref(), relays.level).await;
     }
 }
 
@@ -99,17 +111,43 @@ pub async fn finish_all() {
         .collect();
     for (sandbox, relay) in all {
         relay.task.abort();
-        let read = read_once(&sandbox, relay.agent.as_ref(), relays.level, Duration::ZERO);
-        let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+        read_all(&sandbox, relay.agent.as_ref(), relays.level).await;
     }
 }
 
-/// The relay task: reads until the channel ends (the guest powered off) or the agent cannot
-/// answer `ReadTelemetry` (an older agent).
-async fn run(sandbox: String, agent: Arc<dyn Agent>, level: GuestLogLevel) {
+/// Reads without waiting until the agent's queues are empty, within [`LAST_READ`].
+async fn read_all(sandbox: &str, agent: &dyn Agent, level: GuestLogLevel) {
+    let deadline = Instant::now() + LAST_READ;
+    let mut limit = RateLimit::new();
     loop {
-        match read_once(&sandbox, agent.as_ref(), level, POLL_WAIT).await {
-            Ok(()) => {}
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = read_once(sandbox, agent, level, Duration::ZERO, &mut limit);
+        match tokio::time::timeout(left, read).await {
+            Ok(Ok(more)) if more && Instant::now() < deadline => continue,
+            _ => break,
+        }
+    }
+    limit.say_suppressed(sandbox);
+}
+
+/// The relay task: reads until the channel ends (the guest powered off, the connection
+/// closed) or the agent cannot answer `ReadTelemetry` (an older agent). Other failures (a
+/// paused or slow guest timing out, a reply that breaks the limits) are said once and the
+/// relay goes on after a pause.
+async fn run(sandbox: String, agent: Arc<dyn Agent>, level: GuestLogLevel) {
+    let mut limit = RateLimit::new();
+    let mut backoff = Duration::from_secs(1);
+    let mut said = false;
+    loop {
+        let began = Instant::now();
+        match read_once(&sandbox, agent.as_ref(), level, POLL_WAIT, &mut limit).await {
+            Ok(more) => {
+                backoff = Duration::from_secs(1);
+                let spent = began.elapsed();
+                if !more && spent < MIN_READ_INTERVAL {
+                    tokio::time::sleep(MIN_READ_INTERVAL - spent).await;
+                }
+            }
             Err(AgentError::Rpc {
                 code: RpcCode::Unimplemented,
                 ..
@@ -117,34 +155,105 @@ async fn run(sandbox: String, agent: Arc<dyn Agent>, level: GuestLogLevel) {
                 tracing::debug!(sandbox = %sandbox, "the agent keeps its log: it has no ReadTelemetry");
                 return;
             }
-            Err(e) => {
-                tracing::debug!(sandbox = %sandbox, error = %e, "guest log relay ends");
+            Err(e @ (AgentError::Transport { .. } | AgentError::Connect { .. })) => {
+                tracing::debug!(sandbox = %sandbox, error = %e, "guest log relay ends: the channel is gone");
                 return;
             }
+            Err(
+                e @ (AgentError::Timeout { .. }
+                | AgentError::Rpc { .. }
+                | AgentError::InvalidReply { .. }),
+            ) => {
+                if !said {
+                    tracing::warn!(sandbox = %sandbox, error = %e, "cannot read the guest's log; trying again (said once)");
+                    said = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
         }
+        limit.say_suppressed_if_due(&sandbox);
     }
 }
 
+/// One read; whether it brought a full batch or spans (more may be queued).
 async fn read_once(
     sandbox: &str,
     agent: &dyn Agent,
     level: GuestLogLevel,
     wait: Duration,
-) -> Result<(), AgentError> {
+    limit: &mut RateLimit,
+) -> Result<bool, AgentError> {
     let request = TelemetryRequest {
         wait,
         level,
         max_records: BATCH.min(MAX_TELEMETRY_RECORDS),
     };
     let batch = agent.read_telemetry(request).await?;
-    relay(sandbox, level, batch);
-    Ok(())
+    let more = batch.records.len() >= BATCH as usize || batch.spans.is_some();
+    relay(sandbox, level, batch, limit);
+    Ok(more)
 }
 
-/// Logs the records (those from `level` up) and hands the spans to the exporter.
-pub fn relay(sandbox: &str, level: GuestLogLevel, batch: GuestTelemetry) {
+/// A token bucket per relay: how many guest records may be logged now.
+#[derive(Debug)]
+struct RateLimit {
+    tokens: f64,
+    at: Instant,
+    suppressed: u64,
+    said_at: Instant,
+}
+
+impl RateLimit {
+    fn new() -> RateLimit {
+        RateLimit {
+            tokens: RATE_BURST,
+            at: Instant::now(),
+            suppressed: 0,
+            said_at: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * RATE_PER_SEC;
+        self.tokens = (self.tokens + refill).min(RATE_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    fn say_suppressed_if_due(&mut self, sandbox: &str) {
+        if self.suppressed > 0 && self.said_at.elapsed() >= Duration::from_secs(60) {
+            self.say_suppressed(sandbox);
+        }
+    }
+
+    fn say_suppressed(&mut self, sandbox: &str) {
+        if self.suppressed > 0 {
+            tracing::warn!(
+                sandbox = %sandbox,
+                suppressed = self.suppressed,
+                "guest log records not logged: the guest logs faster than {RATE_PER_SEC} a second"
+            );
+            self.suppressed = 0;
+            self.said_at = Instant::now();
+        }
+    }
+}
+
+/// Logs the records (those from `level` up, within `limit`) and hands the spans to the
+/// exporter.
+fn relay(sandbox: &str, level: GuestLogLevel, batch: GuestTelemetry, limit: &mut RateLimit) {
     for record in batch.records.iter().filter(|r| r.level <= level) {
-        log(sandbox, record);
+        if limit.allow() {
+            log(sandbox, record);
+        }
     }
     if batch.dropped_records > 0 {
         tracing::warn!(
@@ -163,7 +272,9 @@ pub fn relay(sandbox: &str, level: GuestLogLevel, batch: GuestTelemetry) {
     }
 }
 
-/// One guest record as an event of this process, at its level.
+/// One guest record as an event of this process, at its level. The guest's text is the
+/// event's message as a quoted string (`Debug`), so it cannot pass for the host's fields
+/// (`sandbox=...`) in the log line.
 fn log(sandbox: &str, r: &GuestLogRecord) {
     let time = crate::standalone::rfc3339(r.time_unix_ns);
     macro_rules! event {
@@ -171,11 +282,10 @@ fn log(sandbox: &str, r: &GuestLogRecord) {
             tracing::event!(
                 target: TARGET,
                 $level,
+                message = ?r.message,
                 sandbox = %sandbox,
                 guest_time = %time,
                 source = %r.target,
-                "guest: {}",
-                r.message
             )
         };
     }
@@ -244,9 +354,16 @@ mod tests {
             .with_max_level(tracing::Level::INFO)
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
-        read_once("pod-1", agent.as_ref(), GuestLogLevel::Info, Duration::ZERO)
-            .await
-            .unwrap();
+        let mut limit = RateLimit::new();
+        read_once(
+            "pod-1",
+            agent.as_ref(),
+            GuestLogLevel::Info,
+            Duration::ZERO,
+            &mut limit,
+        )
+        .await
+        .unwrap();
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
         let line = text
             .lines()
@@ -266,5 +383,42 @@ mod tests {
             state.lock().unwrap().telemetry_level,
             Some(GuestLogLevel::Info)
         );
+    }
+
+    #[tokio::test]
+    async fn a_last_read_takes_everything_queued_and_a_flood_is_cut_and_counted() {
+        let connector = MockAgentConnector::new();
+        let state = connector.state();
+        state.lock().unwrap().telemetry = GuestTelemetry {
+            records: (0..1500)
+                .map(|i| record(GuestLogLevel::Warn, &format!("flood {i}")))
+                .collect(),
+            ..Default::default()
+        };
+        let agent: Arc<dyn Agent> = Arc::from(
+            crate::agent::AgentConnector::connect(
+                &connector,
+                &runvm_hypervisor::AgentAddress::Vsock { cid: 3, port: 1024 },
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap(),
+        );
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        read_all("pod-2", agent.as_ref(), GuestLogLevel::Info).await;
+        assert!(
+            state.lock().unwrap().telemetry.records.is_empty(),
+            "all read"
+        );
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged = text.lines().filter(|l| l.contains("\"flood ")).count();
+        assert_eq!(logged, RATE_BURST as usize, "a burst's worth logged");
+        assert!(text.contains("suppressed=476"), "{text}");
     }
 }

@@ -65,7 +65,7 @@ fn init_logging() {
     let debug = args.iter().any(|a| a == "-debug" || a == "--debug");
     let default = if debug { "debug" } else { "info" };
     let filter = EnvFilter::try_from_env("RUNVM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = GUEST_LOG_LEVEL.set(guest_level(filter.max_level_hint()));
+    let _ = GUEST_LOG_LEVEL.set(GuestLogLevel::of_filter(filter.max_level_hint()));
     let writer = Mutex::new(log_writer(action));
     // The daemon reads runvm's configuration once, now: it says where traces go, and the
     // task service takes it from here (`config`).
@@ -87,7 +87,10 @@ fn init_logging() {
         let _ = CONFIG.set(config);
     }
     let _ = tracing_subscriber::registry()
-        .with(traces.map(|t| t.layer::<tracing_subscriber::Registry>()))
+        .with(traces.map(|t| {
+            t.layer::<tracing_subscriber::Registry>()
+                .with_filter(runvm_telemetry::host_filter())
+        }))
         .with(
             tracing_subscriber::fmt::layer()
                 .with_ansi(false)
@@ -109,18 +112,6 @@ pub(crate) fn config() -> Result<runvm_sandbox::config::Config, String> {
 }
 /// The least severe guest record the shim's log takes: its own level.
 static GUEST_LOG_LEVEL: OnceLock<GuestLogLevel> = OnceLock::new();
-
-/// The level of the shim's log filter as a guest level (its most verbose directive).
-fn guest_level(hint: Option<tracing::level_filters::LevelFilter>) -> GuestLogLevel {
-    use tracing::level_filters::LevelFilter;
-    match hint {
-        Some(LevelFilter::TRACE) => GuestLogLevel::Trace,
-        Some(LevelFilter::DEBUG) => GuestLogLevel::Debug,
-        Some(LevelFilter::INFO) | None => GuestLogLevel::Info,
-        Some(LevelFilter::WARN) => GuestLogLevel::Warn,
-        Some(_) => GuestLogLevel::Error,
-    }
-}
 
 /// The guest agents' records go to the shim's log from now on (docs/observability.md).
 pub(crate) fn relay_guest_logs() {
@@ -149,5 +140,7 @@ fn main() -> anyhow::Result<()> {
     // A FIFO whose other end never opened keeps a blocking thread in open(2); waiting for it
     // would keep the shim alive forever, so the runtime is not waited for.
     runtime.shutdown_background();
+    // The last spans (the pod's teardown) are sent before the shim goes, within 2 s.
+    runvm_telemetry::shutdown_global(std::time::Duration::from_secs(2));
     std::process::exit(if outcome.is_ok() { 0 } else { 2 });
 }

@@ -12,15 +12,12 @@ use std::time::{Duration, Instant};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithTonicConfig;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter, Tracer,
 };
 use opentelemetry_sdk::Resource;
-use prost::Message;
 use tokio::runtime::Handle;
 use tonic::transport::{Channel, Endpoint};
 
@@ -131,7 +128,8 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
     tracer: Tracer,
     runtime: Handle,
-    client: TraceServiceClient<Channel>,
+    /// The connection guest batches are sent on (the exporter has its own clone).
+    channel: Channel,
     say: Arc<SayOnce>,
     forwards_in_flight: Arc<AtomicUsize>,
     stopped: AtomicBool,
@@ -199,7 +197,7 @@ impl Telemetry {
             provider,
             tracer,
             runtime,
-            client: TraceServiceClient::new(channel),
+            channel,
             say,
             forwards_in_flight: Arc::new(AtomicUsize::new(0)),
             stopped: AtomicBool::new(false),
@@ -221,10 +219,11 @@ impl Telemetry {
     }
 
     /// Relays guest spans: `encoded` is a prost-encoded `ExportTraceServiceRequest` from the
-    /// guest's [`crate::guest::SpanQueue::take`]. It is decoded (refused over
-    /// [`MAX_GUEST_REQUEST_BYTES`]) and sent as it is (the guest's resource kept) to the same
-    /// endpoint, on the telemetry runtime: this does not block. Failures count toward the same
-    /// said-once warning.
+    /// guest's [`crate::guest::SpanQueue::take`]. It is refused over
+    /// [`MAX_GUEST_REQUEST_BYTES`], else sent as it is, never decoded here (the guest's
+    /// resource kept; the collector refuses what does not decode), to the same endpoint, on
+    /// the telemetry runtime: this does not block. Failures count toward the same said-once
+    /// warning.
     pub fn forward_guest_spans(&self, encoded: Vec<u8>) {
         if !self.is_running() {
             return;
@@ -243,26 +242,17 @@ impl Telemetry {
             ));
             return;
         }
-        let mut client = self.client.clone();
+        let channel = self.channel.clone();
         let say = Arc::clone(&self.say);
         let in_flight = Arc::clone(&self.forwards_in_flight);
         self.runtime.spawn(async move {
-            match ExportTraceServiceRequest::decode(encoded.as_slice()) {
-                Err(e) => say.guest_refused(format!("not an OTLP export request: {e}")),
-                Ok(request) if request.resource_spans.is_empty() => {}
-                Ok(request) => {
-                    match tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(status)) => say.export_failed(&format_args!(
-                            "{} ({})",
-                            status.message(),
-                            status.code()
-                        )),
-                        Err(_) => {
-                            say.export_failed(&format_args!("no answer within {EXPORT_TIMEOUT:?}"))
-                        }
-                    }
+            let sent = crate::forward::export_encoded(channel, encoded);
+            match tokio::time::timeout(EXPORT_TIMEOUT, sent).await {
+                Ok(Ok(())) => {}
+                Ok(Err(status)) => {
+                    say.export_failed(&format_args!("{} ({})", status.message(), status.code()))
                 }
+                Err(_) => say.export_failed(&format_args!("no answer within {EXPORT_TIMEOUT:?}")),
             }
             in_flight.fetch_sub(1, Ordering::AcqRel);
         });

@@ -13,6 +13,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+mod forward;
 pub mod guest;
 mod guest_ids;
 mod host;
@@ -21,11 +22,26 @@ mod propagation;
 pub mod receiver;
 
 pub use host::Telemetry;
+
+/// The filter of the host's OpenTelemetry layer: spans of info level and above (runvm's
+/// lifecycle and calls, not libraries' debug spans), and of the events inside them only
+/// warnings and errors (as span events); without it the layer would enable every callsite.
+pub fn host_filter() -> tracing_subscriber::filter::FilterFn<fn(&tracing::Metadata<'_>) -> bool> {
+    fn keep(m: &tracing::Metadata<'_>) -> bool {
+        if m.is_span() {
+            *m.level() <= tracing::Level::INFO
+        } else {
+            *m.level() <= tracing::Level::WARN
+        }
+    }
+    tracing_subscriber::filter::filter_fn(keep as fn(&tracing::Metadata<'_>) -> bool)
+}
 pub use propagation::{extract, inject_current, set_parent_from};
 
 /// The largest encoded `ExportTraceServiceRequest` the host accepts from a guest (and the guest's
-/// [`guest::SpanQueue::take`] makes).
-pub const MAX_GUEST_REQUEST_BYTES: usize = 4 << 20;
+/// [`guest::SpanQueue::take`] makes): half of ttrpc's 4 MiB message limit, the rest of a
+/// `ReadTelemetry` answer being log records.
+pub const MAX_GUEST_REQUEST_BYTES: usize = 2 << 20;
 
 /// What can go wrong when starting the export.
 #[derive(Debug, thiserror::Error)]

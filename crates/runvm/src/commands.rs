@@ -33,12 +33,7 @@ pub fn run(cli: Cli, config: Result<Config>) -> Result<ExitCode> {
     ) {
         runvm_sandbox::store::check_root(&config.runtime.root)?;
     }
-    let level = if g.debug {
-        "debug"
-    } else {
-        g.log_level.as_str()
-    };
-    let _trace = crate::traces::start(&cli.command, level);
+    let _trace = crate::traces::start(&cli.command);
     match cli.command {
         Command::Check => Ok(check(&config)),
         Command::Env => {

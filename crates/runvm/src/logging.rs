@@ -26,6 +26,16 @@ struct LogSink {
 }
 
 static LOG: OnceLock<LogSink> = OnceLock::new();
+/// The least severe guest record this process's log takes (its filter's most verbose level).
+static GUEST_LEVEL: OnceLock<runvm_sandbox::agent::GuestLogLevel> = OnceLock::new();
+
+/// The level guest agents are asked to queue from: what this process's log lets through.
+pub fn guest_level() -> runvm_sandbox::agent::GuestLogLevel {
+    GUEST_LEVEL
+        .get()
+        .copied()
+        .unwrap_or(runvm_sandbox::agent::GuestLogLevel::Warn)
+}
 
 /// Sets up logging, as runc's logrus: with `log`, events go to that file; else to stderr unless
 /// `quiet` (the stand-in, whose stderr is the container's). Either way a line is logrus text
@@ -58,14 +68,21 @@ pub fn init(
     if sink.is_none() && !quiet {
         sink = Some((Box::new(std::io::stderr()), false));
     }
-    let traces = traces.map(|t| t.layer::<tracing_subscriber::Registry>());
+    let traces = traces.map(|t| {
+        t.layer::<tracing_subscriber::Registry>()
+            .with_filter(runvm_telemetry::host_filter())
+    });
     let sink_layer = sink.map(|(out, file)| {
         let _ = LOG.set(LogSink {
             out: Mutex::new(out),
             json,
             file,
         });
-        SinkLayer.with_filter(filter())
+        let filter = filter();
+        let _ = GUEST_LEVEL.set(runvm_sandbox::agent::GuestLogLevel::of_filter(
+            filter.max_level_hint(),
+        ));
+        SinkLayer.with_filter(filter)
     });
     let _ = tracing_subscriber::registry()
         .with(traces)
@@ -93,9 +110,12 @@ fn format_line(json: bool, time: &str, level: &str, msg: &str) -> String {
 
 fn write_line(level: &str, msg: &str) {
     let Some(log) = LOG.get() else { return };
-    let line = format_line(log.json, &rfc3339(unix_now_ns()), level, msg);
+    let mut line = format_line(log.json, &rfc3339(unix_now_ns()), level, msg);
+    line.push('\n');
     let mut out = log.out.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = writeln!(out, "{line}");
+    // One write per line: other runvm processes (the stand-in, the teardown) append to the same
+    // `--log` file (O_APPEND), and a line written in two pieces could be split by theirs.
+    let _ = out.write_all(line.as_bytes());
     let _ = out.flush();
 }
 

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use runvm_sandbox::agent::GuestLogLevel;
 use runvm_sandbox::config::Config;
 
 use crate::Command;
@@ -72,14 +71,16 @@ pub fn exporter(
 }
 
 /// Starts `command`'s trace (the root span, exported when [`exporter`] gave one) and the relay
-/// of guest logs at `level`, the CLI's log level.
-pub fn start(command: &Command, level: &str) -> CommandTrace {
+/// of guest logs into this process's log (at its level).
+pub fn start(command: &Command) -> CommandTrace {
+    if matches!(command, Command::Teardown { .. }) {
+        // The VM's last records are read before it powers off, into `--log` if given.
+        runvm_sandbox::guest_telemetry::enable(crate::logging::guest_level());
+    }
     let Some(name) = traced_name(command) else {
         return CommandTrace { entered: None };
     };
-    runvm_sandbox::guest_telemetry::enable(
-        GuestLogLevel::parse(level).unwrap_or(GuestLogLevel::Warn),
-    );
+    runvm_sandbox::guest_telemetry::enable(crate::logging::guest_level());
     let span = tracing::info_span!(
         "runvm",
         otel.name = %format!("runvm {name}"),

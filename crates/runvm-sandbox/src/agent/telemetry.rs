@@ -4,19 +4,19 @@
 use std::time::Duration;
 
 use runvm_protocol::agent;
+use runvm_protocol::telemetry::{
+    LEVELS, MAX_READ_WAIT_MS, MAX_RECORDS_PER_READ, MAX_RECORD_MESSAGE,
+};
+use runvm_telemetry::MAX_GUEST_REQUEST_BYTES as MAX_SPAN_BYTES;
 
 use super::AgentError;
 
-/// Longest log message passed on, bytes (longer ones are cut, marked with `…`).
-pub const MAX_LOG_MESSAGE: usize = 4096;
 /// Longest log target passed on, bytes.
 const MAX_TARGET: usize = 128;
 /// Most records asked for in one read.
-pub const MAX_RECORDS: u32 = 1024;
-/// Largest span batch accepted from the guest, bytes.
-pub const MAX_SPAN_BYTES: usize = 4 << 20;
+pub const MAX_RECORDS: u32 = MAX_RECORDS_PER_READ;
 /// The agent answers a read after at most this long, even with nothing queued.
-pub const MAX_WAIT: Duration = Duration::from_secs(10);
+pub const MAX_WAIT: Duration = Duration::from_millis(MAX_READ_WAIT_MS as u64);
 
 /// A log level of the agent's records, most severe first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,13 +45,7 @@ impl GuestLogLevel {
 
     /// The name on the wire (and in `tracing`'s filters).
     pub fn as_str(self) -> &'static str {
-        match self {
-            GuestLogLevel::Error => "error",
-            GuestLogLevel::Warn => "warn",
-            GuestLogLevel::Info => "info",
-            GuestLogLevel::Debug => "debug",
-            GuestLogLevel::Trace => "trace",
-        }
+        LEVELS[self as usize]
     }
 
     /// The level named `name` (`warning` is `warn`, as logrus names it); `None` for another.
@@ -61,15 +55,19 @@ impl GuestLogLevel {
         GuestLogLevel::ALL.into_iter().find(|l| l.as_str() == name)
     }
 
-    /// The least severe level `tracing` lets through for this process now: the host asks the
-    /// agent to queue from there on (what the host would filter out is not even queued).
-    pub fn of_current_subscriber() -> GuestLogLevel {
-        match tracing::level_filters::LevelFilter::current().into_level() {
-            None | Some(tracing::Level::ERROR) => GuestLogLevel::Error,
-            Some(tracing::Level::WARN) => GuestLogLevel::Warn,
-            Some(tracing::Level::INFO) => GuestLogLevel::Info,
-            Some(tracing::Level::DEBUG) => GuestLogLevel::Debug,
-            Some(tracing::Level::TRACE) => GuestLogLevel::Trace,
+    /// The level a host's log filter lets through at most (its most verbose directive, the
+    /// filter's `max_level_hint`; `None`: info): the host asks the agent to queue from there
+    /// on, so what the host would filter out does not even cross the VM boundary. A filter
+    /// that lets nothing through asks for errors (the fewest).
+    pub fn of_filter(hint: Option<tracing::level_filters::LevelFilter>) -> GuestLogLevel {
+        use tracing::level_filters::LevelFilter;
+        match hint {
+            None => GuestLogLevel::Info,
+            Some(LevelFilter::TRACE) => GuestLogLevel::Trace,
+            Some(LevelFilter::DEBUG) => GuestLogLevel::Debug,
+            Some(LevelFilter::INFO) => GuestLogLevel::Info,
+            Some(LevelFilter::WARN) => GuestLogLevel::Warn,
+            Some(_) => GuestLogLevel::Error,
         }
     }
 }
@@ -155,7 +153,7 @@ pub(crate) fn from_reply(
             time_unix_ns: r.time_unix_ns,
             level,
             target: bounded_printable(&r.target, MAX_TARGET),
-            message: bounded_printable(&r.message, MAX_LOG_MESSAGE),
+            message: bounded_printable(&r.message, MAX_RECORD_MESSAGE),
         });
     }
     Ok(GuestTelemetry {
@@ -219,13 +217,13 @@ mod tests {
         assert_eq!(t.records[0].level, GuestLogLevel::Warn);
         assert!(!t.records[0].message.chars().any(char::is_control));
         assert!(t.records[0].message.starts_with("one\\ntime="));
-        let long = "x".repeat(MAX_LOG_MESSAGE * 2);
+        let long = "x".repeat(MAX_RECORD_MESSAGE * 2);
         let reply = agent::TelemetryBatch {
             records: vec![record("info", &long)],
             ..Default::default()
         };
         let t = from_reply(&asked(10), reply).unwrap();
-        assert!(t.records[0].message.len() <= MAX_LOG_MESSAGE + '…'.len_utf8());
+        assert!(t.records[0].message.len() <= MAX_RECORD_MESSAGE + '…'.len_utf8());
     }
 
     #[test]
