@@ -72,6 +72,9 @@ pub struct Inner {
     /// The sandbox's teardown, running behind the answer to the Delete that ended it; the
     /// shim exits only after it.
     pub teardown: StdMutex<Option<JoinHandle<()>>>,
+    /// The span of the pod's start, from the first container's Create to the end of its
+    /// Start (`task::pod_start`): the root of their trace when containerd sends none.
+    pub pod_start: StdMutex<Option<(String, tracing::Span)>>,
 }
 
 impl Inner {
@@ -94,6 +97,7 @@ impl Inner {
             vm_pid: AtomicU32::new(0),
             background: StdMutex::new(Vec::new()),
             teardown: StdMutex::new(None),
+            pod_start: StdMutex::new(None),
         }
     }
 

@@ -489,8 +489,35 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
-        let span = request_span(ctx, "shim Create", &req.id, "");
-        let pid = self.inner.create(&req).instrument(span).await?;
+        // The pod's first container (its sandbox container, or a lone `ctr run`'s) opens the
+        // pod's start: its Create and Start are one trace.
+        let first = self
+            .inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        let pod = first.then(|| {
+            let pod = tracing::info_span!(
+                parent: None,
+                "pod",
+                otel.name = "shim pod start",
+                sandbox = %req.id
+            );
+            runvm_telemetry::set_parent_from(&pod, metadata_pairs(ctx));
+            *self
+                .inner
+                .pod_start
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some((req.id.clone(), pod.clone()));
+            pod
+        });
+        let span = request_span(ctx, "shim Create", &req.id, "", pod.as_ref());
+        let created = self.inner.create(&req).instrument(span).await;
+        if created.is_err() {
+            self.end_pod_start(&req.id);
+        }
+        let pid = created?;
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -498,8 +525,17 @@ impl Task for TaskService {
     }
 
     async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
-        let span = request_span(ctx, "shim Start", &req.id, &req.exec_id);
-        let pid = self.do_start(&req).instrument(span).await?;
+        let pod = req
+            .exec_id
+            .is_empty()
+            .then(|| self.pod_start_of(&req.id))
+            .flatten();
+        let span = request_span(ctx, "shim Start", &req.id, &req.exec_id, pod.as_ref());
+        let started = self.do_start(&req).instrument(span).await;
+        if req.exec_id.is_empty() {
+            self.end_pod_start(&req.id);
+        }
+        let pid = started?;
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -511,7 +547,11 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: DeleteRequest,
     ) -> ttrpc::Result<DeleteResponse> {
-        let span = request_span(ctx, "shim Delete", &req.id, &req.exec_id);
+        if req.exec_id.is_empty() {
+            // Deleted without a start: the pod's start ends here.
+            self.end_pod_start(&req.id);
+        }
+        let span = request_span(ctx, "shim Delete", &req.id, &req.exec_id, None);
         Ok(self.do_delete(&req).instrument(span).await?)
     }
 
@@ -542,13 +582,13 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
-        let span = request_span(ctx, "shim Kill", &req.id, &req.exec_id);
+        let span = request_span(ctx, "shim Kill", &req.id, &req.exec_id, None);
         self.do_kill(&req).instrument(span).await?;
         Ok(Empty::new())
     }
 
     async fn exec(&self, ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        let span = request_span(ctx, "shim Exec", &req.id, &req.exec_id);
+        let span = request_span(ctx, "shim Exec", &req.id, &req.exec_id, None);
         span.in_scope(|| self.do_exec(&req))?;
         Ok(Empty::new())
     }
@@ -601,23 +641,67 @@ impl Task for TaskService {
     }
 }
 
-/// The span of one task request, named `name`; its parent is containerd's span when the
-/// request's metadata carries a W3C `traceparent` (containerd with tracing on), so a pod's
-/// requests join containerd's trace.
-fn request_span(ctx: &TtrpcContext, name: &'static str, id: &str, exec_id: &str) -> tracing::Span {
-    let span = tracing::info_span!(
-        "task",
-        otel.name = name,
-        otel.kind = "server",
-        container = %id,
-        exec = %exec_id
-    );
-    runvm_telemetry::set_parent_from(
-        &span,
-        ctx.metadata
-            .iter()
-            .filter_map(|(k, v)| v.first().map(|v| (k.as_str(), v.as_str()))),
-    );
+impl TaskService {
+    /// The pod's start span, while container `id` (the pod's first) has not started.
+    fn pod_start_of(&self, id: &str) -> Option<tracing::Span> {
+        let pod = self
+            .inner
+            .pod_start
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pod.as_ref()
+            .filter(|(cid, _)| cid == id)
+            .map(|(_, span)| span.clone())
+    }
+
+    /// Ends the pod's start span (its first container started, or could not be created).
+    fn end_pod_start(&self, id: &str) {
+        let mut pod = self
+            .inner
+            .pod_start
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pod.as_ref().is_some_and(|(cid, _)| cid == id) {
+            *pod = None;
+        }
+    }
+}
+
+/// The request's ttrpc metadata as (key, first value) pairs.
+fn metadata_pairs(ctx: &TtrpcContext) -> impl Iterator<Item = (&str, &str)> {
+    ctx.metadata
+        .iter()
+        .filter_map(|(k, v)| v.first().map(|v| (k.as_str(), v.as_str())))
+}
+
+/// The span of one task request, named `name`, under `parent` (the pod's start) if given; its
+/// parent is containerd's span instead when the request's metadata carries a W3C `traceparent`
+/// (containerd with tracing on), so a pod's requests join containerd's trace.
+fn request_span(
+    ctx: &TtrpcContext,
+    name: &'static str,
+    id: &str,
+    exec_id: &str,
+    parent: Option<&tracing::Span>,
+) -> tracing::Span {
+    let span = match parent {
+        Some(parent) => tracing::info_span!(
+            parent: parent,
+            "task",
+            otel.name = name,
+            otel.kind = "server",
+            container = %id,
+            exec = %exec_id
+        ),
+        None => tracing::info_span!(
+            "task",
+            otel.name = name,
+            otel.kind = "server",
+            container = %id,
+            exec = %exec_id
+        ),
+    };
+    runvm_telemetry::set_parent_from(&span, metadata_pairs(ctx));
     span
 }
 

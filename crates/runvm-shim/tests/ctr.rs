@@ -68,6 +68,76 @@ fn a_line_the_agent_logs_lands_in_the_shims_log_with_the_sandbox_id() {
     assert!(line.contains("guest_time="), "{line}");
 }
 
+/// With `[tracing] otlp_endpoint`, a `ctr run` is traced through the shim: the pod's start is
+/// one trace (`shim pod start`, its `shim Create` and `shim Start`), with the agent's spans in
+/// the guest under the shim's calls; Delete has its span too; the shim flushes before it exits.
+#[test]
+fn ctr_run_with_tracing_makes_the_pods_start_one_trace_down_into_the_guest() {
+    use runvm_telemetry::receiver::Receiver;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let receiver = Receiver::start().unwrap();
+    let env = Env::start_configured(&format!(
+        "[tracing]\notlp_endpoint = {:?}\n",
+        receiver.endpoint()
+    ));
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "traced",
+        "echo",
+        "hi",
+    ]);
+    assert!(out.status.success());
+    env.assert_clean();
+    const SHIM: &str = "containerd-shim-runvm-v2";
+    let spans = receiver.wait_for(std::time::Duration::from_secs(20), |s| {
+        s.iter().any(|x| x.name == "shim Delete")
+            && s.iter()
+                .any(|x| x.service == "runvm-agent" && x.name == "StartContainer")
+    });
+    let pod = spans
+        .iter()
+        .find(|s| s.service == SHIM && s.name == "shim pod start")
+        .unwrap_or_else(|| panic!("no pod start span: {spans:#?}"));
+    assert_eq!(
+        pod.parent_span_id, "",
+        "containerd 1.6 sends no trace context"
+    );
+    for name in ["shim Create", "shim Start"] {
+        let span = spans
+            .iter()
+            .find(|s| s.service == SHIM && s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span: {spans:#?}"));
+        assert_eq!(span.parent_span_id, pod.span_id, "{span:?}");
+    }
+    // (The container exits by itself: containerd kills nothing, it deletes.)
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.service == SHIM && s.name == "shim Delete"),
+        "no shim Delete: {spans:#?}"
+    );
+    let shim_ids: std::collections::HashSet<&str> = spans
+        .iter()
+        .filter(|s| s.service == SHIM)
+        .map(|s| s.span_id.as_str())
+        .collect();
+    for name in ["CreateContainer", "StartContainer"] {
+        let guest = spans
+            .iter()
+            .find(|s| s.service == "runvm-agent" && s.name == name)
+            .unwrap_or_else(|| panic!("no guest {name} span: {spans:#?}"));
+        assert_eq!(guest.trace_id, pod.trace_id, "{guest:?}");
+        assert!(
+            shim_ids.contains(guest.parent_span_id.as_str()),
+            "{guest:?}"
+        );
+    }
+}
+
 /// `ctr run -t` needs a terminal: `script` gives it one. The container's output comes back
 /// through the guest's pty, and its exit code through ctr.
 #[test]
