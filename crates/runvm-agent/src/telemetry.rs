@@ -367,12 +367,7 @@ impl MethodHandler for Traced {
             otel.kind = "server",
             rpc.method = %self.name
         );
-        runvm_telemetry::set_parent_from(
-            &span,
-            ctx.metadata
-                .iter()
-                .filter_map(|(k, v)| v.first().map(|v| (k.as_str(), v.as_str()))),
-        );
+        runvm_telemetry::set_parent_from_metadata(&span, &ctx.metadata);
         self.inner.handler(ctx, req).instrument(span).await
     }
 }

@@ -504,7 +504,7 @@ impl Task for TaskService {
                 otel.name = "shim pod start",
                 sandbox = %req.id
             );
-            runvm_telemetry::set_parent_from(&pod, metadata_pairs(ctx));
+            runvm_telemetry::set_parent_from_metadata(&pod, &ctx.metadata);
             *self
                 .inner
                 .pod_start
@@ -667,13 +667,6 @@ impl TaskService {
     }
 }
 
-/// The request's ttrpc metadata as (key, first value) pairs.
-fn metadata_pairs(ctx: &TtrpcContext) -> impl Iterator<Item = (&str, &str)> {
-    ctx.metadata
-        .iter()
-        .filter_map(|(k, v)| v.first().map(|v| (k.as_str(), v.as_str())))
-}
-
 /// The span of one task request, named `name`, under `parent` (the pod's start) if given; its
 /// parent is containerd's span instead when the request's metadata carries a W3C `traceparent`
 /// (containerd with tracing on), so a pod's requests join containerd's trace.
@@ -684,24 +677,16 @@ fn request_span(
     exec_id: &str,
     parent: Option<&tracing::Span>,
 ) -> tracing::Span {
-    let span = match parent {
-        Some(parent) => tracing::info_span!(
-            parent: parent,
-            "task",
-            otel.name = name,
-            otel.kind = "server",
-            container = %id,
-            exec = %exec_id
-        ),
-        None => tracing::info_span!(
-            "task",
-            otel.name = name,
-            otel.kind = "server",
-            container = %id,
-            exec = %exec_id
-        ),
-    };
-    runvm_telemetry::set_parent_from(&span, metadata_pairs(ctx));
+    let parent = parent.map_or_else(|| tracing::Span::current().id(), tracing::Span::id);
+    let span = tracing::info_span!(
+        parent: parent,
+        "task",
+        otel.name = name,
+        otel.kind = "server",
+        container = %id,
+        exec = %exec_id
+    );
+    runvm_telemetry::set_parent_from_metadata(&span, &ctx.metadata);
     span
 }
 

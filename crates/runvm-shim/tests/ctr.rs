@@ -11,31 +11,12 @@ use common::{kill9, Env, IMAGE, RUNTIME, SERIAL};
 fn ctr_run_prints_and_propagates_exit_codes() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let env = Env::start();
-    let out = env.run(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t1",
-        "echo",
-        "hi",
-    ]);
+    let out = env.run_rm("t1", &["echo", "hi"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
     env.assert_clean();
 
-    let out = env.run(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t2",
-        "sh",
-        "-c",
-        "exit 3",
-    ]);
+    let out = env.run_rm("t2", &["sh", "-c", "exit 3"]);
     assert_eq!(out.status.code(), Some(3));
     env.assert_clean();
 }
@@ -46,16 +27,7 @@ fn ctr_run_prints_and_propagates_exit_codes() {
 fn a_line_the_agent_logs_lands_in_the_shims_log_with_the_sandbox_id() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let env = Env::start();
-    let out = env.run(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "guestlog",
-        "echo",
-        "hi",
-    ]);
+    let out = env.run_rm("guestlog", &["echo", "hi"]);
     assert!(out.status.success());
     env.assert_clean();
     let log = std::fs::read_to_string(env.dir.path().join("ctd/containerd.log")).unwrap();
@@ -80,16 +52,7 @@ fn ctr_run_with_tracing_makes_the_pods_start_one_trace_down_into_the_guest() {
         "[tracing]\notlp_endpoint = {:?}\n",
         receiver.endpoint()
     ));
-    let out = env.run(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "traced",
-        "echo",
-        "hi",
-    ]);
+    let out = env.run_rm("traced", &["echo", "hi"]);
     assert!(out.status.success());
     env.assert_clean();
     const SHIM: &str = "containerd-shim-runvm-v2";
@@ -461,16 +424,7 @@ fn ctr_run_takes_its_vm_from_the_factory() {
         common::run_ok(&mut cmd)
     };
     factory(&["init"]);
-    let out = env.run(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "f1",
-        "cat",
-        "/proc/sys/kernel/random/uuid",
-    ]);
+    let out = env.run_rm("f1", &["cat", "/proc/sys/kernel/random/uuid"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim().len(), 36);
     let status: serde_json::Value =

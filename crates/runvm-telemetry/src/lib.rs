@@ -3,7 +3,8 @@
 //! - Host side ([`Telemetry`]): a process (CLI command, shim, monitor) exports its `tracing` spans
 //!   over OTLP/gRPC to the `[tracing] otlp_endpoint` and relays the guest's spans to the same
 //!   endpoint. An unreachable endpoint never blocks or fails the process: it is reported once.
-//! - Propagation ([`inject_current`], [`extract`], [`set_parent_from`]): W3C trace context as
+//! - Propagation ([`inject_current`], [`extract`], [`set_parent_from`],
+//!   [`set_parent_from_metadata`]): W3C trace context as
 //!   (key, value) pairs, carried in the agent channel's ttrpc metadata.
 //! - Guest side ([`guest::SpanQueue`]): the agent has no network out; it records only spans whose
 //!   parent came from the host, queues them in memory, and the host takes them over the agent
@@ -36,7 +37,7 @@ pub fn host_filter() -> tracing_subscriber::filter::FilterFn<fn(&tracing::Metada
     }
     tracing_subscriber::filter::filter_fn(keep as fn(&tracing::Metadata<'_>) -> bool)
 }
-pub use propagation::{extract, inject_current, set_parent_from};
+pub use propagation::{extract, inject_current, set_parent_from, set_parent_from_metadata};
 
 /// The largest encoded `ExportTraceServiceRequest` the host accepts from a guest (and the guest's
 /// [`guest::SpanQueue::take`] makes): half of ttrpc's 4 MiB message limit, the rest of a

@@ -71,6 +71,17 @@ pub fn set_parent_from<'a>(
     }
 }
 
+/// [`set_parent_from`] a request's ttrpc metadata (each key's first value): how the agent and
+/// the shim join their caller's trace.
+pub fn set_parent_from_metadata(span: &tracing::Span, metadata: &HashMap<String, Vec<String>>) {
+    set_parent_from(
+        span,
+        metadata
+            .iter()
+            .filter_map(|(k, v)| v.first().map(|v| (k.as_str(), v.as_str()))),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

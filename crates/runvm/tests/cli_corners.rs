@@ -209,16 +209,8 @@ fn a_created_container_takes_execs_and_every_corner_of_the_cli_works_on_it() {
     let cmdline = std::fs::read(format!("/proc/{exec_pid}/cmdline")).unwrap();
     assert!(text(&cmdline).contains("__standin"), "{}", text(&cmdline));
 
-    // ps: ps -ef's columns with guest pids; -f json the pids. (The exec'd process may still be
-    // on its way to exec `sleep` for a moment, as with runc.)
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let table = loop {
-        let table = text(&host.run(&["ps", "c1"]).stdout);
-        if table.contains("sleep 500") || std::time::Instant::now() > deadline {
-            break table;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    // ps: ps -ef's columns with guest pids; -f json the pids.
+    let table = host.ps_table_showing("c1", "sleep 500");
     let mut lines = table.lines();
     assert_eq!(
         lines.next(),

@@ -62,16 +62,7 @@ fn one_container_through_its_whole_lifecycle() {
     let ps = host.run(&["ps", "--format", "json", "c1"]);
     let pids: Vec<i32> = serde_json::from_slice(&ps.stdout).unwrap();
     assert!(!pids.is_empty(), "{}", text(&ps.stderr));
-    // As with runc, `start` returns once the init was told to go: it may still be on its way
-    // to exec `sleep` (shown as `[exe]`) for a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let table = loop {
-        let table = text(&host.run(&["ps", "c1"]).stdout);
-        if table.contains("sleep 600") || std::time::Instant::now() > deadline {
-            break table;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let table = host.ps_table_showing("c1", "sleep 600");
     assert!(
         table.starts_with("UID          PID    PPID  C STIME TTY          TIME CMD")
             && table.contains("sleep 600"),

@@ -137,6 +137,13 @@ impl Env {
         out
     }
 
+    /// `ctr run --rm` of the busybox image under runvm: container `id` running `argv`.
+    pub fn run_rm(&self, id: &str, argv: &[&str]) -> Output {
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME, IMAGE, id];
+        args.extend_from_slice(argv);
+        self.run(&args)
+    }
+
     /// Processes whose command line names this environment's folder (shims, QEMU, helpers).
     pub fn leftovers(&self) -> Vec<String> {
         let me = self.dir.path().to_string_lossy().to_string();

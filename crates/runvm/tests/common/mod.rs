@@ -84,6 +84,20 @@ impl Host {
             .expect("run runvm")
     }
 
+    /// `runvm ps ID`'s table once it shows `command` (or after 10 s): as with runc, `start` and
+    /// `exec -d` return once the process was told to go, and it may still be on its way to exec
+    /// its program (shown as `[exe]`) for a moment.
+    pub fn ps_table_showing(&self, id: &str, command: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let table = text(&self.run(&["ps", id]).stdout);
+            if table.contains(command) || std::time::Instant::now() > deadline {
+                return table;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// Runs runvm with stdout and stderr into files (a stand-in keeps them open): returns the
     /// exit code and the files.
     pub fn run_to_files(&self, args: &[&str], name: &str) -> (Option<i32>, PathBuf, PathBuf) {
